@@ -1,0 +1,640 @@
+"""Signed records: the one envelope every DHT value travels in, and the body of each kind.
+
+Envelope (all integers big-endian; docs/records.md has the tables)::
+
+    version u8 | kind u8 | signer 32 | seq u64 | issued u64 | expires u64 | body u16+bytes | sig 64
+
+The signature covers every byte before it, under the purpose ``record/<kind>``. A record's
+DHT key is derived from ids inside its body (``dht_key``), so a storing node can tell a record
+filed under the wrong key. A record's ``slot`` names what a newer record replaces: under one
+key, a record with a higher ``seq`` in the same slot supersedes the older one.
+
+A roster proves its own authority: it carries the founding record (whose hash is the group
+id, signed by the founding owner) and the chain of ownership hand-overs, each signed by the
+previous owner; only the owner at the end of the chain may sign the roster. So a storing node
+can refuse a roster from anyone else without knowing anything but the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from . import crypto
+from .codec import DecodeError, Reader, Writer
+from .errors import RecordError
+
+if TYPE_CHECKING:
+    from .identity import Identity
+
+__all__ = [
+    "CLOCK_SKEW",
+    "MAX_RECORD_SIZE",
+    "MAX_TTL",
+    "Body",
+    "Decision",
+    "DirectoryEntry",
+    "FileEntry",
+    "Genesis",
+    "Handover",
+    "JoinRequest",
+    "Kind",
+    "Leave",
+    "Member",
+    "PeerInfo",
+    "Provider",
+    "Roster",
+    "RosterPage",
+    "SignedRecord",
+    "decode_record",
+    "key_for",
+    "sign_record",
+    "time_seq",
+    "verify_record",
+]
+
+VERSION = 1
+MAX_RECORD_SIZE = 7680  # one record must fit one DHT store request (rpcudp refuses > 8 KiB)
+MAX_TTL = 7 * 24 * 3600  # a record may not claim to live longer than a week
+CLOCK_SKEW = 600  # seconds of clock difference tolerated between signer and reader
+MAX_NAME = 64  # bytes of UTF-8 in a group or member display name
+MAX_TEXT = 280  # bytes in a join message or rejection reason
+MAX_HANDOVERS = 16
+INLINE_MEMBERS = 40  # members carried in the roster record itself
+PAGE_MEMBERS = 70  # members per roster page (names up to 64 bytes)
+MAX_PAGES = 40  # so a group holds up to 40 + 40 * 70 = 2,840 members
+MAX_ADDRESSES = 8
+_ID = 32
+_SIG = crypto.SIGNATURE_SIZE
+_HEADER = 1 + 1 + 32 + 8 + 8 + 8 + 2
+MAX_BODY = MAX_RECORD_SIZE - _HEADER - _SIG
+
+
+class Kind(IntEnum):
+    ROSTER = 1
+    ROSTER_PAGE = 2
+    JOIN_REQUEST = 3
+    DECISION = 4
+    LEAVE = 5
+    FILE_ENTRY = 6
+    PROVIDER = 7
+    PEER = 8
+    DIRECTORY = 9
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def key_for(kind: Kind, *ids: bytes) -> bytes:
+    """The 20-byte DHT key under which records of ``kind`` about ``ids`` live."""
+    return crypto.dht_key(kind.label, *ids)
+
+
+def time_seq(now: float) -> int:
+    """A sequence number from the clock (milliseconds): newer publications win."""
+    return int(now * 1000)
+
+
+# ---------------------------------------------------------------------------------- bodies
+
+
+def _check_id(value: bytes, what: str) -> None:
+    if len(value) != _ID:
+        raise ValueError(f"{what} must be {_ID} bytes")
+
+
+def _check_text(value: str, limit: int, what: str) -> None:
+    if len(value.encode("utf-8")) > limit:
+        raise ValueError(f"{what} longer than {limit} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Genesis:
+    """The founding record of a group; its hash is the group id."""
+
+    owner: bytes
+    name: str
+    created: int
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.owner, "owner")
+        _check_text(self.name, MAX_NAME, "group name")
+        if len(self.nonce) != 16:
+            raise ValueError("nonce must be 16 bytes")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.owner).push_str(self.name, MAX_NAME)
+        return w.push_u64(self.created).push_bytes(self.nonce).getvalue()
+
+    @classmethod
+    def pull(cls, r: Reader) -> Genesis:
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u64(), r.pull_bytes(16))
+
+    @property
+    def group_id(self) -> bytes:
+        return crypto.digest("group", self.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """Ownership passed to ``new_owner`` at ``at``, signed by the previous owner."""
+
+    new_owner: bytes
+    at: int
+    signature: bytes
+
+    @staticmethod
+    def message(group_id: bytes, index: int, new_owner: bytes, at: int) -> bytes:
+        return (
+            Writer()
+            .push_bytes(group_id)
+            .push_u32(index)
+            .push_bytes(new_owner)
+            .push_u64(at)
+            .getvalue()
+        )
+
+    def encode_into(self, w: Writer) -> None:
+        w.push_bytes(self.new_owner).push_u64(self.at).push_bytes(self.signature)
+
+    @classmethod
+    def pull(cls, r: Reader) -> Handover:
+        return cls(r.pull_bytes(_ID), r.pull_u64(), r.pull_bytes(_SIG))
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A member of a group since ``since`` (unix seconds)."""
+
+    key: bytes
+    name: str
+    since: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.key, "member key")
+        _check_text(self.name, MAX_NAME, "member name")
+
+    def encode_into(self, w: Writer) -> None:
+        w.push_bytes(self.key).push_str(self.name, MAX_NAME).push_u64(self.since)
+
+    @classmethod
+    def pull(cls, r: Reader) -> Member:
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u64())
+
+
+def _push_members(w: Writer, members: tuple[Member, ...]) -> None:
+    w.push_u16(len(members))
+    for m in members:
+        m.encode_into(w)
+
+
+def _pull_members(r: Reader, limit: int) -> tuple[Member, ...]:
+    n = r.pull_u16()
+    if n > limit:
+        raise DecodeError(f"{n} members exceeds {limit}")
+    return tuple(Member.pull(r) for _ in range(n))
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """A group's member list, version ``seq`` of the envelope; signed by the current owner.
+
+    ``members`` are the first members inline; ``page_digests`` name further pages
+    (``RosterPage``) that hold the rest, each bound to this roster's ``seq``.
+    """
+
+    genesis: Genesis
+    genesis_sig: bytes
+    handovers: tuple[Handover, ...]
+    public: bool
+    members: tuple[Member, ...]
+    total_members: int
+    page_digests: tuple[bytes, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.handovers) > MAX_HANDOVERS:
+            raise ValueError(f"more than {MAX_HANDOVERS} hand-overs")
+        if len(self.members) > INLINE_MEMBERS or len(self.page_digests) > MAX_PAGES:
+            raise ValueError("too many inline members or pages")
+        if any(len(d) != _ID for d in self.page_digests):
+            raise ValueError("page digests must be 32 bytes")
+
+    @property
+    def group_id(self) -> bytes:
+        return self.genesis.group_id
+
+    @property
+    def owner(self) -> bytes:
+        """The owner at the end of the hand-over chain."""
+        return self.handovers[-1].new_owner if self.handovers else self.genesis.owner
+
+    def chain_is_valid(self) -> bool:
+        """The founding signature and every hand-over check out, back to the founder."""
+        gid = self.group_id
+        if not crypto.verify(
+            self.genesis.owner, "genesis", self.genesis.encode(), self.genesis_sig
+        ):
+            return False
+        owner = self.genesis.owner
+        for i, h in enumerate(self.handovers):
+            if not crypto.verify(
+                owner, "handover", Handover.message(gid, i, h.new_owner, h.at), h.signature
+            ):
+                return False
+            owner = h.new_owner
+        return True
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.genesis.encode()).push_bytes(self.genesis_sig)
+        w.push_u8(len(self.handovers))
+        for h in self.handovers:
+            h.encode_into(w)
+        w.push_u8(1 if self.public else 0)
+        _push_members(w, self.members)
+        w.push_u32(self.total_members).push_u8(len(self.page_digests))
+        for d in self.page_digests:
+            w.push_bytes(d)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> Roster:
+        genesis, sig = Genesis.pull(r), r.pull_bytes(_SIG)
+        n = r.pull_u8()
+        if n > MAX_HANDOVERS:
+            raise DecodeError("too many hand-overs")
+        handovers = tuple(Handover.pull(r) for _ in range(n))
+        public = _pull_bool(r)
+        members = _pull_members(r, INLINE_MEMBERS)
+        total = r.pull_u32()
+        pages = r.pull_u8()
+        if pages > MAX_PAGES:
+            raise DecodeError("too many pages")
+        digests = tuple(r.pull_bytes(_ID) for _ in range(pages))
+        return cls(genesis, sig, handovers, public, members, total, digests)
+
+
+@dataclass(frozen=True, slots=True)
+class RosterPage:
+    """Members ``index``-th page of roster version ``roster_seq``; the roster holds its digest."""
+
+    group_id: bytes
+    roster_seq: int
+    index: int
+    members: tuple[Member, ...]
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        if len(self.members) > PAGE_MEMBERS or self.index >= MAX_PAGES:
+            raise ValueError("page too large or index out of range")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_u64(self.roster_seq).push_u8(self.index)
+        _push_members(w, self.members)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> RosterPage:
+        return cls(r.pull_bytes(_ID), r.pull_u64(), r.pull_u8(), _pull_members(r, PAGE_MEMBERS))
+
+    @property
+    def digest(self) -> bytes:
+        return crypto.digest("roster-page", self.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRequest:
+    """The signer asks to join ``group_id`` under a display name."""
+
+    group_id: bytes
+    name: str
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_text(self.name, MAX_NAME, "name")
+        _check_text(self.message, MAX_TEXT, "message")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
+        return w.push_str(self.message, MAX_TEXT).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> JoinRequest:
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_str(MAX_TEXT))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The owner's answer to ``requester``'s join request (a rejection is visible to it)."""
+
+    group_id: bytes
+    requester: bytes
+    accepted: bool
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_id(self.requester, "requester")
+        _check_text(self.reason, MAX_TEXT, "reason")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_bytes(self.requester)
+        return w.push_u8(int(self.accepted)).push_str(self.reason, MAX_TEXT).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> Decision:
+        return cls(r.pull_bytes(_ID), r.pull_bytes(_ID), _pull_bool(r), r.pull_str(MAX_TEXT))
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """The signer leaves ``group_id`` (effective from the envelope's ``issued`` time)."""
+
+    group_id: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+
+    def encode(self) -> bytes:
+        return self.group_id
+
+    @classmethod
+    def decode(cls, r: Reader) -> Leave:
+        return cls(r.pull_bytes(_ID))
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """A file the signer shares in ``group_id``; ``content_id`` is its hash-tree root."""
+
+    group_id: bytes
+    content_id: bytes
+    name: str
+    size: int
+    piece_size: int
+    withdrawn: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_id(self.content_id, "content id")
+        _check_text(self.name, 255, "file name")
+        if self.piece_size <= 0 or self.size < 0:
+            raise ValueError("bad size or piece size")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_bytes(self.content_id)
+        w.push_str(self.name, 255).push_u64(self.size).push_u32(self.piece_size)
+        return w.push_u8(int(self.withdrawn)).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> FileEntry:
+        return cls(
+            r.pull_bytes(_ID),
+            r.pull_bytes(_ID),
+            r.pull_str(255),
+            r.pull_u64(),
+            r.pull_u32(),
+            _pull_bool(r),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """The signer holds (some of) ``content_id`` for ``group_id`` and serves it at host:port."""
+
+    group_id: bytes
+    content_id: bytes
+    host: str
+    port: int
+    complete: bool
+    withdrawn: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_id(self.content_id, "content id")
+        _check_text(self.host, 255, "host")
+        if not 0 < self.port < 65536:
+            raise ValueError("port out of range")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_bytes(self.content_id)
+        w.push_str(self.host, 255).push_u16(self.port)
+        return w.push_u8(int(self.complete)).push_u8(int(self.withdrawn)).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> Provider:
+        gid, cid, host, port = r.pull_bytes(_ID), r.pull_bytes(_ID), r.pull_str(255), r.pull_u16()
+        return cls(gid, cid, host, port, _pull_bool(r), _pull_bool(r))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """Where the signer can be reached now."""
+
+    addresses: tuple[tuple[str, int], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.addresses) > MAX_ADDRESSES:
+            raise ValueError("too many addresses")
+        for host, port in self.addresses:
+            _check_text(host, 255, "host")
+            if not 0 < port < 65536:
+                raise ValueError("port out of range")
+
+    def encode(self) -> bytes:
+        w = Writer().push_u8(len(self.addresses))
+        for host, port in self.addresses:
+            w.push_str(host, 255).push_u16(port)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> PeerInfo:
+        n = r.pull_u8()
+        if n > MAX_ADDRESSES:
+            raise DecodeError("too many addresses")
+        return cls(tuple((r.pull_str(255), r.pull_u16()) for _ in range(n)))
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryEntry:
+    """A group listed in the public directory by its owner (readers check the roster)."""
+
+    group_id: bytes
+    name: str
+    member_count: int
+    withdrawn: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_text(self.name, MAX_NAME, "group name")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
+        return w.push_u32(self.member_count).push_u8(int(self.withdrawn)).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> DirectoryEntry:
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u32(), _pull_bool(r))
+
+
+Body: TypeAlias = (
+    Roster
+    | RosterPage
+    | JoinRequest
+    | Decision
+    | Leave
+    | FileEntry
+    | Provider
+    | PeerInfo
+    | DirectoryEntry
+)
+
+
+def _pull_bool(r: Reader) -> bool:
+    value = r.pull_u8()
+    if value > 1:
+        raise DecodeError("boolean must be 0 or 1")
+    return value == 1
+
+
+@dataclass(frozen=True, slots=True)
+class _KindSpec:
+    kind: Kind
+    decode: Callable[[Reader], Any]
+    key_ids: Callable[[Any, bytes], tuple[bytes, ...]]  # (body, signer) -> ids for key_for
+    slot: Callable[[Any, bytes], bytes]  # (body, signer) -> merge slot
+
+
+def _by_signer(_body: Any, signer: bytes) -> bytes:
+    return signer
+
+
+_SPECS: dict[type, _KindSpec] = {
+    Roster: _KindSpec(Kind.ROSTER, Roster.decode, lambda b, s: (b.group_id,), lambda b, s: b""),
+    RosterPage: _KindSpec(
+        Kind.ROSTER_PAGE, RosterPage.decode, lambda b, s: (b.group_id, bytes([b.index])), _by_signer
+    ),
+    JoinRequest: _KindSpec(
+        Kind.JOIN_REQUEST, JoinRequest.decode, lambda b, s: (b.group_id,), _by_signer
+    ),
+    Decision: _KindSpec(
+        Kind.DECISION, Decision.decode, lambda b, s: (b.group_id, b.requester), _by_signer
+    ),
+    Leave: _KindSpec(Kind.LEAVE, Leave.decode, lambda b, s: (b.group_id,), _by_signer),
+    FileEntry: _KindSpec(
+        Kind.FILE_ENTRY, FileEntry.decode, lambda b, s: (b.group_id,), lambda b, s: s + b.content_id
+    ),
+    Provider: _KindSpec(
+        Kind.PROVIDER, Provider.decode, lambda b, s: (b.group_id, b.content_id), _by_signer
+    ),
+    PeerInfo: _KindSpec(Kind.PEER, PeerInfo.decode, lambda b, s: (s,), _by_signer),
+    DirectoryEntry: _KindSpec(
+        Kind.DIRECTORY, DirectoryEntry.decode, lambda b, s: (), lambda b, s: s + b.group_id
+    ),
+}
+_SPEC_BY_KIND = {spec.kind: spec for spec in _SPECS.values()}
+
+
+def kind_of(body: Body) -> Kind:
+    return _SPECS[type(body)].kind
+
+
+# -------------------------------------------------------------------------------- envelope
+
+
+@dataclass(frozen=True, slots=True)
+class SignedRecord:
+    """One signed DHT value. Construct with ``sign_record`` or ``decode_record``."""
+
+    kind: Kind
+    signer: bytes
+    seq: int
+    issued: int
+    expires: int
+    body: bytes
+    signature: bytes
+    _payload: Body = field(compare=False, repr=False)
+
+    def signed_part(self) -> bytes:
+        w = Writer().push_u8(VERSION).push_u8(self.kind).push_bytes(self.signer)
+        w.push_u64(self.seq).push_u64(self.issued).push_u64(self.expires)
+        return w.push_varbytes(self.body, MAX_BODY).getvalue()
+
+    def encode(self) -> bytes:
+        return self.signed_part() + self.signature
+
+    def payload(self) -> Body:
+        """The typed body."""
+        return self._payload
+
+    @property
+    def dht_key(self) -> bytes:
+        spec = _SPEC_BY_KIND[self.kind]
+        return key_for(self.kind, *spec.key_ids(self._payload, self.signer))
+
+    @property
+    def slot(self) -> bytes:
+        return _SPEC_BY_KIND[self.kind].slot(self._payload, self.signer)
+
+
+def sign_record(
+    identity: Identity, body: Body, *, seq: int, now: float, ttl: float
+) -> SignedRecord:
+    """Sign ``body`` as ``identity``, valid from ``now`` for ``ttl`` seconds."""
+    if not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be in (0, {MAX_TTL}]")
+    kind = kind_of(body)
+    encoded = body.encode()
+    if len(encoded) > MAX_BODY:
+        raise RecordError(f"{kind.label} record too large ({len(encoded)} bytes)")
+    unsigned = SignedRecord(
+        kind, identity.public, seq, int(now), int(now + ttl), encoded, b"", body
+    )
+    signature = crypto.sign(identity.signing_key, "record/" + kind.label, unsigned.signed_part())
+    return SignedRecord(
+        kind, identity.public, seq, int(now), int(now + ttl), encoded, signature, body
+    )
+
+
+def decode_record(data: bytes) -> SignedRecord:
+    """Parse an encoded record strictly (signature not yet checked); ``RecordError`` if bad."""
+    if len(data) > MAX_RECORD_SIZE:
+        raise RecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_SIZE}")
+    try:
+        r = Reader(data)
+        if r.pull_u8() != VERSION:
+            raise RecordError("unknown record version")
+        kind = Kind(r.pull_u8())
+        signer, seq, issued, expires = r.pull_bytes(_ID), r.pull_u64(), r.pull_u64(), r.pull_u64()
+        body = r.pull_varbytes(MAX_BODY)
+        signature = r.pull_bytes(_SIG)
+        r.finish()
+        body_reader = Reader(body)
+        payload = _SPEC_BY_KIND[kind].decode(body_reader)
+        body_reader.finish()
+    except (DecodeError, ValueError) as exc:
+        raise RecordError(f"malformed record: {exc}") from exc
+    return SignedRecord(kind, signer, seq, issued, expires, body, signature, payload)
+
+
+def verify_record(rec: SignedRecord, now: float) -> Body:
+    """Check signature, validity window and self-proof; return the typed body."""
+    if not crypto.verify(rec.signer, "record/" + rec.kind.label, rec.signed_part(), rec.signature):
+        raise RecordError("bad signature")
+    if rec.expires <= now:
+        raise RecordError("record expired")
+    if rec.issued > now + CLOCK_SKEW or rec.expires > now + MAX_TTL + CLOCK_SKEW:
+        raise RecordError("record dated too far ahead")
+    if rec.expires < rec.issued:
+        raise RecordError("record expires before it is issued")
+    body = rec.payload()
+    if isinstance(body, Roster):
+        if not body.chain_is_valid():
+            raise RecordError("roster hand-over chain does not verify")
+        if rec.signer != body.owner:
+            raise RecordError("roster not signed by the group's owner")
+    return body
