@@ -352,19 +352,30 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class Leave:
-    """The signer leaves ``group_id`` (effective from the envelope's ``issued`` time)."""
+    """The signer leaves ``group_id`` (effective from the envelope's ``issued`` time).
+
+    An owner who leaves includes the signed ``handover`` to its heir; the heir's node then
+    publishes the next roster with that hand-over appended to the chain.
+    """
 
     group_id: bytes
+    handover: Handover | None = None
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
 
     def encode(self) -> bytes:
-        return self.group_id
+        w = Writer().push_bytes(self.group_id)
+        if self.handover is None:
+            return w.push_u8(0).getvalue()
+        w.push_u8(1)
+        self.handover.encode_into(w)
+        return w.getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> Leave:
-        return cls(r.pull_bytes(_ID))
+        gid = r.pull_bytes(_ID)
+        return cls(gid, Handover.pull(r) if _pull_bool(r) else None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,6 +57,7 @@ def bodies() -> list[object]:
         JoinRequest(GID, "alice", "let me in"),
         Decision(GID, os.urandom(32), False, "no room"),
         Leave(GID),
+        Leave(GID, Handover(os.urandom(32), int(NOW), os.urandom(64))),
         FileEntry(GID, CID, "movie.mkv", 10**9, 1 << 20),
         Provider(GID, CID, "127.0.0.1", 4000, True),
         PeerInfo((("127.0.0.1", 4000), ("::1", 4001))),
