@@ -1,0 +1,3 @@
+"""Files: piece layout and content ids (``content``), sharing and file listings."""
+
+from __future__ import annotations
