@@ -1,0 +1,121 @@
+"""Length-prefixed frames with a hard maximum size, and the wire's reason codes.
+
+A frame is ``u32 length`` (big-endian, the payload length), ``u8 type``, then
+``length`` payload bytes. A header that announces more than ``MAX_FRAME`` is a
+``RemoteProtocolError`` at once, before any of the payload arrives, so a peer can
+never make us buffer more than one maximal frame.
+
+``FrameDecoder`` keeps unparsed input in one ``bytearray`` and a read offset, so
+feeding data in small pieces costs linear, not quadratic, copying.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from dhtshare.errors import RemoteProtocolError
+
+__all__ = [
+    "FRAME_HEADER_SIZE",
+    "MAX_FRAME",
+    "FrameDecoder",
+    "FrameType",
+    "Reason",
+    "encode_frame",
+    "frame_header",
+]
+
+MAX_FRAME = 1024 * 1024 + 64
+"""Largest payload a frame may carry: 1 MiB plus room for headers and the AEAD tag."""
+
+_HEADER = struct.Struct(">IB")
+FRAME_HEADER_SIZE = _HEADER.size
+
+# Compact the buffer once this many consumed bytes sit in front of the read offset.
+_COMPACT_AT = 64 * 1024
+
+
+class FrameType(IntEnum):
+    """The ``u8`` type of a frame. Only ``SEALED`` frames follow the handshake."""
+
+    CLIENT_HELLO = 1
+    SERVER_HELLO = 2
+    CLIENT_AUTH = 3
+    SEALED = 4
+    REJECT = 5  # a plaintext Reject, only while the sender has no session keys
+
+
+class Reason(IntEnum):
+    """Why a connection ends: the ``reason`` of a RemoteProtocolError and of a Reject."""
+
+    PROTOCOL = 1  # malformed frame or message, or a message not allowed in this state
+    FRAME_TOO_LARGE = 2
+    BAD_MAGIC = 3
+    UNSUPPORTED_VERSION = 4
+    BAD_SIGNATURE = 5
+    DECRYPT_FAILED = 6  # tampered, replayed, reordered or dropped frame
+    TRUNCATED = 7  # end of stream in the middle of a frame
+    NOT_MEMBER = 8  # used by the adapter: the peer is not in the group
+    UNKNOWN_CONTENT = 9  # used by the adapter: we do not serve this content id
+    BUSY = 10  # used by the adapter: too many connections or requests
+    TIMEOUT = 11  # used by the adapter: the peer was silent too long
+    BAD_DATA = 12  # used by the transfer layer: a piece failed its hash check
+    SHUTDOWN = 13  # used by the adapter: we are going away
+
+
+def frame_header(frame_type: int, length: int) -> bytes:
+    """The five header bytes of a frame carrying ``length`` payload bytes."""
+    if not 0 <= length <= MAX_FRAME:
+        raise ValueError(f"frame payload of {length} bytes exceeds {MAX_FRAME}")
+    return _HEADER.pack(length, frame_type)
+
+
+def encode_frame(frame_type: int, payload: bytes) -> bytes:
+    """One complete frame."""
+    return frame_header(frame_type, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Splits a byte stream into ``(type, payload)`` frames.
+
+    ``feed`` appends bytes; ``next_frame`` returns one frame or ``None`` when more
+    input is needed. A header announcing more than ``max_frame`` bytes raises
+    ``RemoteProtocolError`` as soon as its five bytes are in.
+    """
+
+    __slots__ = ("_buf", "_max_frame", "_pos")
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max_frame = max_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned in a frame."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos and (self._pos >= _COMPACT_AT or self._pos == len(self._buf)):
+            del self._buf[: self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def next_frame(self) -> tuple[int, bytes] | None:
+        avail = len(self._buf) - self._pos
+        if avail < FRAME_HEADER_SIZE:
+            return None
+        length, frame_type = _HEADER.unpack_from(self._buf, self._pos)
+        if length > self._max_frame:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes exceeds maximum {self._max_frame}",
+                Reason.FRAME_TOO_LARGE,
+            )
+        if avail < FRAME_HEADER_SIZE + length:
+            return None
+        start = self._pos + FRAME_HEADER_SIZE
+        with memoryview(self._buf) as view, view[start : start + length] as part:
+            payload = bytes(part)
+        self._pos = start + length
+        return int(frame_type), payload

@@ -1,0 +1,301 @@
+"""Mutual authentication and per-direction session keys (pure; see docs/wire.md).
+
+Three messages::
+
+    client -> server  ClientHello  magic, version, client identity key, client
+                                   ephemeral X25519 key, group id, content id, nonce
+    server -> client  ServerHello  server identity key, server ephemeral key,
+                                   server signature over the transcript
+    client -> server  ClientAuth   client signature over the transcript
+
+Both signatures cover the same transcript hash (SHA-256 of a prefix, the whole
+ClientHello and the server's two keys) under different domain prefixes, so each
+side's identity key vouches for both ephemeral keys and a spliced or replayed
+handshake fails. Session keys come from ``crypto_kx`` on the ephemeral keys: one
+key per direction, and every later frame is sealed with ChaCha20-Poly1305 under
+a nonce that counts frames in that direction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.signing
+
+from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.errors import LocalProtocolError, RemoteProtocolError
+from dhtshare.wire.frames import MAX_FRAME, FrameType, Reason, frame_header
+
+__all__ = [
+    "CLIENT_SIG_PREFIX",
+    "KEY_SIZE",
+    "MAGIC",
+    "NONCE_SIZE",
+    "SERVER_SIG_PREFIX",
+    "SIGNATURE_SIZE",
+    "TAG_SIZE",
+    "TRANSCRIPT_PREFIX",
+    "VERSION",
+    "ClientAuth",
+    "ClientHandshake",
+    "ClientHello",
+    "ServerHandshake",
+    "ServerHello",
+    "SessionCipher",
+    "transcript_hash",
+]
+
+MAGIC = b"DHTSHARE"
+VERSION = 1
+KEY_SIZE = 32
+NONCE_SIZE = 16
+SIGNATURE_SIZE = 64
+TAG_SIZE = sodium.crypto_aead_chacha20poly1305_ietf_ABYTES
+TRANSCRIPT_PREFIX = b"dhtshare/v1/handshake/transcript"
+SERVER_SIG_PREFIX = b"dhtshare/v1/handshake/server"
+CLIENT_SIG_PREFIX = b"dhtshare/v1/handshake/client"
+
+_COUNTER_NONCE = struct.Struct(">4xQ")  # 12-byte AEAD nonce: 4 zero bytes, u64 counter
+_MAX_COUNTER = (1 << 64) - 1
+
+
+def _fixed(value: bytes, size: int, name: str) -> None:
+    if len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes, not {len(value)}")
+
+
+def _decode_error(what: str, exc: Exception) -> RemoteProtocolError:
+    return RemoteProtocolError(f"malformed {what}: {exc}", Reason.PROTOCOL)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    identity_key: bytes
+    ephemeral_key: bytes
+    group_id: bytes
+    content_id: bytes
+    nonce: bytes
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("identity_key", "ephemeral_key", "group_id", "content_id"):
+            _fixed(getattr(self, name), KEY_SIZE, name)
+        _fixed(self.nonce, NONCE_SIZE, "nonce")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(MAGIC).push_u8(self.version)
+        for part in (self.identity_key, self.ephemeral_key, self.group_id, self.content_id):
+            w.push_bytes(part)
+        return w.push_bytes(self.nonce).getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ClientHello:
+        try:
+            r = Reader(data)
+            if r.pull_bytes(len(MAGIC)) != MAGIC:
+                raise RemoteProtocolError("not a dhtshare peer (bad magic)", Reason.BAD_MAGIC)
+            version = r.pull_u8()
+            if version != VERSION:
+                raise RemoteProtocolError(
+                    f"unsupported protocol version {version}", Reason.UNSUPPORTED_VERSION
+                )
+            hello = cls(
+                identity_key=r.pull_bytes(KEY_SIZE),
+                ephemeral_key=r.pull_bytes(KEY_SIZE),
+                group_id=r.pull_bytes(KEY_SIZE),
+                content_id=r.pull_bytes(KEY_SIZE),
+                nonce=r.pull_bytes(NONCE_SIZE),
+                version=version,
+            )
+            r.finish()
+        except DecodeError as exc:
+            raise _decode_error("ClientHello", exc) from exc
+        return hello
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello:
+    identity_key: bytes
+    ephemeral_key: bytes
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _fixed(self.identity_key, KEY_SIZE, "identity_key")
+        _fixed(self.ephemeral_key, KEY_SIZE, "ephemeral_key")
+        _fixed(self.signature, SIGNATURE_SIZE, "signature")
+
+    def encode(self) -> bytes:
+        return self.identity_key + self.ephemeral_key + self.signature
+
+    @classmethod
+    def decode(cls, data: bytes) -> ServerHello:
+        try:
+            r = Reader(data)
+            hello = cls(
+                r.pull_bytes(KEY_SIZE), r.pull_bytes(KEY_SIZE), r.pull_bytes(SIGNATURE_SIZE)
+            )
+            r.finish()
+        except DecodeError as exc:
+            raise _decode_error("ServerHello", exc) from exc
+        return hello
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuth:
+    signature: bytes
+
+    def __post_init__(self) -> None:
+        _fixed(self.signature, SIGNATURE_SIZE, "signature")
+
+    def encode(self) -> bytes:
+        return self.signature
+
+    @classmethod
+    def decode(cls, data: bytes) -> ClientAuth:
+        if len(data) != SIGNATURE_SIZE:
+            raise RemoteProtocolError("malformed ClientAuth", Reason.PROTOCOL)
+        return cls(bytes(data))
+
+
+def transcript_hash(hello: ClientHello, server_identity: bytes, server_ephemeral: bytes) -> bytes:
+    """SHA-256 over the prefix, the encoded ClientHello and the server's two keys."""
+    h = hashlib.sha256(TRANSCRIPT_PREFIX)
+    h.update(hello.encode())
+    h.update(server_identity)
+    h.update(server_ephemeral)
+    return h.digest()
+
+
+def _sign(identity: nacl.signing.SigningKey, prefix: bytes, transcript: bytes) -> bytes:
+    return bytes(identity.sign(prefix + transcript).signature)
+
+
+def _verify(public_key: bytes, prefix: bytes, transcript: bytes, signature: bytes) -> None:
+    try:
+        nacl.signing.VerifyKey(public_key).verify(prefix + transcript, signature)
+    except nacl.exceptions.CryptoError as exc:
+        raise RemoteProtocolError(
+            "handshake signature does not verify", Reason.BAD_SIGNATURE
+        ) from exc
+
+
+class SessionCipher:
+    """Seals outgoing and opens incoming ``SEALED`` frames, one counter per direction.
+
+    The frame header is the associated data, so length and type are authenticated
+    too. A tampered, replayed, reordered or dropped frame fails to open.
+    """
+
+    __slots__ = ("_rx_count", "_rx_key", "_tx_count", "_tx_key")
+
+    def __init__(self, rx_key: bytes, tx_key: bytes) -> None:
+        self._rx_key = rx_key
+        self._tx_key = tx_key
+        self._rx_count = 0
+        self._tx_count = 0
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """A complete ``SEALED`` frame carrying ``plaintext``."""
+        if self._tx_count > _MAX_COUNTER:
+            raise LocalProtocolError("send nonce exhausted; reconnect")
+        size = len(plaintext) + TAG_SIZE
+        if size > MAX_FRAME:
+            raise LocalProtocolError(f"message of {len(plaintext)} bytes does not fit a frame")
+        header = frame_header(FrameType.SEALED, size)
+        nonce = _COUNTER_NONCE.pack(self._tx_count)
+        self._tx_count += 1
+        return header + sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
+            plaintext, header, nonce, self._tx_key
+        )
+
+    def open(self, payload: bytes) -> bytes:
+        """The plaintext of the next incoming ``SEALED`` frame's payload."""
+        header = frame_header(FrameType.SEALED, len(payload))
+        nonce = _COUNTER_NONCE.pack(self._rx_count)
+        try:
+            plaintext = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
+                payload, header, nonce, self._rx_key
+            )
+        except nacl.exceptions.CryptoError as exc:
+            raise RemoteProtocolError(
+                f"frame {self._rx_count} failed authentication", Reason.DECRYPT_FAILED
+            ) from exc
+        self._rx_count += 1
+        return plaintext
+
+
+class ClientHandshake:
+    """The client's half: makes the ClientHello, checks the ServerHello, signs ClientAuth."""
+
+    def __init__(
+        self, identity: nacl.signing.SigningKey, group_id: bytes, content_id: bytes
+    ) -> None:
+        self._identity = identity
+        self._eph_pk, self._eph_sk = sodium.crypto_kx_keypair()
+        self.hello = ClientHello(
+            identity_key=bytes(identity.verify_key),
+            ephemeral_key=self._eph_pk,
+            group_id=group_id,
+            content_id=content_id,
+            nonce=os.urandom(NONCE_SIZE),
+        )
+
+    def on_server_hello(self, payload: bytes) -> tuple[ServerHello, SessionCipher, ClientAuth]:
+        """Verify the ServerHello; return it, the session cipher and our ClientAuth."""
+        server = ServerHello.decode(payload)
+        th = transcript_hash(self.hello, server.identity_key, server.ephemeral_key)
+        _verify(server.identity_key, SERVER_SIG_PREFIX, th, server.signature)
+        try:
+            rx, tx = sodium.crypto_kx_client_session_keys(
+                self._eph_pk, self._eph_sk, server.ephemeral_key
+            )
+        except nacl.exceptions.CryptoError as exc:
+            raise RemoteProtocolError("unusable server ephemeral key", Reason.PROTOCOL) from exc
+        auth = ClientAuth(_sign(self._identity, CLIENT_SIG_PREFIX, th))
+        return server, SessionCipher(rx, tx), auth
+
+
+class ServerHandshake:
+    """The server's half: answers a ClientHello, then checks the ClientAuth."""
+
+    def __init__(self, identity: nacl.signing.SigningKey) -> None:
+        self._identity = identity
+        self.client_hello: ClientHello | None = None
+        self._transcript = b""
+        self._cipher: SessionCipher | None = None
+
+    def on_client_hello(self, payload: bytes) -> ServerHello:
+        """Parse the ClientHello, derive session keys, and sign our ServerHello."""
+        hello = ClientHello.decode(payload)
+        eph_pk, eph_sk = sodium.crypto_kx_keypair()
+        try:
+            rx, tx = sodium.crypto_kx_server_session_keys(eph_pk, eph_sk, hello.ephemeral_key)
+        except nacl.exceptions.CryptoError as exc:
+            raise RemoteProtocolError("unusable client ephemeral key", Reason.PROTOCOL) from exc
+        identity_key = bytes(self._identity.verify_key)
+        self._transcript = transcript_hash(hello, identity_key, eph_pk)
+        self.client_hello = hello
+        self._cipher = SessionCipher(rx, tx)
+        signature = _sign(self._identity, SERVER_SIG_PREFIX, self._transcript)
+        return ServerHello(identity_key, eph_pk, signature)
+
+    @property
+    def cipher(self) -> SessionCipher:
+        """The session cipher, available once the ClientHello has been answered."""
+        if self._cipher is None:
+            raise LocalProtocolError("no ClientHello answered yet")
+        return self._cipher
+
+    def on_client_auth(self, payload: bytes) -> ClientHello:
+        """Verify the client's signature; return the (now authenticated) ClientHello."""
+        hello = self.client_hello
+        if hello is None:
+            raise LocalProtocolError("ClientAuth before ClientHello")
+        auth = ClientAuth.decode(payload)
+        _verify(hello.identity_key, CLIENT_SIG_PREFIX, self._transcript, auth.signature)
+        return hello
