@@ -1,0 +1,3 @@
+"""Store: pieces on disk (``partial``) and resume state (``resume``)."""
+
+from __future__ import annotations
