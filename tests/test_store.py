@@ -12,7 +12,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dhtshare.errors import StoreError
-from dhtshare.store import partial
 from dhtshare.store.partial import BlockReader, PartialFile, read_block, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new, read_state
 
@@ -74,7 +73,7 @@ async def test_finalize_without_hard_links(tmp_path: Path, monkeypatch: pytest.M
     def no_link(*args: object, **kwargs: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(partial.os, "link", no_link)
+    monkeypatch.setattr(os, "link", no_link)
     pf = await PartialFile.open(tmp_path, "f", 2)
     await pf.write_piece(0, b"ok")
     assert (await pf.finalize()).read_bytes() == b"ok"
@@ -93,7 +92,7 @@ async def test_disk_full_keeps_partial(tmp_path: Path, monkeypatch: pytest.Monke
     def full(fd: int, data: bytes, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(partial.os, "pwrite", full)
+    monkeypatch.setattr(os, "pwrite", full)
     with pytest.raises(StoreError, match="disk full") as info:
         await pf.write_piece(10, b"b" * 10)
     assert "free some space" in info.value.hint
@@ -110,7 +109,7 @@ async def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.Mo
         return real(fd, bytes(data[:1]), offset)
 
     pf = await PartialFile.open(tmp_path, "s", 5)
-    monkeypatch.setattr(partial.os, "pwrite", one_byte)
+    monkeypatch.setattr(os, "pwrite", one_byte)
     await pf.write_piece(0, b"hello")
     monkeypatch.undo()
     assert await pf.read(0, 5) == b"hello"
