@@ -25,7 +25,14 @@ from nacl.signing import SigningKey
 from . import crypto
 from .errors import IdentityError
 
-__all__ = ["Identity", "format_id", "parse_id", "short_id"]
+__all__ = [
+    "Identity",
+    "describe_key_file",
+    "fingerprint_of",
+    "format_id",
+    "parse_id",
+    "short_id",
+]
 
 _FILE_VERSION = 1
 _ID_LENGTH = 52  # base32 of 32 bytes, unpadded
@@ -52,6 +59,31 @@ def short_id(public: bytes) -> str:
     return format_id(public)[:12]
 
 
+def fingerprint_of(public: bytes) -> str:
+    """A short hash of a public key for people to compare: ``ab12-cd34-ef56-7890``."""
+    hexed = crypto.digest("fingerprint", public, size=8).hex()
+    return "-".join(hexed[i : i + 4] for i in range(0, 16, 4))
+
+
+def describe_key_file(path: Path) -> dict[str, Any]:
+    """Id, name, fingerprint and whether it is protected, without the passphrase."""
+    try:
+        doc = json.loads(path.read_bytes())
+        public = parse_id(str(doc["id"]))
+    except FileNotFoundError as exc:
+        raise IdentityError(
+            f"no identity at {path}", "create one with: dhtshare id create"
+        ) from exc
+    except (OSError, ValueError, KeyError, TypeError, IdentityError) as exc:
+        raise IdentityError(f"key file {path} is damaged", "restore it from a backup") from exc
+    return {
+        "id": format_id(public),
+        "name": str(doc.get("name", "")),
+        "fingerprint": fingerprint_of(public),
+        "protected": "sealed" in doc,
+    }
+
+
 @dataclass(frozen=True)
 class Identity:
     """An ed25519 signing key and the display name its owner chose."""
@@ -74,9 +106,7 @@ class Identity:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the public key for people to compare: ``ab12-cd34-ef56-7890``."""
-        hexed = crypto.digest("fingerprint", self.public, size=8).hex()
-        return "-".join(hexed[i : i + 4] for i in range(0, 16, 4))
+        return fingerprint_of(self.public)
 
     def save(self, path: Path, passphrase: bytes | None = None) -> None:
         """Write the key file atomically with mode 0600."""

@@ -1,0 +1,642 @@
+"""The ``dhtshare`` command: click declarations and output formatting only.
+
+Every command that needs the running node sends one request over the control socket
+(``control.call``); the node does the work. Errors are one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import control
+from .display import ProgressLine, format_rate, format_size, table
+from .errors import DhtshareError, IdentityError, NodeError
+
+__all__ = ["main"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def default_home() -> Path:
+    """The platform's user data directory (XDG on Linux, Application Support on macOS)."""
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "dhtshare"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "dhtshare"
+
+
+def fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
+    click.secho(f"error: {message}", fg="red", err=True)
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+    sys.exit(code)
+
+
+class Cli(click.Group):
+    """Maps every failure to one line on stderr; a traceback goes only to a log file."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DhtshareError as exc:
+            fail(exc.message, exc.hint)
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            log = Path(os.environ.get("TMPDIR", "/tmp")) / "dhtshare-crash.log"
+            with open(log, "a", encoding="utf-8") as fh:
+                traceback.print_exc(file=fh)
+            fail(f"unexpected failure: {exc}", f"details in {log}; please report it", code=2)
+
+
+def home_of(ctx: click.Context) -> Path:
+    return Path(ctx.find_root().params["home"] or default_home()).expanduser()
+
+
+def node_call(
+    ctx: click.Context,
+    cmd: str,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    **args: Any,
+) -> Any:
+    return asyncio.run(control.call(control.socket_path(home_of(ctx)), cmd, args, on_progress))
+
+
+def emit(ctx: click.Context, doc: Any, render: Callable[[Any], str]) -> None:
+    """Print ``doc`` as JSON when --json was given, otherwise as ``render`` shows it."""
+    if ctx.params.get("as_json"):
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(render(doc))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def read_passphrase(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise IdentityError(
+            f"cannot read passphrase file {path}: {exc.strerror}", "check the path"
+        ) from exc
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@click.group(cls=Cli, context_settings=CONTEXT)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    envvar="DHTSHARE_HOME",
+    help="State directory (identity, groups, shares). Default: the user data directory.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log more to stderr.")
+@click.version_option(package_name="dhtshare")
+def main(home: str | None, verbose: bool) -> None:
+    """Share files with your groups: parallel, verified downloads, no central server.
+
+    \b
+    Example:
+      dhtshare id create --name alice
+      dhtshare node start --bootstrap boot.example.org:4000 --detach
+      dhtshare group create climbers
+    """
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+@main.group("id", context_settings=CONTEXT)
+def identity_group() -> None:
+    """Your identity: an ed25519 key that signs everything you publish."""
+
+
+@identity_group.command("create", context_settings=CONTEXT)
+@click.option("--name", default="", help="Display name others see.")
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False),
+    help="Protect the key with this passphrase.",
+)
+@click.pass_context
+def id_create(ctx: click.Context, name: str, passphrase_file: str | None) -> None:
+    """Create your identity and print its id.
+
+    Example: dhtshare id create --name alice
+    """
+    from .identity import Identity
+
+    path = home_of(ctx) / "identity.json"
+    if path.exists():
+        raise IdentityError(
+            f"an identity already exists at {path}", "use another --home, or dhtshare id show"
+        )
+    me = Identity.generate(name)
+    me.save(path, read_passphrase(passphrase_file))
+    click.echo(me.id)
+
+
+@identity_group.command("show", context_settings=CONTEXT)
+@json_option
+@click.pass_context
+def id_show(ctx: click.Context, as_json: bool) -> None:
+    """Show your id, name and fingerprint.
+
+    Example: dhtshare id show
+    """
+    from .identity import describe_key_file
+
+    info = describe_key_file(home_of(ctx) / "identity.json")
+    emit(ctx, info, lambda d: "\n".join(f"{k:12} {v}" for k, v in d.items()))
+
+
+# --------------------------------------------------------------------------------- node
+
+bootstrap_option = click.option(
+    "--bootstrap",
+    "bootstraps",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="A node to join the network through (repeatable).",
+)
+
+
+@main.group(context_settings=CONTEXT)
+def node() -> None:
+    """Run, stop and inspect your node."""
+
+
+@node.command("start", context_settings=CONTEXT)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="UDP (DHT) and TCP (peers) port; 0 picks one.",
+)
+@bootstrap_option
+@click.option("--detach", is_flag=True, help="Return once the node is up and bootstrapped.")
+@click.option(
+    "--passphrase-file", type=click.Path(dir_okay=False), help="Passphrase of a protected identity."
+)
+@click.option("--ready-fd", type=int, hidden=True)
+@click.pass_context
+def node_start(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    bootstraps: tuple[str, ...],
+    detach: bool,
+    passphrase_file: str | None,
+    ready_fd: int | None,
+) -> None:
+    """Start your node: DHT on UDP and the peer server on TCP, both on PORT.
+
+    Example: dhtshare node start --port 4001 --bootstrap boot.example.org:4000 --detach
+    """
+    from .node import NodeConfig, run_detached, run_foreground
+
+    config = NodeConfig(
+        home=home_of(ctx),
+        host=host,
+        port=port,
+        bootstrap=tuple(parse_hostport(b) for b in bootstraps),
+        passphrase=read_passphrase(passphrase_file),
+    )
+    if detach:
+        info = run_detached(config, sys.argv[0], passphrase_file)
+        click.echo(f"node running at {info['host']}:{info['port']} (pid {info['pid']})")
+        return
+    run_foreground(config, ready_fd)
+
+
+@node.command("stop", context_settings=CONTEXT)
+@click.pass_context
+def node_stop(ctx: click.Context) -> None:
+    """Stop your node; all sharing stops until it starts again.
+
+    Example: dhtshare node stop
+    """
+    node_call(ctx, "stop")
+    click.echo("node stopped")
+
+
+@node.command("status", context_settings=CONTEXT)
+@json_option
+@click.pass_context
+def node_status(ctx: click.Context, as_json: bool) -> None:
+    """Address, DHT contacts, groups, shares and transfers of your node.
+
+    Example: dhtshare node status --json
+    """
+    emit(ctx, node_call(ctx, "status"), lambda d: "\n".join(f"{k:12} {v}" for k, v in d.items()))
+
+
+# -------------------------------------------------------------------------------- groups
+
+
+@main.group(context_settings=CONTEXT)
+def group() -> None:
+    """Create, join and manage groups."""
+
+
+@group.command("create", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--public", is_flag=True, help="List the group in the public directory.")
+@click.pass_context
+def group_create(ctx: click.Context, name: str, public: bool) -> None:
+    """Create a group you own; prints its id.
+
+    Example: dhtshare group create climbers --public
+    """
+    click.echo(node_call(ctx, "group.create", name=name, public=public)["group_id"])
+
+
+@group.command("join", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.option("--message", default="", help="A note for the owner.")
+@click.pass_context
+def group_join(ctx: click.Context, group_ref: str, message: str) -> None:
+    """Ask to join a group (by id, or by name from the directory).
+
+    Example: dhtshare group join 3f2a...e1 --message "hi, it's alice"
+    """
+    result = node_call(ctx, "group.join", group=group_ref, message=message)
+    click.echo(f"join request sent; status: {result['status']}")
+
+
+@group.command("leave", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.pass_context
+def group_leave(ctx: click.Context, group_ref: str) -> None:
+    """Leave a group; an owner hands the group to its longest-standing member.
+
+    Example: dhtshare group leave climbers
+    """
+    result = node_call(ctx, "group.leave", group=group_ref)
+    click.echo(
+        f"left the group{'; new owner ' + result['new_owner'] if result.get('new_owner') else ''}"
+    )
+
+
+@group.command("requests", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@json_option
+@click.pass_context
+def group_requests(ctx: click.Context, group_ref: str, as_json: bool) -> None:
+    """Pending join requests (owner only).
+
+    Example: dhtshare group requests climbers
+    """
+    rows = node_call(ctx, "group.requests", group=group_ref)
+    emit(
+        ctx,
+        rows,
+        lambda rs: (
+            table(
+                [(r["name"], r["id"], r["time"], r["message"]) for r in rs],
+                ["NAME", "ID", "REQUESTED", "MESSAGE"],
+            )
+            if rs
+            else "no pending requests"
+        ),
+    )
+
+
+def _decide(cmd: str, verb: str) -> Callable[..., None]:
+    @click.argument("group_ref", metavar="GROUP")
+    @click.argument("member")
+    @click.pass_context
+    def decide(ctx: click.Context, group_ref: str, member: str, **extra: Any) -> None:
+        result = node_call(ctx, cmd, group=group_ref, member=member, **extra)
+        click.echo(f"{verb} {result['name'] or result['id']}")
+
+    return decide
+
+
+group.command(
+    "accept",
+    context_settings=CONTEXT,
+    help="Accept a join request (owner only).\n\nExample: dhtshare group accept climbers alice",
+)(_decide("group.accept", "accepted"))
+group.command(
+    "reject",
+    context_settings=CONTEXT,
+    help="Reject a join request (owner only); the requester sees it.\n\n"
+    "Example: dhtshare group reject climbers mallory",
+)(
+    click.option("--reason", default="", help="Shown to the requester.")(
+        _decide("group.reject", "rejected")
+    )
+)
+group.command(
+    "remove",
+    context_settings=CONTEXT,
+    help="Remove a member (owner only).\n\nExample: dhtshare group remove climbers bob",
+)(_decide("group.remove", "removed"))
+
+
+@group.command("list", context_settings=CONTEXT)
+@click.option("--directory", is_flag=True, help="Groups in the public directory instead of yours.")
+@json_option
+@click.pass_context
+def group_list(ctx: click.Context, directory: bool, as_json: bool) -> None:
+    """Your groups and your role in each, or the public directory.
+
+    Example: dhtshare group list --directory
+    """
+    rows = node_call(ctx, "group.list", directory=directory)
+    emit(
+        ctx,
+        rows,
+        lambda rs: (
+            table(
+                [(r["name"], r["group_id"], r.get("role", ""), r["members"]) for r in rs],
+                ["NAME", "GROUP", "ROLE", "MEMBERS"],
+            )
+            if rs
+            else "no groups"
+        ),
+    )
+
+
+@group.command("members", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@json_option
+@click.pass_context
+def group_members(ctx: click.Context, group_ref: str, as_json: bool) -> None:
+    """Members of a group, with their join times.
+
+    Example: dhtshare group members climbers
+    """
+    rows = node_call(ctx, "group.members", group=group_ref)
+    emit(
+        ctx,
+        rows,
+        lambda rs: table(
+            [(r["name"], r["id"], r["role"], r["since"]) for r in rs],
+            ["NAME", "ID", "ROLE", "SINCE"],
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------- files
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.pass_context
+def share(ctx: click.Context, group_ref: str, path: str) -> None:
+    """Share a file with a group; prints its content id.
+
+    Example: dhtshare share climbers ~/videos/route.mp4
+    """
+    bar = ProgressLine("hashing", 1)
+
+    def progress(p: dict[str, Any]) -> None:
+        bar.total = max(int(p.get("total", 1)), 1)
+        bar.update(int(p.get("done", 0)))
+
+    result = node_call(
+        ctx, "share", progress, group=group_ref, path=str(Path(path).expanduser().resolve())
+    )
+    bar.finish()
+    click.echo(result["content_id"])
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@json_option
+@click.pass_context
+def files(ctx: click.Context, group_ref: str, as_json: bool) -> None:
+    """Files shared in a group.
+
+    Example: dhtshare files climbers
+    """
+    rows = node_call(ctx, "files", group=group_ref)
+    emit(
+        ctx,
+        rows,
+        lambda rs: (
+            table(
+                [
+                    (
+                        r["name"],
+                        format_size(r["size"]),
+                        r["content_id"][:16],
+                        r["sharer_name"] or r["sharer"][:12],
+                        r["providers"],
+                    )
+                    for r in rs
+                ],
+                ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS"],
+            )
+            if rs
+            else "no files"
+        ),
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.argument("file_ref", metavar="FILE")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=".",
+    show_default=True,
+    help="Directory to save into.",
+)
+@click.option("--no-wait", is_flag=True, help="Start the download and return.")
+@click.pass_context
+def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bool) -> None:
+    """Download a file from a group, in parallel from many peers, verifying every piece.
+
+    Example: dhtshare get climbers route.mp4 --out ~/Downloads
+    """
+    bar = ProgressLine("downloading", 1)
+
+    def progress(p: dict[str, Any]) -> None:
+        bar.total = max(int(p.get("size", 1)), 1)
+        bar.update(
+            int(p.get("bytes_done", 0)),
+            f"{format_rate(p.get('rate', 0.0))} from {p.get('peers', 0)} peers",
+        )
+
+    result = node_call(
+        ctx,
+        "get",
+        None if no_wait else progress,
+        group=group_ref,
+        file=file_ref,
+        out=str(Path(out).expanduser().resolve()),
+        wait=not no_wait,
+    )
+    bar.finish()
+    if no_wait:
+        click.echo(f"downloading {result['name']} into {result['path']}")
+    else:
+        click.echo(f"{result['path']}: complete and verified ({format_size(result['size'])})")
+
+
+@main.command(context_settings=CONTEXT)
+@json_option
+@click.pass_context
+def downloads(ctx: click.Context, as_json: bool) -> None:
+    """Downloads in progress and done.
+
+    Example: dhtshare downloads --json
+    """
+    rows = node_call(ctx, "downloads")
+    emit(
+        ctx,
+        rows,
+        lambda rs: (
+            table(
+                [
+                    (
+                        r["name"],
+                        r["state"],
+                        f"{100 * r['bytes_done'] // max(r['size'], 1)}%",
+                        format_size(r["size"]),
+                        len(r["sources"]),
+                        r["path"],
+                    )
+                    for r in rs
+                ],
+                ["NAME", "STATE", "DONE", "SIZE", "PEERS", "PATH"],
+            )
+            if rs
+            else "no downloads"
+        ),
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.argument("file_ref", metavar="FILE")
+@click.pass_context
+def unshare(ctx: click.Context, group_ref: str, file_ref: str) -> None:
+    """Stop sharing a file.
+
+    Example: dhtshare unshare climbers route.mp4
+    """
+    result = node_call(ctx, "unshare", group=group_ref, file=file_ref)
+    click.echo(f"stopped sharing {result['name']}")
+
+
+# ------------------------------------------------------------------------ network tools
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=4000, show_default=True, type=click.IntRange(1, 65535), help="UDP port."
+)
+@click.option(
+    "--state", type=click.Path(file_okay=False), help="Where to keep the node id and routing table."
+)
+@bootstrap_option
+@click.pass_context
+def bootstrap(
+    ctx: click.Context, host: str, port: int, state: str | None, bootstraps: tuple[str, ...]
+) -> None:
+    """Run a DHT-only bootstrap node in the foreground (for a server).
+
+    Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare
+    """
+    from .node import run_bootstrap
+
+    run_bootstrap(
+        Path(state).expanduser() if state else home_of(ctx),
+        host,
+        port,
+        tuple(parse_hostport(b) for b in bootstraps),
+    )
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("address", metavar="HOST:PORT")
+@click.option("--timeout", default=3.0, show_default=True, help="Seconds to wait for an answer.")
+def ping(address: str, timeout: float) -> None:
+    """Check that a dhtshare node answers at HOST:PORT (exit 0) or not (exit 1).
+
+    Example: dhtshare ping boot.example.org:4000
+    """
+    from .node import ping_node
+
+    host, port = parse_hostport(address)
+    rtt = asyncio.run(ping_node(host, port, timeout))
+    if rtt is None:
+        raise NodeError(
+            f"no answer from {host}:{port} within {timeout:g} s",
+            "is the node running and the UDP port open?",
+        )
+    click.echo(f"{host}:{port} answered in {rtt * 1000:.1f} ms")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--nodes", type=click.IntRange(2, 20000), help="Nodes in the network (default 30).")
+@click.option("--size", help="File size, e.g. 64M; 0 runs the DHT only (default 64M).")
+@click.option(
+    "--seeders", type=click.IntRange(0, 1000), help="Members sharing the file (default 3)."
+)
+@click.option(
+    "--downloaders", type=click.IntRange(0, 1000), help="Members downloading it (default 3)."
+)
+@click.option(
+    "--churn", type=click.FloatRange(0, 0.95), help="Fraction of nodes stopped during the run."
+)
+@click.option("--seed", type=int, help="Random seed: the same seed runs the same scenario.")
+@click.option(
+    "--scenario", type=click.Path(dir_okay=False, exists=True), help="A scenario file (JSON)."
+)
+@click.option("--procs", type=click.IntRange(1, 64), help="Worker processes for DHT-only nodes.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Write throughput and latency plots to this PNG.",
+)
+@json_option
+@click.pass_context
+def simulate(
+    ctx: click.Context, as_json: bool, plot: str | None, scenario: str | None, **options: Any
+) -> None:
+    """Run a real multi-node network on this machine and report how it did.
+
+    \b
+    Example:
+      dhtshare simulate
+      dhtshare simulate --nodes 1000 --size 0 --churn 0.2 --procs 2 --json
+    """
+    from .sim.runner import run_simulation
+
+    ok = run_simulation(
+        scenario, {k: v for k, v in options.items() if v is not None}, as_json, plot
+    )
+    sys.exit(0 if ok else 1)
