@@ -1,0 +1,3 @@
+"""Transfer: piece picking, rate limits, parallel download and upload serving."""
+
+from __future__ import annotations
