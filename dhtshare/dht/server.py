@@ -1,0 +1,442 @@
+"""DhtNode: kademlia's ``Server`` with typed records, a gather-from-k lookup and republishing.
+
+kademlia's ``Server.get`` returns the first value any node offers (or the local copy),
+``set_digest`` raises ``ValueError`` when every contact is dead, values are re-stored
+by every holder, state is pickled, and background work is fire-and-forget. DhtNode
+keeps the library's routing table and RPCs and replaces those parts:
+
+- ``get`` asks the k closest nodes for the key, with ``alpha`` RPCs always in flight
+  (a slow node never holds up the others), re-verifies every record it receives,
+  and merges them by slot with the local copies;
+- ``put`` stores at the k closest nodes and raises ``DhtError`` when none stored it;
+- ``publish`` keeps the node's own records alive by republishing them; nothing else
+  is ever re-stored;
+- node id and contacts are saved as JSON for a fast rejoin;
+- every task belongs to the node and ``stop`` cancels it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kademlia.network import Server
+from kademlia.node import Node, NodeHeap
+
+from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
+from dhtshare.dht.storage import ValidatingStorage
+from dhtshare.errors import DhtError, RecordError
+from dhtshare.records import SignedRecord, decode_record, verify_record
+from dhtshare.stats import Counters
+
+__all__ = ["DhtNode", "LookupStats"]
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_MAX_SAVED_CONTACTS = 200
+Address = tuple[str, int]
+Renew = Callable[[SignedRecord], SignedRecord]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupStats:
+    """What one lookup cost: RPCs sent, how many failed, nodes that answered, seconds."""
+
+    rpcs: int
+    failures: int
+    answered: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class _Publication:
+    """One of this node's own records that it keeps alive."""
+
+    record: SignedRecord
+    due: float
+    renew: Renew | None
+
+
+@dataclass(slots=True)
+class _Crawl:
+    """State of one iterative lookup towards ``target``."""
+
+    target: Node
+    heap: NodeHeap
+    self_id: bytes
+    found: dict[bytes, SignedRecord] = field(default_factory=dict)
+    answered: set[bytes] = field(default_factory=set)
+    rpcs: int = 0
+    failures: int = 0
+
+    def next_peer(self) -> Node | None:
+        """The closest of the k nearest nodes not yet asked."""
+        uncontacted = self.heap.get_uncontacted()
+        if not uncontacted:
+            return None
+        self.heap.mark_contacted(uncontacted[0])
+        self.rpcs += 1
+        return uncontacted[0]
+
+    def closest_answered(self) -> list[Node]:
+        """The k nearest nodes that answered."""
+        return [n for n in self.heap if n.id in self.answered]
+
+
+class DhtNode(Server):  # type: ignore[misc]
+    """One DHT node holding and finding signed records. See docs/dht.md."""
+
+    protocol_class = DhtProtocol
+
+    def __init__(
+        self,
+        ksize: int = 20,
+        alpha: int = 3,
+        node_id: bytes | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        stats: Counters | None = None,
+        storage: ValidatingStorage | None = None,
+        timeouts: RpcTimeouts | None = None,
+        republish_interval: float = 1800.0,
+        maintenance_interval: float = 60.0,
+    ) -> None:
+        self.stats = stats if stats is not None else Counters()
+        storage = storage or ValidatingStorage(clock=clock, stats=self.stats)
+        super().__init__(ksize, alpha, node_id, storage)
+        self.storage: ValidatingStorage = storage
+        self.protocol: DhtProtocol | None = None
+        self.clock = clock
+        self.timeouts = timeouts or RpcTimeouts()
+        self.republish_interval = republish_interval
+        self.maintenance_interval = maintenance_interval
+        self.lookups: deque[LookupStats] = deque(maxlen=10_000)
+        self._published: dict[tuple[bytes, bytes], _Publication] = {}
+        self._maintenance: asyncio.Task[None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------
+
+    def _create_protocol(self) -> DhtProtocol:
+        return DhtProtocol(
+            self.node, self.storage, self.ksize, clock=self.clock, stats=self.stats,
+            timeouts=self.timeouts,
+        )  # fmt: skip
+
+    async def listen(self, port: int = 0, interface: str = "127.0.0.1") -> None:
+        """Bind the UDP socket (port 0 picks a free port) and start maintenance."""
+        await super().listen(port, interface)
+
+    def refresh_table(self, interval: float = 3600) -> None:
+        """Start the owned maintenance task (kademlia would fire-and-forget here)."""
+        if self._maintenance is None:
+            loop = asyncio.get_running_loop()
+            self._maintenance = loop.create_task(self._maintain(interval))
+
+    async def _maintain(self, refresh_interval: float) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(self.maintenance_interval)
+            with contextlib.suppress(DhtError):
+                await self.republish()
+            self.storage.expire(self.clock())
+            if time.monotonic() - last_refresh >= refresh_interval:
+                last_refresh = time.monotonic()
+                await self._refresh_table()
+
+    async def _refresh_table(self) -> None:
+        """Look up a random id in every lonely bucket, then republish what is due.
+
+        Replaces kademlia's version, which re-stores every value the node holds
+        (including other nodes' stale ones, issue #107).
+        """
+        proto = self._proto()
+        for node_id in proto.get_refresh_ids():
+            await self._crawl(node_id, want_values=False)
+        await self.republish()
+
+    @property
+    def address(self) -> Address:
+        """``(host, port)`` this node listens on."""
+        if self.transport is None:
+            raise DhtError("DHT node is not listening", hint="call listen() first")
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return (str(host), int(port))
+
+    @property
+    def running(self) -> bool:
+        """True between ``listen`` and ``stop``."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def stop(self) -> None:
+        """Cancel every task this node owns, fail pending RPCs, close the socket."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        if self.protocol is not None:
+            self.protocol.close()
+        super().stop()
+
+    async def aclose(self) -> None:
+        """``stop`` and wait until the cancelled tasks have finished."""
+        tasks = [t for t in self._owned_tasks() if not t.done()]
+        self.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _owned_tasks(self) -> list[asyncio.Task[Any]]:
+        tasks = list(self.protocol.tasks) if self.protocol is not None else []
+        return tasks + ([self._maintenance] if self._maintenance is not None else [])
+
+    def _proto(self) -> DhtProtocol:
+        if self.protocol is None:
+            raise DhtError("DHT node is not listening", hint="call listen() first")
+        return self.protocol
+
+    # ---- joining ---------------------------------------------------------------
+
+    async def bootstrap(self, addrs: list[Address]) -> int:
+        """Join through ``addrs``; return how many contacts the node then knows."""
+        seeds = await self._ping_all(addrs)
+        await self._crawl(self.node.id, want_values=False, seeds=seeds)
+        return self.contact_count()
+
+    async def _ping_all(self, addrs: list[Address]) -> list[Node]:
+        proto = self._proto()
+        replies = await asyncio.gather(
+            *(proto.ping((str(a[0]), int(a[1])), self.node.id) for a in addrs)
+        )
+        return [
+            Node(reply[1], str(a[0]), int(a[1]))
+            for a, reply in zip(addrs, replies, strict=True)
+            if reply[0] and reply[1] != self.node.id
+        ]
+
+    def contact_count(self) -> int:
+        """Contacts in the routing table (not counting replacement caches)."""
+        return sum(len(b) for b in self._proto().router.buckets)
+
+    def contacts(self) -> list[Node]:
+        """Every contact in the routing table."""
+        return [n for b in self._proto().router.buckets for n in b.get_nodes()]
+
+    # ---- the lookup ------------------------------------------------------------
+
+    async def _crawl(
+        self, target: bytes, *, want_values: bool, seeds: list[Node] | None = None
+    ) -> _Crawl:
+        """Ask the k nodes closest to ``target``, keeping ``alpha`` RPCs in flight."""
+        proto = self._proto()
+        node = Node(target)
+        crawl = _Crawl(node, NodeHeap(node, self.ksize), self.node.id)
+        crawl.heap.push(seeds if seeds is not None else proto.router.find_neighbors(node))
+        call = proto.call_find_value if want_values else proto.call_find_node
+        started = time.monotonic()
+        pending: dict[asyncio.Task[Reply], Node] = {}
+        try:
+            while True:
+                self._fill(crawl, pending, call)
+                if not pending:
+                    break
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._absorb(crawl, pending.pop(task), task.result())
+        finally:
+            for task in pending:
+                task.cancel()
+        self._record_lookup(crawl, time.monotonic() - started)
+        return crawl
+
+    def _fill(
+        self,
+        crawl: _Crawl,
+        pending: dict[asyncio.Task[Reply], Node],
+        call: Callable[[Node, Node], Any],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while len(pending) < self.alpha:
+            peer = crawl.next_peer()
+            if peer is None:
+                return
+            pending[loop.create_task(call(peer, crawl.target))] = peer
+
+    def _absorb(self, crawl: _Crawl, peer: Node, reply: Reply) -> None:
+        answered, body = reply
+        if not answered:
+            crawl.failures += 1
+            crawl.heap.remove([peer.id])
+            return
+        crawl.answered.add(peer.id)
+        contacts = body.get("nodes", []) if isinstance(body, dict) else body
+        fresh = [Node(*c) for c in contacts if c[0] != self.node.id]
+        crawl.heap.push(fresh)
+        if isinstance(body, dict):
+            for raw in body["value"]:
+                self._merge(crawl.found, crawl.target.id, raw)
+
+    def _merge(self, found: dict[bytes, SignedRecord], key: bytes, raw: bytes) -> None:
+        """Verify ``raw`` as a record for ``key`` and keep it if newest in its slot."""
+        try:
+            rec = decode_record(raw)
+            verify_record(rec, self.clock())
+        except RecordError:
+            self.stats.incr("lookup.bad_record")
+            return
+        if rec.dht_key != key:
+            self.stats.incr("lookup.wrong_key")
+            return
+        held = found.get(rec.slot)
+        if held is None or rec.seq > held.seq:
+            found[rec.slot] = rec
+
+    def _record_lookup(self, crawl: _Crawl, seconds: float) -> None:
+        stats = LookupStats(crawl.rpcs, crawl.failures, len(crawl.answered), seconds)
+        self.lookups.append(stats)
+        self.stats.incr("lookup")
+        self.stats.incr("lookup.rpcs", crawl.rpcs)
+
+    async def get(self, key: bytes) -> list[SignedRecord]:
+        """Every valid record under ``key`` held by the k closest nodes or locally.
+
+        Merged by slot (highest ``seq`` wins), newest first. An empty list means
+        nobody reachable holds a record under ``key``.
+        """
+        crawl = await self._crawl(key, want_values=True)
+        for rec in self.storage.records(key, self.clock()):
+            held = crawl.found.get(rec.slot)
+            if held is None or rec.seq > held.seq:
+                crawl.found[rec.slot] = rec
+        return sorted(crawl.found.values(), key=lambda r: (r.issued, r.seq), reverse=True)
+
+    # ---- storing ---------------------------------------------------------------
+
+    async def put(self, record: SignedRecord) -> int:
+        """Store ``record`` at the k closest nodes; return how many kept it.
+
+        The node also keeps its own copy. Raises ``RecordError`` if the record does
+        not verify, ``DhtError`` if no other node stored it.
+        """
+        verify_record(record, self.clock())
+        key, raw = record.dht_key, record.encode()
+        self.storage.add(key, raw, self.clock(), own=True)
+        crawl = await self._crawl(key, want_values=False)
+        nodes = crawl.closest_answered()
+        proto = self._proto()
+        replies = await asyncio.gather(*(proto.call_store(n, key, raw) for n in nodes))
+        stored = sum(1 for ok, kept in replies if ok and kept is True)
+        self.stats.incr("put")
+        if stored == 0:
+            raise DhtError(
+                "no DHT node stored the record",
+                hint="check that other nodes are running and the bootstrap address is right",
+            )
+        return stored
+
+    async def set_digest(self, dkey: bytes, value: bytes) -> bool:
+        """kademlia's entry point: ``value`` must be an encoded record for ``dkey``."""
+        rec = decode_record(value)
+        if rec.dht_key != dkey:
+            raise RecordError("record does not belong under this key")
+        await self.put(rec)
+        return True
+
+    async def publish(self, record: SignedRecord, renew: Renew | None = None) -> int:
+        """``put`` and keep republishing ``record`` while the node runs.
+
+        The record stays registered even if this first ``put`` raises ``DhtError``,
+        so the republish loop retries it. ``renew`` (old record -> newer one, higher
+        seq) is called when the record would expire before the next republish.
+        """
+        now = self.clock()
+        due = now + self.republish_interval
+        self._published[(record.dht_key, record.slot)] = _Publication(record, due, renew)
+        return await self.put(record)
+
+    def withdraw(self, key: bytes, slot: bytes) -> None:
+        """Stop republishing the record in ``slot`` under ``key`` and drop the local copy."""
+        self._published.pop((key, slot), None)
+        self.storage.remove(key, slot)
+
+    @property
+    def published(self) -> list[SignedRecord]:
+        """The records this node keeps alive."""
+        return [p.record for p in self._published.values()]
+
+    async def republish(self, now: float | None = None) -> int:
+        """Put every published record that is due; return how many were stored."""
+        now = self.clock() if now is None else now
+        done = 0
+        for pub in [p for p in self._published.values() if p.due <= now]:
+            done += await self._republish_one(pub, now)
+        return done
+
+    async def _republish_one(self, pub: _Publication, now: float) -> int:
+        if pub.renew is not None and pub.record.expires <= now + self.republish_interval:
+            pub.record = pub.renew(pub.record)
+        if pub.record.expires <= now:
+            self.withdraw(pub.record.dht_key, pub.record.slot)
+            return 0
+        pub.due = now + self.republish_interval
+        try:
+            await self.put(pub.record)
+        except DhtError:
+            self.stats.incr("republish.failed")
+            return 0
+        self.stats.incr("republish")
+        return 1
+
+    # ---- state -----------------------------------------------------------------
+
+    def save_state(self, fname: str | os.PathLike[str]) -> None:
+        """Write id, parameters and contacts as JSON, atomically."""
+        doc = {
+            "version": STATE_VERSION,
+            "id": self.node.id.hex(),
+            "ksize": self.ksize,
+            "alpha": self.alpha,
+            "contacts": [[n.id.hex(), n.ip, n.port] for n in self.contacts()[:_MAX_SAVED_CONTACTS]],
+        }
+        path = Path(fname)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    async def load_state(
+        cls,
+        fname: str | os.PathLike[str],
+        port: int = 0,
+        interface: str = "127.0.0.1",
+        **kwargs: Any,
+    ) -> DhtNode:
+        """Start a node with the saved id and rejoin by pinging its saved contacts.
+
+        A rejoin costs one ping per saved contact (one round trip, in parallel)
+        instead of a bootstrap crawl. Raises ``DhtError`` if the file is unusable.
+        """
+        doc = _read_state(Path(fname))
+        node = cls(doc["ksize"], doc["alpha"], bytes.fromhex(doc["id"]), **kwargs)
+        await node.listen(port, interface)
+        addrs = [(str(ip), int(p)) for _id, ip, p in doc["contacts"]]
+        for peer in await node._ping_all(addrs):
+            node._proto().welcome_if_new(peer)
+        return node
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+        ok = doc["version"] == STATE_VERSION and len(bytes.fromhex(doc["id"])) == 20
+        contacts_ok = all(len(c) == 3 for c in doc["contacts"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DhtError(f"cannot read DHT state {path}: {exc}", hint="delete the file") from exc
+    if not (ok and contacts_ok):
+        raise DhtError(f"DHT state {path} has an unknown format", hint="delete the file")
+    return dict(doc)
