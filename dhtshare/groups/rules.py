@@ -1,0 +1,420 @@
+"""Group rules, pure: founding, roster layout and paging, hand-over, leaves, freshness.
+
+Nothing here reads a clock or touches the network: every function takes ``now`` (unix
+seconds) or the records it judges. ``service.py`` fetches and publishes; this module decides.
+
+A group's truth is its latest roster record (``records.Roster`` in a ``SignedRecord``): the
+envelope's ``seq`` is the roster version, the signer is the owner at the end of the hand-over
+chain, and members beyond ``INLINE_MEMBERS`` live in ``RosterPage`` records bound to that
+version by digest. A ``RosterView`` is one such roster with its pages resolved and checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from .. import crypto
+from ..errors import GroupError, RecordError
+from ..identity import Identity
+from ..records import (
+    INLINE_MEMBERS,
+    MAX_HANDOVERS,
+    MAX_PAGES,
+    PAGE_MEMBERS,
+    Decision,
+    DirectoryEntry,
+    Genesis,
+    Handover,
+    JoinRequest,
+    Leave,
+    Member,
+    Roster,
+    RosterPage,
+    SignedRecord,
+    verify_record,
+)
+
+__all__ = [
+    "MAX_MEMBERS",
+    "JoinStatus",
+    "Known",
+    "PendingRequest",
+    "RosterView",
+    "StaleRosterError",
+    "accept_member",
+    "apply_leaves",
+    "chain_digest",
+    "check_fresh",
+    "directory_entry_is_plausible",
+    "found_group",
+    "heir_of",
+    "join_status",
+    "latest_leaves",
+    "layout",
+    "member_since",
+    "owners_in_chain",
+    "pending_requests",
+    "pick_roster",
+    "remove_member",
+    "resolve_pages",
+    "sign_handover",
+    "take_over",
+    "valid_handover",
+]
+
+MAX_MEMBERS = INLINE_MEMBERS + MAX_PAGES * PAGE_MEMBERS
+JoinStatus = Literal["none", "pending", "accepted", "rejected"]
+
+
+class StaleRosterError(GroupError):
+    """The DHT offered only a roster older than one this node already verified."""
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What a reader remembers of a group: the highest roster seq and its hand-over chain."""
+
+    seq: int
+    chain_length: int
+    chain: bytes  # chain_digest of the first chain_length hand-overs
+
+
+@dataclass(frozen=True, slots=True)
+class RosterView:
+    """A verified roster record with every member, its pages resolved and checked."""
+
+    record: SignedRecord
+    roster: Roster
+    members: tuple[Member, ...]
+
+    @property
+    def group_id(self) -> bytes:
+        return self.roster.group_id
+
+    @property
+    def name(self) -> str:
+        return self.roster.genesis.name
+
+    @property
+    def owner(self) -> bytes:
+        return self.roster.owner
+
+    @property
+    def seq(self) -> int:
+        return self.record.seq
+
+    @property
+    def known(self) -> Known:
+        """What a reader should remember after verifying this view."""
+        hs = self.roster.handovers
+        return Known(self.seq, len(hs), chain_digest(hs))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """A join request the owner has not decided yet."""
+
+    requester: bytes
+    name: str
+    message: str
+    issued: int
+
+
+# ------------------------------------------------------------------------------ founding
+
+
+def found_group(
+    owner: Identity, name: str, *, now: float, nonce: bytes, public: bool = False
+) -> tuple[Roster, tuple[Member, ...]]:
+    """The founding roster body (no pages) and member list: the owner alone, since ``now``."""
+    genesis = Genesis(owner.public, name, int(now), nonce)
+    sig = crypto.sign(owner.signing_key, "genesis", genesis.encode())
+    me = Member(owner.public, owner.name, genesis.created)
+    return Roster(genesis, sig, (), public, (me,), 1), (me,)
+
+
+# -------------------------------------------------------------------------------- paging
+
+
+def layout(
+    base: Roster, members: Sequence[Member], seq: int
+) -> tuple[Roster, tuple[RosterPage, ...]]:
+    """Spread ``members`` over the roster (first ``INLINE_MEMBERS``) and pages bound to ``seq``."""
+    if len(members) > MAX_MEMBERS:
+        raise GroupError(f"a group holds at most {MAX_MEMBERS} members", "remove someone first")
+    rest = members[INLINE_MEMBERS:]
+    pages = tuple(
+        RosterPage(base.group_id, seq, i, tuple(rest[at : at + PAGE_MEMBERS]))
+        for i, at in enumerate(range(0, len(rest), PAGE_MEMBERS))
+    )
+    roster = replace(
+        base,
+        members=tuple(members[:INLINE_MEMBERS]),
+        total_members=len(members),
+        page_digests=tuple(p.digest for p in pages),
+    )
+    return roster, pages
+
+
+def resolve_pages(
+    record: SignedRecord, roster: Roster, candidates: Mapping[int, Iterable[SignedRecord]]
+) -> RosterView:
+    """Join a verified roster with its pages: each owner-signed, bound to its seq and digest."""
+    members = list(roster.members)
+    for index, want in enumerate(roster.page_digests):
+        page = _matching_page(record, want, candidates.get(index, ()))
+        if page is None:
+            raise GroupError(f"roster page {index} is missing", "try again in a moment")
+        members.extend(page.members)
+    if len(members) != roster.total_members:
+        raise GroupError("roster member count does not match its pages")
+    if len({m.key for m in members}) != len(members):
+        raise GroupError("roster lists a member twice")
+    return RosterView(record, roster, tuple(members))
+
+
+def _matching_page(
+    record: SignedRecord, digest: bytes, candidates: Iterable[SignedRecord]
+) -> RosterPage | None:
+    for rec in candidates:
+        body = rec.payload()
+        if (
+            rec.signer == record.signer
+            and isinstance(body, RosterPage)
+            and body.roster_seq == record.seq
+            and body.digest == digest
+        ):
+            return body
+    return None
+
+
+# ------------------------------------------------------------------------ roster choice
+
+
+def chain_digest(handovers: Sequence[Handover]) -> bytes:
+    """A digest naming a hand-over chain (to check that a later one extends it)."""
+    parts = [h.new_owner + h.at.to_bytes(8, "big") + h.signature for h in handovers]
+    return crypto.digest("handover-chain", *parts)
+
+
+def _verified_roster(rec: SignedRecord, group_id: bytes, now: float) -> Roster | None:
+    try:
+        body = verify_record(rec, now)
+    except RecordError:
+        return None
+    if not isinstance(body, Roster) or body.group_id != group_id:
+        return None
+    return body
+
+
+def _extends(roster: Roster, known: Known | None) -> bool:
+    if known is None:
+        return True
+    hs = roster.handovers
+    return len(hs) >= known.chain_length and chain_digest(hs[: known.chain_length]) == known.chain
+
+
+def pick_roster(
+    records: Iterable[SignedRecord], group_id: bytes, now: float, known: Known | None
+) -> tuple[SignedRecord, Roster]:
+    """The best roster of ``group_id`` among ``records``: verified, extending the chain we
+    know, longest chain first, then highest seq. ``StaleRosterError`` if only older ones."""
+    good = [
+        (rec, body)
+        for rec in records
+        if (body := _verified_roster(rec, group_id, now)) is not None and _extends(body, known)
+    ]
+    if not good:
+        raise GroupError("no valid roster found for this group", "check the group id")
+    rec, body = max(good, key=lambda rb: (len(rb[1].handovers), rb[0].seq))
+    check_fresh(rec.seq, known)
+    return rec, body
+
+
+def check_fresh(seq: int, known: Known | None) -> None:
+    """Refuse a roster older than the highest one already verified (a rollback)."""
+    if known is not None and seq < known.seq:
+        raise StaleRosterError(
+            f"the DHT only offers roster version {seq}, older than version {known.seq}",
+            "the newer roster may still be propagating; try again later",
+        )
+
+
+# --------------------------------------------------------------------------- membership
+
+
+def latest_leaves(records: Iterable[SignedRecord], group_id: bytes) -> dict[bytes, SignedRecord]:
+    """The latest Leave record per signer for ``group_id`` (records already verified)."""
+    out: dict[bytes, SignedRecord] = {}
+    for rec in records:
+        body = rec.payload()
+        if not isinstance(body, Leave) or body.group_id != group_id:
+            continue
+        old = out.get(rec.signer)
+        if old is None or (rec.issued, rec.seq) > (old.issued, old.seq):
+            out[rec.signer] = rec
+    return out
+
+
+def _has_left(member: Member, leaves: Mapping[bytes, int]) -> bool:
+    left = leaves.get(member.key)
+    return left is not None and left >= member.since
+
+
+def apply_leaves(members: Iterable[Member], leaves: Mapping[bytes, int]) -> tuple[Member, ...]:
+    """Members without those whose Leave (signer -> issued) is no earlier than their join."""
+    return tuple(m for m in members if not _has_left(m, leaves))
+
+
+def member_since(members: Iterable[Member], leaves: Mapping[bytes, int], key: bytes) -> int | None:
+    """When ``key`` joined, if it is a member now (leaves applied); else ``None``."""
+    for m in members:
+        if m.key == key:
+            return None if _has_left(m, leaves) else m.since
+    return None
+
+
+def accept_member(
+    members: Sequence[Member], key: bytes, name: str, now: float, left_at: int | None = None
+) -> tuple[Member, ...]:
+    """Members plus ``key`` joining at ``now`` (after any earlier Leave of its own)."""
+    if any(m.key == key for m in members):
+        raise GroupError("already a member of this group")
+    if len(members) >= MAX_MEMBERS:
+        raise GroupError(f"a group holds at most {MAX_MEMBERS} members", "remove someone first")
+    since = int(now) if left_at is None else max(int(now), left_at + 1)
+    return (*members, Member(key, name, since))
+
+
+def remove_member(members: Sequence[Member], key: bytes, owner: bytes) -> tuple[Member, ...]:
+    """Members without ``key``; the owner cannot remove itself (it leaves instead)."""
+    if key == owner:
+        raise GroupError("the owner cannot remove itself", "leave the group to hand it over")
+    if not any(m.key == key for m in members):
+        raise GroupError("not a member of this group")
+    return tuple(m for m in members if m.key != key)
+
+
+# ----------------------------------------------------------------------------- hand-over
+
+
+def heir_of(members: Iterable[Member], owner: bytes) -> Member | None:
+    """The longest-standing member other than ``owner`` (earliest since, then lowest key)."""
+    others = [m for m in members if m.key != owner]
+    return min(others, key=lambda m: (m.since, m.key), default=None)
+
+
+def sign_handover(owner: Identity, roster: Roster, heir: bytes, at: float) -> Handover:
+    """The owner's signed hand-over of ``roster``'s group to ``heir``."""
+    if owner.public != roster.owner:
+        raise GroupError("only the owner can hand the group over")
+    if len(roster.handovers) >= MAX_HANDOVERS:
+        raise GroupError(f"this group has been handed over {MAX_HANDOVERS} times, the limit")
+    index = len(roster.handovers)
+    message = Handover.message(roster.group_id, index, heir, int(at))
+    return Handover(heir, int(at), crypto.sign(owner.signing_key, "handover", message))
+
+
+def valid_handover(roster: Roster, handover: Handover) -> bool:
+    """True when ``handover`` is the current owner's signed next link of the chain."""
+    index = len(roster.handovers)
+    if index >= MAX_HANDOVERS:
+        return False
+    message = Handover.message(roster.group_id, index, handover.new_owner, handover.at)
+    return crypto.verify(roster.owner, "handover", message, handover.signature)
+
+
+def take_over(
+    roster: Roster, members: Sequence[Member], handover: Handover
+) -> tuple[Roster, tuple[Member, ...]]:
+    """The heir's next roster base and members: chain extended, the old owner removed."""
+    if not valid_handover(roster, handover):
+        raise GroupError("the hand-over is not signed by the current owner")
+    if not any(m.key == handover.new_owner for m in members):
+        raise GroupError("the heir is not a member of the group")
+    rest = tuple(m for m in members if m.key != roster.owner)
+    return replace(roster, handovers=(*roster.handovers, handover)), rest
+
+
+def owners_in_chain(roster: Roster) -> frozenset[bytes]:
+    """Every key that has owned the group: the founder and each heir."""
+    return frozenset([roster.genesis.owner, *(h.new_owner for h in roster.handovers)])
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+def _rejections(
+    decisions: Iterable[SignedRecord], group_id: bytes, owners: frozenset[bytes]
+) -> dict[bytes, tuple[int, str]]:
+    """requester -> (issued, reason) of the latest rejection signed by an owner."""
+    out: dict[bytes, tuple[int, str]] = {}
+    for rec in decisions:
+        body = rec.payload()
+        if (
+            isinstance(body, Decision)
+            and body.group_id == group_id
+            and not body.accepted
+            and rec.signer in owners
+            and rec.issued >= out.get(body.requester, (-1, ""))[0]
+        ):
+            out[body.requester] = (rec.issued, body.reason)
+    return out
+
+
+def pending_requests(
+    requests: Iterable[SignedRecord],
+    decisions: Iterable[SignedRecord],
+    view: RosterView,
+    leaves: Mapping[bytes, int],
+) -> list[PendingRequest]:
+    """Join requests from non-members with no rejection issued since, oldest first."""
+    current = {m.key for m in apply_leaves(view.members, leaves)}
+    rejected = _rejections(decisions, view.group_id, owners_in_chain(view.roster))
+    out: dict[bytes, PendingRequest] = {}
+    for rec in requests:
+        body = rec.payload()
+        if not isinstance(body, JoinRequest) or body.group_id != view.group_id:
+            continue
+        if rec.signer in current or rejected.get(rec.signer, (-1, ""))[0] >= rec.issued:
+            continue
+        out[rec.signer] = PendingRequest(rec.signer, body.name, body.message, rec.issued)
+    return sorted(out.values(), key=lambda p: (p.issued, p.requester))
+
+
+def join_status(
+    me: bytes,
+    requested_at: int | None,
+    view: RosterView | None,
+    leaves: Mapping[bytes, int],
+    decisions: Iterable[SignedRecord],
+) -> tuple[JoinStatus, str]:
+    """My status in a group and, if rejected, the owner's reason."""
+    if view is not None and member_since(view.members, leaves, me) is not None:
+        return "accepted", ""
+    if requested_at is None:
+        return "none", ""
+    if view is not None:
+        owners = owners_in_chain(view.roster)
+        issued, reason = _rejections(decisions, view.group_id, owners).get(me, (-1, ""))
+        if issued >= requested_at:
+            return "rejected", reason
+    return "pending", ""
+
+
+# ----------------------------------------------------------------------------- directory
+
+
+def directory_entry_is_plausible(
+    entry: DirectoryEntry, signer: bytes, view: RosterView, leaves: Mapping[bytes, int]
+) -> bool:
+    """A listing is shown only if the group's owner signed it for a public roster, with the
+    group's name, and a member count within 10% (at least 2) of what the roster says."""
+    if entry.withdrawn or not view.roster.public or signer != view.owner:
+        return False
+    if entry.group_id != view.group_id or entry.name != view.name:
+        return False
+    actual = len(apply_leaves(view.members, leaves))
+    return abs(entry.member_count - actual) <= max(2, actual // 10)
