@@ -1,0 +1,87 @@
+"""Shared fixtures: a controllable clock, identities, signed records of every kind, a network."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dhtshare import crypto
+from dhtshare.identity import Identity
+from dhtshare.records import (
+    Body,
+    Decision,
+    DirectoryEntry,
+    FileEntry,
+    Genesis,
+    JoinRequest,
+    Leave,
+    Member,
+    PeerInfo,
+    Provider,
+    Roster,
+    RosterPage,
+    SignedRecord,
+    sign_record,
+)
+from dhtshare.sim import Network
+
+START = 1_800_000_000.0
+
+
+class FakeClock:
+    """A wall clock that moves only when a test says so."""
+
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def roster_body(owner: Identity, now: float) -> Roster:
+    """A founding roster owned by ``owner`` (valid hand-over chain of length 0)."""
+    genesis = Genesis(owner.public, "group", int(now), os.urandom(16))
+    sig = crypto.sign(owner.signing_key, "genesis", genesis.encode())
+    me = Member(owner.public, "owner", int(now))
+    return Roster(genesis, sig, (), public=True, members=(me,), total_members=1)
+
+
+def bodies_of_every_kind(owner: Identity, now: float) -> list[Body]:
+    """One body of each record kind, all about one group that ``owner`` founded."""
+    roster = roster_body(owner, now)
+    gid, cid = roster.group_id, os.urandom(32)
+    return [
+        roster,
+        RosterPage(gid, 1, 0, (Member(os.urandom(32), "m", int(now)),)),
+        JoinRequest(gid, "alice", "hi"),
+        Decision(gid, os.urandom(32), accepted=True),
+        Leave(gid),
+        FileEntry(gid, cid, "a.bin", 1000, 256),
+        Provider(gid, cid, "127.0.0.1", 7000, complete=True),
+        PeerInfo((("127.0.0.1", 7001),)),
+        DirectoryEntry(gid, "group", 1),
+    ]
+
+
+def peer_record(ident: Identity, now: float, *, seq: int = 1, ttl: float = 600) -> SignedRecord:
+    """A PEER record: the simplest kind, one per signer."""
+    return sign_record(
+        ident, PeerInfo((("127.0.0.1", 7000 + seq % 1000),)), seq=seq, now=now, ttl=ttl
+    )
+
+
+@pytest.fixture
+async def net(clock: FakeClock) -> AsyncIterator[Network]:
+    """20 real nodes on 127.0.0.1 sharing the fake clock."""
+    async with Network.start(20, clock=clock) as network:
+        yield network
