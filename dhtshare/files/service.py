@@ -1,0 +1,211 @@
+"""Sharing files with a group through the DHT: file entries and provider records.
+
+``share`` hashes a file in a worker thread (hashlib releases the GIL) while reporting progress,
+then publishes the group's file entry and this node's provider record; both are republished
+while the node runs. Readers keep only entries and providers whose signer the caller says is
+a current member (``is_member``): a storing node cannot know the roster, a reader can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..dht.server import DhtNode
+from ..errors import DhtError, FileShareError
+from ..identity import Identity
+from ..records import FileEntry, Kind, Provider, SignedRecord, key_for, sign_record, time_seq
+from .content import FileLayout, hash_file, merkle_root
+
+__all__ = ["FileInfo", "FileService", "SharedFile"]
+
+ENTRY_TTL = 24 * 3600.0
+PROVIDER_TTL = 3600.0
+Progress = Callable[[int, int], Awaitable[None] | None]
+IsMember = Callable[[bytes, bytes], bool]  # (group_id, key) -> bool
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """A file this node serves: where it is and what its pieces hash to."""
+
+    group_id: bytes
+    content_id: bytes
+    name: str
+    path: Path
+    size: int
+    piece_size: int
+    hashes: tuple[bytes, ...] = field(repr=False)
+
+    @property
+    def layout(self) -> FileLayout:
+        return FileLayout(self.size, self.piece_size)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file listed in a group: its entry, who shared it, how many members hold it."""
+
+    entry: FileEntry
+    sharer: bytes
+    shared_at: int
+    providers: int
+
+
+class FileService:
+    """Publishes and reads file entries and provider records of one node."""
+
+    def __init__(self, dht: DhtNode, identity: Identity, address: Callable[[], tuple[str, int]],
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.dht, self.identity, self.address, self.clock = dht, identity, address, clock
+
+    def _sign(self, body: FileEntry | Provider, ttl: float) -> SignedRecord:
+        now = self.clock()
+        return sign_record(self.identity, body, seq=time_seq(now), now=now, ttl=ttl)
+
+    def _renew(self, ttl: float) -> Callable[[SignedRecord], SignedRecord]:
+        def renew(old: SignedRecord) -> SignedRecord:
+            body = old.payload()
+            assert isinstance(body, FileEntry | Provider)
+            return self._sign(body, ttl)
+
+        return renew
+
+    async def hash(
+        self, path: Path, progress: Progress | None = None
+    ) -> tuple[FileLayout, list[bytes]]:
+        """Piece hashes of ``path``, computed in a thread; ``progress(done, total)`` on the loop."""
+        try:
+            info = os.stat(path)
+        except OSError as exc:
+            raise FileShareError(f"cannot share {path}: {exc.strerror}", "check the path") from exc
+        if not stat.S_ISREG(info.st_mode):
+            raise FileShareError(f"cannot share {path}: not a regular file", "give a file path")
+        size = info.st_size
+        layout = FileLayout.for_size(size)
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Future[None]] = set()
+
+        def report(done: int) -> None:
+            if progress is not None:
+                loop.call_soon_threadsafe(lambda: _schedule(progress, done, size, pending))
+
+        hashes = await asyncio.to_thread(
+            hash_file, path, layout.piece_size, report, expected_size=size
+        )
+        await asyncio.gather(*pending)
+        return layout, hashes
+
+    async def share(
+        self, group_id: bytes, path: Path, progress: Progress | None = None
+    ) -> SharedFile:
+        """Hash ``path`` and announce it to the group; the file itself is never copied."""
+        layout, hashes = await self.hash(path, progress)
+        shared = SharedFile(group_id, merkle_root(hashes), path.name, path, layout.size,
+                            layout.piece_size, tuple(hashes))  # fmt: skip
+        await self.announce(shared)
+        return shared
+
+    async def announce(self, shared: SharedFile, complete: bool = True) -> None:
+        """Publish (and keep republishing) the file entry and our provider record."""
+        entry = FileEntry(
+            shared.group_id, shared.content_id, shared.name, shared.size, shared.piece_size
+        )
+        await self._publish(self._sign(entry, ENTRY_TTL), ENTRY_TTL)
+        await self.announce_provider(shared.group_id, shared.content_id, complete)
+
+    async def announce_provider(self, group_id: bytes, content_id: bytes, complete: bool) -> None:
+        host, port = self.address()
+        body = Provider(group_id, content_id, host, port, complete)
+        await self._publish(self._sign(body, PROVIDER_TTL), PROVIDER_TTL)
+
+    async def _publish(self, rec: SignedRecord, ttl: float) -> None:
+        try:
+            await self.dht.publish(rec, self._renew(ttl))
+        except DhtError as exc:
+            raise DhtError(f"could not announce in the DHT: {exc.message}", exc.hint) from exc
+
+    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
+        """Withdraw our provider record (a signed tombstone) and, if we shared it, the entry."""
+        host, port = self.address()
+        tombstone = self._sign(
+            Provider(group_id, content_id, host, port, False, withdrawn=True), PROVIDER_TTL
+        )
+        self.dht.withdraw(tombstone.dht_key, tombstone.slot)
+        for entry in await self._entries(group_id):
+            if entry.signer == self.identity.public and _entry(entry).content_id == content_id:
+                old = _entry(entry)
+                gone = FileEntry(
+                    group_id, content_id, old.name, old.size, old.piece_size, withdrawn=True
+                )
+                rec = self._sign(gone, ENTRY_TTL)
+                self.dht.withdraw(rec.dht_key, rec.slot)
+                await _put_quietly(self.dht, rec)
+        await _put_quietly(self.dht, tombstone)
+
+    async def _entries(self, group_id: bytes) -> list[SignedRecord]:
+        return [
+            r
+            for r in await self.dht.get(key_for(Kind.FILE_ENTRY, group_id))
+            if r.kind == Kind.FILE_ENTRY
+        ]
+
+    async def providers(
+        self, group_id: bytes, content_id: bytes, is_member: IsMember
+    ) -> list[SignedRecord]:
+        """Current, non-withdrawn provider records of members, newest first."""
+        records = await self.dht.get(key_for(Kind.PROVIDER, group_id, content_id))
+        return [
+            r for r in records if _serves(r, group_id, content_id) and is_member(group_id, r.signer)
+        ]
+
+    async def list_files(self, group_id: bytes, is_member: IsMember) -> list[FileInfo]:
+        """Files shared in the group by current members, with their provider counts."""
+        live: dict[bytes, SignedRecord] = {}
+        for rec in await self._entries(group_id):
+            entry = _entry(rec)
+            if entry.withdrawn or entry.group_id != group_id or not is_member(group_id, rec.signer):
+                continue
+            first = live.get(entry.content_id)
+            if first is None or (rec.issued, rec.seq) < (first.issued, first.seq):
+                live[entry.content_id] = rec  # the first sharer is the one we show
+        counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
+        infos = [FileInfo(_entry(rec), rec.signer, rec.issued, len(provs))
+                 for rec, provs in zip(live.values(), counts, strict=True)]  # fmt: skip
+        return sorted(infos, key=lambda i: (i.entry.name, i.entry.content_id))
+
+
+def _entry(rec: SignedRecord) -> FileEntry:
+    body = rec.payload()
+    assert isinstance(body, FileEntry)
+    return body
+
+
+def _serves(rec: SignedRecord, group_id: bytes, content_id: bytes) -> bool:
+    body = rec.payload()
+    return (
+        isinstance(body, Provider)
+        and not body.withdrawn
+        and (body.group_id, body.content_id) == (group_id, content_id)
+    )
+
+
+def _schedule(
+    progress: Progress, done: int, total: int, pending: set[asyncio.Future[None]]
+) -> None:
+    result = progress(done, total)
+    if result is not None:
+        fut = asyncio.ensure_future(result)
+        pending.add(fut)
+
+
+async def _put_quietly(dht: DhtNode, rec: SignedRecord) -> None:
+    try:
+        await dht.put(rec)
+    except DhtError:
+        pass  # a tombstone that nobody stores still stops our republishing
