@@ -69,7 +69,8 @@ class Input(Enum):
     RECV_SERVER_HELLO = auto()
     RECV_CLIENT_AUTH = auto()
     RECV_SEALED = auto()
-    RECV_REJECT = auto()  # a plaintext Reject frame, or a sealed frame holding a Reject
+    RECV_PLAIN_REJECT = auto()  # a plaintext Reject frame (only before session keys)
+    RECV_REJECT = auto()  # a sealed frame that holds a Reject
     RECV_EOF = auto()
 
 
@@ -88,7 +89,7 @@ TRANSITIONS: dict[tuple[Role, State], dict[Input, State]] = {
     (_CLIENT, State.IDLE): {Input.SEND_HELLO: State.HELLO_SENT},
     (_CLIENT, State.HELLO_SENT): {
         Input.RECV_SERVER_HELLO: State.OPEN,
-        Input.RECV_REJECT: State.CLOSED,
+        Input.RECV_PLAIN_REJECT: State.CLOSED,
         Input.SEND_REJECT: State.CLOSED,
         Input.RECV_EOF: State.CLOSED,
     },
@@ -99,7 +100,7 @@ TRANSITIONS: dict[tuple[Role, State], dict[Input, State]] = {
     },
     (_SERVER, State.AWAIT_AUTH): {
         Input.RECV_CLIENT_AUTH: State.OPEN,
-        Input.RECV_REJECT: State.CLOSED,
+        Input.RECV_PLAIN_REJECT: State.CLOSED,
         Input.SEND_REJECT: State.CLOSED,
         Input.RECV_EOF: State.CLOSED,
     },
@@ -117,7 +118,7 @@ _FRAME_INPUT: dict[int, Input] = {
     FrameType.SERVER_HELLO: Input.RECV_SERVER_HELLO,
     FrameType.CLIENT_AUTH: Input.RECV_CLIENT_AUTH,
     FrameType.SEALED: Input.RECV_SEALED,
-    FrameType.REJECT: Input.RECV_REJECT,
+    FrameType.REJECT: Input.RECV_PLAIN_REJECT,
 }
 
 

@@ -215,6 +215,8 @@ class SessionCipher:
 
     def open(self, payload: bytes) -> bytes:
         """The plaintext of the next incoming ``SEALED`` frame's payload."""
+        if len(payload) < TAG_SIZE:
+            raise RemoteProtocolError("sealed frame shorter than its tag", Reason.DECRYPT_FAILED)
         header = frame_header(FrameType.SEALED, len(payload))
         nonce = _COUNTER_NONCE.pack(self._rx_count)
         try:
