@@ -1,0 +1,191 @@
+"""Garbage in: any bytes give frames, events or RemoteProtocolError, and nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
+
+from dhtshare.errors import RemoteProtocolError
+from dhtshare.wire import (
+    MAX_FRAME,
+    Bitfield,
+    ConnectionClosed,
+    Event,
+    FrameDecoder,
+    FrameType,
+    HandshakeComplete,
+    Have,
+    Message,
+    PeerConnection,
+    Piece,
+    Reject,
+    Request,
+    Role,
+    State,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
+
+CLIENT_KEY = SigningKey(b"\x01" * 32)
+SERVER_KEY = SigningKey(b"\x02" * 32)
+GROUP, CONTENT = b"\x11" * 32, b"\x22" * 32
+
+fuzz = settings(
+    derandomize=True,
+    deadline=None,
+    max_examples=300,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+chunks = st.lists(st.binary(max_size=300), max_size=12)
+# Frames with a plausible header, so the fuzzer gets past the length check.
+frames = st.builds(encode_frame, st.sampled_from([*FrameType, 0, 6, 255]), st.binary(max_size=300))
+frame_streams = st.lists(st.one_of(frames, st.binary(max_size=40)), max_size=8)
+
+
+def feed_all(conn: PeerConnection, pieces: list[bytes], eof: bool) -> list[Event]:
+    """Feed every piece; return the events, stopping at the first RemoteProtocolError."""
+    events: list[Event] = []
+    try:
+        # a b"" piece is an early EOF; both EOF outcomes below end the loop
+        for piece in [*pieces, b""] if eof else pieces:
+            conn.receive_data(piece)
+            while (event := conn.next_event()) is not None:
+                events.append(event)
+                if isinstance(event, ConnectionClosed):
+                    return events
+    except RemoteProtocolError as exc:
+        error = exc
+    else:
+        return events
+    assert conn.state is State.ERROR
+    assert isinstance(error.reason, int)
+    # the adapter's answer to any remote error must always be possible
+    conn.send(Reject(error.reason, str(error)[:200]))
+    assert conn.state is State.CLOSED
+    return events
+
+
+def client() -> PeerConnection:
+    return PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT)
+
+
+def server() -> PeerConnection:
+    return PeerConnection(Role.SERVER, SERVER_KEY)
+
+
+def open_pair() -> tuple[PeerConnection, PeerConnection]:
+    c, s = client(), server()
+    s.receive_data(c.initiate())
+    assert s.next_event() is None
+    c.receive_data(s.data_to_send())
+    assert isinstance(c.next_event(), HandshakeComplete)
+    s.receive_data(c.data_to_send())
+    assert isinstance(s.next_event(), HandshakeComplete)
+    return c, s
+
+
+@fuzz
+@given(chunks)
+def test_frame_decoder_takes_any_bytes(pieces: list[bytes]) -> None:
+    dec = FrameDecoder()
+    try:
+        for piece in pieces:
+            dec.feed(piece)
+            while (frame := dec.next_frame()) is not None:
+                frame_type, payload = frame
+                assert 0 <= frame_type <= 255
+                assert len(payload) <= MAX_FRAME
+    except RemoteProtocolError:
+        pass
+
+
+@fuzz
+@given(st.lists(st.tuples(st.integers(0, 255), st.binary(max_size=2000))), st.data())
+def test_frame_decoder_roundtrips_any_chunking(
+    sent: list[tuple[int, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(encode_frame(t, p) for t, p in sent)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    dec = FrameDecoder()
+    got = []
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        dec.feed(stream[a:b])
+        while (frame := dec.next_frame()) is not None:
+            got.append(frame)
+    assert got == sent
+    assert dec.buffered == 0
+
+
+@fuzz
+@given(st.binary(max_size=400))
+def test_decode_message_takes_any_bytes(data: bytes) -> None:
+    try:
+        msg = decode_message(data)
+    except RemoteProtocolError:
+        return
+    assert encode_message(msg) == data  # whatever decodes is canonical
+
+
+@fuzz
+@given(st.one_of(chunks, frame_streams), st.booleans())
+def test_server_before_handshake_takes_any_bytes(pieces: list[bytes], eof: bool) -> None:
+    events = feed_all(server(), pieces, eof)
+    # no hello was ever signed by a client key we hold, so no handshake completes
+    assert not any(isinstance(e, HandshakeComplete) for e in events)
+
+
+@fuzz
+@given(st.one_of(chunks, frame_streams), st.booleans())
+def test_client_awaiting_server_hello_takes_any_bytes(pieces: list[bytes], eof: bool) -> None:
+    c = client()
+    c.initiate()
+    events = feed_all(c, pieces, eof)
+    assert not any(isinstance(e, HandshakeComplete) for e in events)
+
+
+@fuzz
+@given(st.one_of(chunks, frame_streams), st.booleans())
+def test_open_connection_takes_any_bytes(pieces: list[bytes], eof: bool) -> None:
+    _, s = open_pair()
+    events = feed_all(s, pieces, eof)
+    assert all(isinstance(e, ConnectionClosed) for e in events)  # nothing forged gets in
+
+
+@fuzz
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_open_connection_takes_any_authenticated_plaintext(plaintexts: list[bytes]) -> None:
+    # Past the AEAD: arbitrary plaintexts sealed with the real session key.
+    c, s = open_pair()
+    seal: Callable[[bytes], bytes] = c._cipher.seal  # type: ignore[union-attr]
+    events = feed_all(s, [seal(p) for p in plaintexts], eof=False)
+    decoded: list[Message] = []
+    for p in plaintexts:
+        try:
+            decoded.append(decode_message(p))
+        except RemoteProtocolError:
+            break
+        if isinstance(decoded[-1], Reject):
+            break
+    assert events == decoded
+
+
+@fuzz
+@given(st.integers(0, 10_000), st.integers(1, 255))
+def test_any_flipped_byte_in_a_session_is_caught(position: int, flip: int) -> None:
+    c, s = open_pair()
+    stream = bytearray(b"".join(c.send(m) for m in _traffic()))
+    position %= len(stream)
+    stream[position] ^= flip
+    events = feed_all(s, [bytes(stream)], eof=True)
+    # Every event delivered is one the client really sent, in order, up to the damage.
+    assert events == _traffic()[: len(events)]
+    assert len(events) < len(_traffic())
+
+
+def _traffic() -> list[Message]:
+    return [Bitfield.from_pieces(9, [0, 8]), Have(1), Request(1, 0, 100), Piece(1, 0, b"x" * 300)]
