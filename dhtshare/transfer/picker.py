@@ -1,0 +1,517 @@
+"""Pure piece picker for one file: which blocks to ask which peer for, and when.
+
+Pieces are split into blocks of ``block_size`` bytes (the last may be shorter);
+a ``Block`` is ``(index, begin, length)``. The picker tracks which peers have
+which pieces, which blocks are requested from whom and since when, and which
+pieces are received and verified. It never reads a clock (every call that
+needs time takes ``now``) and takes its ``random.Random`` from the caller.
+
+Policy, in the order ``next_requests`` applies it:
+
+1. finish pieces already started (oldest first) that the peer has;
+2. start new pieces, rarest first (fewest peers have it), ties broken at random,
+   while fewer than ``max_partial_bytes`` worth of pieces are in flight;
+3. endgame: when every block that some peer could send is already requested,
+   ask a second peer for it too; the first copy to arrive cancels the others.
+
+A peer's pipeline depth follows its measured throughput: enough blocks to keep
+``target_latency`` seconds of data in flight, clamped to ``min_depth..max_depth``.
+A request older than ``max(min_timeout, timeout_factor * mean latency)`` expires
+and becomes requestable again; a peer that times out ``snub_after`` times in a
+row is snubbed (one request at a time) until it delivers again.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BLOCK_SIZE",
+    "Block",
+    "Expired",
+    "PickerConfig",
+    "PiecePicker",
+    "Received",
+    "bitfield_from_indices",
+    "indices_from_bitfield",
+]
+
+BLOCK_SIZE = 128 * 1024
+PeerId = bytes
+PeerBlock = tuple[PeerId, "Block"]
+
+
+def bitfield_from_indices(indices: Iterable[int], count: int) -> bytes:
+    """A BitTorrent-style bitfield: piece 0 is the high bit of byte 0; spare bits zero."""
+    bits = bytearray((count + 7) // 8)
+    for i in indices:
+        if not 0 <= i < count:
+            raise ValueError(f"piece {i} out of range 0..{count - 1}")
+        bits[i >> 3] |= 0x80 >> (i & 7)
+    return bytes(bits)
+
+
+def indices_from_bitfield(bits: bytes, count: int) -> set[int]:
+    """The piece indices set in ``bits``; ``ValueError`` on a wrong length or spare bits set."""
+    if len(bits) != (count + 7) // 8:
+        raise ValueError(f"bitfield of {len(bits)} bytes for {count} pieces")
+    spare = -count % 8
+    if bits and bits[-1] & ((1 << spare) - 1):
+        raise ValueError("bitfield has spare bits set")
+    return {i for i in range(count) if bits[i >> 3] & (0x80 >> (i & 7))}
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Block:
+    """``length`` bytes of piece ``index`` starting at ``begin``."""
+
+    index: int
+    begin: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class PickerConfig:
+    """Tuning knobs; the defaults suit a LAN-to-WAN swarm."""
+
+    block_size: int = BLOCK_SIZE
+    min_depth: int = 2
+    max_depth: int = 64
+    target_latency: float = 2.0  # seconds of data to keep requested from each peer
+    rate_window: float = 10.0  # seconds of history behind a peer's throughput
+    min_timeout: float = 5.0
+    timeout_factor: float = 4.0  # a request expires after this many mean latencies
+    snub_after: int = 3  # consecutive timeouts before a peer is snubbed
+    endgame_copies: int = 2  # most peers one block is requested from in endgame
+    max_partial_bytes: int = 64 * 1024 * 1024  # started, unverified pieces in flight
+    latency_alpha: float = 0.25  # weight of a new sample in the mean latency
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or not 1 <= self.min_depth <= self.max_depth:
+            raise ValueError("block_size must be positive and 1 <= min_depth <= max_depth")
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What ``block_received`` did: ``accepted`` (the block was needed), whether its
+    piece now has every block (verify it next), and requests to Cancel elsewhere."""
+
+    accepted: bool
+    piece_complete: bool
+    cancels: tuple[PeerBlock, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """What ``expire`` did: requests that timed out (send Cancel) and peers newly snubbed."""
+
+    timed_out: tuple[PeerBlock, ...] = ()
+    snubbed: tuple[PeerId, ...] = ()
+
+
+@dataclass(slots=True)
+class _Peer:
+    have: set[int]
+    pending: dict[Block, float] = field(default_factory=dict)  # block -> time sent
+    samples: deque[tuple[float, int]] = field(default_factory=deque)  # (time, bytes)
+    since: float | None = None  # time of the first request
+    latency: float | None = None
+    timeouts: int = 0  # consecutive
+    snubbed: bool = False
+
+
+@dataclass(slots=True)
+class _Piece:
+    received: set[int] = field(default_factory=set)  # block numbers
+    requested: dict[int, list[PeerId]] = field(default_factory=dict)  # block number -> peers
+    contributors: set[PeerId] = field(default_factory=set)
+
+
+class PiecePicker:
+    """Chooses blocks to request for one file; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        rng: random.Random,
+        config: PickerConfig | None = None,
+    ) -> None:
+        if any(n <= 0 for n in piece_lengths):
+            raise ValueError("every piece must have a positive length")
+        self.config = config or PickerConfig()
+        self._lengths = list(piece_lengths)
+        self._rng = rng
+        self._have = [False] * len(self._lengths)
+        self._availability = [0] * len(self._lengths)
+        self._pieces: dict[int, _Piece] = {}  # started, not verified; oldest first
+        self._peers: dict[PeerId, _Peer] = {}
+        self._banned: set[PeerId] = set()
+        biggest = max(self._lengths, default=1)
+        self._partial_cap = max(2, self.config.max_partial_bytes // biggest)
+
+    # -- geometry ---------------------------------------------------------------
+
+    @property
+    def piece_count(self) -> int:
+        return len(self._lengths)
+
+    def piece_length(self, index: int) -> int:
+        return self._lengths[index]
+
+    def block_count(self, index: int) -> int:
+        return -(-self._lengths[index] // self.config.block_size)
+
+    def block(self, index: int, number: int) -> Block:
+        """Block ``number`` of piece ``index``."""
+        begin = number * self.config.block_size
+        return Block(index, begin, min(self.config.block_size, self._lengths[index] - begin))
+
+    def blocks(self, index: int) -> list[Block]:
+        return [self.block(index, n) for n in range(self.block_count(index))]
+
+    def _number(self, block: Block) -> int:
+        """The block's number in its piece; ``ValueError`` if it is not one of our blocks."""
+        self._check_index(block.index)
+        number, rest = divmod(block.begin, self.config.block_size)
+        if rest or not 0 <= number < self.block_count(block.index):
+            raise ValueError(f"{block} does not start a block")
+        if self.block(block.index, number) != block:
+            raise ValueError(f"{block} has the wrong length")
+        return number
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < self.piece_count:
+            raise ValueError(f"piece {index} out of range 0..{self.piece_count - 1}")
+
+    # -- our progress -----------------------------------------------------------
+
+    def has(self, index: int) -> bool:
+        """True if piece ``index`` is verified."""
+        return self._have[index]
+
+    @property
+    def verified_count(self) -> int:
+        return sum(self._have)
+
+    @property
+    def complete(self) -> bool:
+        return all(self._have)
+
+    def bitfield(self) -> bytes:
+        """Our verified pieces as a bitfield (to send to peers)."""
+        return bitfield_from_indices((i for i, h in enumerate(self._have) if h), self.piece_count)
+
+    def mark_have(self, index: int) -> list[PeerBlock]:
+        """Record piece ``index`` as verified (e.g. from resume state); returns stale requests."""
+        self._check_index(index)
+        self._have[index] = True
+        piece = self._pieces.pop(index, None)
+        cancels: list[PeerBlock] = []
+        for number, peers in ({} if piece is None else piece.requested).items():
+            block = self.block(index, number)
+            for peer in peers:
+                self._peers[peer].pending.pop(block, None)
+                cancels.append((peer, block))
+        return cancels
+
+    def piece_verified(self, index: int) -> list[PeerBlock]:
+        """The piece's hash checked out; it is written and can be served."""
+        return self.mark_have(index)
+
+    def piece_failed(self, index: int) -> frozenset[PeerId]:
+        """The piece's hash did not match: every block becomes requestable again.
+
+        Returns the peers that sent blocks of it (a caller may ban a sole sender).
+        """
+        self._check_index(index)
+        piece = self._pieces.get(index)
+        if piece is None:
+            return frozenset()
+        senders = frozenset(piece.contributors)
+        piece.received.clear()
+        piece.contributors.clear()
+        self._drop_if_idle(index)
+        return senders
+
+    # -- peers ------------------------------------------------------------------
+
+    def add_peer(self, peer: PeerId, have_bits: bytes | None = None) -> bool:
+        """Add (or re-announce) a peer with its bitfield; False for a banned peer.
+
+        ``have_bits=None`` means the peer has nothing yet. A malformed bitfield
+        raises ``ValueError``.
+        """
+        if peer in self._banned:
+            return False
+        have = set() if have_bits is None else indices_from_bitfield(have_bits, self.piece_count)
+        old = self._peers.get(peer)
+        if old is not None:
+            self._count(old.have, -1)
+            old.have = have
+        else:
+            self._peers[peer] = _Peer(have)
+        self._count(have, +1)
+        return True
+
+    def peer_has(self, peer: PeerId, index: int) -> None:
+        """Record that ``peer`` now has piece ``index`` (a Have message); unknown peers: ignored."""
+        self._check_index(index)
+        state = self._peers.get(peer)
+        if state is not None and index not in state.have:
+            state.have.add(index)
+            self._availability[index] += 1
+
+    def availability(self, index: int) -> int:
+        """How many connected peers have piece ``index``."""
+        return self._availability[index]
+
+    def interesting(self, peer: PeerId) -> bool:
+        """True if ``peer`` has a piece we lack."""
+        state = self._peers.get(peer)
+        return state is not None and any(not self._have[i] for i in state.have)
+
+    def pending(self, peer: PeerId) -> list[Block]:
+        """Blocks requested from ``peer`` and not yet received, oldest first."""
+        state = self._peers.get(peer)
+        return [] if state is None else list(state.pending)
+
+    def remove_peer(self, peer: PeerId) -> None:
+        """Forget ``peer``; its pending requests become requestable from others."""
+        state = self._peers.pop(peer, None)
+        if state is None:
+            return
+        self._count(state.have, -1)
+        for block in state.pending:
+            self._forget_requester(peer, block)
+
+    def ban(self, peer: PeerId) -> None:
+        """Remove ``peer`` and never accept it again."""
+        self.remove_peer(peer)
+        self._banned.add(peer)
+
+    def is_banned(self, peer: PeerId) -> bool:
+        return peer in self._banned
+
+    def is_snubbed(self, peer: PeerId) -> bool:
+        state = self._peers.get(peer)
+        return state is not None and state.snubbed
+
+    def _count(self, indices: Iterable[int], delta: int) -> None:
+        for i in indices:
+            self._availability[i] += delta
+
+    # -- peer measurements --------------------------------------------------------
+
+    def throughput(self, peer: PeerId, now: float) -> float:
+        """Bytes per second received from ``peer`` over the recent window."""
+        state = self._peers.get(peer)
+        if state is None or state.since is None:
+            return 0.0
+        window = self.config.rate_window
+        while state.samples and state.samples[0][0] < now - window:
+            state.samples.popleft()
+        span = min(window, max(1.0, now - state.since))
+        return sum(n for _, n in state.samples) / span
+
+    def depth(self, peer: PeerId, now: float) -> int:
+        """How many requests to keep in flight to ``peer``."""
+        cfg = self.config
+        if self.is_snubbed(peer):
+            return 1
+        wanted = math.ceil(self.throughput(peer, now) * cfg.target_latency / cfg.block_size)
+        return max(cfg.min_depth, min(cfg.max_depth, wanted))
+
+    def request_timeout(self, peer: PeerId) -> float:
+        """Seconds after which a request to ``peer`` expires."""
+        state = self._peers.get(peer)
+        latency = state.latency if state is not None else None
+        if latency is None:
+            return self.config.min_timeout
+        return max(self.config.min_timeout, self.config.timeout_factor * latency)
+
+    # -- requesting -------------------------------------------------------------
+
+    def next_requests(self, peer: PeerId, now: float) -> list[Block]:
+        """New blocks to request from ``peer`` now, filling its pipeline; recorded as sent."""
+        state = self._peers.get(peer)
+        if state is None:
+            return []
+        room = self.depth(peer, now) - len(state.pending)
+        picked: list[Block] = []
+        if room > 0:
+            self._pick_started(state, room, picked)
+            self._pick_new(state, room, picked)
+            if len(picked) < room and self._in_endgame():
+                self._pick_duplicates(peer, state, room, picked)
+        for block in picked:
+            self._record(peer, state, block, now)
+        return picked
+
+    def _free_numbers(self, index: int, piece: _Piece) -> Iterable[int]:
+        for n in range(self.block_count(index)):
+            if n not in piece.received and n not in piece.requested:
+                yield n
+
+    def _take_free(self, index: int, room: int, picked: list[Block]) -> None:
+        piece = self._pieces.setdefault(index, _Piece())
+        for n in self._free_numbers(index, piece):
+            if len(picked) >= room:
+                return
+            picked.append(self.block(index, n))
+            piece.requested[n] = []  # claimed; the requester is added in _record
+
+    def _pick_started(self, state: _Peer, room: int, picked: list[Block]) -> None:
+        for index in list(self._pieces):
+            if len(picked) >= room:
+                return
+            if index in state.have:
+                self._take_free(index, room, picked)
+
+    def _pick_new(self, state: _Peer, room: int, picked: list[Block]) -> None:
+        while len(picked) < room and self._started_count() < self._partial_cap:
+            index = self._rarest(state.have)
+            if index is None:
+                return
+            self._take_free(index, room, picked)
+
+    def _started_count(self) -> int:
+        # pieces nobody connected has do not count, so a vanished peer cannot stall us
+        return sum(1 for i in self._pieces if self._availability[i] > 0)
+
+    def _rarest(self, have: set[int]) -> int | None:
+        """The rarest piece in ``have`` we neither hold nor started; random among ties."""
+        best: list[int] = []
+        best_count = 0
+        for i in sorted(have):
+            if self._have[i] or i in self._pieces:
+                continue
+            count = self._availability[i]
+            if not best or count < best_count:
+                best, best_count = [i], count
+            elif count == best_count:
+                best.append(i)
+        return self._rng.choice(best) if best else None
+
+    def _in_endgame(self) -> bool:
+        """True when every block some peer could send is requested or received."""
+        for i in range(self.piece_count):
+            if self._have[i] or self._availability[i] == 0:
+                continue
+            piece = self._pieces.get(i)
+            if piece is None or next(iter(self._free_numbers(i, piece)), None) is not None:
+                return False
+        return True
+
+    def _pick_duplicates(self, peer: PeerId, state: _Peer, room: int, picked: list[Block]) -> None:
+        for index, piece in self._pieces.items():
+            if index not in state.have:
+                continue
+            for n, peers in piece.requested.items():
+                if len(picked) >= room:
+                    return
+                if peer not in peers and 0 < len(peers) < self.config.endgame_copies:
+                    picked.append(self.block(index, n))
+
+    def _record(self, peer: PeerId, state: _Peer, block: Block, now: float) -> None:
+        state.pending[block] = now
+        if state.since is None:
+            state.since = now
+        self._pieces[block.index].requested.setdefault(self._number(block), []).append(peer)
+
+    # -- responses --------------------------------------------------------------
+
+    def block_received(self, peer: PeerId, block: Block, now: float) -> Received:
+        """A block arrived from ``peer``; ``ValueError`` if it is not one of our blocks.
+
+        A block is accepted only from a known peer, for a started piece, when not
+        already received (a late answer to an expired request still counts).
+        """
+        number = self._number(block)
+        state = self._peers.get(peer)
+        if state is None:
+            return Received(False, False)
+        self._note_delivery(state, block, now)
+        piece = self._pieces.get(block.index)
+        if piece is None or number in piece.received:
+            self._forget_pending(peer, block)
+            return Received(False, False)
+        state.pending.pop(block, None)
+        piece.received.add(number)
+        piece.contributors.add(peer)
+        others = [p for p in piece.requested.pop(number, []) if p != peer]
+        for other in others:
+            self._peers[other].pending.pop(block, None)
+        complete = len(piece.received) == self.block_count(block.index)
+        return Received(True, complete, tuple((p, block) for p in others))
+
+    def _note_delivery(self, state: _Peer, block: Block, now: float) -> None:
+        state.samples.append((now, block.length))
+        sent = state.pending.get(block)
+        if sent is None:
+            return
+        sample = max(0.0, now - sent)
+        alpha = self.config.latency_alpha
+        state.latency = (
+            sample if state.latency is None else (1 - alpha) * state.latency + alpha * sample
+        )
+        state.timeouts = 0
+        state.snubbed = False
+
+    def _forget_pending(self, peer: PeerId, block: Block) -> bool:
+        """Drop ``block`` from ``peer``'s pending requests; True if it was pending."""
+        state = self._peers.get(peer)
+        if state is None or state.pending.pop(block, None) is None:
+            return False
+        self._forget_requester(peer, block)
+        return True
+
+    def _forget_requester(self, peer: PeerId, block: Block) -> None:
+        piece = self._pieces.get(block.index)
+        if piece is None:
+            return
+        number = self._number(block)
+        peers = piece.requested.get(number, [])
+        if peer in peers:
+            peers.remove(peer)
+        if not peers:
+            piece.requested.pop(number, None)
+        self._drop_if_idle(block.index)
+
+    def _drop_if_idle(self, index: int) -> None:
+        """Un-start a piece that has nothing received and nothing requested."""
+        piece = self._pieces.get(index)
+        if piece is not None and not piece.received and not piece.requested:
+            del self._pieces[index]
+
+    # -- timeouts ---------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time a pending request expires (when to call ``expire``)."""
+        deadlines = [
+            sent + self.request_timeout(peer)
+            for peer, state in self._peers.items()
+            for sent in state.pending.values()
+        ]
+        return min(deadlines, default=None)
+
+    def expire(self, now: float) -> Expired:
+        """Expire overdue requests, making them requestable again; snub repeat offenders."""
+        timed_out: list[PeerBlock] = []
+        snubbed: list[PeerId] = []
+        for peer, state in self._peers.items():
+            limit = self.request_timeout(peer)
+            late = [b for b, sent in state.pending.items() if now - sent >= limit]
+            if not late:
+                continue
+            for block in late:
+                self._forget_pending(peer, block)
+                timed_out.append((peer, block))
+            state.timeouts += 1
+            if state.timeouts >= self.config.snub_after and not state.snubbed:
+                state.snubbed = True
+                snubbed.append(peer)
+        return Expired(tuple(timed_out), tuple(snubbed))
