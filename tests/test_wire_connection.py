@@ -93,8 +93,7 @@ def open_pair() -> ConnectionPair:
 
 
 def test_handshake(pair: ConnectionPair) -> None:
-    assert pair.client.state is State.IDLE
-    assert pair.server.state is State.AWAIT_HELLO
+    assert (pair.client.state, pair.server.state) == (State.IDLE, State.AWAIT_HELLO)
     client_events, server_events = pair.handshake()
     assert client_events == [HandshakeComplete(bytes(SERVER_KEY.verify_key), GROUP, CONTENT)]
     assert server_events == [HandshakeComplete(bytes(CLIENT_KEY.verify_key), GROUP, CONTENT)]

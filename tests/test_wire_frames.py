@@ -110,6 +110,7 @@ MESSAGES: list[Message] = [
     Have(0xFFFFFFFF),
     Request(3, 16384, MAX_BLOCK),
     Piece(7, 0, b"x"),
+    Piece(7, 16384, memoryview(b"a view is sent without a copy")),
     Piece(7, 262144, bytes(range(256)) * 1024),
     Cancel(3, 16384, 1),
     GetHashes(0, MAX_HASHES),
@@ -236,7 +237,7 @@ def test_hashlist_chunks_fit_a_frame() -> None:
 
 def test_largest_messages_fit_a_sealed_frame() -> None:
     tag = 16
-    biggest = [
+    biggest: list[Message] = [
         Bitfield(MAX_PIECES, bytes(MAX_PIECES // 8)),
         Piece(0, 0, bytes(MAX_BLOCK)),
         HashList(0, (bytes(32),) * MAX_HASHES),

@@ -62,12 +62,20 @@ def feed_all(conn: PeerConnection, pieces: list[bytes], eof: bool) -> list[Event
         error = exc
     else:
         return events
-    assert conn.state is State.ERROR
     assert isinstance(error.reason, int)
     # the adapter's answer to any remote error must always be possible
-    conn.send(Reject(error.reason, str(error)[:200]))
-    assert conn.state is State.CLOSED
+    assert states_around(conn, Reject(error.reason, str(error)[:200])) == (
+        State.ERROR,
+        State.CLOSED,
+    )
     return events
+
+
+def states_around(conn: PeerConnection, msg: Message) -> tuple[State, State]:
+    """The state before and after sending ``msg``."""
+    before = conn.state
+    conn.send(msg)
+    return before, conn.state
 
 
 def client() -> PeerConnection:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from nacl.signing import SigningKey
@@ -94,16 +95,14 @@ def test_transcript_binds_every_field() -> None:
         transcript_hash(hello, b"\x07" * 32, server_eph),
         transcript_hash(hello, server_id, b"\x07" * 32),
     ]
-    for name in ("identity_key", "ephemeral_key", "group_id", "content_id"):
-        fields = {
-            "identity_key": hello.identity_key,
-            "ephemeral_key": hello.ephemeral_key,
-            "group_id": hello.group_id,
-            "content_id": hello.content_id,
-            "nonce": hello.nonce,
-        }
-        fields[name] = b"\x07" * 32
-        variants.append(transcript_hash(ClientHello(**fields), server_id, server_eph))
+    other = b"\x07" * 32
+    variants += [
+        transcript_hash(replace(hello, identity_key=other), server_id, server_eph),
+        transcript_hash(replace(hello, ephemeral_key=other), server_id, server_eph),
+        transcript_hash(replace(hello, group_id=other), server_id, server_eph),
+        transcript_hash(replace(hello, content_id=other), server_id, server_eph),
+        transcript_hash(replace(hello, nonce=other[:16]), server_id, server_eph),
+    ]
     assert base not in variants
     assert len(set(variants)) == len(variants)
 

@@ -82,7 +82,7 @@ _OPEN = {
     Input.RECV_REJECT: State.CLOSED,
     Input.RECV_EOF: State.CLOSED,
 }
-_CLOSED = {i: State.CLOSED for i in Input if i.name.startswith("RECV_")}
+_CLOSED: dict[Input, State] = {}  # rule 2: input is discarded before any lookup
 _ERROR = {Input.SEND_REJECT: State.CLOSED}
 
 TRANSITIONS: dict[tuple[Role, State], dict[Input, State]] = {
