@@ -172,6 +172,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.max_failures = max_failures
         self._outstanding: dict[bytes, _Pending] = {}
         self._rtt: OrderedDict[tuple[str, int], _Rtt] = OrderedDict()
+        self._all_rtt: _Rtt | None = None
         self._failures: dict[bytes, int] = {}
         self._recent_pushes: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -302,15 +303,23 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     # ---- timeouts and contact health --------------------------------------------
 
     def rpc_timeout(self, address: tuple[str, int]) -> float:
-        """Timeout for the next RPC to ``address``, from its measured round trips."""
+        """Timeout for the next RPC to ``address``, from its measured round trips.
+
+        An address never measured gets the estimate over all peers (the network is
+        usually alike), and only with no sample at all ``timeouts.initial``.
+        """
         bounds = self.timeouts
-        rtt = self._rtt.get(address)
+        rtt = self._rtt.get(address, self._all_rtt)
         if rtt is None:
             return min(max(bounds.initial, bounds.minimum), bounds.maximum)
         estimate = max(4 * rtt.srtt, rtt.srtt + 4 * rtt.rttvar)
         return min(max(estimate, bounds.minimum), bounds.maximum)
 
     def _observe_rtt(self, address: tuple[str, int], sample: float) -> None:
+        if self._all_rtt is None:
+            self._all_rtt = _Rtt(sample, sample / 2)
+        else:
+            self._all_rtt.update(sample)
         rtt = self._rtt.get(address)
         if rtt is None:
             self._rtt[address] = _Rtt(sample, sample / 2)
