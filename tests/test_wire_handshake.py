@@ -12,9 +12,9 @@ from dhtshare.errors import RemoteProtocolError
 from dhtshare.wire import FrameDecoder, FrameType, PeerConnection, Reason, Role, State
 from dhtshare.wire.frames import encode_frame
 from dhtshare.wire.handshake import (
-    CLIENT_SIG_PREFIX,
+    CLIENT_SIG_PURPOSE,
     MAGIC,
-    SERVER_SIG_PREFIX,
+    SERVER_SIG_PURPOSE,
     ClientAuth,
     ClientHandshake,
     ClientHello,
@@ -238,7 +238,7 @@ def test_server_signature_cannot_be_reflected_as_client_auth() -> None:
     expect_error(
         server, encode_frame(FrameType.CLIENT_AUTH, reflected.encode()), Reason.BAD_SIGNATURE
     )
-    assert SERVER_SIG_PREFIX != CLIENT_SIG_PREFIX
+    assert SERVER_SIG_PURPOSE != CLIENT_SIG_PURPOSE
 
 
 def test_low_order_ephemeral_key_is_refused() -> None:

@@ -8,8 +8,8 @@ Three messages::
                                    server signature over the transcript
     client -> server  ClientAuth   client signature over the transcript
 
-Both signatures cover the same transcript hash (SHA-256 of a prefix, the whole
-ClientHello and the server's two keys) under different domain prefixes, so each
+Both signatures cover the same transcript hash (``crypto.digest`` of the whole
+ClientHello and the server's two keys) under different purposes, so each
 side's identity key vouches for both ephemeral keys and a spliced or replayed
 handshake fails. Session keys come from ``crypto_kx`` on the ephemeral keys: one
 key per direction, and every later frame is sealed with ChaCha20-Poly1305 under
@@ -18,7 +18,6 @@ a nonce that counts frames in that direction.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -27,19 +26,20 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.signing
 
+from dhtshare import crypto
 from dhtshare.codec import DecodeError, Reader, Writer
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
 from dhtshare.wire.frames import MAX_FRAME, FrameType, Reason, frame_header
 
 __all__ = [
-    "CLIENT_SIG_PREFIX",
+    "CLIENT_SIG_PURPOSE",
     "KEY_SIZE",
     "MAGIC",
     "NONCE_SIZE",
-    "SERVER_SIG_PREFIX",
+    "SERVER_SIG_PURPOSE",
     "SIGNATURE_SIZE",
     "TAG_SIZE",
-    "TRANSCRIPT_PREFIX",
+    "TRANSCRIPT_PURPOSE",
     "VERSION",
     "ClientAuth",
     "ClientHandshake",
@@ -56,9 +56,10 @@ KEY_SIZE = 32
 NONCE_SIZE = 16
 SIGNATURE_SIZE = 64
 TAG_SIZE = sodium.crypto_aead_chacha20poly1305_ietf_ABYTES
-TRANSCRIPT_PREFIX = b"dhtshare/v1/handshake/transcript"
-SERVER_SIG_PREFIX = b"dhtshare/v1/handshake/server"
-CLIENT_SIG_PREFIX = b"dhtshare/v1/handshake/client"
+# crypto.py prefixes each purpose with b"dhtshare/v1/" and ends it with a zero byte.
+TRANSCRIPT_PURPOSE = "handshake/transcript"
+SERVER_SIG_PURPOSE = "handshake/server"
+CLIENT_SIG_PURPOSE = "handshake/client"
 
 _COUNTER_NONCE = struct.Struct(">4xQ")  # 12-byte AEAD nonce: 4 zero bytes, u64 counter
 _MAX_COUNTER = (1 << 64) - 1
@@ -163,25 +164,13 @@ class ClientAuth:
 
 
 def transcript_hash(hello: ClientHello, server_identity: bytes, server_ephemeral: bytes) -> bytes:
-    """SHA-256 over the prefix, the encoded ClientHello and the server's two keys."""
-    h = hashlib.sha256(TRANSCRIPT_PREFIX)
-    h.update(hello.encode())
-    h.update(server_identity)
-    h.update(server_ephemeral)
-    return h.digest()
+    """The hash both signatures cover: the encoded ClientHello and the server's two keys."""
+    return crypto.digest(TRANSCRIPT_PURPOSE, hello.encode(), server_identity, server_ephemeral)
 
 
-def _sign(identity: nacl.signing.SigningKey, prefix: bytes, transcript: bytes) -> bytes:
-    return bytes(identity.sign(prefix + transcript).signature)
-
-
-def _verify(public_key: bytes, prefix: bytes, transcript: bytes, signature: bytes) -> None:
-    try:
-        nacl.signing.VerifyKey(public_key).verify(prefix + transcript, signature)
-    except nacl.exceptions.CryptoError as exc:
-        raise RemoteProtocolError(
-            "handshake signature does not verify", Reason.BAD_SIGNATURE
-        ) from exc
+def _verify(public_key: bytes, purpose: str, transcript: bytes, signature: bytes) -> None:
+    if not crypto.verify(public_key, purpose, transcript, signature):
+        raise RemoteProtocolError("handshake signature does not verify", Reason.BAD_SIGNATURE)
 
 
 class SessionCipher:
@@ -251,14 +240,14 @@ class ClientHandshake:
         """Verify the ServerHello; return it, the session cipher and our ClientAuth."""
         server = ServerHello.decode(payload)
         th = transcript_hash(self.hello, server.identity_key, server.ephemeral_key)
-        _verify(server.identity_key, SERVER_SIG_PREFIX, th, server.signature)
+        _verify(server.identity_key, SERVER_SIG_PURPOSE, th, server.signature)
         try:
             rx, tx = sodium.crypto_kx_client_session_keys(
                 self._eph_pk, self._eph_sk, server.ephemeral_key
             )
         except nacl.exceptions.CryptoError as exc:
             raise RemoteProtocolError("unusable server ephemeral key", Reason.PROTOCOL) from exc
-        auth = ClientAuth(_sign(self._identity, CLIENT_SIG_PREFIX, th))
+        auth = ClientAuth(crypto.sign(self._identity, CLIENT_SIG_PURPOSE, th))
         return server, SessionCipher(rx, tx), auth
 
 
@@ -283,7 +272,7 @@ class ServerHandshake:
         self._transcript = transcript_hash(hello, identity_key, eph_pk)
         self.client_hello = hello
         self._cipher = SessionCipher(rx, tx)
-        signature = _sign(self._identity, SERVER_SIG_PREFIX, self._transcript)
+        signature = crypto.sign(self._identity, SERVER_SIG_PURPOSE, self._transcript)
         return ServerHello(identity_key, eph_pk, signature)
 
     @property
@@ -299,5 +288,5 @@ class ServerHandshake:
         if hello is None:
             raise LocalProtocolError("ClientAuth before ClientHello")
         auth = ClientAuth.decode(payload)
-        _verify(hello.identity_key, CLIENT_SIG_PREFIX, self._transcript, auth.signature)
+        _verify(hello.identity_key, CLIENT_SIG_PURPOSE, self._transcript, auth.signature)
         return hello
