@@ -230,11 +230,13 @@ def test_pending_requests_and_status() -> None:
     mine = signed(OWNER, JoinRequest(gid, "me"))
     rejected_b = signed(OWNER, Decision(gid, BOB.public, False, "no"), at=NOW + 2)
     forged = signed(ALICE, Decision(gid, ALICE.public, False, "fake"), at=NOW + 2)
-    pending = rules.pending_requests([ra, rb, mine], [rejected_b, forged], view, {})
+    pending = rules.pending_requests(
+        [ra, rb, mine], [rejected_b, forged], view.roster, view.members, {}
+    )
     assert [(p.requester, p.name, p.message) for p in pending] == [(ALICE.public, "alice", "hi")]
     # a request made again after the rejection is pending again
     rb2 = signed(BOB, JoinRequest(gid, "bob"), seq=2, at=NOW + 3)
-    assert len(rules.pending_requests([ra, rb2], [rejected_b], view, {})) == 2
+    assert len(rules.pending_requests([ra, rb2], [rejected_b], view.roster, view.members, {})) == 2
     decisions = [rejected_b, forged]
     assert rules.join_status(BOB.public, int(NOW) + 1, view, {}, decisions) == ("rejected", "no")
     assert rules.join_status(ALICE.public, int(NOW), view, {}, decisions) == ("pending", "")
@@ -268,3 +270,13 @@ def test_roster_page_record_keys_differ_per_index() -> None:
     a = signed(OWNER, RosterPage(gid, 1, 0, ()))
     b = signed(OWNER, RosterPage(gid, 1, 1, ()))
     assert a.dht_key != b.dht_key
+
+
+def test_request_older_than_its_leave_is_not_pending() -> None:
+    base, owner = founded()
+    view = view_of(base, owner)
+    ra = signed(ALICE, JoinRequest(base.group_id, "alice"), at=NOW)
+    left = {ALICE.public: int(NOW) + 5}
+    assert rules.pending_requests([ra], [], view.roster, view.members, left) == []
+    again = signed(ALICE, JoinRequest(base.group_id, "alice"), seq=2, at=NOW + 6)
+    assert len(rules.pending_requests([again], [], view.roster, view.members, left)) == 1

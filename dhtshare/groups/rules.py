@@ -367,18 +367,20 @@ def _rejections(
 def pending_requests(
     requests: Iterable[SignedRecord],
     decisions: Iterable[SignedRecord],
-    view: RosterView,
+    roster: Roster,
+    members: Iterable[Member],
     leaves: Mapping[bytes, int],
 ) -> list[PendingRequest]:
-    """Join requests from non-members with no rejection issued since, oldest first."""
-    current = {m.key for m in apply_leaves(view.members, leaves)}
-    rejected = _rejections(decisions, view.group_id, owners_in_chain(view.roster))
+    """Join requests from non-members with no rejection (or leave) issued since, oldest first."""
+    current = {m.key for m in apply_leaves(members, leaves)}
+    rejected = _rejections(decisions, roster.group_id, owners_in_chain(roster))
     out: dict[bytes, PendingRequest] = {}
     for rec in requests:
         body = rec.payload()
-        if not isinstance(body, JoinRequest) or body.group_id != view.group_id:
+        if not isinstance(body, JoinRequest) or body.group_id != roster.group_id:
             continue
-        if rec.signer in current or rejected.get(rec.signer, (-1, ""))[0] >= rec.issued:
+        decided = max(rejected.get(rec.signer, (-1, ""))[0], leaves.get(rec.signer, -1))
+        if rec.signer in current or decided >= rec.issued:
             continue
         out[rec.signer] = PendingRequest(rec.signer, body.name, body.message, rec.issued)
     return sorted(out.values(), key=lambda p: (p.issued, p.requester))

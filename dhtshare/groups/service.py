@@ -1,0 +1,519 @@
+"""GroupService: create, join, decide, leave and read groups through the DHT.
+
+The service publishes and fetches records; ``rules`` decides what they mean. Its state
+(``GroupState``: my groups and requests, the highest roster seen per group, my roster
+drafts as owner) is small, JSON-serializable, and persisted by the node.
+
+DHT keys (``records.key_for``): roster ``(ROSTER, gid)``; roster page ``i``
+``(ROSTER_PAGE, gid, bytes([i]))``; join requests ``(JOIN_REQUEST, gid)``, one slot per
+requester; a rejection ``(DECISION, gid, requester)``; leaves ``(LEAVE, gid)``, one slot per
+member; the public directory ``(DIRECTORY,)``, one slot per owner and group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ..codec import Reader
+from ..errors import GroupError
+from ..identity import Identity
+from ..records import (
+    MAX_PAGES,
+    MAX_TTL,
+    Body,
+    Decision,
+    DirectoryEntry,
+    JoinRequest,
+    Kind,
+    Leave,
+    Member,
+    Roster,
+    SignedRecord,
+    key_for,
+    sign_record,
+    time_seq,
+)
+from . import rules
+from .rules import JoinStatus, Known, PendingRequest, RosterView
+
+__all__ = [
+    "DIRECTORY_TTL",
+    "ROSTER_TTL",
+    "Draft",
+    "GroupDht",
+    "GroupService",
+    "GroupState",
+    "Listing",
+    "MyGroup",
+    "Role",
+]
+
+ROSTER_TTL = 24 * 3600  # rosters and their pages; re-signed by maintain() before expiry
+RENEW_MARGIN = 6 * 3600  # maintain() re-signs a roster that would expire within this
+DIRECTORY_TTL = 24 * 3600
+NOTE_TTL = MAX_TTL  # join requests, rejections, leaves
+STATE_VERSION = 1
+
+Role = Literal["owner", "member", "pending"]
+Renew = Callable[[SignedRecord], SignedRecord]
+
+
+class GroupDht(Protocol):
+    """What the service needs from the DHT (``dht.server.DhtNode`` provides it)."""
+
+    async def put(self, record: SignedRecord) -> int: ...
+    async def publish(self, record: SignedRecord, renew: Renew | None = None) -> int: ...
+    def withdraw(self, key: bytes, slot: bytes) -> None: ...
+    async def get(self, key: bytes) -> list[SignedRecord]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MyGroup:
+    """One of my groups, and my role in it."""
+
+    group_id: bytes
+    name: str
+    role: Role
+    members: int
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A public directory entry that checked out against its group's roster."""
+
+    group_id: bytes
+    name: str
+    members: int
+    owner: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """The roster I last signed as owner: the source of my next version."""
+
+    seq: int
+    roster: Roster
+    members: tuple[Member, ...]
+
+
+@dataclass
+class GroupState:
+    """What a node persists about groups (``to_json``/``from_json``; keys are hex)."""
+
+    groups: dict[bytes, str] = field(default_factory=dict)  # gid -> name, member or owner
+    requested: dict[bytes, int] = field(default_factory=dict)  # gid -> my request's time
+    known: dict[bytes, Known] = field(default_factory=dict)  # gid -> highest verified roster
+    drafts: dict[bytes, Draft] = field(default_factory=dict)  # gid -> my roster as owner
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable document."""
+        return {
+            "version": STATE_VERSION,
+            "groups": {g.hex(): n for g, n in self.groups.items()},
+            "requested": {g.hex(): t for g, t in self.requested.items()},
+            "known": {
+                g.hex(): [k.seq, k.chain_length, k.chain.hex()] for g, k in self.known.items()
+            },
+            "drafts": {g.hex(): _draft_doc(d) for g, d in self.drafts.items()},
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> GroupState:
+        """Parse ``to_json`` output; ``GroupError`` if it is damaged."""
+        try:
+            if doc["version"] != STATE_VERSION:
+                raise ValueError("unknown version")
+            return cls(
+                {bytes.fromhex(g): str(n) for g, n in doc["groups"].items()},
+                {bytes.fromhex(g): int(t) for g, t in doc["requested"].items()},
+                {bytes.fromhex(g): _known(k) for g, k in doc["known"].items()},
+                {bytes.fromhex(g): _draft(d) for g, d in doc["drafts"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise GroupError(
+                "the saved group state is damaged", "restore it from a backup"
+            ) from exc
+
+
+def _draft_doc(d: Draft) -> dict[str, Any]:
+    members = [[m.key.hex(), m.name, m.since] for m in d.members]
+    return {"seq": d.seq, "roster": d.roster.encode().hex(), "members": members}
+
+
+def _draft(doc: Any) -> Draft:
+    r = Reader(bytes.fromhex(doc["roster"]))
+    roster = Roster.decode(r)
+    r.finish()
+    members = tuple(Member(bytes.fromhex(k), str(n), int(s)) for k, n, s in doc["members"])
+    return Draft(int(doc["seq"]), roster, members)
+
+
+def _known(doc: Any) -> Known:
+    seq, length, chain = doc
+    return Known(int(seq), int(length), bytes.fromhex(chain))
+
+
+def _page_key(group_id: bytes, index: int) -> bytes:
+    return key_for(Kind.ROSTER_PAGE, group_id, bytes([index]))
+
+
+class GroupService:
+    """Groups as seen from one identity on one DHT node."""
+
+    def __init__(
+        self,
+        dht: GroupDht,
+        identity: Identity,
+        state: GroupState | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._dht = dht
+        self._me = identity
+        self.state = state if state is not None else GroupState()
+        self._clock = clock
+        self._views: dict[bytes, RosterView] = {}
+        self._leaves: dict[bytes, dict[bytes, SignedRecord]] = {}
+        self._last_seq: dict[tuple[bytes, bytes], int] = {}
+
+    # ---- signing helpers ---------------------------------------------------------
+
+    def _sign(self, body: Body, *, seq: int, ttl: float) -> SignedRecord:
+        return sign_record(self._me, body, seq=seq, now=self._clock(), ttl=ttl)
+
+    def _sign_note(self, body: Body, ttl: float) -> SignedRecord:
+        """Sign a record whose seq comes from the clock, always above my last one in its slot."""
+        draft = self._sign(body, seq=0, ttl=ttl)
+        where = (draft.dht_key, draft.slot)
+        seq = max(time_seq(self._clock()), self._last_seq.get(where, 0) + 1)
+        self._last_seq[where] = seq
+        return self._sign(body, seq=seq, ttl=ttl)
+
+    def _renewer(self, ttl: float) -> Renew:
+        def renew(old: SignedRecord) -> SignedRecord:
+            seq = max(old.seq + 1, time_seq(self._clock()))
+            return self._sign(old.payload(), seq=seq, ttl=ttl)
+
+        return renew
+
+    # ---- reading -------------------------------------------------------------------
+
+    async def fetch_roster(self, group_id: bytes) -> RosterView:
+        """The latest verified roster with all its pages; remembers its seq (no rollback)."""
+        found = await self._dht.get(key_for(Kind.ROSTER, group_id))
+        known = self.state.known.get(group_id)
+        rec, roster = rules.pick_roster(found, group_id, self._clock(), known)
+        pages = await self._fetch_pages(group_id, len(roster.page_digests))
+        view = rules.resolve_pages(rec, roster, pages)
+        self._remember(view)
+        return view
+
+    async def _fetch_pages(self, group_id: bytes, count: int) -> dict[int, list[SignedRecord]]:
+        keys = [_page_key(group_id, i) for i in range(count)]
+        found = await asyncio.gather(*(self._dht.get(k) for k in keys))
+        return dict(enumerate(found))
+
+    def _remember(self, view: RosterView) -> None:
+        known = self.state.known.get(view.group_id)
+        if known is None or view.seq >= known.seq:
+            self.state.known[view.group_id] = view.known
+        self._views[view.group_id] = view
+
+    async def _fetch_leaves(self, group_id: bytes) -> dict[bytes, SignedRecord]:
+        found = await self._dht.get(key_for(Kind.LEAVE, group_id))
+        leaves = rules.latest_leaves(found, group_id)
+        self._leaves[group_id] = leaves
+        return leaves
+
+    def _leave_times(self, group_id: bytes) -> dict[bytes, int]:
+        return {k: r.issued for k, r in self._leaves.get(group_id, {}).items()}
+
+    async def refresh(self, group_id: bytes) -> RosterView:
+        """Fetch the roster and the leaves again; ``member_since`` answers from them."""
+        view = await self.fetch_roster(group_id)
+        await self._fetch_leaves(group_id)
+        if group_id in self.state.requested and self.is_member(group_id, self._me.public):
+            self.state.requested.pop(group_id)  # my request was accepted
+            self.state.groups[group_id] = view.name
+        return view
+
+    async def _try_refresh(self, group_id: bytes) -> RosterView | None:
+        """``refresh``, or ``None`` without a readable roster (a rollback still raises)."""
+        try:
+            return await self.refresh(group_id)
+        except rules.StaleRosterError:
+            raise
+        except GroupError:
+            return None
+
+    def member_since(self, group_id: bytes, key: bytes) -> int | None:
+        """When ``key`` joined ``group_id``, if a member now (cached roster, leaves applied)."""
+        view = self._views.get(group_id)
+        if view is None:
+            return None
+        return rules.member_since(view.members, self._leave_times(group_id), key)
+
+    def is_member(self, group_id: bytes, key: bytes) -> bool:
+        """``member_since`` as a yes/no, the callable the transfer layer takes."""
+        return self.member_since(group_id, key) is not None
+
+    def members(self, group_id: bytes) -> tuple[Member, ...]:
+        """Current members of a cached group (leaves applied); empty if never fetched."""
+        view = self._views.get(group_id)
+        if view is None:
+            return ()
+        return rules.apply_leaves(view.members, self._leave_times(group_id))
+
+    # ---- founding and publishing rosters -------------------------------------------
+
+    async def create(self, name: str, *, public: bool = False) -> bytes:
+        """Found a group owned by me; return its id (which never changes)."""
+        now = self._clock()
+        base, members = rules.found_group(
+            self._me, name, now=now, nonce=os.urandom(16), public=public
+        )
+        gid = base.group_id
+        self.state.groups[gid] = name
+        self._leaves[gid] = {}
+        await self._publish_roster(base, members, 1)
+        return gid
+
+    async def _publish_roster(
+        self, base: Roster, members: tuple[Member, ...], seq: int
+    ) -> RosterView:
+        """Sign and publish roster version ``seq`` (pages first), and the directory entry."""
+        gid = base.group_id
+        roster, pages = rules.layout(base, members, seq)
+        page_recs = [self._sign(p, seq=seq, ttl=ROSTER_TTL) for p in pages]
+        rec = self._sign(roster, seq=seq, ttl=ROSTER_TTL)
+        await asyncio.gather(*(self._dht.publish(p) for p in page_recs))
+        for index in range(len(pages), MAX_PAGES):
+            self._dht.withdraw(_page_key(gid, index), self._me.public)
+        await self._dht.publish(rec)
+        self.state.drafts[gid] = Draft(seq, roster, members)
+        view = RosterView(rec, roster, members)
+        self._remember(view)
+        await self._publish_directory(view)
+        return view
+
+    async def _publish_directory(self, view: RosterView) -> None:
+        entry = DirectoryEntry(view.group_id, view.name, len(view.members))
+        if not view.roster.public:
+            return
+        rec = self._sign_note(entry, DIRECTORY_TTL)
+        await self._dht.publish(rec, self._renewer(DIRECTORY_TTL))
+
+    def _withdraw_owned(self, group_id: bytes) -> None:
+        """Stop republishing my roster, pages and directory entry of ``group_id``."""
+        me = self._me.public
+        self._dht.withdraw(key_for(Kind.ROSTER, group_id), b"")
+        for index in range(MAX_PAGES):
+            self._dht.withdraw(_page_key(group_id, index), me)
+        self._dht.withdraw(key_for(Kind.DIRECTORY), me + group_id)
+        self.state.drafts.pop(group_id, None)
+
+    async def _as_owner(self, group_id: bytes) -> Draft:
+        """My latest draft of a group I own (checked against the DHT), with fresh leaves."""
+        view = await self.refresh(group_id)
+        if view.owner != self._me.public:
+            raise GroupError("only the group's owner can do this", "ask the owner")
+        draft = self.state.drafts.get(group_id)
+        if draft is not None and draft.seq >= view.seq:
+            return draft
+        return Draft(view.seq, view.roster, view.members)
+
+    async def _next_roster(self, draft: Draft, members: tuple[Member, ...]) -> RosterView:
+        known = self.state.known.get(draft.roster.group_id)
+        seq = max(draft.seq, known.seq if known else 0) + 1
+        return await self._publish_roster(draft.roster, members, seq)
+
+    # ---- joining -------------------------------------------------------------------
+
+    async def request_join(self, group_id: bytes, message: str = "") -> None:
+        """Publish my signed join request for ``group_id`` (the owner decides)."""
+        now = self._clock()
+        body = JoinRequest(group_id, self._me.name, message)
+        await self._dht.publish(self._sign_note(body, NOTE_TTL))
+        self.state.requested[group_id] = int(now)
+
+    async def requests(self, group_id: bytes) -> list[PendingRequest]:
+        """Join requests the owner has not decided yet, oldest first."""
+        draft = await self._as_owner(group_id)
+        return await self._pending(group_id, draft)
+
+    async def _pending(self, group_id: bytes, draft: Draft) -> list[PendingRequest]:
+        found = await self._dht.get(key_for(Kind.JOIN_REQUEST, group_id))
+        decisions = await self._decisions(group_id, [r.signer for r in found])
+        leaves = self._leave_times(group_id)
+        return rules.pending_requests(found, decisions, draft.roster, draft.members, leaves)
+
+    async def _decisions(self, group_id: bytes, requesters: Iterable[bytes]) -> list[SignedRecord]:
+        keys = [key_for(Kind.DECISION, group_id, r) for r in set(requesters)]
+        found = await asyncio.gather(*(self._dht.get(k) for k in keys))
+        return [rec for recs in found for rec in recs]
+
+    async def accept(self, group_id: bytes, requester: bytes) -> RosterView:
+        """Add a pending requester to the roster (a new version, seq + 1)."""
+        draft = await self._as_owner(group_id)
+        pending = {p.requester: p for p in await self._pending(group_id, draft)}
+        if requester not in pending:
+            raise GroupError("no pending join request from that member", "list the requests")
+        left = self._leave_times(group_id).get(requester)
+        current = rules.apply_leaves(draft.members, self._leave_times(group_id))
+        name, now = pending[requester].name, self._clock()
+        members = rules.accept_member(current, requester, name, now, left)
+        return await self._next_roster(draft, members)
+
+    async def reject(self, group_id: bytes, requester: bytes, reason: str = "") -> None:
+        """Publish a rejection the requester can read."""
+        await self._as_owner(group_id)
+        body = Decision(group_id, requester, False, reason)
+        await self._dht.publish(self._sign_note(body, NOTE_TTL))
+
+    async def status(self, group_id: bytes) -> tuple[JoinStatus, str]:
+        """My join status (none, pending, accepted, rejected) and a rejection's reason."""
+        view = await self._try_refresh(group_id)
+        decisions = await self._dht.get(key_for(Kind.DECISION, group_id, self._me.public))
+        leaves = self._leave_times(group_id)
+        mine = self.state.requested.get(group_id)
+        result = rules.join_status(self._me.public, mine, view, leaves, decisions)
+        if result[0] == "accepted" and view is not None:
+            self.state.groups[group_id] = view.name
+            self.state.requested.pop(group_id, None)
+        return result
+
+    # ---- leaving and removing ------------------------------------------------------
+
+    async def leave(self, group_id: bytes) -> None:
+        """Leave; an owner hands the group to its longest-standing other member."""
+        view = await self.refresh(group_id)
+        handover = None
+        if view.owner == self._me.public:
+            heir = rules.heir_of(self.members(group_id), self._me.public)
+            if heir is None:
+                self._withdraw_owned(group_id)  # the last member: the group ends
+            else:
+                handover = rules.sign_handover(self._me, view.roster, heir.key, self._clock())
+        rec = self._sign_note(Leave(group_id, handover), NOTE_TTL)
+        await self._dht.publish(rec)
+        self._dht.withdraw(key_for(Kind.JOIN_REQUEST, group_id), self._me.public)
+        self.state.groups.pop(group_id, None)
+        self.state.requested.pop(group_id, None)
+        self._leaves.setdefault(group_id, {})[self._me.public] = rec
+
+    async def remove(self, group_id: bytes, member: bytes) -> RosterView:
+        """Publish a roster without ``member`` (revoked), and a rejection of its old request."""
+        draft = await self._as_owner(group_id)
+        current = rules.apply_leaves(draft.members, self._leave_times(group_id))
+        members = rules.remove_member(current, member, self._me.public)
+        view = await self._next_roster(draft, members)
+        await self.reject(group_id, member, "removed by the owner")  # closes its old request
+        return view
+
+    # ---- maintenance ---------------------------------------------------------------
+
+    async def maintain(self) -> list[bytes]:
+        """Note accepted requests, apply leaves, take over groups handed to me, renew
+        expiring rosters, stop republishing groups I handed away. Returns the groups whose
+        roster I published."""
+        published: list[bytes] = []
+        groups = set(self.state.groups) | set(self.state.drafts) | set(self.state.requested)
+        for group_id in sorted(groups):
+            try:
+                if await self._maintain_one(group_id):
+                    published.append(group_id)
+            except GroupError:
+                continue  # unreachable or stale for now; try again next round
+        return published
+
+    async def _maintain_one(self, group_id: bytes) -> bool:
+        if group_id in self.state.requested:
+            await self.status(group_id)  # accepted: it becomes one of my groups
+        if group_id not in self.state.groups and group_id not in self.state.drafts:
+            return False
+        view = await self.refresh(group_id)
+        mine = view.owner == self._me.public
+        if group_id not in self.state.groups:  # I left: wait until my heir has taken over
+            if not mine:
+                self._withdraw_owned(group_id)
+            return False
+        if not mine:
+            return await self._maybe_take_over(view)
+        draft = await self._as_owner(group_id)
+        current = rules.apply_leaves(draft.members, self._leave_times(group_id))
+        expiring = view.record.expires - self._clock() < RENEW_MARGIN
+        if current != draft.members or expiring:
+            await self._next_roster(draft, current)
+            return True
+        return False
+
+    async def _maybe_take_over(self, view: RosterView) -> bool:
+        """If the owner left and handed the group to me, publish the next roster as owner."""
+        rec = self._leaves.get(view.group_id, {}).get(view.owner)
+        body = rec.payload() if rec is not None else None
+        if not isinstance(body, Leave) or body.handover is None:
+            return False
+        if body.handover.new_owner != self._me.public:
+            return False
+        base, members = rules.take_over(view.roster, view.members, body.handover)
+        leaves = self._leave_times(view.group_id)
+        draft = Draft(view.seq, base, members)
+        self.state.groups[view.group_id] = view.name
+        await self._next_roster(draft, rules.apply_leaves(members, leaves))
+        return True
+
+    # ---- listing -------------------------------------------------------------------
+
+    async def my_groups(self) -> list[MyGroup]:
+        """My groups and requests, with my role, refreshed from the DHT where possible."""
+        out: list[MyGroup] = []
+        for group_id in sorted(set(self.state.groups) | set(self.state.requested)):
+            role = await self._role(group_id)
+            view = self._views.get(group_id)
+            if role is not None:
+                name = view.name if view else self.state.groups.get(group_id, "")
+                out.append(MyGroup(group_id, name, role, len(self.members(group_id))))
+        return out
+
+    async def _role(self, group_id: bytes) -> Role | None:
+        if group_id in self.state.requested:
+            status, _ = await self.status(group_id)
+            if status != "accepted":
+                return "pending" if status == "pending" else None
+        view: RosterView | None
+        try:
+            view = await self.refresh(group_id)
+        except GroupError:
+            view = self._views.get(group_id)  # keep the last verified view when unreachable
+        if view is None:
+            return None
+        if view.owner == self._me.public:
+            return "owner"
+        return "member" if self.is_member(group_id, self._me.public) else None
+
+    async def directory(self) -> list[Listing]:
+        """Publicly listed groups whose entry checks out against the group's roster."""
+        found = await self._dht.get(key_for(Kind.DIRECTORY))
+        out: dict[bytes, Listing] = {}
+        for rec in found:
+            listing = await self._check_listing(rec)
+            if listing is not None:
+                out[listing.group_id] = listing
+        return sorted(out.values(), key=lambda g: (g.name, g.group_id))
+
+    async def _check_listing(self, rec: SignedRecord) -> Listing | None:
+        entry = rec.payload()
+        if not isinstance(entry, DirectoryEntry) or entry.withdrawn:
+            return None
+        try:
+            view = await self.fetch_roster(entry.group_id)
+        except GroupError:
+            return None
+        if not rules.directory_entry_is_plausible(entry, rec.signer, view, {}):
+            return None
+        return Listing(view.group_id, view.name, len(view.members), view.owner)

@@ -1,0 +1,321 @@
+"""Groups through a real DHT: each person's GroupService on its own node of a sim Network."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from dhtshare import crypto
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import GroupError
+from dhtshare.groups import rules
+from dhtshare.groups.service import Draft, GroupService, GroupState
+from dhtshare.identity import Identity
+from dhtshare.records import (
+    Handover,
+    Kind,
+    Member,
+    SignedRecord,
+    decode_record,
+    key_for,
+    sign_record,
+)
+from dhtshare.sim import Network
+
+NODES = 8
+
+
+class Clock:
+    """Wall time that a test moves forward in steps (well inside the signature skew)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class LyingDht:
+    """A DHT whose ``get`` adds records a lying node injected, or returns only those."""
+
+    def __init__(
+        self,
+        node: DhtNode,
+        extra: Callable[[bytes], list[SignedRecord]],
+        *,
+        only_extra: bool = False,
+    ) -> None:
+        self.node = node
+        self.extra = extra
+        self.only_extra = only_extra
+        self.put = node.put
+        self.publish = node.publish
+        self.withdraw = node.withdraw
+
+    async def get(self, key: bytes) -> list[SignedRecord]:
+        real = [] if self.only_extra else await self.node.get(key)
+        return [*self.extra(key), *real]
+
+
+def people(*names: str) -> list[Identity]:
+    return [Identity.generate(n) for n in names]
+
+
+async def grow(
+    owner: GroupService, gid: bytes, joiners: list[GroupService], clock: Clock | None = None
+) -> None:
+    """Each joiner requests and the owner accepts it, in order (joins ``clock`` steps apart)."""
+    for s in joiners:
+        if clock is not None:
+            clock.advance(10)
+        await s.request_join(gid, "hello")
+        await owner.accept(gid, s._me.public)
+
+
+async def test_create_request_accept_reject_and_list() -> None:
+    owner, alice, bob, carol = people("owner", "alice", "bob", "carol")
+    async with Network.start(NODES) as net:
+        so, sa, sb, sc = (
+            GroupService(net.nodes[i + 1], p) for i, p in enumerate((owner, alice, bob, carol))
+        )
+        gid = await so.create("climbers", public=True)
+        for s in (sa, sb, sc):
+            await s.request_join(gid, "let me in")
+        pending = await so.requests(gid)
+        assert {(p.requester, p.name, p.message) for p in pending} == {
+            (alice.public, "alice", "let me in"),
+            (bob.public, "bob", "let me in"),
+            (carol.public, "carol", "let me in"),
+        }
+        assert await sa.status(gid) == ("pending", "")
+        await so.accept(gid, alice.public)
+        view = await so.accept(gid, bob.public)
+        await so.reject(gid, carol.public, "group is full")
+        assert view.seq == 3 and view.group_id == gid
+        assert await so.requests(gid) == []
+        assert await sc.status(gid) == ("rejected", "group is full")
+        assert await sa.status(gid) == ("accepted", "")
+        with pytest.raises(GroupError, match="no pending join request"):
+            await so.accept(gid, carol.public)
+        with pytest.raises(GroupError, match="only the group's owner"):
+            await sa.accept(gid, carol.public)
+
+        assert [(g.group_id, g.role, g.members) for g in await so.my_groups()] == [
+            (gid, "owner", 3)
+        ]
+        assert [(g.role, g.name) for g in await sb.my_groups()] == [("member", "climbers")]
+        assert await sc.my_groups() == []
+        assert await GroupService(net.nodes[6], Identity.generate()).status(gid) == ("none", "")
+
+        reader = GroupService(net.nodes[7], carol)
+        await reader.refresh(gid)
+        assert reader.member_since(gid, owner.public) == view.roster.genesis.created
+        assert reader.member_since(gid, bob.public) is not None
+        assert reader.member_since(gid, carol.public) is None
+        listed = await reader.directory()
+        assert [(g.group_id, g.name, g.members, g.owner) for g in listed] == [
+            (gid, "climbers", 3, owner.public)
+        ]
+
+
+async def test_private_group_is_not_listed_and_pending_role_shows() -> None:
+    owner, alice = people("owner", "alice")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        gid = await so.create("secret")
+        await sa.request_join(gid)
+        assert [(g.group_id, g.role) for g in await sa.my_groups()] == [(gid, "pending")]
+        assert await sa.directory() == []
+
+
+def forged_rosters(owner: Identity, mallory: Identity, gid_roster: rules.RosterView) -> list[bytes]:
+    """A roster signed by a non-owner, and one whose hand-over to mallory mallory signed."""
+    roster = gid_roster.roster
+    not_owner = sign_record(mallory, roster, seq=50, now=time.time(), ttl=3600)
+    message = Handover.message(roster.group_id, 0, mallory.public, int(time.time()))
+    fake = Handover(
+        mallory.public, int(time.time()), crypto.sign(mallory.signing_key, "handover", message)
+    )
+    chained = replace(roster, handovers=(fake,))
+    forged_chain = sign_record(mallory, chained, seq=60, now=time.time(), ttl=3600)
+    return [not_owner.encode(), forged_chain.encode()]
+
+
+async def test_forged_rosters_are_refused_by_storing_nodes_and_readers() -> None:
+    owner, mallory, reader_id = people("owner", "mallory", "reader")
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner)
+        gid = await so.create("climbers")
+        view = await so.fetch_roster(gid)
+        key = key_for(Kind.ROSTER, gid)
+        forged = forged_rosters(owner, mallory, view)
+        sender = net.nodes[2]
+        assert sender.protocol is not None
+        for raw in forged:
+            for target in net.nodes[3:]:
+                answered, kept = await sender.protocol.store(
+                    target.address, sender.node.id, key, raw
+                )
+                assert answered and kept is False
+        for node in net.nodes:
+            assert all(r.signer == owner.public for r in node.storage.records(key, time.time()))
+
+        lies = [decode_record(raw) for raw in forged]
+
+        def inject(k: bytes) -> list[SignedRecord]:
+            return lies if k == key else []
+
+        reader = GroupService(LyingDht(net.nodes[4], inject), reader_id)
+        got = await reader.fetch_roster(gid)
+        assert got.seq == 1 and got.owner == owner.public
+        only_lies = LyingDht(net.nodes[4], inject, only_extra=True)
+        with pytest.raises(GroupError, match="no valid roster"):
+            await GroupService(only_lies, reader_id).fetch_roster(gid)
+
+
+async def test_stale_roster_is_not_accepted() -> None:
+    owner, alice, reader_id = people("owner", "alice", "reader")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        gid = await so.create("climbers")
+        reader = GroupService(net.nodes[3], reader_id)
+        old = (await reader.fetch_roster(gid)).record
+        await grow(so, gid, [sa])
+        assert (await reader.fetch_roster(gid)).seq == 2
+        key = key_for(Kind.ROSTER, gid)
+        holders = [n for n in net.nodes if n.storage.count(key)]
+        assert holders
+        for node in holders:  # nodes holding version 2 refuse version 1
+            assert node.storage.add(key, old.encode(), time.time()) == "stale"
+
+        # a node that only has version 1 (or lies) cannot roll the reader back
+        stale = LyingDht(net.nodes[3], lambda k: [old] if k == key else [], only_extra=True)
+        rolled = GroupService(stale, reader_id, reader.state)
+        with pytest.raises(rules.StaleRosterError):
+            await rolled.fetch_roster(gid)
+        # ...also after the reader's state was saved and loaded again
+        saved = GroupState.from_json(json.loads(json.dumps(reader.state.to_json())))
+        with pytest.raises(rules.StaleRosterError):
+            await GroupService(stale, reader_id, saved).fetch_roster(gid)
+        # a reader that never saw version 2 takes version 1: that is all it can know
+        assert (await GroupService(stale, reader_id).fetch_roster(gid)).seq == 1
+
+
+async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
+    owner, alice, bob, dave = people("owner", "alice", "bob", "dave")
+    clock = Clock()
+    async with Network.start(NODES) as net:
+        so, sa, sb, sd = (
+            GroupService(net.nodes[i + 1], p, clock=clock)
+            for i, p in enumerate((owner, alice, bob, dave))
+        )
+        gid = await so.create("climbers", public=True)
+        await grow(so, gid, [sa, sb], clock)  # alice joined first
+        clock.advance(10)
+        await so.leave(gid)
+        await sb.refresh(gid)
+        assert sb.member_since(gid, owner.public) is None  # gone at once for readers
+        assert await sb.maintain() == []  # bob is not the heir
+        assert await sa.maintain() == [gid]  # alice is: she publishes the next roster
+
+        view = await sb.refresh(gid)
+        assert view.group_id == gid and view.owner == alice.public
+        assert len(view.roster.handovers) == 1
+        assert {m.key for m in view.members} == {alice.public, bob.public}
+        assert [(g.group_id, g.role) for g in await sa.my_groups()] == [(gid, "owner")]
+        assert await so.my_groups() == []
+        await so.maintain()  # the old owner sees the heir's roster and stops republishing it
+        assert all(
+            r.signer != owner.public for r in net.nodes[1].published if r.kind == Kind.ROSTER
+        )
+
+        await sd.request_join(gid)
+        assert [p.requester for p in await sa.requests(gid)] == [dave.public]
+        after = await sa.accept(gid, dave.public)
+        assert after.group_id == gid and after.owner == alice.public
+        await sb.refresh(gid)
+        assert sb.is_member(gid, dave.public)
+        with pytest.raises(GroupError, match="only the group's owner"):
+            await so.accept(gid, dave.public)
+
+
+async def test_member_leave_then_owner_applies_it() -> None:
+    owner, alice, bob = people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        so, sa, sb = (GroupService(net.nodes[i + 1], p) for i, p in enumerate((owner, alice, bob)))
+        gid = await so.create("climbers")
+        await grow(so, gid, [sa, sb])
+        await sb.leave(gid)
+        await sa.refresh(gid)
+        assert not sa.is_member(gid, bob.public) and sa.is_member(gid, alice.public)
+        before = (await so.fetch_roster(gid)).seq
+        assert await so.maintain() == [gid]
+        view = await sa.refresh(gid)
+        assert view.seq == before + 1
+        assert {m.key for m in view.members} == {owner.public, alice.public}
+        assert await so.maintain() == []  # nothing left to apply
+        assert await so.requests(gid) == []  # bob's old request is not pending again
+
+
+async def test_removed_member_is_gone_for_every_member() -> None:
+    ids = people("owner", "alice", "bob", "carol")
+    async with Network.start(NODES) as net:
+        services = [GroupService(net.nodes[i + 1], p) for i, p in enumerate(ids)]
+        so, sa, sb, sc = services
+        gid = await so.create("climbers")
+        await grow(so, gid, [sa, sb, sc])
+        for s in services:
+            await s.refresh(gid)
+            assert s.is_member(gid, ids[2].public)
+        await so.remove(gid, ids[2].public)
+        for s in services:
+            await s.refresh(gid)
+            assert s.member_since(gid, ids[2].public) is None
+            assert s.is_member(gid, ids[1].public)
+        assert await sb.my_groups() == []
+        assert await sb.status(gid) == ("none", "")  # no longer a member, no open request
+        assert await so.requests(gid) == []  # its old request does not come back
+
+
+async def test_thousand_member_roster_round_trips() -> None:
+    owner, reader_id = people("owner", "reader")
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner)
+        gid = await so.create("big")
+        first = await so.fetch_roster(gid)
+        now = time.time()
+        extra = tuple(Member(os.urandom(32), f"member{i}", int(now)) for i in range(999))
+        members = first.members + extra
+        roster, pages = rules.layout(first.roster, members, 2)
+        for page in pages:
+            await net.nodes[1].publish(sign_record(owner, page, seq=2, now=now, ttl=3600))
+        await net.nodes[1].publish(sign_record(owner, roster, seq=2, now=now, ttl=3600))
+
+        reader = GroupService(net.nodes[6], reader_id)
+        view = await reader.refresh(gid)
+        assert view.seq == 2 and len(view.members) == 1000
+        assert view.members == members
+        assert reader.member_since(gid, extra[-1].key) == int(now)
+        assert reader.member_since(gid, os.urandom(32)) is None
+
+
+def test_state_round_trips_through_json() -> None:
+    owner = Identity.generate("owner")
+    base, members = rules.found_group(owner, "g", now=1_800_000_000, nonce=b"\x01" * 16)
+    state = GroupState(
+        {base.group_id: "g"},
+        {os.urandom(32): 5},
+        {base.group_id: rules.Known(3, 0, rules.chain_digest(()))},
+        {base.group_id: Draft(3, base, members)},
+    )
+    assert GroupState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    with pytest.raises(GroupError, match="damaged"):
+        GroupState.from_json({"version": 1, "groups": {"zz": "x"}})
