@@ -26,7 +26,7 @@ from dhtshare.records import SignedRecord
 pytestmark = pytest.mark.timeout(30)
 
 
-def variants(reason: str) -> Any:
+def variants(reason: str) -> pytest.MarkDecorator:
     """Parametrize over the plain library (strict xfail) and the adapter."""
     return pytest.mark.parametrize(
         "plain",
@@ -95,19 +95,28 @@ async def test_no_store_push_loop(nodes: Nodes, clock: FakeClock, plain: bool) -
     a = await nodes.start(1, nid(0x00, 0x00))
     h = await nodes.start(1, nid(0x80, 0x01))
     b = await nodes.start(1, nid(0x80, 0x02))
+
     # A closer to the key than H, and B closer than H (store_push_loop.py's set-up);
     # the plain library judges closeness on digest(key), the adapter on the key itself.
-    close = lambda k: k[0] < 0x80 and k[-1] & 0x03 == 0x02  # noqa: E731
-    rec = record_where(clock, (lambda k: close(digest(k))) if plain else close)
+    def close(k: bytes) -> bool:
+        return k[0] < 0x80 and k[-1] & 0x03 == 0x02
+
+    def hashed_close(k: bytes) -> bool:
+        return close(bytes(digest(k)))
+
+    rec = record_where(clock, hashed_close if plain else close)
     if plain:
         a.storage[rec.dht_key] = rec.encode()
     else:
         a.storage.add(rec.dht_key, rec.encode(), clock(), own=True)
     stores: list[bytes] = []
     real_store = b.protocol.rpc_store
-    b.protocol.rpc_store = lambda sender, nodeid, key, value: (
-        stores.append(key) or real_store(sender, nodeid, key, value)
-    )
+
+    def counting_store(sender: Any, nodeid: bytes, key: bytes, value: Any) -> Any:
+        stores.append(key)
+        return real_store(sender, nodeid, key, value)
+
+    b.protocol.rpc_store = counting_store
     await h.protocol.ping(addr(a), h.node.id)  # A learns H: its only bucket slot
     for _ in range(6):  # B talks to A: B lands in the replacement cache
         assert (await b.protocol.ping(addr(a), b.node.id))[0]

@@ -23,7 +23,7 @@ MSG = os.urandom(20)
 
 
 def request(body: Any) -> bytes:
-    return b"\x00" + MSG + umsgpack.packb(body)
+    return b"\x00" + MSG + bytes(umsgpack.packb(body))
 
 
 class FakePeer(asyncio.DatagramProtocol):
