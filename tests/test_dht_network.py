@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -207,3 +208,21 @@ async def test_stop_leaves_no_tasks(clock: FakeClock) -> None:
         await node.put(peer_record(Identity.generate(), clock()))
     assert all(not n.running for n in net.nodes)
     assert all(t.done() for n in net.nodes for t in n._owned_tasks())
+
+
+async def test_new_node_close_to_a_key_is_pushed_its_records_once(
+    net: Network, clock: FakeClock
+) -> None:
+    rec = peer_record(Identity.generate(), clock())
+    await net.nodes[1].put(rec)
+    newcomer_id = rec.dht_key[:-1] + bytes([rec.dht_key[-1] ^ 1])
+    newcomer = DhtNode(node_id=newcomer_id, clock=clock)
+    await newcomer.listen()
+    try:
+        await newcomer.bootstrap([net.bootstrap_address])
+        await newcomer.bootstrap([net.bootstrap_address])  # talks to everyone again
+        await asyncio.gather(*(t for n in net.nodes if n.protocol for t in n.protocol.tasks))
+        assert newcomer.storage.records(rec.dht_key, clock()) == [rec]
+        assert sum(n.stats["push"] for n in net.nodes) == 1  # only the closest pushes, once
+    finally:
+        await newcomer.aclose()
