@@ -18,7 +18,6 @@ keeps the library's routing table and RPCs and replaces those parts:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -111,8 +110,10 @@ class DhtNode(Server):  # type: ignore[misc]
         republish_interval: float = 1800.0,
         maintenance_interval: float = 60.0,
     ) -> None:
-        self.stats = stats if stats is not None else Counters()
-        storage = storage or ValidatingStorage(clock=clock, stats=self.stats)
+        if stats is None:
+            stats = storage.stats if storage is not None else Counters()
+        self.stats = stats
+        storage = storage or ValidatingStorage(clock=clock, stats=stats)
         super().__init__(ksize, alpha, node_id, storage)
         self.storage: ValidatingStorage = storage
         self.protocol: DhtProtocol | None = None
@@ -146,12 +147,22 @@ class DhtNode(Server):  # type: ignore[misc]
         last_refresh = time.monotonic()
         while True:
             await asyncio.sleep(self.maintenance_interval)
-            with contextlib.suppress(DhtError):
-                await self.republish()
-            self.storage.expire(self.clock())
-            if time.monotonic() - last_refresh >= refresh_interval:
+            refresh = time.monotonic() - last_refresh >= refresh_interval
+            if refresh:
                 last_refresh = time.monotonic()
-                await self._refresh_table()
+            try:
+                await self._maintain_once(refresh)
+            except Exception:
+                self.stats.incr("error.maintenance")
+                log.exception("DHT maintenance failed")
+
+    async def _maintain_once(self, refresh: bool) -> None:
+        """Expire records, republish what is due and, when ``refresh``, lonely buckets."""
+        self.storage.expire(self.clock())
+        if refresh:
+            await self._refresh_table()
+        else:
+            await self.republish()
 
     async def _refresh_table(self) -> None:
         """Look up a random id in every lonely bucket, then republish what is due.
