@@ -591,6 +591,18 @@ class SignedRecord:
     def slot(self) -> bytes:
         return _SPEC_BY_KIND[self.kind].slot(self._payload, self.signer)
 
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Which record in a slot wins: the higher rank replaces the lower.
+
+        For a roster the longer hand-over chain wins before the higher ``seq``, so a former
+        owner cannot overwrite its heir's roster at storing nodes by signing a higher
+        ``seq`` on the old chain. For every other kind it is just ``seq``.
+        """
+        if isinstance(self._payload, Roster):
+            return len(self._payload.handovers), self.seq
+        return 0, self.seq
+
 
 def sign_record(
     identity: Identity, body: Body, *, seq: int, now: float, ttl: float

@@ -304,7 +304,7 @@ class DhtNode(Server):  # type: ignore[misc]
             self.stats.incr("lookup.wrong_key")
             return
         held = found.get(rec.slot)
-        if held is None or rec.seq > held.seq:
+        if held is None or rec.rank > held.rank:
             found[rec.slot] = rec
 
     def _record_lookup(self, crawl: _Crawl, seconds: float) -> None:
@@ -322,7 +322,7 @@ class DhtNode(Server):  # type: ignore[misc]
         crawl = await self._crawl(key, want_values=True)
         for rec in self.storage.records(key, self.clock()):
             held = crawl.found.get(rec.slot)
-            if held is None or rec.seq > held.seq:
+            if held is None or rec.rank > held.rank:
                 crawl.found[rec.slot] = rec
         return sorted(crawl.found.values(), key=lambda r: (r.issued, r.seq), reverse=True)
 

@@ -127,7 +127,7 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]
 
     def _is_stale(self, key: bytes, rec: SignedRecord, raw: bytes) -> bool:
         held = self._data.get(key, {}).get(rec.slot)
-        if held is None or rec.seq > held.record.seq:
+        if held is None or rec.rank > held.record.rank:
             return False
         return not (rec.seq == held.record.seq and raw == held.raw)
 
