@@ -1,0 +1,742 @@
+"""Download one file from many providers at once, verifying every piece.
+
+``Download.run()`` does, in order (docs/transfer.md has the full story):
+
+1. refuse at once if the final name exists (``StoreError``); open ``<name>.part``
+   and load the resume state (a missing ``.part`` discards the state);
+2. poll the node's ``providers()`` callable and connect to up to ``max_peers`` of
+   them at once (re-polled while pieces are missing); each connection is a client
+   handshake, and the server's key must be a current group member;
+3. fetch the piece-hash list from the first peer that offers it and check it
+   against the content id (the hash-tree root); a list that does not match bans
+   that peer, and the next peer is asked;
+4. let the ``PiecePicker`` choose blocks (rarest first, pipelined by measured
+   throughput, endgame with cancels, expired requests re-assigned);
+5. hash every completed piece off the event loop; a good piece is written at
+   its offset, marked in the resume state and served to others (``on_have``); a
+   bad piece is fetched again and its sender is banned for this file;
+6. save the resume state every ``save_interval`` seconds and when stopped;
+7. finalize (rename to the final name, never over an existing file) when
+   every piece is verified.
+
+It fails with ``FileShareError`` when no provider serves the file within
+``provider_timeout`` seconds (or every provider refused us, with their reason),
+and with ``StoreError`` on disk trouble (the ``.part`` file is kept). Every task
+belongs to the ``TaskGroup`` inside ``run()``; cancelling ``run()`` pauses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dhtshare.errors import DhtshareError, FileShareError, ProtocolError, StoreError
+from dhtshare.files.content import FileLayout, merkle_root, verify_hash_list, verify_piece
+from dhtshare.identity import Identity, format_id
+from dhtshare.store.partial import PartialFile, safe_name
+from dhtshare.store.resume import ResumeState, load_or_new
+from dhtshare.transfer.peer import READ_TIMEOUT, PeerStream, open_peer
+from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
+from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.serve import KEEPALIVE_INTERVAL, MemberCheck, Share, ShareRegistry
+from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
+from dhtshare.wire import (
+    MAX_BLOCK,
+    MAX_HASHES,
+    Bitfield,
+    Cancel,
+    ConnectionClosed,
+    Event,
+    GetHashes,
+    HashList,
+    Have,
+    Keepalive,
+    Piece,
+    Reason,
+    Reject,
+    Request,
+)
+
+__all__ = ["Download", "DownloadOptions", "FileInfo", "ProviderAddr", "ProviderSource"]
+
+log = logging.getLogger(__name__)
+
+STORE_QUEUE_BYTES = 16 * 1024 * 1024
+"""Completed pieces waiting to be hashed and written, at most (memory bound)."""
+RATE_WINDOW = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderAddr:
+    """A peer that holds (some of) the file, and where to reach it."""
+
+    peer_key: bytes
+    host: str
+    port: int
+
+
+ProviderSource = Callable[[], Awaitable[list[ProviderAddr]]]
+"""The node's provider lookup; called again every ``repoll_interval`` while pieces are missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """What the file entry says about the file to download."""
+
+    group_id: bytes
+    content_id: bytes
+    name: str
+    size: int
+    piece_size: int
+
+    @property
+    def layout(self) -> FileLayout:
+        return FileLayout(self.size, self.piece_size)
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadOptions:
+    """Tuning; the defaults suit the internet, tests shorten the timeouts."""
+
+    max_peers: int = 12
+    rate_limit: float | None = None  # bytes/s for this download; None: unlimited
+    provider_timeout: float = 60.0  # fail if nobody serves missing pieces this long
+    repoll_interval: float = 5.0
+    retry_after: float = 5.0  # before reconnecting to a provider whose connection ended
+    save_interval: float = 2.0
+    connect_timeout: float = 10.0
+    read_timeout: float = READ_TIMEOUT
+    verify_on_resume: bool = False  # re-hash pieces the resume state calls verified
+    picker: PickerConfig = field(default_factory=lambda: PickerConfig(block_size=MAX_BLOCK))
+
+
+@dataclass(slots=True)
+class _Assembly:
+    """The blocks of one piece received so far, and who sent each."""
+
+    data: bytes | bytearray | memoryview
+    senders: dict[int, bytes] = field(default_factory=dict)  # begin -> peer
+
+
+@dataclass(slots=True)
+class _Verify:
+    index: int
+    data: bytes | bytearray | memoryview
+    senders: dict[int, bytes]
+
+
+class Download:
+    """One file: providers -> peers -> picker -> verified pieces on disk.
+
+    Build it, then ``await run()`` (returns the final path). ``status()`` is a
+    snapshot at any time. ``sources`` counts accepted bytes per peer key and
+    ``bytes_received`` every block byte that arrived (duplicates included).
+    """
+
+    def __init__(
+        self,
+        identity: Identity,
+        info: FileInfo,
+        out_dir: Path,
+        *,
+        providers: ProviderSource,
+        is_member: MemberCheck,
+        shares: ShareRegistry | None = None,
+        state_path: Path | None = None,
+        on_first_piece: Callable[[bytes], None] | None = None,
+        on_have: Callable[[bytes, int], None] | None = None,
+        options: DownloadOptions | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.identity = identity
+        self.info = info
+        self.layout = info.layout
+        self.out_dir = Path(out_dir)
+        self.providers = providers
+        self.is_member = is_member
+        self.shares = shares
+        self.on_first_piece = on_first_piece
+        self.on_have = on_have
+        self.options = options or DownloadOptions()
+        self.clock = clock
+        self.picker = PiecePicker(
+            self.layout.piece_lengths(), rng or random.Random(), self.options.picker
+        )
+        self.bucket = TokenBucket(None, now=clock())
+        self.set_rate_limit(self.options.rate_limit)
+        self.final_path = self.out_dir / safe_name(info.name)
+        self._state_path = state_path
+        self.hashes: tuple[bytes, ...] | None = None
+        self.share: Share | None = None
+        self.sources: Counter[bytes] = Counter()
+        self.bytes_received = 0
+        self.banned: set[bytes] = set()
+        self.refused: dict[bytes, str] = {}
+        self._partial: PartialFile | None = None
+        self._state = ResumeState(info.content_id, self.layout.piece_count)
+        self._sessions: dict[bytes, _Client] = {}
+        self._ended_at: dict[bytes, float] = {}
+        self._assembly: dict[int, _Assembly] = {}
+        self._suspects: dict[int, _Verify] = {}
+        self._store: asyncio.Queue[_Verify] = asyncio.Queue(
+            max(2, STORE_QUEUE_BYTES // max(1, info.piece_size))
+        )
+        self._hash_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._fatal: DhtshareError | None = None
+        self._tg: asyncio.TaskGroup | None = None
+        self._rate: deque[tuple[float, int]] = deque()
+        self._final: DownloadStatus | None = None
+        self._started = clock()
+        self._progress_at = clock()
+        self._polled_at = float("-inf")
+        self._known: dict[bytes, ProviderAddr] = {}
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def part_path(self) -> Path:
+        return self.final_path.with_name(self.final_path.name + ".part")
+
+    @property
+    def state_path(self) -> Path:
+        return self._state_path or self.final_path.with_name(self.final_path.name + ".resume")
+
+    @property
+    def hashes_path(self) -> Path:
+        return self.state_path.with_name(self.state_path.name + ".hashes")
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(self.layout.piece_length(i) for i in self._state.verified)
+
+    @property
+    def peers(self) -> int:
+        """Connected peers that finished the handshake."""
+        return sum(1 for s in self._sessions.values() if s.ready)
+
+    def set_rate_limit(self, rate: float | None) -> None:
+        """Limit this download to ``rate`` bytes/s (``None`` or 0: unlimited)."""
+        burst = max(float(MAX_BLOCK), rate / 4) if rate else None
+        self.bucket.set_rate(rate, burst, self.clock())
+
+    def rate(self) -> float:
+        """Accepted bytes per second over the last few seconds."""
+        now = self.clock()
+        while self._rate and self._rate[0][0] < now - RATE_WINDOW:
+            self._rate.popleft()
+        span = min(RATE_WINDOW, max(1e-3, now - self._started))
+        return sum(n for _, n in self._rate) / span
+
+    def status(self) -> DownloadStatus:
+        """A snapshot: ``Downloading`` while running, else how it ended."""
+        if self._final is not None:
+            return self._final
+        return Downloading(*self._status_fields(), rate=self.rate(), peers=self.peers)
+
+    def _status_fields(self, path: Path | None = None) -> tuple[str, int, int, str, dict[str, int]]:
+        """``name, size, bytes_done, path, sources``: the fields every status shares."""
+        sources = {format_id(k): v for k, v in self.sources.items()}
+        where = str(path or self.part_path)
+        return self.final_path.name, self.info.size, self.bytes_done, where, sources
+
+    async def run(self) -> Path:
+        """Download until complete and return the final path (see the module doc)."""
+        self._started = self._progress_at = self.clock()
+        try:
+            path = await self._run()
+        except asyncio.CancelledError:
+            self._final = Paused(*self._status_fields())
+            raise
+        except DhtshareError as exc:
+            self._final = Failed(*self._status_fields(), error=exc.message, hint=exc.hint)
+            raise
+        seconds = self.clock() - self._started
+        self._final = Complete(*self._status_fields(path), seconds=seconds)
+        return path
+
+    # -- the run ------------------------------------------------------------------
+
+    async def _run(self) -> Path:
+        if await asyncio.to_thread(self.final_path.exists):
+            raise StoreError(
+                f"{self.final_path} already exists", "move it away or choose another directory"
+            )
+        await self._open()
+        finished = False
+        try:
+            if not self._state.complete or self.hashes is None:
+                await self._transfer()
+            path = await self._finish()
+            finished = True
+            return path
+        finally:
+            if not finished:
+                await self._close_quietly()
+
+    async def _open(self) -> None:
+        existed = await asyncio.to_thread(self.part_path.exists)
+        self._partial = await PartialFile.open(self.out_dir, self.info.name, self.info.size)
+        if existed:
+            count = self.layout.piece_count
+            self._state = await asyncio.to_thread(
+                load_or_new, self.state_path, self.info.content_id, count
+            )
+            hashes = await asyncio.to_thread(_load_hashes, self.hashes_path, count)
+            if hashes is not None and verify_hash_list(hashes, self.info.content_id, count):
+                await self._set_hashes(hashes, save=False)
+        if self.layout.piece_count == 0:
+            await self._set_hashes((), save=False)
+
+    async def _transfer(self) -> None:
+        error: DhtshareError | None = None
+        async with asyncio.TaskGroup() as tg:
+            self._tg = tg
+            helpers = [tg.create_task(self._store_loop()), tg.create_task(self._timer_loop())]
+            try:
+                error = await self._main_loop()
+            finally:
+                self._tg = None
+                for task in helpers + [s.task for s in self._sessions.values() if s.task]:
+                    task.cancel()
+        if error is not None:
+            raise error
+
+    async def _main_loop(self) -> DhtshareError | None:
+        """Keep peers connected until every piece is verified; return what stopped us."""
+        while not (self._state.complete and self.hashes is not None):
+            if self._fatal is not None:
+                return self._fatal
+            await self._connect_providers()
+            stalled = self._stalled()
+            if stalled is not None:
+                return stalled
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.repoll_interval):
+                    await self._wake.wait()
+        return None
+
+    def _stalled(self) -> DhtshareError | None:
+        """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
+        now = self.clock()
+        if any(s.useful() for s in self._sessions.values()):
+            self._progress_at = now
+            return None
+        candidates = [k for k in self._known if k not in self.banned]
+        if candidates and not self._sessions and all(k in self.refused for k in candidates):
+            text = self.refused[candidates[0]]
+            return FileShareError(
+                f"every provider of {self.final_path.name} refused us: {text}",
+                "ask the group's owner to accept you, then download again",
+            )
+        if now - self._progress_at < self.options.provider_timeout:
+            return None
+        return FileShareError(
+            f"no providers for {self.final_path.name} (nobody served it for "
+            f"{self.options.provider_timeout:g} s)",
+            "try again later, when a member who holds the file is online",
+        )
+
+    async def _connect_providers(self) -> None:
+        now = self.clock()
+        if now - self._polled_at >= self.options.repoll_interval or not self._known:
+            self._polled_at = now
+            self._known = await self._poll()
+        for key, addr in self._known.items():
+            if len(self._sessions) >= self.options.max_peers:
+                return
+            if key in self._sessions or key in self.banned or key in self.refused:
+                continue
+            if now - self._ended_at.get(key, float("-inf")) < self.options.retry_after:
+                continue
+            self._spawn(addr)
+
+    async def _poll(self) -> dict[bytes, ProviderAddr]:
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                found = await self.providers()
+        except (DhtshareError, OSError, TimeoutError) as exc:
+            log.info("provider lookup failed: %s", exc)
+            return self._known
+        me = self.identity.public
+        return {a.peer_key: a for a in found if a.peer_key != me}
+
+    def _spawn(self, addr: ProviderAddr) -> None:
+        assert self._tg is not None
+        client = _Client(self, addr)
+        self._sessions[addr.peer_key] = client
+        client.task = self._tg.create_task(client.run())
+
+    def _session_ended(self, client: _Client) -> None:
+        key = client.addr.peer_key
+        if self._sessions.get(key) is client:
+            del self._sessions[key]
+        self._ended_at[key] = self.clock()
+        self.picker.remove_peer(key)
+        self._top_up_all()
+        self._wake.set()
+
+    # -- hashes -------------------------------------------------------------------
+
+    async def ensure_hashes(self, client: _Client) -> None:
+        """Have the verified piece-hash list, fetching it through ``client`` if needed."""
+        if self.hashes is not None:
+            return
+        async with self._hash_lock:
+            if self._hashes_known():  # another session fetched them while we waited
+                return
+            count = self.layout.piece_count
+            hashes = await client.fetch_hashes(count)
+            if not verify_hash_list(hashes, self.info.content_id, count):
+                self.ban(client.addr.peer_key, "piece hashes do not match the content id")
+                raise ProtocolError("piece hashes do not match the content id")
+            await self._set_hashes(tuple(hashes), save=True)
+
+    def _hashes_known(self) -> bool:
+        return self.hashes is not None
+
+    async def _set_hashes(self, hashes: tuple[bytes, ...], *, save: bool) -> None:
+        if save:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_save_hashes, self.hashes_path, hashes)
+        if self.options.verify_on_resume and self._state.verified:
+            await self._reverify(hashes)
+        self.hashes = hashes
+        for index in sorted(self._state.verified):
+            self.picker.mark_have(index)
+        if self.shares is not None and self._partial is not None:
+            self.share = self.shares.add(
+                Share(
+                    self.info.group_id,
+                    self.info.content_id,
+                    self._partial.part_path,
+                    self.layout,
+                    hashes,
+                    self._state.verified,
+                )
+            )
+
+    async def _reverify(self, hashes: tuple[bytes, ...]) -> None:
+        assert self._partial is not None
+        for index in sorted(self._state.verified):
+            offset, length = self.layout.piece_offset(index), self.layout.piece_length(index)
+            data = await self._partial.read(offset, length)
+            if not await asyncio.to_thread(verify_piece, data, hashes[index]):
+                self._state.verified.discard(index)
+
+    # -- blocks and pieces ----------------------------------------------------------
+
+    async def on_piece(self, client: _Client, msg: Piece) -> None:
+        """A block arrived: account for it, assemble its piece, queue a full piece."""
+        key, size = client.addr.peer_key, len(msg.data)
+        now = self.clock()
+        self.bytes_received += size
+        client.received += size
+        result = self.picker.block_received(key, Block(msg.index, msg.begin, size), now)
+        self._send_cancels(result.cancels)
+        if result.accepted:
+            self.sources[key] += size
+            self._rate.append((now, size))
+            piece = self._assemble(key, msg)
+            if result.piece_complete:
+                del self._assembly[msg.index]
+                await self._store.put(_Verify(msg.index, piece.data, piece.senders))
+        wait = self.bucket.consume(size, now)
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _assemble(self, key: bytes, msg: Piece) -> _Assembly:
+        length = self.layout.piece_length(msg.index)
+        piece = self._assembly.get(msg.index)
+        if piece is None:
+            whole = msg.begin == 0 and len(msg.data) == length
+            piece = _Assembly(msg.data if whole else bytearray(length))
+            self._assembly[msg.index] = piece
+        if isinstance(piece.data, bytearray):
+            piece.data[msg.begin : msg.begin + len(msg.data)] = msg.data
+        piece.senders[msg.begin] = key
+        return piece
+
+    async def _store_loop(self) -> None:
+        """Hash each completed piece off the loop; write the good ones."""
+        while True:
+            item = await self._store.get()
+            assert self.hashes is not None and self._partial is not None
+            good = await asyncio.to_thread(verify_piece, item.data, self.hashes[item.index])
+            if not good:
+                self._piece_failed(item)
+                continue
+            try:
+                offset = self.layout.piece_offset(item.index)
+                await self._partial.write_piece(offset, memoryview(item.data))
+            except StoreError as exc:
+                self._fatal = exc
+                self._wake.set()
+                return
+            self._piece_verified(item)
+
+    def _piece_verified(self, item: _Verify) -> None:
+        self._send_cancels(self.picker.piece_verified(item.index))
+        first = not self._state.verified
+        self._state.mark(item.index)
+        self._progress_at = self.clock()
+        self._blame(item)
+        if self.share is not None:
+            self.share.add_piece(item.index)
+        self._notify(first)
+        self._top_up_all()
+        if self._state.complete:
+            self._wake.set()
+
+    def _notify(self, first: bool) -> None:
+        try:
+            if first and self.on_first_piece is not None:
+                self.on_first_piece(self.info.content_id)
+            if self.on_have is not None:
+                self.on_have(self.info.content_id, len(self._state.verified))
+        except Exception:
+            log.exception("download progress callback failed")
+
+    def _piece_failed(self, item: _Verify) -> None:
+        """A piece failed its hash: fetch it again; ban its sender if there was one."""
+        senders = set(item.senders.values())
+        self.picker.piece_failed(item.index)
+        if len(senders) == 1:
+            self.ban(senders.pop(), f"piece {item.index} failed its hash check")
+        else:  # several senders: blame the ones whose blocks differ from the good copy
+            self._suspects[item.index] = _Verify(item.index, bytes(item.data), item.senders)
+        self._top_up_all()
+
+    def _blame(self, good: _Verify) -> None:
+        bad = self._suspects.pop(good.index, None)
+        if bad is None:
+            return
+        block = self.picker.config.block_size
+        view, ref = memoryview(bad.data), memoryview(good.data)
+        for begin, peer in bad.senders.items():
+            if view[begin : begin + block] != ref[begin : begin + block]:
+                self.ban(peer, f"a block of piece {good.index} was corrupt")
+
+    def ban(self, peer: bytes, why: str) -> None:
+        """Drop ``peer`` and never use it again for this file."""
+        log.info("banning %s: %s", format_id(peer)[:12], why)
+        self.banned.add(peer)
+        self.picker.ban(peer)
+        client = self._sessions.get(peer)
+        if client is not None and client.stream is not None:
+            client.stream.abort(Reason.BAD_DATA, why)
+
+    def _send_cancels(self, cancels: Iterable[tuple[bytes, Block]]) -> None:
+        for peer, b in cancels:
+            client = self._sessions.get(peer)
+            if client is not None and client.stream is not None:
+                client.stream.try_send(Cancel(b.index, b.begin, b.length))
+
+    def _top_up_all(self) -> None:
+        for client in list(self._sessions.values()):
+            client.top_up()
+
+    # -- timers, saving, finishing --------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        """Expire overdue requests, save progress, keep idle connections alive."""
+        saved_at = keepalive_at = self.clock()
+        saved = len(self._state.verified)
+        while True:
+            now = self.clock()
+            deadline = self.picker.next_deadline()
+            nap = 0.5 if deadline is None else min(0.5, max(0.01, deadline - now))
+            await asyncio.sleep(nap)
+            now = self.clock()
+            expired = self.picker.expire(now)
+            if expired.timed_out:
+                self._send_cancels(expired.timed_out)
+                self._top_up_all()
+            if now - saved_at >= self.options.save_interval and len(self._state.verified) != saved:
+                saved, saved_at = len(self._state.verified), now
+                await self._checkpoint()
+            if now - keepalive_at >= KEEPALIVE_INTERVAL:
+                keepalive_at = now
+                for client in list(self._sessions.values()):
+                    if client.stream is not None:
+                        client.stream.try_send(Keepalive())
+
+    async def _checkpoint(self) -> None:
+        """fsync the pieces, then save the state that trusts them (atomically)."""
+        if self._partial is None or self._partial.closed:
+            return
+        snapshot = ResumeState(
+            self.info.content_id, self.layout.piece_count, set(self._state.verified)
+        )
+        await self._partial.sync()
+        await asyncio.to_thread(snapshot.save, self.state_path)
+
+    async def _close_quietly(self) -> None:
+        """Paused or failed: save what we have, keep the ``.part`` file."""
+        try:
+            await self._checkpoint()
+        except (StoreError, OSError) as exc:
+            log.warning("could not save the resume state: %s", exc)
+        if self._partial is not None:
+            await self._partial.close()
+
+    async def _finish(self) -> Path:
+        assert self._partial is not None and self.hashes is not None
+        if merkle_root(self.hashes) != self.info.content_id or not self._state.complete:
+            raise FileShareError("download incomplete", "resume the download")
+        path = await self._partial.finalize()
+        for leftover in (self.state_path, self.hashes_path):
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(leftover.unlink, missing_ok=True)
+        if self.share is not None:
+            self.share.path = path
+        return path
+
+
+class _Client:
+    """One provider connection: handshake, bitfield, hashes, then request and receive."""
+
+    def __init__(self, download: Download, addr: ProviderAddr) -> None:
+        self.dl = download
+        self.addr = addr
+        self.stream: PeerStream | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.ready = False
+        self.received = 0
+        self.error = ""
+        self._early_have: set[int] = set()
+
+    def useful(self) -> bool:
+        """Still connecting, or connected with a piece we lack."""
+        return not self.ready or self.dl.picker.interesting(self.addr.peer_key)
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except (ProtocolError, OSError, TimeoutError) as exc:
+            self.error = str(exc) or type(exc).__name__
+            log.debug("provider %s:%d: %s", self.addr.host, self.addr.port, self.error)
+        finally:
+            self.dl._session_ended(self)
+            if self.stream is not None:
+                await self.stream.aclose()
+
+    async def _run(self) -> None:
+        dl, opts = self.dl, self.dl.options
+        info = dl.info
+        self.stream = await open_peer(
+            dl.identity, self.addr.host, self.addr.port, info.group_id, info.content_id,
+            handshake_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
+        )  # fmt: skip
+        key = self.stream.peer_key
+        if key != self.addr.peer_key or not dl.is_member(info.group_id, key):
+            self.stream.abort(Reason.NOT_MEMBER, "you are not a member of this group")
+            raise ProtocolError("provider is not a current member of the group")
+        have = await self._first_bitfield()
+        if have is None:
+            return
+        await dl.ensure_hashes(self)
+        have |= self._early_have
+        bits = Bitfield.from_pieces(dl.layout.piece_count, have).bits
+        if not dl.picker.add_peer(key, bits):
+            return
+        self.ready = True
+        dl._wake.set()
+        self.top_up()
+        async for event in self.stream:
+            if not await self._on_event(event):
+                return
+
+    async def _first_bitfield(self) -> set[int] | None:
+        assert self.stream is not None
+        async for event in self.stream:
+            if isinstance(event, Bitfield):
+                if event.piece_count != self.dl.layout.piece_count:
+                    raise ProtocolError("bitfield for a different piece count")
+                return set(event.pieces())
+            if not await self._on_event(event):
+                return None
+        return None
+
+    async def fetch_hashes(self, count: int) -> list[bytes]:
+        """Ask this peer for all ``count`` piece hashes and collect its answers."""
+        assert self.stream is not None
+        for start in range(0, count, MAX_HASHES):
+            self.stream.send_nowait(GetHashes(start, min(MAX_HASHES, count - start)))
+        got: list[bytes] = []
+        async for event in self.stream:
+            if isinstance(event, HashList):
+                if event.start != len(got) or len(got) + len(event.hashes) > count:
+                    raise ProtocolError("hash list out of order")
+                got.extend(event.hashes)
+                if len(got) == count:
+                    return got
+            elif not await self._on_event(event):
+                break
+        raise ProtocolError("connection ended before the piece hashes arrived")
+
+    async def _on_event(self, event: Event) -> bool:
+        """Handle one event; False when the connection is over."""
+        match event:
+            case Piece():
+                if not self.ready:
+                    raise ProtocolError("piece before it was requested")
+                await self.dl.on_piece(self, event)
+                self.top_up()
+            case Have(index):
+                self._on_have(index)
+            case Reject(reason, text):
+                self._on_reject(reason, text)
+                return False
+            case ConnectionClosed():
+                return False
+            case _:
+                pass  # Keepalive, and messages a server has no reason to send
+        return True
+
+    def _on_have(self, index: int) -> None:
+        if not 0 <= index < self.dl.layout.piece_count:
+            raise ProtocolError(f"Have for piece {index} out of range")
+        if self.ready:
+            self.dl.picker.peer_has(self.addr.peer_key, index)
+            self.top_up()
+        else:
+            self._early_have.add(index)
+
+    def _on_reject(self, reason: int, text: str) -> None:
+        self.error = text or f"rejected (reason {reason})"
+        if reason in (Reason.NOT_MEMBER, Reason.UNKNOWN_CONTENT):
+            self.dl.refused[self.addr.peer_key] = self.error
+
+    def top_up(self) -> None:
+        """Fill this peer's request pipeline from the picker."""
+        if not self.ready or self.stream is None or not self.stream.open:
+            return
+        for b in self.dl.picker.next_requests(self.addr.peer_key, self.dl.clock()):
+            self.stream.send_nowait(Request(b.index, b.begin, b.length))
+
+
+def _load_hashes(path: Path, count: int) -> tuple[bytes, ...] | None:
+    """The piece hashes saved next to the resume state, if the file is intact."""
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return None
+    if len(raw) != 32 * count:
+        return None
+    return tuple(raw[i : i + 32] for i in range(0, len(raw), 32))
+
+
+def _save_hashes(path: Path, hashes: tuple[bytes, ...]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(hashes))
+    tmp.replace(path)
