@@ -218,7 +218,7 @@ def node_start(
 
     Example: dhtshare node start --port 4001 --bootstrap boot.example.org:4000 --detach
     """
-    from .node import NodeConfig, run_detached, run_foreground
+    from .daemon import NodeConfig, run_detached, run_foreground
 
     config = NodeConfig(
         home=home_of(ctx),
@@ -331,7 +331,7 @@ def _decide(cmd: str, verb: str) -> Callable[..., None]:
     @click.argument("group_ref", metavar="GROUP")
     @click.argument("member")
     @click.pass_context
-    def decide(ctx: click.Context, group_ref: str, member: str, **extra: Any) -> None:
+    def decide(ctx: click.Context, /, group_ref: str, member: str, **extra: Any) -> None:
         result = node_call(ctx, cmd, group=group_ref, member=member, **extra)
         click.echo(f"{verb} {result['name'] or result['id']}")
 
@@ -570,7 +570,7 @@ def bootstrap(
 
     Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare
     """
-    from .node import run_bootstrap
+    from .daemon import run_bootstrap
 
     run_bootstrap(
         Path(state).expanduser() if state else home_of(ctx),
@@ -588,7 +588,7 @@ def ping(address: str, timeout: float) -> None:
 
     Example: dhtshare ping boot.example.org:4000
     """
-    from .node import ping_node
+    from .daemon import ping_node
 
     host, port = parse_hostport(address)
     rtt = asyncio.run(ping_node(host, port, timeout))
@@ -625,7 +625,7 @@ def ping(address: str, timeout: float) -> None:
 @json_option
 @click.pass_context
 def simulate(
-    ctx: click.Context, as_json: bool, plot: str | None, scenario: str | None, **options: Any
+    ctx: click.Context, /, as_json: bool, plot: str | None, scenario: str | None, **options: Any
 ) -> None:
     """Run a real multi-node network on this machine and report how it did.
 

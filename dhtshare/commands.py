@@ -1,0 +1,271 @@
+"""Control-socket commands: resolve what the user typed, call the node, return JSON-able data.
+
+GROUP is a group id (or a unique prefix of one) or a name unique among my groups; MEMBER is a
+member id or a unique display name; FILE is a content id (or unique prefix) or a file name
+unique in the group. Every failure is a ``DhtshareError`` with a hint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .control import Progress
+from .errors import FileShareError, GroupError, IdentityError, NodeError
+from .files.service import FileInfo
+from .identity import format_id, parse_id
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["Commands"]
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def _unique(matches: list[Any], what: str, ref: str, hint: str) -> Any:
+    if not matches:
+        raise GroupError(f"unknown {what}: {ref}", hint)
+    if len(matches) > 1:
+        raise GroupError(f"{what} {ref!r} is ambiguous ({len(matches)} match)", "use the full id")
+    return matches[0]
+
+
+class Commands:
+    """Answers control requests for one node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def handle(self, cmd: str, args: dict[str, Any], progress: Progress) -> Any:
+        method = getattr(self, "cmd_" + cmd.replace(".", "_"), None)
+        if method is None:
+            raise NodeError(f"unknown command {cmd!r}", "is the CLI the same version as the node?")
+        return await method(progress=progress, **args)
+
+    # ---- resolving names ---------------------------------------------------------
+
+    def group(self, ref: str) -> bytes:
+        """A group id from an id, a unique id prefix, or a unique name among my groups."""
+        state = self.node.groups.state
+        known = set(state.groups) | set(state.requested)
+        text = ref.strip().lower()
+        if len(text) == 64:
+            try:
+                return bytes.fromhex(text)
+            except ValueError:
+                pass
+        by_name = [g for g in known if state.groups.get(g) == ref]
+        if by_name:
+            return bytes(_unique(by_name, "group", ref, ""))
+        by_prefix = [g for g in known if len(text) >= 6 and g.hex().startswith(text)]
+        return bytes(_unique(by_prefix, "group", ref, "list yours with: dhtshare group list"))
+
+    async def member(self, gid: bytes, ref: str, *, pending: bool = False) -> tuple[bytes, str]:
+        """A member (or requester) key and name from an id or a unique display name."""
+        people = [(m.key, m.name) for m in self.node.groups.members(gid)]
+        if pending:
+            people += [(r.requester, r.name) for r in await self.node.groups.requests(gid)]
+        try:
+            key = parse_id(ref)
+            return key, next((n for k, n in people if k == key), "")
+        except IdentityError:
+            pass
+        named = list({k: n for k, n in people if n == ref}.items())
+        return tuple(_unique(named, "member", ref, "list them with: dhtshare group members GROUP"))
+
+    async def file(self, gid: bytes, ref: str) -> FileInfo:
+        files = await self.node.files.list_files(gid, self.node.groups.is_member)
+        by_name = [f for f in files if f.entry.name == ref]
+        if len(by_name) == 1:
+            return by_name[0]
+        text = ref.lower()
+        by_id = [f for f in files if len(text) >= 6 and f.entry.content_id.hex().startswith(text)]
+        if not by_id and not by_name:
+            raise FileShareError(
+                f"no file {ref!r} in this group", "list them with: dhtshare files GROUP"
+            )
+        if len(by_id) != 1:
+            raise FileShareError(f"file {ref!r} is ambiguous", "use its content id")
+        return by_id[0]
+
+    # ---- node --------------------------------------------------------------------
+
+    async def cmd_status(self, progress: Progress) -> dict[str, Any]:
+        node = self.node
+        host, port = node.address
+        return {
+            "id": node.identity.id,
+            "name": node.identity.name,
+            "address": f"{host}:{port}",
+            "uptime_s": round(time.time() - node.started_at),
+            "dht_contacts": node.dht.contact_count,
+            "groups": len(node.groups.state.groups),
+            "shares": len(node.shares),
+            "downloads": len(node.downloads.statuses()),
+            "peer_connections": node.server.connections,
+        }
+
+    async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
+        self.node.request_stop()
+        return {"stopping": True}
+
+    # ---- groups ------------------------------------------------------------------
+
+    async def cmd_group_create(
+        self, progress: Progress, name: str, public: bool = False
+    ) -> dict[str, Any]:
+        gid = await self.node.groups.create(name, public=public)
+        self.node.save_state()
+        return {"group_id": gid.hex()}
+
+    async def cmd_group_join(
+        self, progress: Progress, group: str, message: str = ""
+    ) -> dict[str, Any]:
+        gid = await self._joinable(group)
+        await self.node.groups.request_join(gid, message)
+        self.node.save_state()
+        status, _ = await self.node.groups.status(gid)
+        return {"group_id": gid.hex(), "status": status}
+
+    async def _joinable(self, ref: str) -> bytes:
+        try:
+            return self.group(ref)
+        except GroupError:
+            listed = [
+                g.group_id
+                for g in await self.node.groups.directory()
+                if g.name == ref or g.group_id.hex() == ref
+            ]
+            return bytes(_unique(listed, "group", ref, "give the group id the owner sent you"))
+
+    async def cmd_group_leave(self, progress: Progress, group: str) -> dict[str, Any]:
+        gid = self.group(group)
+        view = await self.node.groups.refresh(gid)
+        await self.node.groups.leave(gid)
+        self.node.save_state()
+        heir = ""
+        if view.owner == self.node.identity.public:
+            from .groups import rules
+
+            member = rules.heir_of(view.members, view.owner)
+            heir = format_id(member.key) if member else ""
+        return {"group_id": gid.hex(), "new_owner": heir}
+
+    async def cmd_group_requests(self, progress: Progress, group: str) -> list[dict[str, Any]]:
+        gid = self.group(group)
+        return [
+            {
+                "id": format_id(r.requester),
+                "name": r.name,
+                "message": r.message,
+                "time": _when(r.issued),
+            }
+            for r in await self.node.groups.requests(gid)
+        ]
+
+    async def _decide(self, group: str, member: str, verb: str, **extra: Any) -> dict[str, Any]:
+        gid = self.group(group)
+        key, name = await self.member(gid, member, pending=verb != "remove")
+        await getattr(self.node.groups, verb)(gid, key, **extra)
+        self.node.save_state()
+        return {"id": format_id(key), "name": name}
+
+    async def cmd_group_accept(self, progress: Progress, group: str, member: str) -> dict[str, Any]:
+        return await self._decide(group, member, "accept")
+
+    async def cmd_group_reject(
+        self, progress: Progress, group: str, member: str, reason: str = ""
+    ) -> dict[str, Any]:
+        return await self._decide(group, member, "reject", reason=reason)
+
+    async def cmd_group_remove(self, progress: Progress, group: str, member: str) -> dict[str, Any]:
+        return await self._decide(group, member, "remove")
+
+    async def cmd_group_list(
+        self, progress: Progress, directory: bool = False
+    ) -> list[dict[str, Any]]:
+        if directory:
+            return [
+                {
+                    "group_id": g.group_id.hex(),
+                    "name": g.name,
+                    "members": g.members,
+                    "owner": format_id(g.owner),
+                }
+                for g in await self.node.groups.directory()
+            ]
+        return [
+            {"group_id": g.group_id.hex(), "name": g.name, "role": g.role, "members": g.members}
+            for g in await self.node.groups.my_groups()
+        ]
+
+    async def cmd_group_members(self, progress: Progress, group: str) -> list[dict[str, Any]]:
+        gid = self.group(group)
+        view = await self.node.groups.refresh(gid)
+        return [
+            {
+                "id": format_id(m.key),
+                "name": m.name,
+                "since": _when(m.since),
+                "role": "owner" if m.key == view.owner else "member",
+            }
+            for m in self.node.groups.members(gid)
+        ]
+
+    # ---- files -------------------------------------------------------------------
+
+    async def cmd_share(self, progress: Progress, group: str, path: str) -> dict[str, Any]:
+        gid = self.group(group)
+
+        async def report(done: int, total: int) -> None:
+            await progress({"done": done, "total": total})
+
+        shared = await self.node.share(gid, Path(path), report)
+        return {"content_id": shared.content_id.hex(), "name": shared.name, "size": shared.size}
+
+    async def cmd_files(self, progress: Progress, group: str) -> list[dict[str, Any]]:
+        gid = self.group(group)
+        self.node.require_member(gid)
+        names = {m.key: m.name for m in self.node.groups.members(gid)}
+        return [
+            {
+                "content_id": f.entry.content_id.hex(),
+                "name": f.entry.name,
+                "size": f.entry.size,
+                "sharer": format_id(f.sharer),
+                "sharer_name": names.get(f.sharer, ""),
+                "providers": f.providers,
+                "shared": _when(f.shared_at),
+            }
+            for f in await self.node.files.list_files(gid, self.node.groups.is_member)
+        ]
+
+    async def cmd_unshare(self, progress: Progress, group: str, file: str) -> dict[str, Any]:
+        gid = self.group(group)
+        mine = [
+            s
+            for (g, _), s in self.node.shares.items()
+            if g == gid and (s.name == file or s.content_id.hex().startswith(file.lower()))
+        ]
+        shared = _unique(mine, "shared file", file, "list your shares with: dhtshare node status")
+        await self.node.unshare(gid, shared.content_id)
+        return {"content_id": shared.content_id.hex(), "name": shared.name}
+
+    async def cmd_get(
+        self, progress: Progress, group: str, file: str, out: str, wait: bool = True
+    ) -> dict[str, Any]:
+        gid = self.group(group)
+        self.node.require_member(gid)
+        info = await self.file(gid, file)
+        handle = await self.node.downloads.start(gid, info.entry, Path(out))
+        if not wait:
+            return handle.status().to_json()
+        status = await self.node.downloads.wait(handle, lambda s: progress(s.to_json()))
+        return status.to_json()
+
+    async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.node.downloads.statuses()]

@@ -1,0 +1,185 @@
+"""Running a node as a process: foreground with signals, detached, bootstrap-only, ping.
+
+This is the asyncio edge for ``cli``: it builds a ``Node`` (or a bare ``DhtNode`` for a
+bootstrap server), runs it until SIGINT/SIGTERM, and reports readiness to a parent process
+through a pipe when started with ``--detach``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .dht.server import DhtNode
+from .errors import DhtshareError, NodeError
+from .node import Node, NodeConfig
+
+__all__ = ["NodeConfig", "ping_node", "run_bootstrap", "run_detached", "run_foreground"]
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT = 90.0
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+def _write_ready(fd: int | None, doc: dict[str, Any]) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, json.dumps(doc).encode() + b"\n")
+        os.close(fd)
+
+
+def _log_to(home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handler = logging.FileHandler(home / "node.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+
+
+def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
+    """Run the node until SIGINT or SIGTERM; report readiness on ``ready_fd`` if given."""
+    _log_to(config.home)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        node = await Node.start(config)
+        try:
+            info = node.address_info()
+            _write_ready(ready_fd, {"ok": True, **info, "pid": os.getpid()})
+            if ready_fd is None:
+                print(
+                    f"node {node.identity.id} running at {info['host']}:{info['port']}", flush=True
+                )
+            stopped = asyncio.ensure_future(node.stopped.wait())
+            signalled = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([stopped, signalled], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            signalled.cancel()
+        finally:
+            await node.close()
+
+    try:
+        asyncio.run(main())
+    except DhtshareError as exc:
+        _write_ready(
+            ready_fd,
+            {"ok": False, "error": exc.message, "hint": exc.hint, "type": type(exc).__name__},
+        )
+        raise
+
+
+def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) -> dict[str, Any]:
+    """Start ``dhtshare node start`` in the background; return once it is up and bootstrapped."""
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "dhtshare", "--home", str(config.home), "node", "start"]
+    cmd += ["--host", config.host, "--port", str(config.port), "--ready-fd", str(write_fd)]
+    for host, port in config.bootstrap:
+        cmd += ["--bootstrap", f"{host}:{port}"]
+    if passphrase_file:
+        cmd += ["--passphrase-file", passphrase_file]
+    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(config.home / "node.out", "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                pass_fds=(write_fd,), start_new_session=True)  # fmt: skip
+    os.close(write_fd)
+    line = _read_line(read_fd, READY_TIMEOUT)
+    if not line:
+        proc.poll()
+        raise NodeError("the node did not start", f"see {config.home / 'node.log'}")
+    doc = json.loads(line)
+    if not doc.get("ok"):
+        raise NodeError(str(doc.get("error")), str(doc.get("hint", "")))
+    return dict(doc)
+
+
+def _read_line(fd: int, timeout: float) -> bytes:
+    import selectors
+
+    deadline = time.monotonic() + timeout
+    data = b""
+    with selectors.DefaultSelector() as sel, os.fdopen(fd, "rb", buffering=0) as stream:
+        sel.register(stream, selectors.EVENT_READ)
+        while b"\n" not in data and time.monotonic() < deadline:
+            if not sel.select(deadline - time.monotonic()):
+                break
+            chunk = stream.read(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def run_bootstrap(state: Path, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
+    """A DHT-only node with a stable id and routing table; foreground; logs to stderr."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state / "bootstrap.json"
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        node = await _open_bootstrap(path, host, port)
+        try:
+            if peers:
+                await node.bootstrap(list(peers))
+            log.info("bootstrap node %s listening on %s:%d", node.node.id.hex(), host, port)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(60):
+                        await stop.wait()
+                node.save_state(path)
+        finally:
+            node.save_state(path)
+            await node.aclose()
+            log.info("bootstrap node stopped; state saved to %s", path)
+
+    asyncio.run(main())
+
+
+async def _open_bootstrap(path: Path, host: str, port: int) -> DhtNode:
+    try:
+        if await asyncio.to_thread(path.exists):
+            return await DhtNode.load_state(path, port, host)
+        node = DhtNode()
+        await node.listen(port, host)
+    except OSError as exc:
+        raise NodeError(
+            f"cannot listen on {host}:{port}: {exc.strerror}", "pick another --port"
+        ) from exc
+    node.save_state(path)
+    return node
+
+
+async def ping_node(host: str, port: int, wait: float) -> float | None:
+    """Round-trip seconds of a DHT ping to host:port, or None if nothing answered."""
+    node = DhtNode()
+    await node.listen(
+        0, "127.0.0.1" if host.startswith("127.") or host == "localhost" else "0.0.0.0"
+    )
+    try:
+        started = time.monotonic()
+        async with asyncio.timeout(wait):
+            ok, _ = await node._proto().ping((host, port), node.node.id)
+        return time.monotonic() - started if ok else None
+    except (TimeoutError, OSError):
+        return None
+    finally:
+        await node.aclose()

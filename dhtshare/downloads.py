@@ -1,0 +1,251 @@
+"""The node's downloads: start, persist, resume after a restart, report, and turn into shares.
+
+This is glue between the services: providers come from the file service (the DHT), the
+membership check from the group service, and pieces are served through the share registry
+while the download runs (swarming). It imports neither ``node`` nor ``cli``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DhtError, DhtshareError, StoreError
+from .files.service import FileService, SharedFile
+from .identity import Identity
+from .records import FileEntry, Provider
+from .transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from .transfer.serve import MemberCheck, ShareRegistry
+from .transfer.status import DownloadStatus, Paused
+
+__all__ = ["DownloadManager", "Handle"]
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY = 0.5
+
+
+@dataclass
+class Handle:
+    """One download this node knows: its description, the worker, and its task."""
+
+    info: FileInfo
+    out_dir: Path
+    download: Download
+    task: asyncio.Task[Path] | None = None
+
+    def status(self) -> DownloadStatus:
+        return self.download.status()
+
+    def to_json(self) -> dict[str, Any]:
+        i = self.info
+        return {
+            "group_id": i.group_id.hex(),
+            "content_id": i.content_id.hex(),
+            "name": i.name,
+            "size": i.size,
+            "piece_size": i.piece_size,
+            "out_dir": str(self.out_dir),
+            "state": self.status().state,
+            "final": self.status().to_json(),
+        }
+
+
+class DownloadManager:
+    """Every download of one node, persisted in ``home/downloads.json``."""
+
+    def __init__(
+        self,
+        home: Path,
+        identity: Identity,
+        files: FileService,
+        is_member: MemberCheck,
+        registry: ShareRegistry,
+        on_complete: Callable[[SharedFile], None],
+        options: DownloadOptions | None = None,
+    ) -> None:
+        self.home, self.identity, self.files = home, identity, files
+        self.is_member, self.registry, self.on_complete = is_member, registry, on_complete
+        self.options = options or DownloadOptions()
+        self.handles: dict[bytes, Handle] = {}
+        self._finished: dict[bytes, dict[str, Any]] = {}
+
+    # ---- starting ----------------------------------------------------------------
+
+    def _providers(self, info: FileInfo) -> Callable[[], Awaitable[list[ProviderAddr]]]:
+        async def providers() -> list[ProviderAddr]:
+            try:
+                records = await self.files.providers(info.group_id, info.content_id, self.is_member)
+            except DhtError:
+                return []
+            out = []
+            for rec in records:
+                body = rec.payload()
+                if isinstance(body, Provider) and rec.signer != self.identity.public:
+                    out.append(ProviderAddr(rec.signer, body.host, body.port))
+            return out
+
+        return providers
+
+    def _announce(self, info: FileInfo) -> Callable[[bytes], None]:
+        def first_piece(_cid: bytes) -> None:
+            task = asyncio.ensure_future(self._announce_partial(info))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+        return first_piece
+
+    async def _announce_partial(self, info: FileInfo) -> None:
+        with contextlib.suppress(DhtError):
+            await self.files.announce_provider(info.group_id, info.content_id, complete=False)
+
+    def _build(self, info: FileInfo, out_dir: Path) -> Handle:
+        resume = self.home / "resume"
+        resume.mkdir(parents=True, exist_ok=True)
+        download = Download(
+            self.identity,
+            info,
+            out_dir,
+            providers=self._providers(info),
+            is_member=self.is_member,
+            shares=self.registry,
+            state_path=resume / f"{info.content_id.hex()}.json",
+            on_first_piece=self._announce(info),
+            options=self.options,
+        )
+        return Handle(info, out_dir, download)
+
+    async def start(self, group_id: bytes, entry: FileEntry, out_dir: Path) -> Handle:
+        """Start (or return the running) download of ``entry`` into ``out_dir``."""
+        running = self.handles.get(entry.content_id)
+        if running is not None and running.task is not None and not running.task.done():
+            return running
+        info = FileInfo(group_id, entry.content_id, entry.name, entry.size, entry.piece_size)
+        try:
+            await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create {out_dir}: {exc.strerror}", "choose another --out"
+            ) from exc
+        handle = self._build(info, out_dir)
+        if await asyncio.to_thread(handle.download.final_path.exists):
+            raise StoreError(
+                f"{handle.download.final_path} already exists", "move it away or use --out"
+            )
+        self.handles[info.content_id] = handle
+        self._finished.pop(info.content_id, None)
+        self._run(handle)
+        self.save()
+        return handle
+
+    def _run(self, handle: Handle) -> None:
+        handle.task = asyncio.ensure_future(handle.download.run())
+        handle.task.add_done_callback(lambda t: self._ended(handle, t))
+
+    def _ended(self, handle: Handle, task: asyncio.Task[Path]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            info, path = handle.info, task.result()
+            share = self.registry.get(info.group_id, info.content_id)
+            hashes = share.hashes if share else handle.download.hashes or ()
+            shared = SharedFile(
+                info.group_id,
+                info.content_id,
+                info.name,
+                path,
+                info.size,
+                info.piece_size,
+                tuple(hashes),
+            )
+            self.on_complete(shared)
+        elif not isinstance(exc, DhtshareError):
+            log.error("download of %s crashed", handle.info.name, exc_info=exc)
+        self.save()
+
+    async def wait(
+        self, handle: Handle, progress: Callable[[DownloadStatus], Awaitable[None]]
+    ) -> DownloadStatus:
+        """Report progress until the download ends; its error if it failed."""
+        assert handle.task is not None
+        while not handle.task.done():
+            await progress(handle.status())
+            await asyncio.wait([handle.task], timeout=PROGRESS_EVERY)
+        if handle.task.cancelled():
+            return handle.status()
+        exc = handle.task.exception()
+        if exc is not None:
+            raise exc
+        return handle.status()
+
+    # ---- listing, persistence ----------------------------------------------------
+
+    def statuses(self) -> list[DownloadStatus]:
+        return [h.status() for h in self.handles.values()]
+
+    def save(self) -> None:
+        docs = [h.to_json() for h in self.handles.values()]
+        path = self.home / "downloads.json"
+        tmp = path.with_name(".downloads.json.tmp")
+        try:
+            tmp.write_text(json.dumps(docs, indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("cannot save downloads: %s", exc)
+
+    async def resume(self) -> None:
+        """Restart every download that was running or paused when the node stopped."""
+        try:
+            docs = json.loads((self.home / "downloads.json").read_text())
+        except (OSError, ValueError):
+            return
+        for doc in docs:
+            try:
+                info = FileInfo(
+                    bytes.fromhex(doc["group_id"]),
+                    bytes.fromhex(doc["content_id"]),
+                    str(doc["name"]),
+                    int(doc["size"]),
+                    int(doc["piece_size"]),
+                )
+                handle = self._build(info, Path(doc["out_dir"]))
+            except (KeyError, ValueError, TypeError, OSError) as exc:
+                log.warning("cannot resume a download: %s", exc)
+                continue
+            self.handles[info.content_id] = handle
+            if doc.get("state") in ("downloading", "paused"):
+                self._run(handle)
+            else:
+                handle.download._final = _restored(doc)
+
+    async def pause_all(self) -> None:
+        tasks = [h.task for h in self.handles.values() if h.task is not None and not h.task.done()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.save()
+
+
+def _restored(doc: dict[str, Any]) -> DownloadStatus:
+    """The saved final status of a download that ended before the restart."""
+    from .transfer.status import Complete, Failed
+
+    final = doc.get("final") or {}
+    base = (
+        str(final.get("name", doc["name"])),
+        int(doc["size"]),
+        int(final.get("bytes_done", 0)),
+        str(final.get("path", "")),
+        dict(final.get("sources", {})),
+    )
+    if doc.get("state") == "complete":
+        return Complete(*base, seconds=float(final.get("seconds", 0)))
+    if doc.get("state") == "failed":
+        return Failed(*base, error=str(final.get("error", "")), hint=str(final.get("hint", "")))
+    return Paused(*base)

@@ -1,0 +1,340 @@
+"""The composition root: one node builds every part, owns every task, knows the state dir.
+
+A node is a DHT node (UDP) and a peer server (TCP) on the same port, the group, file and
+transfer services on top, and the state directory that makes a restart resume everything::
+
+    home/identity.json   the key (0600)        home/groups.json     group state
+    home/dht.json        node id + contacts    home/shares.json     what we serve
+    home/hashes/<cid>    piece hashes          home/downloads.json  downloads and their state
+    home/resume/<cid>    verified pieces of an unfinished download
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dht.server import DhtNode
+from .downloads import DownloadManager
+from .errors import DhtError, DhtshareError, NodeError, StoreError
+from .files.content import FileLayout
+from .files.service import FileService, SharedFile
+from .groups.service import GroupService, GroupState
+from .identity import Identity
+from .transfer.serve import PeerServer, Share, ShareRegistry
+
+__all__ = ["Node", "NodeConfig"]
+
+log = logging.getLogger(__name__)
+PORT_ATTEMPTS = 20
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How to run a node. ``identity`` set directly (simulations) skips the key file."""
+
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    bootstrap: tuple[tuple[str, int], ...] = ()
+    passphrase: bytes | None = None
+    identity: Identity | None = None
+    upload_limit: float | None = None  # bytes/s
+    download_limit: float | None = None  # bytes/s
+    maintenance_interval: float = 30.0
+    control: bool = True  # serve the control socket
+    ksize: int = 20
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Atomically replace ``path`` with ``doc`` as JSON (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as exc:
+        raise NodeError(f"state file {path} is damaged", "restore it or delete it") from exc
+
+
+class Node:
+    """A running dhtshare node. Build it with ``await Node.start(config)``."""
+
+    def __init__(
+        self, config: NodeConfig, identity: Identity, dht: DhtNode, server: PeerServer
+    ) -> None:
+        self.config, self.home, self.identity = config, config.home, identity
+        self.dht, self.server = dht, server
+        self.registry = server.shares
+        self.groups = GroupService(dht, identity, self._load_group_state())
+        self.files = FileService(dht, identity, lambda: self.address)
+        self.downloads = DownloadManager(
+            self.home, identity, self.files, self.groups.is_member, self.registry, self._completed
+        )
+        self.shares: dict[tuple[bytes, bytes], SharedFile] = {}
+        self.stopped = asyncio.Event()
+        self.started_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._control: asyncio.Server | None = None
+
+    # ---- start and stop ----------------------------------------------------------
+
+    @classmethod
+    async def start(cls, config: NodeConfig) -> Node:
+        """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
+        config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        identity = config.identity or Identity.load(
+            config.home / "identity.json", config.passphrase
+        )
+        registry = ShareRegistry(lambda gid, key: node.groups.is_member(gid, key))
+        dht, server = await _bind(config, identity, registry)
+        node = cls(config, identity, dht, server)
+        try:
+            await node._join()
+            await node._resume()
+            node._spawn(node.server.serve(), "peer server")
+            node._spawn(node._maintain_forever(), "maintenance")
+            if config.control:
+                from . import control
+                from .commands import Commands
+
+                node._control = await control.serve(
+                    control.socket_path(config.home), Commands(node).handle
+                )
+        except BaseException:
+            await node.close()
+            raise
+        return node
+
+    async def _join(self) -> None:
+        dht_state = self.home / "dht.json"
+        saved: list[tuple[str, int]] = []
+        if dht_state.exists():
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                saved = [
+                    (str(ip), int(port))
+                    for _id, ip, port in json.loads(dht_state.read_text())["contacts"]
+                ]
+        seeds = list(self.config.bootstrap) + [a for a in saved if a != self.address]
+        if seeds:
+            found = await self.dht.bootstrap(seeds)
+            if found == 0 and self.config.bootstrap:
+                log.warning("no bootstrap node answered: %s", seeds[:3])
+
+    def _spawn(self, coro: Awaitable[Any], what: str) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("%s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def close(self) -> None:
+        """Stop everything: sharing stops, downloads pause, state is saved."""
+        if self._control is not None:
+            self._control.close()
+        await self.downloads.pause_all()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.save_state()
+        await self.dht.aclose()
+        with contextlib.suppress(Exception):
+            from . import control
+
+            os.unlink(control.socket_path(self.home))
+        self.stopped.set()
+
+    def request_stop(self) -> None:
+        """Ask the process running this node to stop it (the control ``stop`` command)."""
+        self.stopped.set()
+
+    # ---- state -------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+    def address_info(self) -> dict[str, Any]:
+        host, port = self.address
+        return {"host": host, "port": port, "id": self.identity.id}
+
+    def _load_group_state(self) -> GroupState:
+        doc = read_json(self.home / "groups.json", None)
+        return GroupState() if doc is None else GroupState.from_json(doc)
+
+    def save_state(self) -> None:
+        """Write groups, shares, downloads and DHT contacts (each atomically)."""
+        if self.config.identity is not None and not self.config.control:
+            return  # simulated nodes keep nothing
+        try:
+            write_json(self.home / "groups.json", self.groups.state.to_json())
+            write_json(self.home / "shares.json", [_share_doc(s) for s in self.shares.values()])
+            self.downloads.save()
+            self.dht.save_state(self.home / "dht.json")
+        except OSError as exc:
+            log.error("could not save node state: %s", exc)
+
+    async def _resume(self) -> None:
+        """Serve every saved share again and restart unfinished downloads."""
+        for doc in read_json(self.home / "shares.json", []):
+            try:
+                shared = _shared_from(doc, self.home)
+                self._serve(shared)
+                self._spawn(self._announce(shared), "re-announce")
+            except (KeyError, ValueError, OSError, DhtshareError) as exc:
+                log.warning("cannot resume share %s: %s", doc.get("name"), exc)
+        await self.downloads.resume()
+
+    async def _announce(self, shared: SharedFile) -> None:
+        with contextlib.suppress(DhtError):
+            await self.files.announce(shared)
+
+    async def _maintain_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.maintenance_interval)
+            await self.maintain()
+
+    async def maintain(self) -> None:
+        """Apply leaves, take over handed groups, refresh rosters, save state."""
+        try:
+            await self.groups.maintain()
+            for gid in list(self.groups.state.groups):
+                with contextlib.suppress(DhtshareError):
+                    await self.groups.refresh(gid)
+            await self.dht.republish()
+        except DhtshareError as exc:
+            log.warning("maintenance: %s", exc)
+        self.save_state()
+
+    # ---- sharing -----------------------------------------------------------------
+
+    def _completed(self, shared: SharedFile) -> None:
+        """A download finished: keep serving it as a complete share and say so in the DHT."""
+        _save_hashes(self.home, shared.content_id, shared.hashes)
+        self._serve(shared)
+        self._spawn(self._announce(shared), "announce completed download")
+        self.save_state()
+
+    def _serve(self, shared: SharedFile) -> None:
+        self.shares[shared.group_id, shared.content_id] = shared
+        self.registry.add(
+            Share(shared.group_id, shared.content_id, shared.path, shared.layout, shared.hashes)
+        )
+
+    async def share(
+        self,
+        group_id: bytes,
+        path: Path,
+        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
+    ) -> SharedFile:
+        """Hash ``path`` and share it with the group; it is served at once."""
+        self.require_member(group_id)
+        shared = await self.files.share(group_id, path, progress)
+        _save_hashes(self.home, shared.content_id, shared.hashes)
+        self._serve(shared)
+        self.save_state()
+        return shared
+
+    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
+        self.shares.pop((group_id, content_id), None)
+        self.registry.remove(group_id, content_id)
+        await self.files.unshare(group_id, content_id)
+        self.save_state()
+
+    def require_member(self, group_id: bytes) -> None:
+        from .errors import GroupError
+
+        if not self.groups.is_member(group_id, self.identity.public):
+            raise GroupError(
+                "you are not a member of this group", "ask its owner: dhtshare group join GROUP"
+            )
+
+
+async def _bind(
+    config: NodeConfig, identity: Identity, registry: ShareRegistry
+) -> tuple[DhtNode, PeerServer]:
+    """UDP and TCP on the same port; with port 0, retry until one port is free for both."""
+    last: NodeError | None = None
+    for _ in range(PORT_ATTEMPTS if config.port == 0 else 1):
+        dht = _new_dht(config)
+        try:
+            await dht.listen(config.port, config.host)
+        except OSError as exc:
+            await dht.aclose()
+            raise NodeError(
+                f"cannot listen on {config.host}:{config.port} (UDP): {exc.strerror}",
+                "choose another --port, or stop the program using it",
+            ) from exc
+        server = PeerServer(
+            identity, config.host, dht.address[1], shares=registry, upload_rate=config.upload_limit
+        )
+        try:
+            await server.start()
+            return dht, server
+        except NodeError as exc:
+            last = exc
+            await dht.aclose()
+    assert last is not None
+    raise last
+
+
+def _new_dht(config: NodeConfig) -> DhtNode:
+    state = config.home / "dht.json"
+    node_id = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        node_id = bytes.fromhex(json.loads(state.read_text())["id"])
+    return DhtNode(config.ksize, node_id=node_id if node_id and len(node_id) == 20 else None)
+
+
+def _share_doc(s: SharedFile) -> dict[str, Any]:
+    return {"group_id": s.group_id.hex(), "content_id": s.content_id.hex(), "name": s.name,
+            "path": str(s.path), "size": s.size, "piece_size": s.piece_size}  # fmt: skip
+
+
+def _save_hashes(home: Path, content_id: bytes, hashes: tuple[bytes, ...]) -> None:
+    folder = home / "hashes"
+    folder.mkdir(exist_ok=True)
+    path = folder / content_id.hex()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(b"".join(hashes))
+    os.replace(tmp, path)
+
+
+def load_hashes(home: Path, content_id: bytes) -> tuple[bytes, ...]:
+    data = (home / "hashes" / content_id.hex()).read_bytes()
+    if len(data) % 32:
+        raise StoreError(
+            f"piece hashes of {content_id.hex()[:16]} are damaged", "share the file again"
+        )
+    return tuple(data[i : i + 32] for i in range(0, len(data), 32))
+
+
+def _shared_from(doc: dict[str, Any], home: Path) -> SharedFile:
+    cid = bytes.fromhex(doc["content_id"])
+    path = Path(doc["path"])
+    if not path.is_file() or path.stat().st_size != int(doc["size"]):
+        raise StoreError(f"{path} is gone or changed", "share it again")
+    FileLayout(int(doc["size"]), int(doc["piece_size"]))
+    return SharedFile(bytes.fromhex(doc["group_id"]), cid, str(doc["name"]), path, int(doc["size"]),
+                      int(doc["piece_size"]), load_hashes(home, cid))  # fmt: skip
