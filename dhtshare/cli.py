@@ -24,6 +24,7 @@ from .errors import DhtshareError, IdentityError, NodeError
 
 __all__ = ["main"]
 
+STOP_TIMEOUT = 30.0
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -171,7 +172,7 @@ def id_show(ctx: click.Context, as_json: bool) -> None:
     from .identity import describe_key_file
 
     info = describe_key_file(home_of(ctx) / "identity.json")
-    emit(ctx, info, lambda d: "\n".join(f"{k:12} {v}" for k, v in d.items()))
+    emit(ctx, info, fields)
 
 
 # --------------------------------------------------------------------------------- node
@@ -204,6 +205,14 @@ def node() -> None:
     "--passphrase-file", type=click.Path(dir_okay=False), help="Passphrase of a protected identity."
 )
 @click.option("--ready-fd", type=int, hidden=True)
+@click.option(
+    "--provider-timeout",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    envvar="DHTSHARE_PROVIDER_TIMEOUT",
+    hidden=True,
+    help="Seconds a download waits for anybody to serve it before failing.",
+)
 @click.pass_context
 def node_start(
     ctx: click.Context,
@@ -213,6 +222,7 @@ def node_start(
     detach: bool,
     passphrase_file: str | None,
     ready_fd: int | None,
+    provider_timeout: float,
 ) -> None:
     """Start your node: DHT on UDP and the peer server on TCP, both on PORT.
 
@@ -226,6 +236,7 @@ def node_start(
         port=port,
         bootstrap=tuple(parse_hostport(b) for b in bootstraps),
         passphrase=read_passphrase(passphrase_file),
+        provider_timeout=provider_timeout,
     )
     if detach:
         info = run_detached(config, sys.argv[0], passphrase_file)
@@ -241,8 +252,32 @@ def node_stop(ctx: click.Context) -> None:
 
     Example: dhtshare node stop
     """
-    node_call(ctx, "stop")
+    result = node_call(ctx, "stop")
+    if not wait_exit(int(result.get("pid", 0)), STOP_TIMEOUT):
+        raise NodeError(
+            f"the node (pid {result.get('pid')}) is still stopping after {STOP_TIMEOUT:g} s",
+            "check it with: dhtshare node status",
+        )
     click.echo("node stopped")
+
+
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` has exited (or is a zombie); False on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while pid > 0 and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+                if fh.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                    return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        except OSError:
+            pass  # no /proc (macOS): rely on kill alone
+        time.sleep(0.05)
+    return pid <= 0
 
 
 @node.command("status", context_settings=CONTEXT)
@@ -253,7 +288,13 @@ def node_status(ctx: click.Context, as_json: bool) -> None:
 
     Example: dhtshare node status --json
     """
-    emit(ctx, node_call(ctx, "status"), lambda d: "\n".join(f"{k:12} {v}" for k, v in d.items()))
+    emit(ctx, node_call(ctx, "status"), fields)
+
+
+def fields(doc: dict[str, Any]) -> str:
+    """``key  value`` lines, keys padded to the longest."""
+    width = max((len(k) for k in doc), default=0)
+    return "\n".join(f"{k:{width}}  {v}" for k, v in doc.items())
 
 
 # -------------------------------------------------------------------------------- groups
@@ -422,10 +463,12 @@ def share(ctx: click.Context, group_ref: str, path: str) -> None:
         bar.total = max(int(p.get("total", 1)), 1)
         bar.update(int(p.get("done", 0)))
 
-    result = node_call(
-        ctx, "share", progress, group=group_ref, path=str(Path(path).expanduser().resolve())
-    )
-    bar.finish()
+    try:
+        result = node_call(
+            ctx, "share", progress, group=group_ref, path=str(Path(path).expanduser().resolve())
+        )
+    finally:
+        bar.finish()
     click.echo(result["content_id"])
 
 
@@ -488,16 +531,18 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
             f"{format_rate(p.get('rate', 0.0))} from {p.get('peers', 0)} peers",
         )
 
-    result = node_call(
-        ctx,
-        "get",
-        None if no_wait else progress,
-        group=group_ref,
-        file=file_ref,
-        out=str(Path(out).expanduser().resolve()),
-        wait=not no_wait,
-    )
-    bar.finish()
+    try:
+        result = node_call(
+            ctx,
+            "get",
+            None if no_wait else progress,
+            group=group_ref,
+            file=file_ref,
+            out=str(Path(out).expanduser().resolve()),
+            wait=not no_wait,
+        )
+    finally:
+        bar.finish()
     if no_wait:
         click.echo(f"downloading {result['name']} into {result['path']}")
     else:

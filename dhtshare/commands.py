@@ -7,6 +7,7 @@ unique in the group. Every failure is a ``DhtshareError`` with a hint.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .control import Progress
 from .errors import FileShareError, GroupError, IdentityError, NodeError
 from .files.service import FileInfo
+from .groups.rules import StaleRosterError
 from .identity import format_id, parse_id
 
 if TYPE_CHECKING:
@@ -48,7 +50,44 @@ class Commands:
 
     # ---- resolving names ---------------------------------------------------------
 
-    def group(self, ref: str) -> bytes:
+    async def group(self, ref: str) -> bytes:
+        """Resolve ``ref`` (see the module doc) and refresh that group's roster.
+
+        A name not found among my groups may belong to a request accepted since the last
+        maintenance round, so pending requests are checked once before giving up. The roster
+        is fetched again so that membership answers (mine and other peers') are current.
+        """
+        try:
+            gid = self._lookup(ref)
+        except GroupError:
+            if not await self._settle_requests():
+                raise
+            gid = self._lookup(ref)
+        try:
+            await self.node.groups.refresh(gid)
+        except StaleRosterError:
+            raise
+        except GroupError:
+            pass  # unreachable for now: answer from the last verified roster
+        return gid
+
+    async def _settle_requests(self) -> bool:
+        """Turn accepted join requests into groups; True if any did."""
+        state = self.node.groups.state
+        before = set(state.groups)
+        for gid in list(state.requested):
+            try:
+                await self.node.groups.status(gid)
+            except StaleRosterError:
+                raise
+            except GroupError:
+                continue
+        if set(state.groups) == before:
+            return False
+        self.node.save_state()
+        return True
+
+    def _lookup(self, ref: str) -> bytes:
         """A group id from an id, a unique id prefix, or a unique name among my groups."""
         state = self.node.groups.state
         known = set(state.groups) | set(state.requested)
@@ -63,6 +102,24 @@ class Commands:
             return bytes(_unique(by_name, "group", ref, ""))
         by_prefix = [g for g in known if len(text) >= 6 and g.hex().startswith(text)]
         return bytes(_unique(by_prefix, "group", ref, "list yours with: dhtshare group list"))
+
+    async def require_member(self, gid: bytes) -> None:
+        """``GroupError`` unless I am a member; a requester learns where its request stands."""
+        node = self.node
+        if node.groups.is_member(gid, node.identity.public):
+            return
+        if gid in node.groups.state.requested:
+            status, reason = await node.groups.status(gid)
+            if status == "rejected":
+                raise GroupError(
+                    f"the owner rejected your request to join{': ' + reason if reason else ''}",
+                    "ask the owner, then: dhtshare group join GROUP",
+                )
+            if status == "pending":
+                raise GroupError(
+                    "your request to join is still pending", "wait until the owner accepts it"
+                )
+        node.require_member(gid)
 
     async def member(self, gid: bytes, ref: str, *, pending: bool = False) -> tuple[bytes, str]:
         """A member (or requester) key and name from an id or a unique display name."""
@@ -100,9 +157,10 @@ class Commands:
         return {
             "id": node.identity.id,
             "name": node.identity.name,
+            "pid": os.getpid(),
             "address": f"{host}:{port}",
             "uptime_s": round(time.time() - node.started_at),
-            "dht_contacts": node.dht.contact_count,
+            "dht_contacts": node.dht.contact_count(),
             "groups": len(node.groups.state.groups),
             "shares": len(node.shares),
             "downloads": len(node.downloads.statuses()),
@@ -111,7 +169,7 @@ class Commands:
 
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
         self.node.request_stop()
-        return {"stopping": True}
+        return {"stopping": True, "pid": os.getpid()}
 
     # ---- groups ------------------------------------------------------------------
 
@@ -133,7 +191,7 @@ class Commands:
 
     async def _joinable(self, ref: str) -> bytes:
         try:
-            return self.group(ref)
+            return self._lookup(ref)
         except GroupError:
             listed = [
                 g.group_id
@@ -143,7 +201,7 @@ class Commands:
             return bytes(_unique(listed, "group", ref, "give the group id the owner sent you"))
 
     async def cmd_group_leave(self, progress: Progress, group: str) -> dict[str, Any]:
-        gid = self.group(group)
+        gid = await self.group(group)
         view = await self.node.groups.refresh(gid)
         await self.node.groups.leave(gid)
         self.node.save_state()
@@ -156,7 +214,7 @@ class Commands:
         return {"group_id": gid.hex(), "new_owner": heir}
 
     async def cmd_group_requests(self, progress: Progress, group: str) -> list[dict[str, Any]]:
-        gid = self.group(group)
+        gid = await self.group(group)
         return [
             {
                 "id": format_id(r.requester),
@@ -168,7 +226,7 @@ class Commands:
         ]
 
     async def _decide(self, group: str, member: str, verb: str, **extra: Any) -> dict[str, Any]:
-        gid = self.group(group)
+        gid = await self.group(group)
         key, name = await self.member(gid, member, pending=verb != "remove")
         await getattr(self.node.groups, verb)(gid, key, **extra)
         self.node.save_state()
@@ -204,7 +262,7 @@ class Commands:
         ]
 
     async def cmd_group_members(self, progress: Progress, group: str) -> list[dict[str, Any]]:
-        gid = self.group(group)
+        gid = await self.group(group)
         view = await self.node.groups.refresh(gid)
         return [
             {
@@ -219,7 +277,8 @@ class Commands:
     # ---- files -------------------------------------------------------------------
 
     async def cmd_share(self, progress: Progress, group: str, path: str) -> dict[str, Any]:
-        gid = self.group(group)
+        gid = await self.group(group)
+        await self.require_member(gid)
 
         async def report(done: int, total: int) -> None:
             await progress({"done": done, "total": total})
@@ -228,8 +287,8 @@ class Commands:
         return {"content_id": shared.content_id.hex(), "name": shared.name, "size": shared.size}
 
     async def cmd_files(self, progress: Progress, group: str) -> list[dict[str, Any]]:
-        gid = self.group(group)
-        self.node.require_member(gid)
+        gid = await self.group(group)
+        await self.require_member(gid)
         names = {m.key: m.name for m in self.node.groups.members(gid)}
         return [
             {
@@ -245,7 +304,7 @@ class Commands:
         ]
 
     async def cmd_unshare(self, progress: Progress, group: str, file: str) -> dict[str, Any]:
-        gid = self.group(group)
+        gid = await self.group(group)
         mine = [
             s
             for (g, _), s in self.node.shares.items()
@@ -258,8 +317,8 @@ class Commands:
     async def cmd_get(
         self, progress: Progress, group: str, file: str, out: str, wait: bool = True
     ) -> dict[str, Any]:
-        gid = self.group(group)
-        self.node.require_member(gid)
+        gid = await self.group(group)
+        await self.require_member(gid)
         info = await self.file(gid, file)
         handle = await self.node.downloads.start(gid, info.entry, Path(out))
         if not wait:

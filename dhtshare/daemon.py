@@ -44,11 +44,16 @@ def _write_ready(fd: int | None, doc: dict[str, Any]) -> None:
 
 
 def _log_to(home: Path) -> None:
+    """INFO and up into ``home/node.log``; the terminal keeps the level the CLI chose."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    root = logging.getLogger()
+    for existing in root.handlers:
+        if existing.level == logging.NOTSET:
+            existing.setLevel(root.level)
     handler = logging.FileHandler(home / "node.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logging.getLogger().setLevel(logging.INFO)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
 
 
 def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
@@ -87,12 +92,13 @@ def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
 def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) -> dict[str, Any]:
     """Start ``dhtshare node start`` in the background; return once it is up and bootstrapped."""
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "dhtshare", "--home", str(config.home), "node", "start"]
+    cmd = [sys.executable, "-m", "dhtshare", "--home", str(config.home.resolve()), "node", "start"]
     cmd += ["--host", config.host, "--port", str(config.port), "--ready-fd", str(write_fd)]
     for host, port in config.bootstrap:
         cmd += ["--bootstrap", f"{host}:{port}"]
     if passphrase_file:
-        cmd += ["--passphrase-file", passphrase_file]
+        cmd += ["--passphrase-file", str(Path(passphrase_file).resolve())]
+    cmd += ["--provider-timeout", repr(config.provider_timeout)]
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(config.home / "node.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -128,8 +134,11 @@ def _read_line(fd: int, timeout: float) -> bytes:
 def run_bootstrap(state: Path, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
     """A DHT-only node with a stable id and routing table; foreground; logs to stderr."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,  # the CLI already configured WARNING; a server logs INFO
     )
+    logging.getLogger("kademlia").setLevel(logging.WARNING)  # a line per lookup is noise
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state / "bootstrap.json"
 

@@ -54,7 +54,8 @@ class ProgressLine:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.started = time.monotonic()
-        self._last_pct = -10
+        self._last_pct = 0  # plain lines start at 10%: an early failure prints only its error
+        self._drawn = False
 
     def update(self, done: int, extra: str = "") -> None:
         pct = min(100, int(100 * done / self.total))
@@ -64,11 +65,14 @@ class ProgressLine:
             bar = "#" * filled + "-" * (width - filled)
             self.stream.write(f"\r{self.label} [{bar}] {pct:3d}% {extra}\x1b[K")
             self.stream.flush()
+            self._drawn = True
         elif pct >= self._last_pct + 10:
             self._last_pct = pct - pct % 10
             self.stream.write(f"{self.label}: {pct}% {extra}\n")
 
     def finish(self) -> None:
-        if self.tty:
+        """End the bar's line (once), so what follows starts on a line of its own."""
+        if self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+            self._drawn = False

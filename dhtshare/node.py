@@ -29,12 +29,14 @@ from .files.content import FileLayout
 from .files.service import FileService, SharedFile
 from .groups.service import GroupService, GroupState
 from .identity import Identity
+from .transfer.download import DownloadOptions
 from .transfer.serve import PeerServer, Share, ShareRegistry
 
 __all__ = ["Node", "NodeConfig"]
 
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 20
+MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a failed membership check
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class NodeConfig:
     upload_limit: float | None = None  # bytes/s
     download_limit: float | None = None  # bytes/s
     maintenance_interval: float = 30.0
+    provider_timeout: float = 60.0  # a download fails after this long with nobody serving it
     control: bool = True  # serve the control socket
     ksize: int = 20
     extra: dict[str, Any] = field(default_factory=dict)
@@ -86,13 +89,23 @@ class Node:
         self.groups = GroupService(dht, identity, self._load_group_state())
         self.files = FileService(dht, identity, lambda: self.address)
         self.downloads = DownloadManager(
-            self.home, identity, self.files, self.groups.is_member, self.registry, self._completed
+            self.home,
+            identity,
+            self.files,
+            self.is_member,
+            self.registry,
+            self._completed,
+            DownloadOptions(
+                provider_timeout=config.provider_timeout,
+                repoll_interval=min(5.0, config.provider_timeout),
+            ),
         )
         self.shares: dict[tuple[bytes, bytes], SharedFile] = {}
         self.stopped = asyncio.Event()
         self.started_at = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._control: asyncio.Server | None = None
+        self._refreshed: dict[bytes, float] = {}  # gid -> monotonic time of a miss refresh
 
     # ---- start and stop ----------------------------------------------------------
 
@@ -103,11 +116,12 @@ class Node:
         identity = config.identity or Identity.load(
             config.home / "identity.json", config.passphrase
         )
-        registry = ShareRegistry(lambda gid, key: node.groups.is_member(gid, key))
+        registry = ShareRegistry(lambda gid, key: node.is_member(gid, key))
         dht, server = await _bind(config, identity, registry)
         node = cls(config, identity, dht, server)
         try:
             await node._join()
+            await node._refresh_groups()
             await node._resume()
             node._spawn(node.server.serve(), "peer server")
             node._spawn(node._maintain_forever(), "maintenance")
@@ -137,6 +151,29 @@ class Node:
             found = await self.dht.bootstrap(seeds)
             if found == 0 and self.config.bootstrap:
                 log.warning("no bootstrap node answered: %s", seeds[:3])
+
+    async def _refresh_groups(self) -> None:
+        """Fetch every roster once, so membership checks answer right after a restart."""
+        state = self.groups.state
+        for gid in sorted(set(state.groups) | set(state.drafts)):
+            with contextlib.suppress(DhtshareError):
+                await self.groups.refresh(gid)
+
+    def is_member(self, group_id: bytes, key: bytes) -> bool:
+        """Membership from the cached roster; a miss refreshes that roster in the background
+        (at most every few seconds), so a member accepted a moment ago is served on retry."""
+        if self.groups.is_member(group_id, key):
+            return True
+        if group_id in self.groups.state.groups:
+            now = time.monotonic()
+            if now - self._refreshed.get(group_id, -MISS_REFRESH) >= MISS_REFRESH:
+                self._refreshed[group_id] = now
+                self._spawn(self._refresh_quietly(group_id), "roster refresh")
+        return False
+
+    async def _refresh_quietly(self, group_id: bytes) -> None:
+        with contextlib.suppress(DhtshareError):
+            await self.groups.refresh(group_id)
 
     def _spawn(self, coro: Awaitable[Any], what: str) -> None:
         task = asyncio.ensure_future(coro)
