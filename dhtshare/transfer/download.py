@@ -493,7 +493,7 @@ class Download:
         if self.share is not None:
             self.share.add_piece(item.index)
         self._notify(first)
-        self._top_up_all()
+        self._top_up_all(idle_only=True)  # a verified piece may lift the partial-piece cap
         if self._state.complete:
             self._wake.set()
 
@@ -541,9 +541,10 @@ class Download:
             if client is not None and client.stream is not None:
                 client.stream.try_send(Cancel(b.index, b.begin, b.length))
 
-    def _top_up_all(self) -> None:
+    def _top_up_all(self, *, idle_only: bool = False) -> None:
         for client in list(self._sessions.values()):
-            client.top_up()
+            if not idle_only or client.idle:
+                client.top_up()
 
     # -- timers, saving, finishing --------------------------------------------------
 
@@ -614,6 +615,8 @@ class _Client:
         self.received = 0
         self.error = ""
         self._early_have: set[int] = set()
+        self._asked = 0  # requests outstanding right after the last top-up
+        self._answered = 0  # blocks received since then
 
     def useful(self) -> bool:
         """Still connecting, or connected with a piece we lack."""
@@ -691,7 +694,9 @@ class _Client:
                 if not self.ready:
                     raise ProtocolError("piece before it was requested")
                 await self.dl.on_piece(self, event)
-                self.top_up()
+                self._answered += 1
+                if self._answered * 4 >= self._asked:  # a quarter of the pipeline drained
+                    self.top_up()
             case Have(index):
                 self._on_have(index)
             case Reject(reason, text):
@@ -717,12 +722,23 @@ class _Client:
         if reason in (Reason.NOT_MEMBER, Reason.UNKNOWN_CONTENT):
             self.dl.refused[self.addr.peer_key] = self.error
 
+    @property
+    def idle(self) -> bool:
+        """Nothing requested from this peer is outstanding (as far as we know)."""
+        return self._answered >= self._asked
+
     def top_up(self) -> None:
-        """Fill this peer's request pipeline from the picker."""
+        """Fill this peer's request pipeline from the picker.
+
+        Topping up after every block would cost a picker scan per block; on the
+        block path it is done once a quarter of the pipeline has drained.
+        """
         if not self.ready or self.stream is None or not self.stream.open:
             return
-        for b in self.dl.picker.next_requests(self.addr.peer_key, self.dl.clock()):
+        key = self.addr.peer_key
+        for b in self.dl.picker.next_requests(key, self.dl.clock()):
             self.stream.send_nowait(Request(b.index, b.begin, b.length))
+        self._asked, self._answered = len(self.dl.picker.pending(key)), 0
 
 
 def _load_hashes(path: Path, count: int) -> tuple[bytes, ...] | None:

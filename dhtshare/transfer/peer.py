@@ -43,9 +43,9 @@ __all__ = [
     "open_peer",
 ]
 
-READ_SIZE = 256 * 1024
-"""Bytes asked for per read: big enough that a block needs one or two reads."""
-STREAM_LIMIT = 4 * 1024 * 1024
+READ_SIZE = 512 * 1024
+"""Bytes asked for per read: two full blocks, so the reader's buffer empties each time."""
+STREAM_LIMIT = 1024 * 1024
 """StreamReader buffer size before the socket is paused (asyncio's default is 64 KiB)."""
 WRITE_HIGH_WATER = 2 * 1024 * 1024
 """Transport buffer size at which ``send`` starts waiting for the socket to drain."""
