@@ -1,0 +1,268 @@
+"""Transfer throughput on loopback: raw socket copy vs dhtshare downloads (not a test).
+
+    python simulations/bench_transfer.py [--size 256M] [--json]
+
+Every party runs in its own process (2 cores are used, and the downloader's peak
+RSS is its own). Scenarios:
+
+- raw copy: one process reads the file and ``sendall``s it over a plain TCP
+  socket; another receives it and writes it to a file (no fsync: an fsync of
+  the whole file made this baseline vary 3x between runs) — the ceiling;
+- (a) 1 seeder -> 1 downloader; (b) 4 seeders -> 1; (c) 4 seeders each
+  limited to 4 MB/s -> 1.
+
+Raw copy, (a) and (b) run ``--repeat`` times and report the median run (by
+speed); (c) is rate-limited, so it runs once. MB is 10**6 bytes. Results and
+the targets are recorded in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+from dhtshare.files.content import FileLayout, hash_file, merkle_root, piece_size_for
+from dhtshare.identity import Identity
+from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
+
+MB = 1_000_000
+GROUP = bytes(32)
+CHUNK = 1024 * 1024
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``4096K`` or plain bytes."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def make_file(path: Path, size: int) -> None:
+    with path.open("wb") as out:
+        left = size
+        while left:
+            n = min(CHUNK, left)
+            out.write(os.urandom(n))
+            left -= n
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+
+
+# -- raw copy ------------------------------------------------------------------------
+
+
+def raw_receiver(port_q: Queue[Any], out: Path, size: int, result_q: Queue[Any]) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port_q.put(listener.getsockname()[1])
+        conn, _ = listener.accept()
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        got = 0
+        with conn, out.open("wb") as sink:
+            start = time.perf_counter()
+            while got < size:
+                n = conn.recv_into(view)
+                if not n:
+                    break
+                sink.write(view[:n])
+                got += n
+            sink.flush()
+            result_q.put((got, time.perf_counter() - start))
+
+
+def raw_sender(port: int, src: Path) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock, src.open("rb") as f:
+        while data := f.read(CHUNK):
+            sock.sendall(data)
+
+
+def raw_copy(ctx: Any, src: Path, work: Path, size: int) -> float:
+    port_q: Queue[Any] = ctx.Queue()
+    result_q: Queue[Any] = ctx.Queue()
+    out = work / "raw.out"
+    recv = ctx.Process(target=raw_receiver, args=(port_q, out, size, result_q))
+    recv.start()
+    send = ctx.Process(target=raw_sender, args=(port_q.get(), src))
+    send.start()
+    got, seconds = result_q.get()
+    send.join()
+    recv.join()
+    out.unlink()
+    assert got == size, f"raw copy moved {got} of {size} bytes"
+    return size / seconds / MB
+
+
+# -- seeders and the downloader --------------------------------------------------------
+
+
+def seeder_main(share: dict[str, Any], limit: float | None, ready_q: Queue[Any]) -> None:
+    asyncio.run(run_seeder(share, limit, ready_q))
+
+
+async def run_seeder(share: dict[str, Any], limit: float | None, ready_q: Queue[Any]) -> None:
+    identity = Identity.generate()
+    registry = ShareRegistry(lambda _group, _peer: True)
+    layout = FileLayout(share["size"], share["piece_size"])
+    registry.add(Share(GROUP, share["content_id"], share["path"], layout, share["hashes"]))
+    server = PeerServer(identity, shares=registry, upload_rate=limit)
+    host, port = await server.start()
+    ready_q.put((identity.public, host, port))
+    await server.serve()  # until the process is terminated
+
+
+def downloader_main(
+    info: FileInfo, out: Path, addrs: list[tuple[bytes, str, int]], result_q: Queue[Any]
+) -> None:
+    result_q.put(asyncio.run(run_downloader(info, out, addrs)))
+
+
+async def run_downloader(
+    info: FileInfo, out: Path, addrs: list[tuple[bytes, str, int]]
+) -> dict[str, Any]:
+    providers = [ProviderAddr(k, h, p) for k, h, p in addrs]
+
+    async def lookup() -> list[ProviderAddr]:
+        return providers
+
+    dl = Download(
+        Identity.generate(),
+        info,
+        out,
+        providers=lookup,
+        is_member=lambda _group, _peer: True,
+        options=DownloadOptions(provider_timeout=30.0),
+    )
+    start = time.perf_counter()
+    path = await dl.run()
+    seconds = time.perf_counter() - start
+    size = path.stat().st_size
+    return {
+        "seconds": seconds,
+        "size": size,
+        "sources": {k.hex(): v for k, v in dl.sources.items()},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def scenario(
+    ctx: Any,
+    name: str,
+    share: dict[str, Any],
+    work: Path,
+    seeders: int,
+    limit_mb_s: float | None,
+) -> dict[str, Any]:
+    ready_q: Queue[Any] = ctx.Queue()
+    result_q: Queue[Any] = ctx.Queue()
+    limit = limit_mb_s * MB if limit_mb_s else None
+    procs = [ctx.Process(target=seeder_main, args=(share, limit, ready_q)) for _ in range(seeders)]
+    for p in procs:
+        p.start()
+    try:
+        addrs = [ready_q.get(timeout=30) for _ in procs]
+        info = FileInfo(GROUP, share["content_id"], "bench.bin", share["size"], share["piece_size"])
+        out = work / f"out-{name}"
+        dl = ctx.Process(target=downloader_main, args=(info, out, addrs, result_q))
+        dl.start()
+        result = result_q.get(timeout=600)
+        dl.join()
+        shutil.rmtree(out, ignore_errors=True)
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join()
+    total = sum(result["sources"].values()) or 1
+    return {
+        "name": name,
+        "seeders": seeders,
+        "limit_mb_s": limit_mb_s,
+        "mb_s": round(share["size"] / result["seconds"] / MB, 1),
+        "seconds": round(result["seconds"], 3),
+        "seeder_share": {
+            key.hex()[:12]: round(result["sources"].get(key.hex(), 0) / total, 3)
+            for key, _, _ in addrs
+        },
+        "peak_rss_mb": round(result["peak_rss_mb"], 1),
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median speed; ``runs_mb_s`` lists every run's speed."""
+    ordered = sorted(runs, key=lambda r: r["mb_s"])
+    return {**ordered[len(ordered) // 2], "runs_mb_s": [r["mb_s"] for r in runs]}
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def print_table(raw: float, rows: list[dict[str, Any]], size: int) -> None:
+    print(f"file: {size / MB:.0f} MB, loopback, one process per party (MB = 10^6 bytes)")
+    print(f"raw socket copy: {raw:8.1f} MB/s")
+    head = f"{'scenario':<28}{'MB/s':>9}{'% raw':>7}{'s':>8}{'RSS MB':>8}  seeder shares"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shares = " ".join(f"{v:.0%}" for v in r["seeder_share"].values())
+        pct = 100 * r["mb_s"] / raw
+        line = f"{r['name']:<28}{r['mb_s']:>9.1f}{pct:>6.1f}%{r['seconds']:>8.2f}"
+        print(f"{line}{r['peak_rss_mb']:>8.1f}  {shares}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="256M", help="file size, e.g. 64M, 256M, 1G")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of raw, (a), (b)")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    ctx = mp.get_context("spawn")
+    work = Path(tempfile.mkdtemp(prefix="dhtshare-bench-"))
+    try:
+        src = work / "source.bin"
+        make_file(src, size)
+        piece_size = piece_size_for(size)
+        hashes = hash_file(src, piece_size)
+        share = {
+            "path": src,
+            "size": size,
+            "piece_size": piece_size,
+            "hashes": hashes,
+            "content_id": merkle_root(hashes),
+        }
+        n = max(1, args.repeat)
+        raw = statistics.median(raw_copy(ctx, src, work, size) for _ in range(n))
+        rows = [
+            median_run([scenario(ctx, "a: 1 seeder", share, work, 1, None) for _ in range(n)]),
+            median_run([scenario(ctx, "b: 4 seeders", share, work, 4, None) for _ in range(n)]),
+            scenario(ctx, "c: 4 seeders @ 4 MB/s each", share, work, 4, 4.0),
+        ]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        json.dump({"raw_copy_mb_s": round(raw, 1), "scenarios": rows}, sys.stdout)
+        print()
+    else:
+        print_table(raw, rows, size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
