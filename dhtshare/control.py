@@ -22,7 +22,7 @@ from typing import Any
 from . import errors
 from .errors import DhtshareError, NodeError
 
-__all__ = ["Progress", "call", "serve", "socket_path"]
+__all__ = ["Progress", "answering", "call", "serve", "socket_path"]
 
 log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
@@ -51,10 +51,17 @@ async def _handle(
 ) -> None:
     try:
         line = await reader.readline()
+        if not line:  # a probe (``answering``) or a client that gave up
+            writer.close()
+            return
         request = json.loads(line)
         cmd, args = str(request["cmd"]), dict(request.get("args") or {})
     except (ValueError, KeyError, TypeError):
-        await _write(writer, _error_line(NodeError("malformed control request")))
+        with contextlib.suppress(ConnectionError):
+            await _write(writer, _error_line(NodeError("malformed control request")))
+        writer.close()
+        return
+    except ConnectionError:
         writer.close()
         return
 
@@ -87,6 +94,16 @@ def socket_path(home: Path) -> Path:
         return path
     tag = hashlib.blake2b(os.fsencode(home.resolve()), digest_size=8).hexdigest()
     return Path(tempfile.gettempdir()) / f"dhtshare-{os.getuid()}-{tag}.sock"
+
+
+async def answering(path: Path) -> bool:
+    """Whether a node already listens on the control socket ``path``."""
+    try:
+        _reader, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    return True
 
 
 def _remove_stale(path: Path) -> None:

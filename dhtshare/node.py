@@ -113,6 +113,14 @@ class Node:
     async def start(cls, config: NodeConfig) -> Node:
         """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if config.control:
+            from . import control
+
+            if await control.answering(control.socket_path(config.home)):
+                raise NodeError(
+                    f"a node is already running for {config.home}",
+                    "stop it first with: dhtshare node stop",
+                )
         identity = config.identity or Identity.load(
             config.home / "identity.json", config.passphrase
         )

@@ -1,0 +1,450 @@
+"""End to end: the installed ``dhtshare`` executable, one process per command and per node.
+
+A bootstrap node and four users (each with its own ``--home``) on 127.0.0.1 go through the
+whole product: identities, a group, three join requests (two accepted, one rejected), a
+shared file downloaded twice (the second time from two peers at once), unsharing, a node
+restart that resumes its share, a bootstrap restart that keeps its id, and every error a
+user can cause, each of which must be one ``error:`` line (plus an optional ``hint:``), a
+non-zero exit and no traceback.
+
+The tests share one network (a module fixture) and run in file order: later tests use the
+group and files that earlier ones made. Waits are on processes (``node start --detach``
+returns once its node is up; a ``get`` returns when the file is verified) or on a log line;
+every process is stopped in the fixture's ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DHTSHARE = Path(sys.executable).parent / "dhtshare"
+TIMEOUT = 30.0  # seconds for any one command
+PROVIDER_TIMEOUT = "2"  # seconds a download waits for a provider (DHTSHARE_PROVIDER_TIMEOUT)
+USERS = ("alice", "bob", "carol", "dave")
+PASSPHRASE = "correct horse battery staple"
+PROGRESS = re.compile(r"^(downloading|hashing): \d+%")
+
+pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LineWatcher:
+    """Collects a process's stderr lines in a thread; ``wait_for`` blocks until one matches."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._proc = proc
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        assert self._proc.stderr is not None
+        for line in self._proc.stderr:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, start: int = 0, timeout: float = TIMEOUT) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            for line in self.lines[start:]:
+                if m := regex.search(line):
+                    return m
+            return None
+
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: found() is not None or not self._thread.is_alive(), timeout
+            ):
+                raise AssertionError(f"no line matching {pattern!r} in {self.lines}")
+            m = found()
+        assert m is not None, f"process ended without {pattern!r}: {self.lines}"
+        return m
+
+    def join(self) -> None:
+        self._thread.join(TIMEOUT)
+
+
+@dataclass
+class Bootstrap:
+    port: int
+    state: Path
+    proc: subprocess.Popen[str] | None = None
+    watcher: LineWatcher | None = None
+
+    def start(self, env: dict[str, str]) -> str:
+        """Start the bootstrap node; return its id once it logs that it listens."""
+        cmd = [str(DHTSHARE), "bootstrap", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*cmd, "--state", str(self.state)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.watcher = LineWatcher(self.proc)
+        return self.watcher.wait_for(r"bootstrap node ([0-9a-f]{40}) listening").group(1)
+
+    def stop(self) -> int:
+        """SIGTERM, as systemd and container runtimes send it; return the exit code."""
+        assert self.proc is not None and self.watcher is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.watcher.join()
+        self.close()
+        return code
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+@dataclass
+class Cluster:
+    root: Path
+    env: dict[str, str]
+    boot: Bootstrap
+    pids: set[int] = field(default_factory=set)
+    facts: dict[str, Any] = field(default_factory=dict)  # what earlier tests made
+
+    def home(self, user: str) -> Path:
+        return self.root / user
+
+    def run(
+        self, user: str | None, *args: str, check: bool = True, timeout: float = TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [str(DHTSHARE)]
+        if user is not None:
+            cmd += ["--home", str(self.home(user))]
+        result = subprocess.run(
+            [*cmd, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+        )
+        assert "Traceback" not in result.stderr + result.stdout, result.stderr
+        if check:
+            assert result.returncode == 0, f"{args}: {result.stderr}"
+        return result
+
+    def json(self, user: str, *args: str) -> Any:
+        """Run a listing with ``--json``: stdout must be exactly one JSON document."""
+        out = self.run(user, *args, "--json").stdout
+        return json.loads(out)  # json.loads refuses trailing data: one document only
+
+    def start_node(self, user: str, *extra: str) -> subprocess.Popen[str]:
+        """``node start --detach``; it exits once the node is up and bootstrapped."""
+        cmd = [str(DHTSHARE), "--home", str(self.home(user)), "node", "start", "--detach"]
+        return subprocess.Popen(
+            [*cmd, "--bootstrap", f"127.0.0.1:{self.boot.port}", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start_node_result(self, user: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        """``node start --detach`` run to its end, for the attempts meant to fail."""
+        proc = self.start_node(user, *extra)
+        out, err = proc.communicate(timeout=TIMEOUT)
+        if m := re.search(r"\(pid (\d+)\)", out):
+            self.pids.add(int(m.group(1)))
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def start_node_limited(self, user: str, max_file: int) -> subprocess.Popen[str]:
+        """``start_node`` whose node may write no file beyond ``max_file`` bytes."""
+        import resource
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
+
+        cmd = [str(DHTSHARE), "--home", str(self.home(user)), "node", "start", "--detach"]
+        return subprocess.Popen(
+            [*cmd, "--bootstrap", f"127.0.0.1:{self.boot.port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env,
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=limit,
+        )
+
+    def started(self, proc: subprocess.Popen[str]) -> None:
+        out, err = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0, err
+        self.pids.add(int(re.search(r"\(pid (\d+)\)", out).group(1)))  # type: ignore[union-attr]
+
+    def passphrase_args(self, user: str) -> tuple[str, ...]:
+        return ("--passphrase-file", str(self.root / "pass")) if user == "alice" else ()
+
+    def teardown(self) -> None:
+        for user in USERS:
+            with contextlib.suppress(Exception):
+                self.run(user, "node", "stop", check=False)
+        for pid in self.pids:  # anything `node stop` could not stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.boot.proc is not None and self.boot.proc.poll() is None:
+            self.boot.proc.kill()
+            self.boot.proc.wait(TIMEOUT)
+        if self.boot.watcher is not None:
+            self.boot.watcher.join()
+        self.boot.close()
+
+
+def assert_clean_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit != 0; stderr is one ``error:`` line, maybe a ``hint:`` line, maybe progress lines."""
+    assert result.returncode != 0, result
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = [line for line in result.stderr.splitlines() if not PROGRESS.match(line)]
+    assert lines and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("hint: ")), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    root = tmp_path_factory.mktemp("e2e")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSHARE_")}
+    env["DHTSHARE_PROVIDER_TIMEOUT"] = PROVIDER_TIMEOUT
+    c = Cluster(root, env, Bootstrap(free_udp_port(), root / "boot"))
+    (root / "pass").write_text(PASSPHRASE + "\n")
+    try:
+        c.facts["boot_id"] = c.boot.start(env)
+        for user in USERS:
+            c.run(user, "id", "create", "--name", user, *c.passphrase_args(user))
+        yield c
+    finally:
+        c.teardown()
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_ping_answers_exit_0_or_1(cluster: Cluster) -> None:
+    ok = cluster.run(None, "ping", f"127.0.0.1:{cluster.boot.port}")
+    assert "answered" in ok.stdout
+    silent = cluster.run(None, "ping", f"127.0.0.1:{free_udp_port()}", "--timeout", "0.3",
+                         check=False)  # fmt: skip
+    assert silent.returncode == 1
+    assert_clean_error(silent, "no answer")
+
+
+def test_start_errors_then_four_nodes(cluster: Cluster) -> None:
+    c = cluster
+    # no identity
+    assert_clean_error(c.start_node_result("nobody"), "no identity")
+    # wrong passphrase
+    (c.root / "wrong").write_text("not it\n")
+    assert_clean_error(
+        c.start_node_result("alice", "--passphrase-file", str(c.root / "wrong")), "passphrase"
+    )
+    # node not running
+    assert_clean_error(c.run("alice", "node", "status", check=False), "no node is running")
+    # port in use: the bootstrap node holds this UDP port
+    c.run("eve", "id", "create", "--name", "eve")
+    busy = c.start_node_result("eve", "--port", str(c.boot.port))
+    assert_clean_error(busy, "cannot listen", "in use")
+
+    procs = {u: c.start_node(u, *c.passphrase_args(u)) for u in USERS}
+    for proc in procs.values():
+        c.started(proc)
+    for user in USERS:
+        status = c.json(user, "node", "status")
+        assert status["name"] == user and status["dht_contacts"] >= 1
+    # a second node for the same home is refused
+    assert_clean_error(c.start_node_result("bob"), "already running")
+
+
+def test_group_flow_share_download_unshare(cluster: Cluster) -> None:
+    c = cluster
+    gid = c.run("alice", "group", "create", "climbers", "--public").stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", gid)
+    c.facts["gid"] = gid
+    for user in ("bob", "carol", "dave"):
+        out = c.run(user, "group", "join", gid, "--message", f"hi, {user} here").stdout
+        assert "pending" in out
+    requests = c.json("alice", "group", "requests", "climbers")
+    assert sorted(r["name"] for r in requests) == ["bob", "carol", "dave"]
+    assert c.run("alice", "group", "accept", "climbers", "bob").stdout.startswith("accepted bob")
+    c.run("alice", "group", "accept", "climbers", "carol")
+    c.run("alice", "group", "reject", "climbers", "dave", "--reason", "not this time")
+    assert c.json("alice", "group", "requests", "climbers") == []
+    members = c.json("bob", "group", "members", "climbers")
+    assert sorted(m["name"] for m in members) == ["alice", "bob", "carol"]
+    assert [g["role"] for g in c.json("carol", "group", "list")] == ["member"]
+    assert gid in [g["group_id"] for g in c.json("dave", "group", "list", "--directory")]
+
+    data = os.urandom(4 * 1024 * 1024 + 12345)
+    (c.root / "route.bin").write_bytes(data)
+    cid = c.run("alice", "share", "climbers", str(c.root / "route.bin")).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", cid)
+    listed = c.json("bob", "files", "climbers")
+    assert [(f["name"], f["size"], f["content_id"]) for f in listed] == [
+        ("route.bin", len(data), cid)
+    ]
+
+    got = c.run("bob", "get", "climbers", "route.bin", "--out", str(c.root / "bob-dl"))
+    assert "complete and verified" in got.stdout
+    assert (c.root / "bob-dl" / "route.bin").read_bytes() == data
+    c.run("carol", "get", "climbers", cid[:12], "--out", str(c.root / "carol-dl"))
+    assert (c.root / "carol-dl" / "route.bin").read_bytes() == data
+    [done] = c.json("carol", "downloads")
+    assert done["state"] == "complete" and done["bytes_done"] == len(data)
+    assert done["path"] == str(c.root / "carol-dl" / "route.bin")
+    assert len(done["sources"]) >= 2, done["sources"]  # alice and bob both served pieces
+
+    # the rejected user cannot download, and is told why
+    refused = c.run("dave", "get", gid, "route.bin", "--out", str(c.root / "dave-dl"),
+                    check=False)  # fmt: skip
+    assert_clean_error(refused, "rejected")
+    assert not (c.root / "dave-dl" / "route.bin").exists()
+
+    assert c.json("bob", "files", "climbers")[0]["providers"] == 3
+    assert "stopped sharing route.bin" in c.run("alice", "unshare", "climbers", cid).stdout
+    assert c.json("alice", "node", "status")["shares"] == 0
+    assert c.json("bob", "files", "climbers")[0]["providers"] == 2  # bob and carol still do
+    c.facts["cid"] = cid
+
+
+def test_every_group_and_file_error(cluster: Cluster) -> None:
+    c, gid = cluster, cluster.facts["gid"]
+    assert_clean_error(c.run("bob", "files", "no-such-group", check=False), "unknown group")
+    assert_clean_error(c.run("bob", "get", "climbers", "nope.bin", check=False), "no file")
+    assert_clean_error(c.run("dave", "files", gid, check=False), "rejected")
+    c.run("dave", "group", "leave", gid)  # withdraw the request: now simply not a member
+    assert_clean_error(c.run("dave", "get", gid, "route.bin", check=False), "not a member")
+    assert_clean_error(
+        c.run("bob", "group", "accept", "climbers", "dave", check=False), "only the group's owner"
+    )
+    missing = c.run("alice", "share", "climbers", str(c.root / "missing.bin"), check=False)
+    assert_clean_error(missing, "missing.bin", "No such file")
+    assert_clean_error(c.run("alice", "unshare", "climbers", "route.bin", check=False), "unknown")
+
+
+def test_restart_resumes_share_and_no_providers_meanwhile(cluster: Cluster) -> None:
+    c = cluster
+    solo = os.urandom(1024 * 1024 + 7)
+    (c.root / "solo.bin").write_bytes(solo)
+    c.run("alice", "share", "climbers", str(c.root / "solo.bin"))
+    assert "node stopped" in c.run("alice", "node", "stop").stdout
+
+    # alice held the only copy: the download fails after the provider timeout
+    gone = c.run("carol", "get", "climbers", "solo.bin", "--out", str(c.root / "carol-solo"),
+                 check=False)  # fmt: skip
+    assert_clean_error(gone, "no providers")
+    assert not (c.root / "carol-solo" / "solo.bin").exists()
+    failed = [d for d in c.json("carol", "downloads") if d["name"] == "solo.bin"]
+    assert failed[0]["state"] == "failed"
+
+    c.started(c.start_node("alice", *c.passphrase_args("alice")))
+    assert c.json("alice", "node", "status")["shares"] == 1  # resumed by itself
+    c.run("bob", "get", "climbers", "solo.bin", "--out", str(c.root / "bob-solo"))
+    assert (c.root / "bob-solo" / "solo.bin").read_bytes() == solo
+
+
+def test_disk_full(cluster: Cluster) -> None:
+    c = cluster
+    small = c.root / "small"
+    small.mkdir()
+    with tiny_place(c, small) as restore:
+        full = c.run("carol", "get", "climbers", "solo.bin", "--out", str(small), check=False)
+        restore()
+    assert_clean_error(full, "disk full")
+    assert not (small / "solo.bin").exists()  # never a half-written file under the final name
+
+
+@contextlib.contextmanager
+def tiny_place(c: Cluster, folder: Path) -> Iterator[Callable[[], None]]:
+    """A 256 KiB tmpfs at ``folder`` (the tests run as root here). Where mounting is not
+    allowed (or ``DHTSHARE_E2E_NO_MOUNT=1``), carol's node is restarted with RLIMIT_FSIZE
+    instead: big writes then fail with EFBIG, which the store reports like ENOSPC. The
+    callable it yields undoes the limit before the error is checked."""
+    mounted = False
+    if os.environ.get("DHTSHARE_E2E_NO_MOUNT") != "1":
+        mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)]
+        mounted = subprocess.run(mount, capture_output=True, check=False).returncode == 0
+    if mounted:
+        try:
+            yield lambda: None
+        finally:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True, check=False)
+        return
+    c.run("carol", "node", "stop")
+    c.started(c.start_node_limited("carol", 256 * 1024))
+    limited = True
+
+    def restore() -> None:
+        nonlocal limited
+        if limited:
+            limited = False
+            c.run("carol", "node", "stop")
+            c.started(c.start_node("carol"))
+
+    try:
+        yield restore
+    finally:
+        restore()
+
+
+def test_listings_print_one_json_document(cluster: Cluster) -> None:
+    c = cluster
+    assert c.json("alice", "id", "show")["name"] == "alice"
+    for args in (
+        ("node", "status"),
+        ("group", "list"),
+        ("group", "list", "--directory"),
+        ("group", "requests", "climbers"),
+        ("group", "members", "climbers"),
+        ("files", "climbers"),
+        ("downloads",),
+    ):
+        assert isinstance(c.json("alice", *args), dict | list), args
+
+
+def test_bootstrap_restart_keeps_its_id(cluster: Cluster) -> None:
+    c = cluster
+    state = json.loads((c.boot.state / "bootstrap.json").read_text())
+    assert state["id"] == c.facts["boot_id"]
+    assert c.boot.stop() == 0  # SIGTERM: a clean exit with its state saved
+    assert c.boot.watcher is not None
+    c.boot.watcher.wait_for("state saved")
+    assert c.boot.start(c.env) == c.facts["boot_id"]
+    assert json.loads((c.boot.state / "bootstrap.json").read_text())["id"] == c.facts["boot_id"]
+    c.run(None, "ping", f"127.0.0.1:{c.boot.port}")
