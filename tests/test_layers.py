@@ -118,10 +118,10 @@ def imports_of(
                     if sub in known:
                         found.append(Import(name, sub, node.lineno, type_checking, lazy))
         if isinstance(node, ast.If) and _is_type_checking(node.test):
-            for child in node.body:
-                visit(child, True, lazy)
-            for child in node.orelse:
-                visit(child, type_checking, lazy)
+            for stmt in node.body:
+                visit(stmt, True, lazy)
+            for stmt in node.orelse:
+                visit(stmt, type_checking, lazy)
             return
         inner = lazy or isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
         for child in ast.iter_child_nodes(node):
