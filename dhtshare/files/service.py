@@ -9,12 +9,13 @@ a current member (``is_member``): a storing node cannot know the roster, a reade
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import aiofiles.os
 
 from ..dht.server import DhtNode
 from ..errors import DhtError, FileShareError
@@ -81,7 +82,7 @@ class FileService:
     ) -> tuple[FileLayout, list[bytes]]:
         """Piece hashes of ``path``, computed in a thread; ``progress(done, total)`` on the loop."""
         try:
-            info = os.stat(path)
+            info = await aiofiles.os.stat(path)
         except OSError as exc:
             raise FileShareError(f"cannot share {path}: {exc.strerror}", "check the path") from exc
         if not stat.S_ISREG(info.st_mode):

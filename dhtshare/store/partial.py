@@ -2,8 +2,8 @@
 
 Positional I/O (``os.pwrite`` / ``os.pread``) runs in a worker thread through
 ``asyncio.to_thread``. We use that rather than aiofiles' file objects: a piece
-write is one positional call, so concurrent writes need no seek-then-write lock,
-and the calls are fully typed (aiofiles ships no type information).
+write is one positional call, so concurrent writes need no seek-then-write lock.
+File-system metadata (directories, names) goes through ``aiofiles.os``.
 
 A file takes its final name only in ``finalize()``, and never replaces an
 existing file: the final name is created with ``os.link`` (which fails if the name
@@ -17,6 +17,8 @@ import errno
 import os
 import unicodedata
 from pathlib import Path
+
+import aiofiles.os
 
 from dhtshare.errors import StoreError
 
@@ -148,7 +150,7 @@ class PartialFile:
         final = Path(out_dir) / safe_name(name)
         part = final.with_name(final.name + PART_SUFFIX)
         try:
-            await asyncio.to_thread(Path(out_dir).mkdir, parents=True, exist_ok=True)
+            await aiofiles.os.makedirs(out_dir, exist_ok=True)
             fd = await asyncio.to_thread(_open_part, part, size)
         except OSError as exc:
             raise _store_error(exc, "create", part) from exc
@@ -215,7 +217,9 @@ class PartialFile:
 
     async def _drop_part_name(self) -> None:
         try:
-            await asyncio.to_thread(self.part_path.unlink, missing_ok=True)
+            await aiofiles.os.unlink(self.part_path)
+        except FileNotFoundError:
+            pass
         except OSError:
             pass  # the final name exists; a leftover .part link holds no extra data
         await asyncio.to_thread(fsync_dir, self.final_path.parent)
