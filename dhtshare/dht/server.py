@@ -77,9 +77,12 @@ class _Crawl:
     answered: set[bytes] = field(default_factory=set)
     rpcs: int = 0
     failures: int = 0
+    budget: int | None = None  # most RPCs this crawl may send (None: no limit)
 
     def next_peer(self) -> Node | None:
-        """The closest of the k nearest nodes not yet asked."""
+        """The closest of the k nearest nodes not yet asked (None when done or spent)."""
+        if self.budget is not None and self.rpcs >= self.budget:
+            return None
         uncontacted = self.heap.get_uncontacted()
         if not uncontacted:
             return None
@@ -109,6 +112,7 @@ class DhtNode(Server):  # type: ignore[misc]
         timeouts: RpcTimeouts | None = None,
         republish_interval: float = 1800.0,
         maintenance_interval: float = 60.0,
+        fill_rpcs: int = 6,
     ) -> None:
         if stats is None:
             stats = storage.stats if storage is not None else Counters()
@@ -121,6 +125,7 @@ class DhtNode(Server):  # type: ignore[misc]
         self.timeouts = timeouts or RpcTimeouts()
         self.republish_interval = republish_interval
         self.maintenance_interval = maintenance_interval
+        self.fill_rpcs = fill_rpcs
         self.lookups: deque[LookupStats] = deque(maxlen=10_000)
         self._published: dict[tuple[bytes, bytes], _Publication] = {}
         self._maintenance: asyncio.Task[None] | None = None
@@ -214,10 +219,34 @@ class DhtNode(Server):  # type: ignore[misc]
     # ---- joining ---------------------------------------------------------------
 
     async def bootstrap(self, addrs: list[Address]) -> int:
-        """Join through ``addrs``; return how many contacts the node then knows."""
+        """Join through ``addrs``; return how many contacts the node then knows.
+
+        As in the Kademlia paper: look up our own id, then fill every bucket farther
+        away than our closest neighbours (kademlia 2.2.3 skips this step, so in a
+        young network a node knows almost nobody in the other half of the id space
+        and lookups there converge on the wrong nodes).
+        """
         seeds = await self._ping_all(addrs)
-        await self._crawl(self.node.id, want_values=False, seeds=seeds)
+        crawl = await self._crawl(self.node.id, want_values=False, seeds=seeds)
+        await self._fill_far_buckets(crawl)
         return self.contact_count()
+
+    async def _fill_far_buckets(self, own: _Crawl) -> None:
+        """One budgeted lookup of a random id at each distance farther than our neighbours.
+
+        The k closest nodes found by the own-id lookup share at least ``depth``
+        leading bits with us; for each shorter shared prefix, look up a random id
+        with exactly that prefix, asking at most ``fill_rpcs`` nodes. Every node that
+        answers lands in the bucket for that distance.
+        """
+        closest = own.closest_answered()
+        if not closest or self.fill_rpcs <= 0:
+            return
+        depth = min(_shared_bits(self.node.id, n.id) for n in closest)
+        targets = [_random_id_at(self.node.id, bits) for bits in range(depth)]
+        await asyncio.gather(
+            *(self._crawl(t, want_values=False, budget=self.fill_rpcs) for t in targets)
+        )
 
     async def _ping_all(self, addrs: list[Address]) -> list[Node]:
         proto = self._proto()
@@ -241,12 +270,30 @@ class DhtNode(Server):  # type: ignore[misc]
     # ---- the lookup ------------------------------------------------------------
 
     async def _crawl(
-        self, target: bytes, *, want_values: bool, seeds: list[Node] | None = None
+        self,
+        target: bytes,
+        *,
+        want_values: bool,
+        seeds: list[Node] | None = None,
+        budget: int | None = None,
     ) -> _Crawl:
         """Ask the k nodes closest to ``target``, keeping ``alpha`` RPCs in flight."""
+        crawl, _stats = await self._crawl_with_stats(
+            target, want_values=want_values, seeds=seeds, budget=budget
+        )
+        return crawl
+
+    async def _crawl_with_stats(
+        self,
+        target: bytes,
+        *,
+        want_values: bool,
+        seeds: list[Node] | None = None,
+        budget: int | None = None,
+    ) -> tuple[_Crawl, LookupStats]:
         proto = self._proto()
         node = Node(target)
-        crawl = _Crawl(node, NodeHeap(node, self.ksize), self.node.id)
+        crawl = _Crawl(node, NodeHeap(node, self.ksize), self.node.id, budget=budget)
         crawl.heap.push(seeds if seeds is not None else proto.router.find_neighbors(node))
         call = proto.call_find_value if want_values else proto.call_find_node
         started = time.monotonic()
@@ -262,8 +309,7 @@ class DhtNode(Server):  # type: ignore[misc]
         finally:
             for task in pending:
                 task.cancel()
-        self._record_lookup(crawl, time.monotonic() - started)
-        return crawl
+        return crawl, self._record_lookup(crawl, time.monotonic() - started)
 
     def _fill(
         self,
@@ -307,11 +353,12 @@ class DhtNode(Server):  # type: ignore[misc]
         if held is None or rec.rank > held.rank:
             found[rec.slot] = rec
 
-    def _record_lookup(self, crawl: _Crawl, seconds: float) -> None:
+    def _record_lookup(self, crawl: _Crawl, seconds: float) -> LookupStats:
         stats = LookupStats(crawl.rpcs, crawl.failures, len(crawl.answered), seconds)
         self.lookups.append(stats)
         self.stats.incr("lookup")
         self.stats.incr("lookup.rpcs", crawl.rpcs)
+        return stats
 
     async def get(self, key: bytes) -> list[SignedRecord]:
         """Every valid record under ``key`` held by the k closest nodes or locally.
@@ -319,12 +366,18 @@ class DhtNode(Server):  # type: ignore[misc]
         Merged by slot (highest ``seq`` wins), newest first. An empty list means
         nobody reachable holds a record under ``key``.
         """
-        crawl = await self._crawl(key, want_values=True)
+        records, _stats = await self.lookup(key)
+        return records
+
+    async def lookup(self, key: bytes) -> tuple[list[SignedRecord], LookupStats]:
+        """``get``, plus what this one lookup cost (also appended to ``lookups``)."""
+        crawl, stats = await self._crawl_with_stats(key, want_values=True)
         for rec in self.storage.records(key, self.clock()):
             held = crawl.found.get(rec.slot)
             if held is None or rec.rank > held.rank:
                 crawl.found[rec.slot] = rec
-        return sorted(crawl.found.values(), key=lambda r: (r.issued, r.seq), reverse=True)
+        records = sorted(crawl.found.values(), key=lambda r: (r.issued, r.seq), reverse=True)
+        return records, stats
 
     # ---- storing ---------------------------------------------------------------
 
@@ -439,6 +492,22 @@ class DhtNode(Server):  # type: ignore[misc]
         for peer in await node._ping_all(addrs):
             node._proto().welcome_if_new(peer)
         return node
+
+
+def _shared_bits(a: bytes, b: bytes) -> int:
+    """Leading bits ``a`` and ``b`` have in common."""
+    bits = len(a) * 8
+    return bits - (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).bit_length()
+
+
+def _random_id_at(own: bytes, shared: int) -> bytes:
+    """A random id whose first ``shared`` bits equal ``own``'s and whose next bit differs."""
+    bits = len(own) * 8
+    flip = bits - 1 - shared
+    mine = int.from_bytes(own, "big")
+    prefix = ((mine >> flip) ^ 1) << flip
+    rest = int.from_bytes(os.urandom(len(own)), "big") & ((1 << flip) - 1)
+    return (prefix | rest).to_bytes(len(own), "big")
 
 
 def _read_state(path: Path) -> dict[str, Any]:
