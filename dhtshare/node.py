@@ -127,6 +127,9 @@ class Node:
         registry = ShareRegistry(lambda gid, key: node.is_member(gid, key))
         dht, server = await _bind(config, identity, registry)
         node = cls(config, identity, dht, server)
+        if config.control:  # the next start tries this port first
+            with contextlib.suppress(OSError):
+                write_json(config.home / "address.json", node.address_info())
         try:
             await node._join()
             await node._refresh_groups()
@@ -319,29 +322,48 @@ class Node:
 async def _bind(
     config: NodeConfig, identity: Identity, registry: ShareRegistry
 ) -> tuple[DhtNode, PeerServer]:
-    """UDP and TCP on the same port; with port 0, retry until one port is free for both."""
-    last: NodeError | None = None
-    for _ in range(PORT_ATTEMPTS if config.port == 0 else 1):
-        dht = _new_dht(config)
-        try:
-            await dht.listen(config.port, config.host)
-        except OSError as exc:
-            await dht.aclose()
-            raise NodeError(
-                f"cannot listen on {config.host}:{config.port} (UDP): {exc.strerror}",
-                "choose another --port, or stop the program using it",
-            ) from exc
-        server = PeerServer(
-            identity, config.host, dht.address[1], shares=registry, upload_rate=config.upload_limit
-        )
-        try:
-            await server.start()
-            return dht, server
-        except NodeError as exc:
-            last = exc
-            await dht.aclose()
-    assert last is not None
-    raise last
+    """UDP and TCP on the same port. Without ``--port``, the port of the last run comes
+    first (peers and routing tables still know it); else retry port 0 until one is free
+    for both."""
+    saved = _saved_port(config.home) if config.port == 0 else 0
+    if saved:
+        with contextlib.suppress(NodeError):
+            return await _bind_port(config, saved, identity, registry)
+    for _ in range(PORT_ATTEMPTS - 1 if config.port == 0 else 0):
+        with contextlib.suppress(NodeError):
+            return await _bind_port(config, 0, identity, registry)  # TCP port taken: again
+    return await _bind_port(config, config.port, identity, registry)
+
+
+def _saved_port(home: Path) -> int:
+    try:
+        port = int(read_json(home / "address.json", {}).get("port", 0))
+    except (NodeError, AttributeError, TypeError, ValueError):
+        return 0
+    return port if 0 < port < 65536 else 0
+
+
+async def _bind_port(
+    config: NodeConfig, port: int, identity: Identity, registry: ShareRegistry
+) -> tuple[DhtNode, PeerServer]:
+    dht = _new_dht(config)
+    try:
+        await dht.listen(port, config.host)
+    except OSError as exc:
+        await dht.aclose()
+        raise NodeError(
+            f"cannot listen on {config.host}:{port} (UDP): {exc.strerror}",
+            "choose another --port, or stop the program using it",
+        ) from exc
+    server = PeerServer(
+        identity, config.host, dht.address[1], shares=registry, upload_rate=config.upload_limit
+    )
+    try:
+        await server.start()
+    except NodeError:
+        await dht.aclose()
+        raise
+    return dht, server
 
 
 def _new_dht(config: NodeConfig) -> DhtNode:
