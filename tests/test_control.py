@@ -1,0 +1,101 @@
+"""The control socket: JSON lines, progress, typed errors, permissions, long paths."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dhtshare import control
+from dhtshare.errors import GroupError, NodeError
+
+
+async def handler(cmd: str, args: dict[str, Any], progress: control.Progress) -> Any:
+    if cmd == "echo":
+        return args
+    if cmd == "count":
+        for i in range(3):
+            await progress({"done": i})
+        return "done"
+    if cmd == "group":
+        raise GroupError("unknown group: x", "list yours")
+    raise RuntimeError("a bug")
+
+
+@pytest.fixture
+async def sock(tmp_path: Path) -> Any:
+    path = control.socket_path(tmp_path)
+    server = await control.serve(path, handler)
+    try:
+        yield path
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_result_and_progress(sock: Path) -> None:
+    assert await control.call(sock, "echo", {"a": [1, "b"]}) == {"a": [1, "b"]}
+    seen: list[dict[str, Any]] = []
+    assert await control.call(sock, "count", None, seen.append) == "done"
+    assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
+
+
+async def test_errors_keep_their_type_and_hint(sock: Path) -> None:
+    with pytest.raises(GroupError) as info:
+        await control.call(sock, "group")
+    assert (info.value.message, info.value.hint) == ("unknown group: x", "list yours")
+
+
+async def test_a_handler_bug_is_a_node_error_and_the_server_lives(sock: Path) -> None:
+    with pytest.raises(NodeError, match="internal error: a bug"):
+        await control.call(sock, "crash")
+    assert await control.call(sock, "echo", {}) == {}
+
+
+async def test_malformed_request_and_probe(sock: Path) -> None:
+    reader, writer = await asyncio.open_unix_connection(str(sock))
+    writer.write(b"not json\n")
+    reply = json.loads(await reader.readline())
+    writer.close()
+    assert reply["ok"] is False and reply["type"] == "NodeError"
+    assert await control.answering(sock)
+    assert await control.call(sock, "echo", {"x": 1}) == {"x": 1}
+
+
+async def test_socket_is_private(sock: Path) -> None:
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+
+
+async def test_no_node(tmp_path: Path) -> None:
+    path = control.socket_path(tmp_path)
+    assert not await control.answering(path)
+    with pytest.raises(NodeError, match="no node is running"):
+        await control.call(path, "status")
+
+
+def test_long_home_falls_back_to_the_temp_dir(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    path = control.socket_path(deep)
+    assert len(os.fsencode(path)) < 100
+    assert path == control.socket_path(deep)  # the CLI finds it the same way
+    assert path != control.socket_path(tmp_path / ("e" * 120))
+    assert (
+        control.socket_path(tmp_path) == tmp_path / "control.sock"
+        or len(os.fsencode(tmp_path / "control.sock")) >= 100
+    )
+
+
+async def test_long_home_serves(tmp_path: Path) -> None:
+    path = control.socket_path(tmp_path / ("d" * 120))
+    server = await control.serve(path, handler)
+    try:
+        assert await control.call(path, "echo", {"ok": 1}) == {"ok": 1}
+    finally:
+        server.close()
+        await server.wait_closed()
+        path.unlink(missing_ok=True)
