@@ -35,7 +35,8 @@ PART_SUFFIX = ".part"
 FALLBACK_NAME = "download"
 _NAME_MAX_BYTES = 255 - len(PART_SUFFIX)  # NAME_MAX on common file systems
 _DROP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
-_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# EFBIG: a file-size limit (RLIMIT_FSIZE, a FAT32 volume) stops the download like a full disk
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
 
 
