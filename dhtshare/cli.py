@@ -197,7 +197,7 @@ def node() -> None:
     "--port",
     default=0,
     type=click.IntRange(0, 65535),
-    help="UDP (DHT) and TCP (peers) port; 0 picks one.",
+    help="UDP (DHT) and TCP (peers) port; 0: the last run's port if free, else any.",
 )
 @bootstrap_option
 @click.option("--detach", is_flag=True, help="Return once the node is up and bootstrapped.")
