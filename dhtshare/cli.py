@@ -204,6 +204,11 @@ def node() -> None:
 @click.option(
     "--passphrase-file", type=click.Path(dir_okay=False), help="Passphrase of a protected identity."
 )
+@click.option(
+    "--advertise",
+    metavar="HOST",
+    help="Address peers should connect to (needed with --host 0.0.0.0). Default: --host.",
+)
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
     "--provider-timeout",
@@ -223,6 +228,7 @@ def node_start(
     passphrase_file: str | None,
     ready_fd: int | None,
     provider_timeout: float,
+    advertise: str | None,
 ) -> None:
     """Start your node: DHT on UDP and the peer server on TCP, both on PORT.
 
@@ -237,7 +243,13 @@ def node_start(
         bootstrap=tuple(parse_hostport(b) for b in bootstraps),
         passphrase=read_passphrase(passphrase_file),
         provider_timeout=provider_timeout,
+        advertise=advertise,
     )
+    if host in ("0.0.0.0", "::") and not advertise:
+        raise click.BadParameter(
+            "peers cannot connect to a wildcard address: add --advertise HOST",
+            param_hint="--host",
+        )
     if detach:
         info = run_detached(config, sys.argv[0], passphrase_file)
         click.echo(f"node running at {info['host']}:{info['port']} (pid {info['pid']})")

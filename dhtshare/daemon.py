@@ -101,6 +101,8 @@ def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) ->
     if passphrase_file:
         cmd += ["--passphrase-file", str(Path(passphrase_file).resolve())]
     cmd += ["--provider-timeout", repr(config.provider_timeout)]
+    if config.advertise:
+        cmd += ["--advertise", config.advertise]
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(config.home / "node.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -53,6 +53,7 @@ class NodeConfig:
     download_limit: float | None = None  # bytes/s
     maintenance_interval: float = 30.0
     provider_timeout: float = 60.0  # a download fails after this long with nobody serving it
+    advertise: str | None = None  # the host peers should connect to, if not ``host``
     control: bool = True  # serve the control socket
     ksize: int = 20
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,7 +88,7 @@ class Node:
         self.dht, self.server = dht, server
         self.registry = server.shares
         self.groups = GroupService(dht, identity, self._load_group_state())
-        self.files = FileService(dht, identity, lambda: self.address)
+        self.files = FileService(dht, identity, lambda: self.advertised)
         self.downloads = DownloadManager(
             self.home,
             identity,
@@ -222,6 +223,12 @@ class Node:
     @property
     def address(self) -> tuple[str, int]:
         return self.server.address
+
+    @property
+    def advertised(self) -> tuple[str, int]:
+        """Where peers reach our peer server: ``--advertise`` or the listening address."""
+        host, port = self.address
+        return self.config.advertise or host, port
 
     def address_info(self) -> dict[str, Any]:
         host, port = self.address
