@@ -126,6 +126,7 @@ class _Peer:
 
 @dataclass(slots=True)
 class _Piece:
+    seq: int  # start order: lower started earlier
     received: set[int] = field(default_factory=set)  # block numbers
     requested: dict[int, list[PeerId]] = field(default_factory=dict)  # block number -> peers
     contributors: set[PeerId] = field(default_factory=set)
@@ -152,6 +153,16 @@ class PiecePicker:
         self._banned: set[PeerId] = set()
         biggest = max(self._lengths, default=1)
         self._partial_cap = max(2, self.config.max_partial_bytes // biggest)
+        self._seq = 0
+        # Index of the pieces we could start (neither verified nor started), by
+        # availability: _levels[n] lists those that n peers have, _slot[i] is i's
+        # position in its list (-1: not a candidate). Picking the rarest piece is then
+        # a look at the lowest non-empty level, not a scan of every piece.
+        self._levels: dict[int, list[int]] = {0: list(range(len(self._lengths)))}
+        self._slot = list(range(len(self._lengths)))
+        self._open: set[int] = set()  # started pieces with a block nobody was asked for
+        self._live_started = 0  # started pieces that some connected peer has
+        self._verified = 0
 
     # -- geometry ---------------------------------------------------------------
 
@@ -187,6 +198,61 @@ class PiecePicker:
         if not 0 <= index < self.piece_count:
             raise ValueError(f"piece {index} out of range 0..{self.piece_count - 1}")
 
+    # -- the index ---------------------------------------------------------------
+
+    def _candidate_add(self, index: int) -> None:
+        if self._slot[index] < 0 and not self._have[index] and index not in self._pieces:
+            level = self._levels.setdefault(self._availability[index], [])
+            self._slot[index] = len(level)
+            level.append(index)
+
+    def _candidate_remove(self, index: int) -> None:
+        slot = self._slot[index]
+        if slot < 0:
+            return
+        level = self._levels[self._availability[index]]
+        last = level.pop()
+        if last != index:
+            level[slot] = last
+            self._slot[last] = slot
+        self._slot[index] = -1
+
+    def _add_availability(self, index: int, delta: int) -> None:
+        old = self._availability[index]
+        candidate = self._slot[index] >= 0
+        if candidate:
+            self._candidate_remove(index)
+        self._availability[index] = new = old + delta
+        if candidate:
+            self._candidate_add(index)
+        elif index in self._pieces and (old > 0) != (new > 0):
+            self._live_started += 1 if new > 0 else -1
+
+    def _start(self, index: int) -> _Piece:
+        piece = self._pieces.get(index)
+        if piece is None:
+            self._candidate_remove(index)
+            self._seq += 1
+            piece = self._pieces[index] = _Piece(self._seq)
+            if self._availability[index] > 0:
+                self._live_started += 1
+        return piece
+
+    def _unstart(self, index: int) -> _Piece | None:
+        piece = self._pieces.pop(index, None)
+        if piece is not None:
+            self._open.discard(index)
+            if self._availability[index] > 0:
+                self._live_started -= 1
+            self._candidate_add(index)
+        return piece
+
+    def _update_open(self, index: int, piece: _Piece) -> None:
+        if len(piece.received) + len(piece.requested) < self.block_count(index):
+            self._open.add(index)
+        else:
+            self._open.discard(index)
+
     # -- our progress -----------------------------------------------------------
 
     def has(self, index: int) -> bool:
@@ -195,11 +261,11 @@ class PiecePicker:
 
     @property
     def verified_count(self) -> int:
-        return sum(self._have)
+        return self._verified
 
     @property
     def complete(self) -> bool:
-        return all(self._have)
+        return self._verified == self.piece_count
 
     def bitfield(self) -> bytes:
         """Our verified pieces as a bitfield (to send to peers)."""
@@ -208,8 +274,11 @@ class PiecePicker:
     def mark_have(self, index: int) -> list[PeerBlock]:
         """Record piece ``index`` as verified (e.g. from resume state); returns stale requests."""
         self._check_index(index)
-        self._have[index] = True
-        piece = self._pieces.pop(index, None)
+        if not self._have[index]:
+            self._have[index] = True
+            self._verified += 1
+        piece = self._unstart(index)  # a verified piece is no candidate: _have is set
+        self._candidate_remove(index)
         cancels: list[PeerBlock] = []
         for number, peers in ({} if piece is None else piece.requested).items():
             block = self.block(index, number)
@@ -234,6 +303,7 @@ class PiecePicker:
         senders = frozenset(piece.contributors)
         piece.received.clear()
         piece.contributors.clear()
+        self._update_open(index, piece)
         self._drop_if_idle(index)
         return senders
 
@@ -263,7 +333,7 @@ class PiecePicker:
         state = self._peers.get(peer)
         if state is not None and index not in state.have:
             state.have.add(index)
-            self._availability[index] += 1
+            self._add_availability(index, 1)
 
     def availability(self, index: int) -> int:
         """How many connected peers have piece ``index``."""
@@ -302,7 +372,7 @@ class PiecePicker:
 
     def _count(self, indices: Iterable[int], delta: int) -> None:
         for i in indices:
-            self._availability[i] += delta
+            self._add_availability(i, delta)
 
     # -- peer measurements --------------------------------------------------------
 
@@ -357,37 +427,52 @@ class PiecePicker:
                 yield n
 
     def _take_free(self, index: int, room: int, picked: list[Block]) -> None:
-        piece = self._pieces.setdefault(index, _Piece())
+        piece = self._start(index)
         for n in self._free_numbers(index, piece):
             if len(picked) >= room:
-                return
+                break
             picked.append(self.block(index, n))
             piece.requested[n] = []  # claimed; the requester is added in _record
+        self._update_open(index, piece)
 
     def _pick_started(self, state: _Peer, room: int, picked: list[Block]) -> None:
-        for index in list(self._pieces):
+        if not self._open:
+            return
+        for index in sorted(self._open, key=lambda i: self._pieces[i].seq):  # oldest first
             if len(picked) >= room:
                 return
             if index in state.have:
                 self._take_free(index, room, picked)
 
     def _pick_new(self, state: _Peer, room: int, picked: list[Block]) -> None:
-        while len(picked) < room and self._started_count() < self._partial_cap:
+        # pieces nobody connected has do not count, so a vanished peer cannot stall us
+        while len(picked) < room and self._live_started < self._partial_cap:
             index = self._rarest(state.have)
             if index is None:
                 return
             self._take_free(index, room, picked)
 
-    def _started_count(self) -> int:
-        # pieces nobody connected has do not count, so a vanished peer cannot stall us
-        return sum(1 for i in self._pieces if self._availability[i] > 0)
-
     def _rarest(self, have: set[int]) -> int | None:
-        """The rarest piece in ``have`` we neither hold nor started; random among ties."""
+        """The rarest piece in ``have`` we neither hold nor started; random among ties.
+
+        A peer with every piece takes a random one from the lowest non-empty level;
+        otherwise the smaller of (candidates, the peer's pieces) is scanned.
+        """
+        levels = sorted(n for n, level in self._levels.items() if n > 0 and level)
+        if not levels:
+            return None
+        if len(have) == self.piece_count:
+            return self._rng.choice(self._levels[levels[0]])
+        if sum(len(self._levels[n]) for n in levels) <= len(have):
+            for n in levels:
+                ties = [i for i in self._levels[n] if i in have]
+                if ties:
+                    return self._rng.choice(ties)
+            return None
         best: list[int] = []
         best_count = 0
         for i in sorted(have):
-            if self._have[i] or i in self._pieces:
+            if self._slot[i] < 0:
                 continue
             count = self._availability[i]
             if not best or count < best_count:
@@ -398,13 +483,9 @@ class PiecePicker:
 
     def _in_endgame(self) -> bool:
         """True when every block some peer could send is requested or received."""
-        for i in range(self.piece_count):
-            if self._have[i] or self._availability[i] == 0:
-                continue
-            piece = self._pieces.get(i)
-            if piece is None or next(iter(self._free_numbers(i, piece)), None) is not None:
-                return False
-        return True
+        if any(level for n, level in self._levels.items() if n > 0):
+            return False  # an unstarted piece someone has
+        return all(self._availability[i] == 0 for i in self._open)
 
     def _pick_duplicates(self, peer: PeerId, state: _Peer, room: int, picked: list[Block]) -> None:
         for index, piece in self._pieces.items():
@@ -443,6 +524,7 @@ class PiecePicker:
         piece.received.add(number)
         piece.contributors.add(peer)
         others = [p for p in piece.requested.pop(number, []) if p != peer]
+        self._update_open(block.index, piece)
         for other in others:
             self._peers[other].pending.pop(block, None)
         complete = len(piece.received) == self.block_count(block.index)
@@ -479,13 +561,14 @@ class PiecePicker:
             peers.remove(peer)
         if not peers:
             piece.requested.pop(number, None)
+            self._update_open(block.index, piece)
         self._drop_if_idle(block.index)
 
     def _drop_if_idle(self, index: int) -> None:
         """Un-start a piece that has nothing received and nothing requested."""
         piece = self._pieces.get(index)
         if piece is not None and not piece.received and not piece.requested:
-            del self._pieces[index]
+            self._unstart(index)
 
     # -- timeouts ---------------------------------------------------------------
 
