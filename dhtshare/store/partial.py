@@ -16,6 +16,7 @@ import asyncio
 import errno
 import os
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
 
 import aiofiles.os
@@ -75,7 +76,7 @@ def _store_error(exc: OSError, action: str, path: Path, keep: Path | None = None
     )
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -176,6 +177,32 @@ class PartialFile:
         fd = self._require_fd()
         try:
             await asyncio.to_thread(_pwrite_all, fd, data, offset)
+        except OSError as exc:
+            raise _store_error(exc, "writing", self.part_path, self.part_path) from exc
+
+    async def write_piece_if(
+        self,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        check: Callable[[bytes | bytearray | memoryview], bool],
+    ) -> bool:
+        """Run ``check(data)`` and, if it is true, write ``data`` at ``offset``.
+
+        Both happen in one worker-thread call (one thread hop per piece, not two);
+        ``check`` should release the GIL (hashlib does for large buffers). Returns
+        the check's result; a write error is a ``StoreError`` as in ``write_piece``.
+        """
+        self._check_range(offset, len(data))
+        fd = self._require_fd()
+
+        def work() -> bool:
+            if not check(data):
+                return False
+            _pwrite_all(fd, memoryview(data), offset)
+            return True
+
+        try:
+            return await asyncio.to_thread(work)
         except OSError as exc:
             raise _store_error(exc, "writing", self.part_path, self.part_path) from exc
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -471,18 +472,20 @@ class Download:
         while True:
             item = await self._store.get()
             assert self.hashes is not None and self._partial is not None
-            good = await asyncio.to_thread(verify_piece, item.data, self.hashes[item.index])
-            if not good:
-                self._piece_failed(item)
-                continue
-            try:
-                offset = self.layout.piece_offset(item.index)
-                await self._partial.write_piece(offset, memoryview(item.data))
+            expected = self.hashes[item.index]
+            offset = self.layout.piece_offset(item.index)
+            try:  # hash and write in one worker-thread call
+                good = await self._partial.write_piece_if(
+                    offset, item.data, functools.partial(verify_piece, expected=expected)
+                )
             except StoreError as exc:
                 self._fatal = exc
                 self._wake.set()
                 return
-            self._piece_verified(item)
+            if good:
+                self._piece_verified(item)
+            else:
+                self._piece_failed(item)
 
     def _piece_verified(self, item: _Verify) -> None:
         self._send_cancels(self.picker.piece_verified(item.index))
@@ -736,8 +739,8 @@ class _Client:
         if not self.ready or self.stream is None or not self.stream.open:
             return
         key = self.addr.peer_key
-        for b in self.dl.picker.next_requests(key, self.dl.clock()):
-            self.stream.send_nowait(Request(b.index, b.begin, b.length))
+        blocks = self.dl.picker.next_requests(key, self.dl.clock())
+        self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
         self._asked, self._answered = len(self.dl.picker.pending(key)), 0
 
 

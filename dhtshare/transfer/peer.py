@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 from dhtshare.errors import ProtocolError, RemoteProtocolError
 from dhtshare.identity import Identity
@@ -183,6 +183,12 @@ class PeerStream:
     def send_nowait(self, msg: Message) -> None:
         """Queue ``msg`` on the transport without waiting (for small messages)."""
         self._write(self.conn.send(msg))
+
+    def send_many_nowait(self, msgs: Iterable[Message]) -> None:
+        """Queue several messages with one transport write (one syscall, not one each)."""
+        data = b"".join([self.conn.send(m) for m in msgs])
+        if data:
+            self._write(data)
 
     async def send(self, msg: Message) -> None:
         """Send ``msg`` and wait while the transport's buffer is above its high mark.
