@@ -162,12 +162,13 @@ def test_no_duplicates_before_endgame() -> None:
 
 
 def test_endgame_duplicates_and_cancels() -> None:
-    picker = make([8])
+    picker = make([8], endgame_margin=0)
     for peer in (A, B, C):
         picker.add_peer(peer, bits(1, 0))
     assert picker.next_requests(A, now=0.0) == [Block(0, 0, 4), Block(0, 4, 4)]
-    assert picker.next_requests(B, now=0.0) == [Block(0, 0, 4), Block(0, 4, 4)]
-    assert picker.next_requests(C, now=0.0) == []  # at most two copies of a block
+    # B (as fast as A, as far as we know) steals only the block at the end of A's queue
+    assert picker.next_requests(B, now=0.0) == [Block(0, 4, 4)]
+    assert picker.next_requests(C, now=0.0) == []  # no sooner than A, and two copies at most
     got = picker.block_received(B, Block(0, 4, 4), now=1.0)
     assert got.accepted
     assert not got.piece_complete
@@ -178,10 +179,37 @@ def test_endgame_duplicates_and_cancels() -> None:
     done = picker.block_received(A, Block(0, 0, 4), now=2.0)
     assert done.accepted
     assert done.piece_complete
-    assert done.cancels == ((B, Block(0, 0, 4)),)
+    assert done.cancels == ()
     assert picker.pending(B) == []
     assert picker.piece_verified(0) == []
     assert picker.complete
+
+
+def test_endgame_steals_from_the_tail_of_an_equal_peer() -> None:
+    picker = make([4] * 8, min_depth=8, max_depth=8, endgame_margin=0)
+    picker.add_peer(A, bits(8, *range(8)))
+    picker.add_peer(B, bits(8, *range(8)))
+    asked = picker.next_requests(A, now=0.0)
+    assert len(asked) == 8
+    stolen = picker.next_requests(B, now=0.0)
+    assert stolen == asked[:3:-1]  # the last four, latest first: they meet in the middle
+
+
+def test_endgame_margin_leaves_blocks_already_on_their_way() -> None:
+    picker = make([4] * 8, min_depth=8, max_depth=8, endgame_margin=2)
+    picker.add_peer(A, bits(8, *range(8)))
+    picker.add_peer(B, bits(8, *range(8)))
+    asked = picker.next_requests(A, now=0.0)
+    assert picker.next_requests(B, now=0.0) == asked[:4:-1]
+
+
+def test_endgame_steals_everything_from_a_stalled_peer() -> None:
+    picker = make([4] * 4, min_depth=4, max_depth=4)
+    picker.add_peer(A, bits(4, *range(4)))
+    asked = picker.next_requests(A, now=0.0)
+    picker.add_peer(B, bits(4, *range(4)))
+    assert picker.next_requests(B, now=0.5) == []  # A may still be on its way
+    assert sorted(picker.next_requests(B, now=3.0)) == sorted(asked)  # A stalled
 
 
 def test_timeout_reassigns_to_another_peer() -> None:
@@ -330,12 +358,12 @@ def test_cap_ignores_pieces_nobody_has() -> None:
 
 
 def test_endgame_ignores_pieces_nobody_has() -> None:
-    picker = make([4, 4])
+    picker = make([8, 4], endgame_margin=0)
     picker.add_peer(A, bits(2, 0))
     picker.add_peer(B, bits(2, 0))
-    assert picker.next_requests(A, now=0.0) == [Block(0, 0, 4)]
+    assert picker.next_requests(A, now=0.0) == [Block(0, 0, 4), Block(0, 4, 4)]
     # piece 1 is missing everywhere; piece 0 is all requested, so endgame begins
-    assert picker.next_requests(B, now=0.0) == [Block(0, 0, 4)]
+    assert picker.next_requests(B, now=0.0) == [Block(0, 4, 4)]
 
 
 def test_delivery_resets_the_timeout_count() -> None:

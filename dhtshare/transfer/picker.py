@@ -12,7 +12,12 @@ Policy, in the order ``next_requests`` applies it:
 2. start new pieces, rarest first (fewest peers have it), ties broken at random,
    while fewer than ``max_partial_bytes`` worth of pieces are in flight;
 3. endgame: when every block that some peer could send is already requested,
-   ask a second peer for it too; the first copy to arrive cancels the others.
+   a peer *steals* work: it is also asked for blocks queued at another peer that
+   it would deliver sooner, judged by the block's place in that peer's queue and
+   both peers' throughput (latest-queued first, ``endgame_margin`` blocks of
+   slack for what the other peer has already sent on its way). The first copy
+   to arrive cancels the others, which are then still queued at the slow peer,
+   so few bytes are sent twice.
 
 A peer's pipeline depth follows its measured throughput: enough blocks to keep
 ``target_latency`` seconds of data in flight, clamped to ``min_depth..max_depth``.
@@ -87,6 +92,7 @@ class PickerConfig:
     timeout_factor: float = 4.0  # a request expires after this many mean latencies
     snub_after: int = 3  # consecutive timeouts before a peer is snubbed
     endgame_copies: int = 2  # most peers one block is requested from in endgame
+    endgame_margin: float = 4.0  # blocks a peer may have sent before our Cancel reaches it
     max_partial_bytes: int = 64 * 1024 * 1024  # started, unverified pieces in flight
     latency_alpha: float = 0.25  # weight of a new sample in the mean latency
 
@@ -118,6 +124,7 @@ class _Peer:
     have: set[int]
     pending: dict[Block, float] = field(default_factory=dict)  # block -> time sent
     samples: deque[tuple[float, int]] = field(default_factory=deque)  # (time, bytes)
+    sampled: int = 0  # bytes in samples
     since: float | None = None  # time of the first request
     latency: float | None = None
     timeouts: int = 0  # consecutive
@@ -379,13 +386,16 @@ class PiecePicker:
     def throughput(self, peer: PeerId, now: float) -> float:
         """Bytes per second received from ``peer`` over the recent window."""
         state = self._peers.get(peer)
-        if state is None or state.since is None:
+        return 0.0 if state is None else self._rate(state, now)
+
+    def _rate(self, state: _Peer, now: float) -> float:
+        if state.since is None:
             return 0.0
         window = self.config.rate_window
         while state.samples and state.samples[0][0] < now - window:
-            state.samples.popleft()
+            state.sampled -= state.samples.popleft()[1]
         span = min(window, max(1.0, now - state.since))
-        return sum(n for _, n in state.samples) / span
+        return state.sampled / span
 
     def depth(self, peer: PeerId, now: float) -> int:
         """How many requests to keep in flight to ``peer``."""
@@ -416,7 +426,7 @@ class PiecePicker:
             self._pick_started(state, room, picked)
             self._pick_new(state, room, picked)
             if len(picked) < room and self._in_endgame():
-                self._pick_duplicates(peer, state, room, picked)
+                self._pick_duplicates(peer, state, room, picked, now)
         for block in picked:
             self._record(peer, state, block, now)
         return picked
@@ -487,15 +497,53 @@ class PiecePicker:
             return False  # an unstarted piece someone has
         return all(self._availability[i] == 0 for i in self._open)
 
-    def _pick_duplicates(self, peer: PeerId, state: _Peer, room: int, picked: list[Block]) -> None:
-        for index, piece in self._pieces.items():
-            if index not in state.have:
+    def _pick_duplicates(
+        self, peer: PeerId, state: _Peer, room: int, picked: list[Block], now: float
+    ) -> None:
+        """Endgame work stealing: blocks queued elsewhere that ``peer`` would deliver sooner.
+
+        Times are in bytes / throughput; a peer without a measured throughput is
+        taken to be as fast as the other one (both unknown: equally fast), unless
+        it has been asked for a second or more without delivering: then it is
+        stalled, and everything queued at it may be stolen.
+        """
+        cfg = self.config
+        mine = self._eta_rate(state, now)
+        if mine == 0.0:
+            return  # stalled ourselves
+        queued = sum(b.length for b in state.pending) + sum(b.length for b in picked)
+        offers: list[tuple[float, float, Block]] = []  # (other's eta, our rate, block)
+        for other, other_state in self._peers.items():
+            if other == peer or not other_state.pending:
                 continue
-            for n, peers in piece.requested.items():
-                if len(picked) >= room:
-                    return
-                if peer not in peers and 0 < len(peers) < self.config.endgame_copies:
-                    picked.append(self.block(index, n))
+            rate = self._eta_rate(other_state, now)
+            ours = mine or rate or 1.0
+            ahead = -cfg.endgame_margin * cfg.block_size  # bytes already on their way
+            for block in other_state.pending:  # oldest first: the other's queue order
+                ahead += block.length
+                if block.index in state.have:
+                    eta = math.inf if rate == 0.0 else ahead / (rate or ours)
+                    offers.append((eta, ours, block))
+        offers.sort(key=lambda offer: offer[0], reverse=True)  # latest to arrive first
+        for eta, ours, block in offers:
+            if len(picked) >= room:
+                return
+            my_eta = (queued + block.length) / ours
+            if my_eta >= eta:
+                return  # every later offer arrives sooner from its own peer
+            peers = self._pieces[block.index].requested.get(self._number(block), [])
+            if peer in peers or not 0 < len(peers) < cfg.endgame_copies or block in picked:
+                continue
+            picked.append(block)
+            queued += block.length
+
+    def _eta_rate(self, state: _Peer, now: float) -> float | None:
+        """Bytes/s for endgame estimates: measured, 0.0 for a stalled peer, None if unknown."""
+        rate = self._rate(state, now)
+        if rate > 0:
+            return rate
+        stalled = state.since is not None and now - state.since >= 1.0 and state.pending
+        return 0.0 if stalled else None
 
     def _record(self, peer: PeerId, state: _Peer, block: Block, now: float) -> None:
         state.pending[block] = now
@@ -532,6 +580,7 @@ class PiecePicker:
 
     def _note_delivery(self, state: _Peer, block: Block, now: float) -> None:
         state.samples.append((now, block.length))
+        state.sampled += block.length
         sent = state.pending.get(block)
         if sent is None:
             return
