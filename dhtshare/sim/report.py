@@ -65,11 +65,15 @@ def render_summary(doc: dict[str, Any]) -> str:
             for d in doc["downloads"]
         ]
         parts.append(table(rows, ["DOWNLOAD", "VERIFIED", "SECONDS", "MB/S", "SOURCES"]))
-        total = sum(doc["seeders"].values()) or 1
+        uploads = doc.get("uploaders") or doc["seeders"]
+        total = sum(uploads.values()) or 1
+        size = doc["scenario"]["size"] or 1
+        ordered = sorted(uploads.items(), key=lambda kv: -kv[1])
         rows = [
-            (name, format_size(n), f"{100 * n / total:.0f}%") for name, n in doc["seeders"].items()
+            (name, format_size(n), f"{100 * n / total:.0f}%", f"{n / size:.2f}x")
+            for name, n in ordered
         ]
-        parts.append(table(rows, ["UPLOADER", "BYTES", "SHARE"]))
+        parts.append(table(rows, ["UPLOADER", "BYTES", "SHARE", "FILE SIZES"]))
     events = [f"  t={e['t']:6.2f}s  {e['event']}" for e in doc.get("churn_events", [])]
     if events:
         parts.append("events:\n" + "\n".join(events))

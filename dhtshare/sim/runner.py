@@ -230,10 +230,7 @@ async def _play(
             run.timeline.setdefault(d.identity.name, []).append(
                 (round(run.now(), 3), st.bytes_done)
             )
-        log.board(
-            [_bar(d.identity.name, st) for d, st in zip(downloaders, statuses, strict=True)],
-            run.now(),
-        )
+        log.board(_board(downloaders, statuses, log.tty), run.now())
         if not half_done and sum(st.bytes_done for st in statuses) >= sc.size * len(handles) / 2:
             half_done = True
             await _half_way(run, net, leaving, churned, log)
@@ -266,6 +263,19 @@ async def _play(
         "timeline": run.timeline,
         "lookup_samples_ms": lookups["samples_ms"],
     }
+
+
+def _board(downloaders: list[Node], statuses: list[Any], tty: bool) -> list[str]:
+    """One bar per download on a terminal (up to 8), else one aggregate line."""
+    if tty and len(statuses) <= 8:
+        return [_bar(d.identity.name, st) for d, st in zip(downloaders, statuses, strict=True)]
+    done = sum(st.state == "complete" for st in statuses)
+    got = sum(st.bytes_done for st in statuses)
+    want = sum(st.size for st in statuses) or 1
+    rate = sum(getattr(st, "rate", 0.0) for st in statuses) / 1e6
+    return [
+        f"downloads: {done}/{len(statuses)} complete, {100 * got // want}% of bytes, {rate:.1f} MB/s"
+    ]
 
 
 def _bar(name: str, status: Any) -> str:
