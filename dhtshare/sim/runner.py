@@ -273,9 +273,8 @@ def _board(downloaders: list[Node], statuses: list[Any], tty: bool) -> list[str]
     got = sum(st.bytes_done for st in statuses)
     want = sum(st.size for st in statuses) or 1
     rate = sum(getattr(st, "rate", 0.0) for st in statuses) / 1e6
-    return [
-        f"downloads: {done}/{len(statuses)} complete, {100 * got // want}% of bytes, {rate:.1f} MB/s"
-    ]
+    pct = 100 * got // want
+    return [f"downloads: {done}/{len(statuses)} complete, {pct}% of bytes, {rate:.1f} MB/s"]
 
 
 def _bar(name: str, status: Any) -> str:
