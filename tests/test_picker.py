@@ -55,11 +55,30 @@ def test_rarest_first() -> None:
     picker.add_peer(B, bits(4, 0, 1, 2))
     picker.add_peer(C, bits(4, 0, 1))
     assert [picker.availability(i) for i in range(4)] == [3, 3, 2, 1]
-    assert picker.next_requests(A, now=0.0) == [Block(3, 0, 4), Block(2, 0, 4)]
+    # A has every piece (a seeder): it is asked only for what no other peer has
+    assert picker.next_requests(A, now=0.0) == [Block(3, 0, 4)]
     assert picker.next_requests(B, now=0.0) in (
-        [Block(0, 0, 4), Block(1, 0, 4)],
-        [Block(1, 0, 4), Block(0, 0, 4)],
+        [Block(2, 0, 4), Block(0, 0, 4)],
+        [Block(2, 0, 4), Block(1, 0, 4)],
     )
+
+
+def test_rarest_first_among_partial_peers() -> None:
+    picker = make([4, 4, 4, 4])
+    picker.add_peer(A, bits(4, 0, 1, 2))
+    picker.add_peer(B, bits(4, 0, 1))
+    asked = picker.next_requests(A, now=0.0)
+    assert asked[0] == Block(2, 0, 4)  # the rarest first
+    assert len(asked) == 2
+
+
+def test_seeder_serves_others_pieces_when_no_partial_peer_can() -> None:
+    picker = make([4, 4])
+    picker.add_peer(A, bits(2, 0, 1))
+    picker.add_peer(B, bits(2, 0))
+    assert picker.next_requests(A, now=0.0) == [Block(1, 0, 4)]  # piece 0: B's
+    picker.remove_peer(B)
+    assert picker.next_requests(A, now=0.0) == [Block(0, 0, 4)]
 
 
 def test_rarest_follows_have_messages() -> None:

@@ -199,6 +199,7 @@ class Download:
         self._started = clock()
         self._progress_at = clock()
         self._polled_at = float("-inf")
+        self._polls = 0
         self._known: dict[bytes, ProviderAddr] = {}
 
     # -- public -------------------------------------------------------------------
@@ -322,7 +323,7 @@ class Download:
                 return stalled
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.options.repoll_interval):
+                async with asyncio.timeout(self._repoll_gap()):
                     await self._wake.wait()
         return None
 
@@ -349,8 +350,9 @@ class Download:
 
     async def _connect_providers(self) -> None:
         now = self.clock()
-        if now - self._polled_at >= self.options.repoll_interval or not self._known:
+        if now - self._polled_at >= self._repoll_gap() or not self._known:
             self._polled_at = now
+            self._polls += 1
             self._known = await self._poll()
         for key, addr in self._known.items():
             if len(self._sessions) >= self.options.max_peers:
@@ -360,6 +362,14 @@ class Download:
             if now - self._ended_at.get(key, float("-inf")) < self.options.retry_after:
                 continue
             self._spawn(addr)
+
+    def _repoll_gap(self) -> float:
+        """Seconds between provider polls: 0.5, 1, 2, ... up to ``repoll_interval``.
+
+        Other downloaders announce themselves after their first piece; polling
+        soon after we start finds them while there is still much to swap.
+        """
+        return min(self.options.repoll_interval, 0.25 * 2 ** min(self._polls, 8))
 
     async def _poll(self) -> dict[bytes, ProviderAddr]:
         try:

@@ -472,6 +472,11 @@ class PiecePicker:
         if not levels:
             return None
         if len(have) == self.piece_count:
+            # A seeder gets only pieces that no partial peer (another downloader) has,
+            # while one could serve us: seeders' upload goes to pieces nobody else has.
+            full = sum(1 for p in self._peers.values() if len(p.have) == self.piece_count)
+            if levels[0] > full and self._partial_sources():
+                return None
             return self._rng.choice(self._levels[levels[0]])
         if sum(len(self._levels[n]) for n in levels) <= len(have):
             for n in levels:
@@ -490,6 +495,11 @@ class PiecePicker:
             elif count == best_count:
                 best.append(i)
         return self._rng.choice(best) if best else None
+
+    def _partial_sources(self) -> bool:
+        """True if a connected peer that is not a seeder and not snubbed has pieces."""
+        count = self.piece_count
+        return any(0 < len(p.have) < count and not p.snubbed for p in self._peers.values())
 
     def _in_endgame(self) -> bool:
         """True when every block some peer could send is requested or received."""
