@@ -369,7 +369,7 @@ class Download:
         Other downloaders announce themselves after their first piece; polling
         soon after we start finds them while there is still much to swap.
         """
-        return min(self.options.repoll_interval, 0.25 * 2 ** min(self._polls, 8))
+        return min(self.options.repoll_interval, 0.25 * (1 << min(self._polls, 8)))
 
     async def _poll(self) -> dict[bytes, ProviderAddr]:
         try:
