@@ -14,6 +14,9 @@ See docs/dht.md.
 from __future__ import annotations
 
 import asyncio
+import functools
+import heapq
+import importlib
 import logging
 import os
 import time
@@ -48,6 +51,25 @@ _RECENT_PUSHES = 4096
 _RTT_ENTRIES = 4096
 
 Reply = tuple[bool, Any]
+
+
+def _codec() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
+    """msgpack's C codec when installed (byte-identical output, ~25x faster), else umsgpack.
+
+    rpcudp encodes with umsgpack; ``msgpack.packb(use_bin_type=True)`` writes the same
+    bytes and ``unpackb(raw=False)`` reads them back the same (str stays str, bin
+    stays bytes, arrays are lists), so peers cannot tell which one a node uses.
+    """
+    try:
+        fast = importlib.import_module("msgpack")
+    except ImportError:
+        return umsgpack.packb, umsgpack.unpackb
+    pack = functools.partial(fast.packb, use_bin_type=True)
+    unpack = functools.partial(fast.unpackb, raw=False)
+    return pack, unpack
+
+
+packb, unpackb = _codec()
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +217,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.incr("drop.unknown_type")
             return
         try:
-            body = umsgpack.unpackb(data[1 + MSG_ID_LEN :])
+            body = unpackb(data[1 + MSG_ID_LEN :])
         except Exception:
             self.stats.incr("drop.bad_msgpack")
             return
@@ -217,7 +239,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             log.debug("rpc_%s from %s failed", name, addr, exc_info=True)
             return
         self.stats.incr(f"rpc_in.{name}")
-        self._send(_RESPONSE + msg_id + umsgpack.packb(reply), addr)
+        self._send(_RESPONSE + msg_id + packb(reply), addr)
 
     def _on_response(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -269,7 +291,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         address = (str(address[0]), int(address[1]))
-        body = umsgpack.packb([name, list(args)])
+        body = packb([name, list(args)])
         if len(body) > MAX_DATAGRAM - 1 - MSG_ID_LEN:
             raise DhtError(f"{name} request of {len(body)} bytes exceeds the datagram limit")
         if self._closed or self.transport is None:
@@ -370,7 +392,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if marker in self._recent_pushes:
             return False
         keynode = Node(key)
-        neighbors = self.router.find_neighbors(keynode, self.ksize)
+        neighbors = self.nearest(key)
         if neighbors:
             full = len(neighbors) >= self.ksize
             if full and node.distance_to(keynode) >= neighbors[-1].distance_to(keynode):
@@ -400,6 +422,32 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     # ---- request handlers -------------------------------------------------------
 
+    def nearest(self, key: bytes, k: int | None = None, exclude: Node | None = None) -> list[Node]:
+        """The ``k`` contacts nearest to ``key`` by XOR distance.
+
+        kademlia's ``find_neighbors`` walks buckets outwards from the key's bucket and
+        stops at the first k nodes it meets, which need not be the nearest; this
+        looks at every contact (a table holds a few hundred at most).
+        """
+        target = int.from_bytes(key, "big")
+        buckets = self.router.buckets
+        buckets[self.router.get_bucket_for(Node(key))].touch_last_updated()
+        candidates = [
+            n
+            for b in buckets
+            for n in b.nodes.values()
+            if n.id != key and (exclude is None or not n.same_home_as(exclude))
+        ]
+        return heapq.nsmallest(k or self.ksize, candidates, key=lambda n: n.long_id ^ target)
+
+    def rpc_find_node(
+        self, sender: tuple[str, int], nodeid: bytes, key: bytes
+    ) -> list[tuple[Any, ...]]:
+        """Our k contacts nearest to ``key`` (never the asking node itself)."""
+        source = Node(nodeid, sender[0], sender[1])
+        self.welcome_if_new(source)
+        return [tuple(n) for n in self.nearest(key, exclude=source)]
+
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         """Keep ``value`` only if it is a valid record for ``key``; reply whether it was kept."""
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
@@ -415,7 +463,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             return contacts
         reply: dict[str, Any] = {"value": values, "nodes": contacts}
         overhead = 1 + MSG_ID_LEN
-        while contacts and len(umsgpack.packb(reply)) + overhead > MAX_DATAGRAM:
+        while contacts and len(packb(reply)) + overhead > MAX_DATAGRAM:
             contacts.pop()
         return reply
 

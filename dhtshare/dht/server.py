@@ -18,18 +18,19 @@ keeps the library's routing table and RPCs and replaces those parts:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kademlia.network import Server
-from kademlia.node import Node, NodeHeap
+from kademlia.node import Node
 
 from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
 from dhtshare.dht.storage import ValidatingStorage
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_SAVED_CONTACTS = 200
+_JOIN_ATTEMPTS = 3
+_JOIN_BACKOFF = 0.5  # seconds, times the attempt number
 Address = tuple[str, int]
 Renew = Callable[[SignedRecord], SignedRecord]
 
@@ -66,15 +69,49 @@ class _Publication:
     renew: Renew | None
 
 
+class _Candidates:
+    """The nodes a lookup knows of, nearest to its target first.
+
+    Only the k nearest count. A node that failed is dropped and never taken back,
+    so a dead node another reply mentions again cannot hold one of the k places.
+    (kademlia's ``NodeHeap`` scans every entry on each push and takes failed nodes
+    back.)
+    """
+
+    __slots__ = ("_nodes", "_order", "failed", "k", "target")
+
+    def __init__(self, target: Node, k: int) -> None:
+        self.target: int = target.long_id
+        self.k = k
+        self._order: list[tuple[int, bytes]] = []
+        self._nodes: dict[bytes, Node] = {}
+        self.failed: set[bytes] = set()
+
+    def push(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            if node.id not in self._nodes and node.id not in self.failed:
+                self._nodes[node.id] = node
+                bisect.insort(self._order, (node.long_id ^ self.target, node.id))
+
+    def drop(self, node: Node) -> None:
+        self.failed.add(node.id)
+        if self._nodes.pop(node.id, None) is not None:
+            del self._order[bisect.bisect_left(self._order, (node.long_id ^ self.target, node.id))]
+
+    def nearest(self) -> list[Node]:
+        return [self._nodes[node_id] for _d, node_id in self._order[: self.k]]
+
+
 @dataclass(slots=True)
 class _Crawl:
     """State of one iterative lookup towards ``target``."""
 
     target: Node
-    heap: NodeHeap
+    candidates: _Candidates
     self_id: bytes
     found: dict[bytes, SignedRecord] = field(default_factory=dict)
     answered: set[bytes] = field(default_factory=set)
+    contacted: set[bytes] = field(default_factory=set)
     rpcs: int = 0
     failures: int = 0
     budget: int | None = None  # most RPCs this crawl may send (None: no limit)
@@ -83,16 +120,16 @@ class _Crawl:
         """The closest of the k nearest nodes not yet asked (None when done or spent)."""
         if self.budget is not None and self.rpcs >= self.budget:
             return None
-        uncontacted = self.heap.get_uncontacted()
-        if not uncontacted:
-            return None
-        self.heap.mark_contacted(uncontacted[0])
-        self.rpcs += 1
-        return uncontacted[0]
+        for node in self.candidates.nearest():
+            if node.id not in self.contacted:
+                self.contacted.add(node.id)
+                self.rpcs += 1
+                return node
+        return None
 
     def closest_answered(self) -> list[Node]:
         """The k nearest nodes that answered."""
-        return [n for n in self.heap if n.id in self.answered]
+        return [n for n in self.candidates.nearest() if n.id in self.answered]
 
 
 class DhtNode(Server):  # type: ignore[misc]
@@ -224,11 +261,18 @@ class DhtNode(Server):  # type: ignore[misc]
         As in the Kademlia paper: look up our own id, then fill every bucket farther
         away than our closest neighbours (kademlia 2.2.3 skips this step, so in a
         young network a node knows almost nobody in the other half of the id space
-        and lookups there converge on the wrong nodes).
+        and lookups there converge on the wrong nodes). A join that reached nobody
+        (a lost datagram, a busy bootstrap node) is retried twice, after 0.5 s and 1 s.
         """
-        seeds = await self._ping_all(addrs)
-        crawl = await self._crawl(self.node.id, want_values=False, seeds=seeds)
-        await self._fill_far_buckets(crawl)
+        for attempt in range(_JOIN_ATTEMPTS):
+            if attempt:
+                self.stats.incr("join.retry")
+                await asyncio.sleep(_JOIN_BACKOFF * attempt)
+            seeds = await self._ping_all(addrs)
+            crawl = await self._crawl(self.node.id, want_values=False, seeds=seeds)
+            if crawl.answered:
+                await self._fill_far_buckets(crawl)
+                break
         return self.contact_count()
 
     async def _fill_far_buckets(self, own: _Crawl) -> None:
@@ -293,8 +337,8 @@ class DhtNode(Server):  # type: ignore[misc]
     ) -> tuple[_Crawl, LookupStats]:
         proto = self._proto()
         node = Node(target)
-        crawl = _Crawl(node, NodeHeap(node, self.ksize), self.node.id, budget=budget)
-        crawl.heap.push(seeds if seeds is not None else proto.router.find_neighbors(node))
+        crawl = _Crawl(node, _Candidates(node, self.ksize), self.node.id, budget=budget)
+        crawl.candidates.push(seeds if seeds is not None else proto.nearest(target))
         call = proto.call_find_value if want_values else proto.call_find_node
         started = time.monotonic()
         pending: dict[asyncio.Task[Reply], Node] = {}
@@ -328,12 +372,12 @@ class DhtNode(Server):  # type: ignore[misc]
         answered, body = reply
         if not answered:
             crawl.failures += 1
-            crawl.heap.remove([peer.id])
+            crawl.candidates.drop(peer)
             return
         crawl.answered.add(peer.id)
         contacts = body.get("nodes", []) if isinstance(body, dict) else body
         fresh = [Node(*c) for c in contacts if c[0] != self.node.id]
-        crawl.heap.push(fresh)
+        crawl.candidates.push(fresh)
         if isinstance(body, dict):
             for raw in body["value"]:
                 self._merge(crawl.found, crawl.target.id, raw)

@@ -45,7 +45,7 @@ Target = tuple[bytes, bytes]  # (DHT key, signer whose record must come back)
 DEFAULT_CONCURRENCY = 12
 LOOKUP_TIMEOUT = 30.0  # a lookup still running after this counts as failed
 PUBLISH_CONCURRENCY = 8
-JOIN_CONCURRENCY = 32
+JOIN_CONCURRENCY = 8  # more joins at once only queue up in the event loop and time out
 RECORD_TTL = 6 * 3600
 
 
@@ -175,7 +175,15 @@ async def run_dht_scenario(
         pool = None
         if shares:
             specs = [
-                WorkerSpec(i + 1, n, net.bootstrap_address, s, scenario.ksize, scenario.alpha)
+                WorkerSpec(
+                    i + 1,
+                    n,
+                    net.bootstrap_address,
+                    s,
+                    ksize=scenario.ksize,
+                    alpha=scenario.alpha,
+                    join_concurrency=JOIN_CONCURRENCY,
+                )
                 for i, (n, s) in enumerate(zip(shares, worker_seeds, strict=True))
             ]
             pool = WorkerPool.spawn(specs, timeout=60.0)

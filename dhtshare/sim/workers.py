@@ -50,7 +50,7 @@ class WorkerSpec:
     seed: int
     ksize: int = 20
     alpha: int = 3
-    join_concurrency: int = 32
+    join_concurrency: int = 8
     join_timeout: float = 120.0
     parent_pid: int = 0
 
