@@ -45,6 +45,7 @@ Target = tuple[bytes, bytes]  # (DHT key, signer whose record must come back)
 DEFAULT_CONCURRENCY = 12
 LOOKUP_TIMEOUT = 30.0  # a lookup still running after this counts as failed
 PUBLISH_CONCURRENCY = 8
+JOIN_TIMEOUT = 300.0  # seconds for every node to join (scenario.extra["join_timeout"])
 JOIN_CONCURRENCY = 8  # more joins at once only queue up in the event loop and time out
 RECORD_TTL = 6 * 3600
 
@@ -168,6 +169,7 @@ async def run_dht_scenario(
     local_count, shares = _split(scenario.nodes, scenario.procs)
     net = Network.build(local_count, ksize=scenario.ksize, alpha=scenario.alpha, rng=rng)
     worker_seeds = [rng.randrange(1 << 32) for _ in shares]
+    join_timeout = float(scenario.extra.get("join_timeout", JOIN_TIMEOUT))
     async with AsyncExitStack() as stack:
         stack.push_async_callback(net.stop_all)
         started = time.monotonic()
@@ -189,9 +191,10 @@ async def run_dht_scenario(
             pool = WorkerPool.spawn(specs, timeout=60.0)
             stack.push_async_callback(pool.shutdown)
         log(f"starting {scenario.nodes} DHT nodes in {1 + len(shares)} process(es)")
-        await net.join_all(JOIN_CONCURRENCY)
+        async with asyncio.timeout(join_timeout):
+            await net.join_all(JOIN_CONCURRENCY)
         if pool is not None:
-            await pool.wait_ready(within=max(60.0, scenario.nodes * 0.2))
+            await pool.wait_ready(within=join_timeout + 30.0)
         startup = time.monotonic() - started
         log(f"{scenario.nodes} nodes joined in {startup:.1f} s")
         targets = await _publish(net.nodes, scenario.records, rng)

@@ -69,6 +69,12 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
         asyncio.run(_serve(conn, spec))
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass
+    except Exception as exc:  # reported to the parent, which raises WorkerError
+        reason = "joining took too long" if isinstance(exc, TimeoutError) else repr(exc)
+        try:
+            conn.send(("error", reason))
+        except OSError:
+            pass
     finally:
         conn.close()
 
@@ -227,6 +233,10 @@ class WorkerPool:
         if message is None:
             raise WorkerError(
                 f"{name} did not answer within {within:.0f} s", hint="use fewer nodes"
+            )
+        if isinstance(message, tuple) and len(message) == 2 and message[0] == "error":
+            raise WorkerError(
+                f"{name} failed: {message[1]}", hint="use fewer nodes or more --procs"
             )
         if not (isinstance(message, tuple) and len(message) == 2 and message[0] == expected):
             raise WorkerError(f"{name} answered {message!r}, expected {expected}")
