@@ -317,30 +317,15 @@ async def _result(
 
 
 async def _lookups(run: _Run, net: Network, nodes: list[Node], gid: bytes) -> dict[str, Any]:
-    """Every lookup the run made, plus a measured pass from random live nodes."""
-    owner = nodes[0].identity.public
-    targets = [(key_for(Kind.ROSTER, gid), owner)]
-    live: list[DhtNode] = [n for n in net.live] + [n.dht for n in nodes if not n.stopped.is_set()]
-    seconds: list[float] = []
-    rpcs: list[int] = []
-    found = 0
-    count = min(run.scenario.lookups, 60)
-    plan = [(run.rng.choice(live), run.rng.choice(targets)) for _ in range(count)]
-    gate = asyncio.Semaphore(8)
+    """A measured pass from random live nodes, plus every lookup the run itself made."""
+    from .dhtsim import measure_lookups
 
-    async def one(node: DhtNode, key: bytes, signer: bytes) -> None:
-        nonlocal found
-        async with gate:
-            started = time.monotonic()
-            records = await node.get(key)
-            seconds.append(time.monotonic() - started)
-            rpcs.append(node.lookups[-1].rpcs if node.lookups else 0)
-            found += any(r.signer == signer for r in records)
-
-    await asyncio.gather(*(one(node, key, signer) for node, (key, signer) in plan))
+    targets = [(key_for(Kind.ROSTER, gid), nodes[0].identity.public)]
+    live: list[DhtNode] = [*net.live, *(n.dht for n in nodes if not n.stopped.is_set())]
+    measured = await measure_lookups(live, targets, min(run.scenario.lookups, 60), run.rng)
     every = [s for n in live for s in n.lookups]
-    summary = latency_summary([s.seconds for s in every], [s.rpcs for s in every], found, count)
-    summary["measured_p50_ms"] = latency_summary(seconds, rpcs, found, count)["p50_ms"]
-    summary["measured_p95_ms"] = latency_summary(seconds, rpcs, found, count)["p95_ms"]
-    summary["all_lookups"] = len(every)
+    during = latency_summary(
+        [s.seconds for s in every], [s.rpcs for s in every], len(every), len(every)
+    )
+    summary = {**measured.to_json(), "during_run": during}
     return {"summary": summary, "samples_ms": [round(s.seconds * 1000, 2) for s in every]}
