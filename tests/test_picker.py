@@ -81,6 +81,19 @@ def test_seeder_serves_others_pieces_when_no_partial_peer_can() -> None:
     assert picker.next_requests(A, now=0.0) == [Block(0, 0, 4)]
 
 
+def test_a_super_seeding_seeder_is_a_partial_peer_until_it_offers_everything() -> None:
+    picker = make([4, 4, 4, 4])
+    picker.add_peer(A, bits(4, 2))  # a super-seeding seeder: offered piece 2 only
+    picker.add_peer(B, bits(4, 0, 1))
+    assert not picker.is_seed(A)
+    assert picker.next_requests(A, now=0.0) == [Block(2, 0, 4)]  # only what it offered
+    for i in (0, 1, 3):  # its Have messages offer the rest
+        picker.peer_has(A, i)
+    assert picker.is_seed(A)
+    # now it is a seeder: asked only for what no partial peer (B) has
+    assert picker.next_requests(A, now=0.0) == [Block(3, 0, 4)]
+
+
 def test_rarest_follows_have_messages() -> None:
     picker = make([4, 4, 4])
     picker.add_peer(A, bits(3, 0, 1, 2))

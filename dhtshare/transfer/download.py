@@ -13,7 +13,8 @@
 4. let the ``PiecePicker`` choose blocks (rarest first, pipelined by measured
    throughput, endgame with cancels, expired requests re-assigned);
 5. hash every completed piece off the event loop; a good piece is written at
-   its offset, marked in the resume state and served to others (``on_have``); a
+   its offset, marked in the resume state, served to others and announced
+   (``Have``) to providers lacking some piece (``on_have``); a
    bad piece is fetched again and its sender is banned for this file;
 6. save the resume state every ``save_interval`` seconds and when stopped;
 7. finalize (rename to the final name, never over an existing file) when
@@ -505,10 +506,19 @@ class Download:
         self._blame(item)
         if self.share is not None:
             self.share.add_piece(item.index)
+        self._tell_servers(item.index)
         self._notify(first)
         self._top_up_all(idle_only=True)  # a verified piece may lift the partial-piece cap
         if self._state.complete:
             self._wake.set()
+
+    def _tell_servers(self, index: int) -> None:
+        """``Have`` to each provider that lacks some piece: a super-seeding seeder
+        (which looks like such a peer) uses it to offer pieces the swarm lacks."""
+        for client in self._sessions.values():
+            seed = self.picker.is_seed(client.addr.peer_key)
+            if client.ready and client.stream is not None and not seed:
+                client.stream.try_send(Have(index))
 
     def _notify(self, first: bool) -> None:
         try:
@@ -665,6 +675,10 @@ class _Client:
         bits = Bitfield.from_pieces(dl.layout.piece_count, have).bits
         if not dl.picker.add_peer(key, bits):
             return
+        if len(have) < dl.layout.piece_count and dl._state.verified:
+            # it may be super-seeding: tell it what we hold (then Have per new piece)
+            mine = Bitfield.from_pieces(dl.layout.piece_count, dl._state.verified)
+            self.stream.send_nowait(mine)
         self.ready = True
         dl._wake.set()
         self.top_up()

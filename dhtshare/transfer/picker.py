@@ -346,6 +346,11 @@ class PiecePicker:
         """How many connected peers have piece ``index``."""
         return self._availability[index]
 
+    def is_seed(self, peer: PeerId) -> bool:
+        """True if ``peer`` has every piece (as far as its Bitfield and Haves say)."""
+        state = self._peers.get(peer)
+        return state is not None and len(state.have) == self.piece_count
+
     def interesting(self, peer: PeerId) -> bool:
         """True if ``peer`` has a piece we lack."""
         state = self._peers.get(peer)

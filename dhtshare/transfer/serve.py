@@ -13,7 +13,9 @@ them for a finished file; a growing set while we are still downloading it).
   thread), honouring ``Cancel`` for requests not yet served;
 - re-checks membership before every block, so a member removed from the roster
   is cut off as soon as the node's view says so;
-- sends ``Have`` whenever a partial share gains a verified piece (swarming).
+- sends ``Have`` whenever a partial share gains a verified piece (swarming);
+- super-seeds a complete share served to two or more sessions at once: a new
+  session is offered a window of rare pieces, more as it asks (``SuperSeed``).
 
 Memory per connection is bounded: at most ``max_queued`` small requests wait,
 and one block is read ahead of the one being sent. Bytes uploaded are counted
@@ -24,10 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dhtshare.errors import NodeError, ProtocolError, StoreError
@@ -58,7 +64,14 @@ from dhtshare.wire import (
     Request,
 )
 
-__all__ = ["KEEPALIVE_INTERVAL", "MemberCheck", "PeerServer", "Share", "ShareRegistry"]
+__all__ = [
+    "KEEPALIVE_INTERVAL",
+    "MemberCheck",
+    "PeerServer",
+    "Share",
+    "ShareRegistry",
+    "SuperSeed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +163,239 @@ class ShareRegistry:
         return len(self._shares)
 
 
+# -- super-seeding -------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Offer:
+    """What one session of a complete share was offered, and what we know it holds."""
+
+    full: bool  # sent the whole bitfield: nothing more to decide
+    offered: set[int] = field(default_factory=set)
+    unrequested: set[int] = field(default_factory=set)  # offered, neither asked for nor held
+    remaining: set[int] = field(default_factory=set)  # neither offered nor known to be held
+    known: set[int] = field(default_factory=set)  # asked us for it, or said it has it
+    asked: set[int] = field(default_factory=set)  # asked us for it
+    requests: deque[tuple[float, int]] = field(default_factory=deque)  # (time, bytes)
+    active_at: float = 0.0  # last request, foreign Have or block served
+    check_at: float = 0.0  # not hungry before this (postponed while the seeder is busy)
+    hungry: bool = False  # idle with nothing from elsewhere: offer popular pieces too
+
+
+class SuperSeed:
+    """Which pieces of one *complete* share each of its sessions is offered.
+
+    Pure (no I/O, no clock: every call that needs time takes ``now``). A session is
+    either ``full`` (offered every piece: the share had no other session when it
+    arrived) or super-seeded: offered a window of pieces, chosen by the lowest
+    *score* = copies (sessions that asked us for the piece or told us, by ``Have``
+    or ``Bitfield``, that they hold it) + open offers (offered to a session that has
+    neither asked for nor reported it), random among ties. Normally only *rare*
+    pieces (score < ``spread``) are offered, so the seeder hands each piece out
+    about once and the swarm copies it onwards. The window is topped up whenever
+    the session asks for an offered piece or reports one, to
+    ``max(min_window, pieces covering window_seconds of its recent request rate)``.
+
+    A session that for ``idle_after`` seconds asked us for nothing, was sent nothing
+    and reported no piece from elsewhere is *hungry* if the seeder is otherwise
+    idle (``busy=False``: no other session has requests queued), or after
+    ``patience`` seconds of that in any case: it is offered ``min_window`` more
+    pieces (the least-scored, popular or not) at once, and its window is then
+    filled from every piece, until it reports a piece it got elsewhere. So a
+    session is always offered every piece eventually, one that only we can feed
+    is fed at full speed, and while we are busy handing out rare pieces nobody
+    is fed popular ones. Offers are never withdrawn (a ``Have`` cannot be).
+    """
+
+    def __init__(
+        self,
+        piece_count: int,
+        piece_size: int,
+        rng: random.Random,
+        *,
+        min_window: int = 4,
+        window_seconds: float = 1.5,
+        rate_window: float = 2.0,
+        spread: int = 1,
+        idle_after: float = 1.0,
+        patience: float = 4.0,
+    ) -> None:
+        if piece_count < 0 or piece_size <= 0 or min_window < 1:
+            raise ValueError("need piece_count >= 0, piece_size > 0 and min_window >= 1")
+        self.piece_count = piece_count
+        self.piece_size = piece_size
+        self.min_window = min_window
+        self.window_seconds = window_seconds
+        self.rate_window = rate_window
+        self.spread = spread
+        self.idle_after = idle_after
+        self.patience = patience
+        self.copies = [0] * piece_count
+        self.open = [0] * piece_count
+        self._rng = rng
+        self._sessions: dict[object, _Offer] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def score(self, index: int) -> int:
+        return self.copies[index] + self.open[index]
+
+    def is_full(self, sid: object) -> bool:
+        """True if ``sid`` has been offered every piece."""
+        offer = self._sessions.get(sid)
+        return offer is not None and (offer.full or len(offer.offered) == self.piece_count)
+
+    def offered(self, sid: object) -> set[int]:
+        offer = self._sessions.get(sid)
+        if offer is None:
+            return set()
+        return set(range(self.piece_count)) if offer.full else set(offer.offered)
+
+    def join(self, sid: object, now: float, *, full: bool) -> list[int]:
+        """A session starts; returns the pieces for its first ``Bitfield``."""
+        offer = _Offer(full=full, active_at=now)
+        self._sessions[sid] = offer
+        if full:
+            return list(range(self.piece_count))
+        offer.remaining = set(range(self.piece_count))
+        fresh = self._fill(offer, now)
+        if not fresh:  # nothing rare left: start it with the least-copied pieces anyway
+            fresh = self._offer(offer, self._pick(offer, self.min_window, rare_only=False))
+        return sorted(fresh)
+
+    def leave(self, sid: object) -> None:
+        """The session ended: its open offers are open no more (copies stay)."""
+        offer = self._sessions.pop(sid, None)
+        if offer is not None:
+            for i in offer.unrequested:
+                self.open[i] -= 1
+
+    def requested(self, sid: object, index: int, nbytes: int, now: float) -> list[int]:
+        """The session asked for ``nbytes`` of piece ``index``; returns new offers."""
+        offer = self._sessions.get(sid)
+        if offer is None:
+            return []
+        offer.requests.append((now, nbytes))
+        offer.active_at = now
+        offer.asked.add(index)
+        self._learn(offer, index)
+        return self._fill(offer, now)
+
+    def reported(self, sid: object, indices: Iterable[int], now: float) -> list[int]:
+        """The session says it holds ``indices`` (``Have``/``Bitfield``); returns new offers."""
+        offer = self._sessions.get(sid)
+        if offer is None:
+            return []
+        for index in indices:
+            if not 0 <= index < self.piece_count or index in offer.known:
+                continue
+            self._learn(offer, index)
+            if index not in offer.asked:  # it gets pieces elsewhere: not hungry
+                offer.hungry = False
+                offer.active_at = now
+        return self._fill(offer, now)
+
+    def served(self, sid: object, now: float) -> None:
+        """A block was sent to the session (it is being fed)."""
+        offer = self._sessions.get(sid)
+        if offer is not None:
+            offer.active_at = now
+
+    def idle_deadline(self, sid: object) -> float | None:
+        """When to call ``idle`` if the session stays quiet; ``None``: nothing left to offer."""
+        offer = self._sessions.get(sid)
+        if offer is None or offer.full or not offer.remaining:
+            return None
+        return max(offer.active_at + self.idle_after, offer.check_at)
+
+    def idle(self, sid: object, now: float, *, busy: bool = False) -> list[int]:
+        """Past ``idle_deadline``: the session is hungry (unless we are ``busy`` with
+        other sessions and it has not waited ``patience`` yet); returns new offers."""
+        deadline = self.idle_deadline(sid)
+        if deadline is None or now < deadline:
+            return []
+        offer = self._sessions[sid]
+        if busy and now - offer.active_at < self.patience:
+            offer.check_at = now + self.idle_after / 4
+            return []
+        offer.hungry = True
+        offer.active_at = now
+        fresh = self._offer(offer, self._pick(offer, self.min_window, rare_only=False))
+        return fresh + self._fill(offer, now)
+
+    def flush(self, sid: object) -> list[int]:
+        """Offer the session every piece it was not offered yet (it is now alone)."""
+        offer = self._sessions.get(sid)
+        if offer is None or offer.full:
+            return []
+        rest = sorted(set(range(self.piece_count)) - offer.offered)
+        for i in offer.unrequested:
+            self.open[i] -= 1
+        offer.unrequested.clear()
+        offer.remaining.clear()
+        offer.offered.update(rest)
+        offer.full = True
+        return rest
+
+    def window(self, sid: object, now: float) -> int:
+        """Open offers to keep for the session: ``min_window`` or its request rate's worth."""
+        offer = self._sessions.get(sid)
+        return 0 if offer is None else self._window(offer, now)
+
+    def _learn(self, offer: _Offer, index: int) -> None:
+        """The session holds (or is getting) ``index``."""
+        if index in offer.known:
+            return
+        offer.known.add(index)
+        self.copies[index] += 1
+        offer.remaining.discard(index)
+        if index in offer.unrequested:
+            offer.unrequested.discard(index)
+            self.open[index] -= 1
+
+    def _fill(self, offer: _Offer, now: float) -> list[int]:
+        if offer.full:
+            return []
+        need = self._window(offer, now) - len(offer.unrequested)
+        if need <= 0 or not offer.remaining:
+            return []
+        return self._offer(offer, self._pick(offer, need, rare_only=not offer.hungry))
+
+    def _window(self, offer: _Offer, now: float) -> int:
+        while offer.requests and offer.requests[0][0] < now - self.rate_window:
+            offer.requests.popleft()
+        rate = sum(n for _, n in offer.requests) / self.rate_window
+        return max(self.min_window, math.ceil(rate * self.window_seconds / self.piece_size))
+
+    def _pick(self, offer: _Offer, count: int, *, rare_only: bool) -> list[int]:
+        """Up to ``count`` of the session's remaining pieces, lowest score first, random ties."""
+        rand = self._rng.random
+        scored = [
+            (self.copies[i] + self.open[i] + rand(), i)
+            for i in offer.remaining
+            if not rare_only or self.copies[i] + self.open[i] < self.spread
+        ]
+        return [i for _, i in heapq.nsmallest(count, scored)]
+
+    def _offer(self, offer: _Offer, indices: list[int]) -> list[int]:
+        for i in indices:
+            offer.remaining.discard(i)
+            offer.offered.add(i)
+            offer.unrequested.add(i)
+            self.open[i] += 1
+        return indices
+
+
 class PeerServer:
     """Accepts peer connections and serves the registry's shares to group members.
 
     ``await start()`` binds (``NodeError`` if the port is taken) and returns the
     address; ``serve()`` runs until cancelled and owns every connection's task.
     ``upload_rate`` (bytes/s, ``None``: unlimited) caps the sum of all uploads.
+    ``superseed`` (default on) super-seeds complete shares served to two or more
+    sessions at once (see ``SuperSeed``); ``superseed_idle`` is its ``idle_after``
+    (and a quarter of its ``patience``).
     """
 
     def __init__(
@@ -170,9 +410,15 @@ class PeerServer:
         max_queued: int = 128,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         idle_timeout: float = READ_TIMEOUT,
+        superseed: bool = True,
+        superseed_idle: float = 1.0,
+        rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.identity = identity
+        self.superseed = superseed
+        self.superseed_idle = superseed_idle
+        self.rng = rng or random.Random()
         self.shares = shares
         self.max_connections = max_connections
         self.max_queued = max_queued
@@ -187,6 +433,7 @@ class PeerServer:
         self._server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._sessions: set[_Session] = set()
+        self._seeds: dict[Share, SuperSeed] = {}
 
     def set_upload_rate(self, rate: float | None) -> None:
         """Change the upload limit (bytes/s; ``None`` or 0: unlimited)."""
@@ -267,7 +514,35 @@ class PeerServer:
             log.debug("session with %s ended: %s", stream.remote_address, exc)
         finally:
             self._sessions.discard(session)
+            self._session_left(session)
             await session.close()
+
+    def _seed_for(self, share: Share) -> SuperSeed | None:
+        """The super-seeding state of a complete share (``None``: not super-seeding)."""
+        if not self.superseed or not share.complete:
+            return None
+        seed = self._seeds.get(share)
+        if seed is None:
+            count, size = share.layout.piece_count, share.layout.piece_size
+            idle = self.superseed_idle
+            seed = SuperSeed(count, size, self.rng, idle_after=idle, patience=4 * idle)
+            self._seeds[share] = seed
+        return seed
+
+    def sessions_of(self, share: Share) -> list[_Session]:
+        return [s for s in self._sessions if s.share is share]
+
+    def _session_left(self, session: _Session) -> None:
+        """Forget the session's offers; a super-seeded session left alone gets every piece."""
+        share, seed = session.share, session.seed
+        if share is None or seed is None:
+            return
+        seed.leave(session)
+        rest = self.sessions_of(share)
+        if not rest:
+            self._seeds.pop(share, None)
+        elif len(rest) == 1 and rest[0].seed is seed:
+            rest[0].advertise(seed.flush(rest[0]))
 
 
 class _Session:
@@ -284,6 +559,7 @@ class _Session:
         self.queue: deque[Request] = deque()
         self.wake = asyncio.Event()
         self.reader: BlockReader | None = None
+        self.seed: SuperSeed | None = None
 
     def _refusal(self) -> tuple[Reason, str] | None:
         """Why this peer may not be served (now), or ``None``."""
@@ -309,7 +585,7 @@ class _Session:
         share = self.server.shares.get(self.group_id, self.content_id)
         assert share is not None
         self.share = share
-        await self.stream.send(share.bitfield())
+        await self.stream.send(self._first_bitfield(share))
         unlisten = share.listen(self._on_have)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -321,9 +597,43 @@ class _Session:
         finally:
             unlisten()
 
+    def _first_bitfield(self, share: Share) -> Bitfield:
+        """Every piece we hold, unless the share is super-seeded to this session."""
+        self.seed = self.server._seed_for(share)
+        if self.seed is None:
+            return share.bitfield()
+        alone = len(self.server.sessions_of(share)) <= 1
+        offer = self.seed.join(self, self.server.clock(), full=alone)
+        return Bitfield.from_pieces(share.layout.piece_count, offer)
+
     def _on_have(self, index: int) -> None:
         with contextlib.suppress(ProtocolError, OSError):
             self.stream.try_send(Have(index))
+
+    def _seeder_busy(self) -> bool:
+        """Another session of this share has requests waiting to be served."""
+        share = self.share
+        return share is not None and any(
+            s.queue for s in self.server.sessions_of(share) if s is not self
+        )
+
+    def advertise(self, indices: Iterable[int]) -> None:
+        """Offer more pieces (super-seeding): one ``Have`` each, in one write."""
+        with contextlib.suppress(ProtocolError, OSError):
+            if self.stream.open:
+                self.stream.send_many_nowait([Have(i) for i in indices])
+
+    def _reported(self, share: Share, event: Have | Bitfield) -> None:
+        """The client told us what it holds: super-seeding offers elsewhere-rare pieces."""
+        if self.seed is None:
+            return
+        if isinstance(event, Have):
+            pieces = [event.index]
+        elif event.piece_count == share.layout.piece_count:
+            pieces = event.pieces()
+        else:
+            return
+        self.advertise(self.seed.reported(self, pieces, self.server.clock()))
 
     # -- receiving ----------------------------------------------------------------
 
@@ -341,7 +651,9 @@ class _Session:
                         return
                 case ConnectionClosed() | Reject():
                     return
-                case Keepalive() | Have() | Bitfield():
+                case Have() | Bitfield():
+                    self._reported(share, event)
+                case Keepalive():
                     pass
                 case _:
                     self.server.stats.incr("drop.unexpected_message")
@@ -359,6 +671,9 @@ class _Session:
             return False
         self.queue.append(req)
         self.wake.set()
+        if self.seed is not None:
+            now = self.server.clock()
+            self.advertise(self.seed.requested(self, req.index, req.length, now))
         return True
 
     async def _send_hashes(self, share: Share, start: int, count: int) -> bool:
@@ -374,14 +689,23 @@ class _Session:
     # -- sending ------------------------------------------------------------------
 
     async def _next_request(self) -> Request:
-        """The next queued request; sends Keepalives while idle."""
+        """The next queued request; sends Keepalives (and super-seeding offers) while idle."""
+        clock = self.server.clock
+        keepalive_at = clock() + KEEPALIVE_INTERVAL
         while not self.queue:
             self.wake.clear()
+            idle_at = None if self.seed is None else self.seed.idle_deadline(self)
+            wake_at = keepalive_at if idle_at is None else min(keepalive_at, idle_at)
             try:
-                async with asyncio.timeout(KEEPALIVE_INTERVAL):
+                async with asyncio.timeout(max(0.0, wake_at - clock())):
                     await self.wake.wait()
             except TimeoutError:
-                await self.stream.send(Keepalive())
+                now = clock()
+                if self.seed is not None:
+                    self.advertise(self.seed.idle(self, now, busy=self._seeder_busy()))
+                if now >= keepalive_at:
+                    keepalive_at = now + KEEPALIVE_INTERVAL
+                    await self.stream.send(Keepalive())
         return self.queue.popleft()
 
     async def _send_loop(self) -> None:
@@ -409,6 +733,8 @@ class _Session:
                 await self._throttle(len(data))
                 await self.stream.send(Piece(req.index, req.begin, data))
                 self.server.uploaded[self.peer] += len(data)
+                if self.seed is not None:
+                    self.seed.served(self, self.server.clock())
         finally:
             if ahead is not None:
                 ahead[1].cancel()
