@@ -433,6 +433,7 @@ class PeerServer:
         self._server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._sessions: set[_Session] = set()
+        self.serving = asyncio.Event()  # set once connections are accepted
         self._seeds: dict[Share, SuperSeed] = {}
 
     def set_upload_rate(self, rate: float | None) -> None:
@@ -477,8 +478,11 @@ class PeerServer:
         async with asyncio.TaskGroup() as tg:
             self._tg = tg
             try:
+                await server.start_serving()
+                self.serving.set()
                 await server.serve_forever()
             finally:
+                self.serving.clear()
                 self._tg = None
                 server.close()
 
@@ -501,9 +505,14 @@ class PeerServer:
                 handshake_timeout=self.handshake_timeout,
                 read_timeout=self.idle_timeout,
             )
-        except (ProtocolError, OSError) as exc:
+        except (ProtocolError, OSError, TimeoutError) as exc:
             self.stats.incr("drop.handshake")
             log.debug("handshake failed: %s", exc)
+            return
+        except Exception:  # a bug must cost one connection, not the server (its TaskGroup)
+            self.stats.incr("drop.bug")
+            log.exception("handshake crashed")
+            writer.close()
             return
         session = _Session(self, stream)
         self._sessions.add(session)
@@ -512,6 +521,9 @@ class PeerServer:
         except (ProtocolError, OSError, StoreError) as exc:
             self.stats.incr("drop.session")
             log.debug("session with %s ended: %s", stream.remote_address, exc)
+        except Exception:  # a bug must cost one connection, not the server (its TaskGroup)
+            self.stats.incr("drop.bug")
+            log.exception("session with %s crashed", stream.remote_address)
         finally:
             self._sessions.discard(session)
             self._session_left(session)
