@@ -46,6 +46,28 @@ def fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
 class Cli(click.Group):
     """Maps every failure to one line on stderr; a traceback goes only to a log file."""
 
+    def main(  # type: ignore[override]
+        self,
+        args: list[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        """Like click's, but a usage error is one ``error:`` line and a hint, exit 2."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "dhtshare"
+            fail(exc.format_message().replace("\n", " "), f"see: {where} --help", code=2)
+        except click.ClickException as exc:
+            fail(exc.format_message().replace("\n", " "), code=exc.exit_code)
+        except click.exceptions.Abort:
+            fail("interrupted", code=130)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -90,11 +112,14 @@ def read_passphrase(path: str | None) -> bytes | None:
     if path is None:
         return None
     try:
-        return Path(path).read_bytes().rstrip(b"\r\n")
+        secret = Path(path).read_bytes().rstrip(b"\r\n")
     except OSError as exc:
         raise IdentityError(
             f"cannot read passphrase file {path}: {exc.strerror}", "check the path"
         ) from exc
+    if not secret:
+        raise IdentityError(f"passphrase file {path} is empty", "put the passphrase in it")
+    return secret
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -209,6 +234,20 @@ def node() -> None:
     metavar="HOST",
     help="Address peers should connect to (needed with --host 0.0.0.0). Default: --host.",
 )
+@click.option(
+    "--upload-limit",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="MB/S",
+    help="Cap on all uploads together, in MB/s (0: no limit).",
+)
+@click.option(
+    "--download-limit",
+    type=click.FloatRange(min=0),
+    default=0,
+    metavar="MB/S",
+    help="Cap on all downloads together, in MB/s (0: no limit).",
+)
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
     "--provider-timeout",
@@ -229,6 +268,8 @@ def node_start(
     ready_fd: int | None,
     provider_timeout: float,
     advertise: str | None,
+    upload_limit: float,
+    download_limit: float,
 ) -> None:
     """Start your node: DHT on UDP and the peer server on TCP, both on PORT.
 
@@ -244,6 +285,8 @@ def node_start(
         passphrase=read_passphrase(passphrase_file),
         provider_timeout=provider_timeout,
         advertise=advertise,
+        upload_limit=upload_limit * 1e6 or None,
+        download_limit=download_limit * 1e6 or None,
     )
     if host in ("0.0.0.0", "::") and not advertise:
         raise click.BadParameter(

@@ -103,6 +103,10 @@ def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) ->
     cmd += ["--provider-timeout", repr(config.provider_timeout)]
     if config.advertise:
         cmd += ["--advertise", config.advertise]
+    if config.upload_limit:
+        cmd += ["--upload-limit", repr(config.upload_limit / 1e6)]
+    if config.download_limit:
+        cmd += ["--download-limit", repr(config.download_limit / 1e6)]
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(config.home / "node.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -8,22 +8,26 @@ while the download runs (swarming). It imports neither ``node`` nor ``cli``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DhtError, DhtshareError, StoreError
+import aiofiles.os
+
+from .errors import DhtError, DhtshareError, FileShareError, StoreError
 from .files.service import FileService, SharedFile
 from .identity import Identity
 from .records import FileEntry, Provider
 from .transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from .transfer.ratelimit import TokenBucket
 from .transfer.serve import MemberCheck, ShareRegistry
 from .transfer.status import DownloadStatus, Paused
+from .wire import MAX_BLOCK
 
 __all__ = ["DownloadManager", "Handle"]
 
@@ -69,12 +73,17 @@ class DownloadManager:
         registry: ShareRegistry,
         on_complete: Callable[[SharedFile], None],
         options: DownloadOptions | None = None,
+        download_limit: float | None = None,
     ) -> None:
         self.home, self.identity, self.files = home, identity, files
         self.is_member, self.registry, self.on_complete = is_member, registry, on_complete
         self.options = options or DownloadOptions()
         self.handles: dict[bytes, Handle] = {}
         self._finished: dict[bytes, dict[str, Any]] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
+        # One bucket for every download: the limit is the node's, not each download's.
+        burst = max(float(MAX_BLOCK), download_limit / 4) if download_limit else None
+        self.bucket = TokenBucket(download_limit, burst, now=time.monotonic())
 
     # ---- starting ----------------------------------------------------------------
 
@@ -96,13 +105,21 @@ class DownloadManager:
     def _announce(self, info: FileInfo) -> Callable[[bytes], None]:
         def first_piece(_cid: bytes) -> None:
             task = asyncio.ensure_future(self._announce_partial(info))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._announcing.add(task)
+            task.add_done_callback(self._announced)
 
         return first_piece
 
+    def _announced(self, task: asyncio.Task[None]) -> None:
+        self._announcing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("announcing a partial download failed", exc_info=task.exception())
+
     async def _announce_partial(self, info: FileInfo) -> None:
-        with contextlib.suppress(DhtError):
+        try:
             await self.files.announce_provider(info.group_id, info.content_id, complete=False)
+        except DhtError as exc:  # the download goes on; republishing retries
+            log.warning("could not announce %s as a provider yet: %s", info.name, exc.message)
 
     def _build(self, info: FileInfo, out_dir: Path) -> Handle:
         resume = self.home / "resume"
@@ -118,6 +135,8 @@ class DownloadManager:
             on_first_piece=self._announce(info),
             options=self.options,
         )
+        if not self.bucket.unlimited:
+            download.bucket = self.bucket
         return Handle(info, out_dir, download)
 
     async def start(self, group_id: bytes, entry: FileEntry, out_dir: Path) -> Handle:
@@ -125,18 +144,26 @@ class DownloadManager:
         running = self.handles.get(entry.content_id)
         if running is not None and running.task is not None and not running.task.done():
             return running
+        held = self.registry.get(group_id, entry.content_id)
+        if held is not None and held.complete:
+            raise FileShareError(
+                f"you already have {entry.name} at {held.path}", "it is shared from there"
+            )
         info = FileInfo(group_id, entry.content_id, entry.name, entry.size, entry.piece_size)
         try:
-            await asyncio.to_thread(out_dir.mkdir, parents=True, exist_ok=True)
+            await aiofiles.os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:
             raise StoreError(
                 f"cannot create {out_dir}: {exc.strerror}", "choose another --out"
             ) from exc
         handle = self._build(info, out_dir)
-        if await asyncio.to_thread(handle.download.final_path.exists):
+        final = handle.download.final_path
+        if await aiofiles.os.path.exists(final) or await aiofiles.os.path.islink(final):
             raise StoreError(
                 f"{handle.download.final_path} already exists", "move it away or use --out"
             )
+        if not await aiofiles.os.path.exists(handle.download.part_path):
+            await _check_free_space(out_dir, info.size)
         self.handles[info.content_id] = handle
         self._finished.pop(info.content_id, None)
         self._run(handle)
@@ -230,6 +257,20 @@ class DownloadManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.save()
+
+
+async def _check_free_space(folder: Path, size: int) -> None:
+    """Refuse a download that cannot fit, before fetching anything."""
+    try:
+        fs = await aiofiles.os.statvfs(folder)
+    except OSError:
+        return  # unknown: the write itself will report a full disk
+    free = fs.f_bavail * fs.f_frsize
+    if free < size:
+        raise StoreError(
+            f"disk full: {folder} has {free:,} bytes free, the file needs {size:,}",
+            "free some space or choose another --out",
+        )
 
 
 def _restored(doc: dict[str, Any]) -> DownloadStatus:

@@ -36,6 +36,7 @@ __all__ = [
 
 _FILE_VERSION = 1
 _ID_LENGTH = 52  # base32 of 32 bytes, unpadded
+MAX_NAME_BYTES = 64  # records.MAX_NAME: a display name travels in join requests and rosters
 
 
 def format_id(public: bytes) -> str:
@@ -70,6 +71,8 @@ def describe_key_file(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_bytes())
         public = parse_id(str(doc["id"]))
+        if "seed" in doc and bytes(SigningKey(base64.b64decode(doc["seed"])).verify_key) != public:
+            raise ValueError("the key does not match its id")
     except FileNotFoundError as exc:
         raise IdentityError(
             f"no identity at {path}", "create one with: dhtshare id create"
@@ -93,6 +96,11 @@ class Identity:
 
     @classmethod
     def generate(cls, name: str = "") -> Identity:
+        """A new key pair; the display name must fit in records (64 bytes of UTF-8)."""
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise IdentityError(
+                f"name longer than {MAX_NAME_BYTES} bytes", "choose a shorter --name"
+            )
         return cls(SigningKey.generate(), name)
 
     @property
@@ -188,7 +196,7 @@ def _open_sealed(sealed: dict[str, Any], passphrase: bytes) -> bytes:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a 0600 temp file, fsync and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, 0o600)

@@ -100,6 +100,7 @@ class Node:
                 provider_timeout=config.provider_timeout,
                 repoll_interval=min(5.0, config.provider_timeout),
             ),
+            download_limit=config.download_limit,
         )
         self.shares: dict[tuple[bytes, bytes], SharedFile] = {}
         self.stopped = asyncio.Event()
@@ -162,7 +163,11 @@ class Node:
         if seeds:
             found = await self.dht.bootstrap(seeds)
             if found == 0 and self.config.bootstrap:
-                log.warning("no bootstrap node answered: %s", seeds[:3])
+                where = ", ".join(f"{h}:{p}" for h, p in self.config.bootstrap)
+                raise NodeError(
+                    f"no bootstrap node answered at {where}",
+                    "check the address and that its UDP port is open: dhtshare ping HOST:PORT",
+                )
 
     async def _refresh_groups(self) -> None:
         """Fetch every roster once, so membership checks answer right after a restart."""
@@ -262,8 +267,10 @@ class Node:
         await self.downloads.resume()
 
     async def _announce(self, shared: SharedFile) -> None:
-        with contextlib.suppress(DhtError):
+        try:
             await self.files.announce(shared)
+        except DhtError as exc:  # republishing retries it; say so once
+            log.warning("could not announce %s yet: %s", shared.name, exc.message)
 
     async def _maintain_forever(self) -> None:
         while True:

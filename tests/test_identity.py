@@ -56,3 +56,30 @@ def test_parse_id_rejects_garbage() -> None:
     with pytest.raises(IdentityError):
         parse_id("1" * 52)
     assert parse_id(format_id(b"\x00" * 32)) == b"\x00" * 32
+
+
+def test_names_must_fit_in_records() -> None:
+    with pytest.raises(IdentityError, match="longer than 64 bytes"):
+        Identity.generate("x" * 65)
+    assert Identity.generate("é" * 32).name == "é" * 32
+
+
+def test_key_file_is_private_and_describe_checks_the_key(tmp_path: Path) -> None:
+    from dhtshare.identity import describe_key_file
+
+    path = tmp_path / "home" / "identity.json"
+    me = Identity.generate("a")
+    me.save(path)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert describe_key_file(path)["id"] == me.id
+    doc = json.loads(path.read_text())
+    doc["seed"] = json.loads(_other_key_file(tmp_path))["seed"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(IdentityError, match="damaged"):
+        describe_key_file(path)
+
+
+def _other_key_file(tmp_path: Path) -> str:
+    other = tmp_path / "other.json"
+    Identity.generate().save(other)
+    return other.read_text()

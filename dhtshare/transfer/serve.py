@@ -750,8 +750,9 @@ class _Session:
         finally:
             if ahead is not None:
                 ahead[1].cancel()
-                with contextlib.suppress(BaseException):
-                    await ahead[1]
+                await asyncio.wait([ahead[1]])  # raises only if *we* are cancelled
+                if not ahead[1].cancelled():
+                    ahead[1].exception()  # retrieved: a read that failed as we stopped
 
     async def _start_read(self) -> tuple[Request, asyncio.Task[bytes]]:
         req = await self._next_request()
