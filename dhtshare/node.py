@@ -211,6 +211,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.server.close()
         self.save_state()
         await self.dht.aclose()
         with contextlib.suppress(Exception):

@@ -486,6 +486,11 @@ class PeerServer:
                 self._tg = None
                 server.close()
 
+    def close(self) -> None:
+        """Close the listening socket (``serve()`` does it too when cancelled)."""
+        if self._server is not None:
+            self._server.close()
+
     def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._tg is None or len(self._sessions) >= self.max_connections:
             self.stats.incr("refuse.busy")
