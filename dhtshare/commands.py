@@ -1,8 +1,9 @@
 """Control-socket commands: resolve what the user typed, call the node, return JSON-able data.
 
-GROUP is a group id (or a unique prefix of one) or a name unique among my groups; MEMBER is a
-member id or a unique display name; FILE is a content id (or unique prefix) or a file name
-unique in the group. Every failure is a ``DhtshareError`` with a hint.
+GROUP is a group id (or a unique prefix of one) or a name unique among my groups and the groups
+I asked to join (pending or rejected); MEMBER is a member id or a unique display name; FILE is
+a content id (or unique prefix) or a file name unique in the group. Every failure is a
+``DhtshareError`` with a hint.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class Commands:
 
         A name not found among my groups may belong to a request accepted since the last
         maintenance round, so pending requests are checked once before giving up. The roster
-        is fetched again so that membership answers (mine and other peers') are current.
+        is fetched again so that membership answers (mine and other peers') are current, and a
+        group handed over to me is taken over now (``GroupService.claim``), so I can act as
+        its owner at once.
         """
         try:
             gid = self._lookup(ref)
@@ -63,13 +66,23 @@ class Commands:
             if not await self._settle_requests():
                 raise
             gid = self._lookup(ref)
+        before = self._group_keys()
         try:
-            await self.node.groups.refresh(gid)
+            await self.node.groups.claim(gid)
         except StaleRosterError:
             raise
         except GroupError:
             pass  # unreachable for now: answer from the last verified roster
+        self._save_if_changed(before)  # e.g. took the group over: keep the new owner's draft
         return gid
+
+    def _group_keys(self) -> tuple[frozenset[bytes], ...]:
+        state = self.node.groups.state
+        return frozenset(state.groups), frozenset(state.requested), frozenset(state.drafts)
+
+    def _save_if_changed(self, before: tuple[frozenset[bytes], ...]) -> None:
+        if self._group_keys() != before:
+            self.node.save_state()
 
     async def _settle_requests(self) -> bool:
         """Turn accepted join requests into groups; True if any did."""
@@ -97,7 +110,7 @@ class Commands:
                 return bytes.fromhex(text)
             except ValueError:
                 pass
-        by_name = [g for g in known if state.groups.get(g) == ref]
+        by_name = [g for g in known if state.name_of(g) == ref]
         if by_name:
             return bytes(_unique(by_name, "group", ref, ""))
         by_prefix = [g for g in known if len(text) >= 6 and g.hex().startswith(text)]
@@ -178,7 +191,7 @@ class Commands:
     ) -> dict[str, Any]:
         gid = await self.node.groups.create(name, public=public)
         self.node.save_state()
-        return {"group_id": gid.hex()}
+        return {"group_id": gid.hex(), "name": self.node.groups.state.name_of(gid)}
 
     async def cmd_group_join(
         self, progress: Progress, group: str, message: str = ""
@@ -221,6 +234,7 @@ class Commands:
                 "name": r.name,
                 "message": r.message,
                 "time": _when(r.issued),
+                "time_ts": r.issued,
             }
             for r in await self.node.groups.requests(gid)
         ]
@@ -256,19 +270,29 @@ class Commands:
                 }
                 for g in await self.node.groups.directory()
             ]
-        return [
-            {"group_id": g.group_id.hex(), "name": g.name, "role": g.role, "members": g.members}
+        before = self._group_keys()
+        rows = [
+            {
+                "group_id": g.group_id.hex(),
+                "name": g.name,
+                "role": g.role,
+                "members": g.members,
+                "reason": g.reason,
+            }
             for g in await self.node.groups.my_groups()
         ]
+        self._save_if_changed(before)  # a request accepted, a group taken over
+        return rows
 
     async def cmd_group_members(self, progress: Progress, group: str) -> list[dict[str, Any]]:
         gid = await self.group(group)
-        view = await self.node.groups.refresh(gid)
+        view = await self.node.groups.claim(gid)
         return [
             {
                 "id": format_id(m.key),
                 "name": m.name,
                 "since": _when(m.since),
+                "since_ts": m.since,
                 "role": "owner" if m.key == view.owner else "member",
             }
             for m in self.node.groups.members(gid)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from dhtshare import crypto
+from dhtshare.commands import Commands
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError
 from dhtshare.groups import rules
 from dhtshare.groups.service import Draft, GroupService, GroupState
-from dhtshare.identity import Identity
+from dhtshare.identity import Identity, format_id
 from dhtshare.records import (
     Handover,
     Kind,
@@ -65,6 +68,30 @@ class LyingDht:
         return [*self.extra(key), *real]
 
 
+class FakeNode:
+    """What ``Commands`` needs of a node for group commands: its GroupService and identity."""
+
+    def __init__(self, groups: GroupService, identity: Identity) -> None:
+        self.groups = groups
+        self.identity = identity
+        self.saved = 0
+
+    def save_state(self) -> None:
+        self.saved += 1
+
+    def require_member(self, group_id: bytes) -> None:
+        if not self.groups.is_member(group_id, self.identity.public):
+            raise GroupError("you are not a member of this group")
+
+
+def commands(service: GroupService) -> Commands:
+    return Commands(FakeNode(service, service._me))  # type: ignore[arg-type]
+
+
+async def no_progress(_: Any) -> None:
+    return None
+
+
 def people(*names: str) -> list[Identity]:
     return [Identity.generate(n) for n in names]
 
@@ -112,7 +139,9 @@ async def test_create_request_accept_reject_and_list() -> None:
             (gid, "owner", 3)
         ]
         assert [(g.role, g.name) for g in await sb.my_groups()] == [("member", "climbers")]
-        assert await sc.my_groups() == []
+        assert [(g.role, g.name, g.reason) for g in await sc.my_groups()] == [
+            ("rejected", "climbers", "group is full")
+        ]
         assert await GroupService(net.nodes[6], Identity.generate()).status(gid) == ("none", "")
 
         reader = GroupService(net.nodes[7], carol)
@@ -319,3 +348,153 @@ def test_state_round_trips_through_json() -> None:
     assert GroupState.from_json(json.loads(json.dumps(state.to_json()))) == state
     with pytest.raises(GroupError, match="damaged"):
         GroupState.from_json({"version": 1, "groups": {"zz": "x"}})
+
+
+async def test_requester_sees_pending_then_rejected_and_names_the_group() -> None:
+    owner, dave = people("owner", "dave")
+    clock = Clock()
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner, clock=clock)
+        sd = GroupService(net.nodes[2], dave, clock=clock)
+        gid = await so.create("climbers")  # private: dave has only the id
+        await sd.request_join(gid, "hi")
+        assert sd.state.name_of(gid) == "climbers"  # learnt from the roster when requesting
+        cmds = commands(sd)
+        assert [(g.role, g.name, g.reason) for g in await sd.my_groups()] == [
+            ("pending", "climbers", "")
+        ]
+        assert await cmds.group("climbers") == gid  # by name, though not a member
+        with pytest.raises(GroupError, match="still pending"):
+            await cmds.require_member(await cmds.group("climbers"))
+
+        await so.reject(gid, dave.public, "not this time")
+        assert [(g.role, g.name, g.reason) for g in await sd.my_groups()] == [
+            ("rejected", "climbers", "not this time")
+        ]
+        rows = await cmds.cmd_group_list(no_progress)
+        assert rows == [
+            {
+                "group_id": gid.hex(),
+                "name": "climbers",
+                "role": "rejected",
+                "members": 1,
+                "reason": "not this time",
+            }
+        ]
+        assert await cmds.group("climbers") == gid
+        with pytest.raises(GroupError, match="rejected your request to join: not this time"):
+            await cmds.require_member(await cmds.group("climbers"))
+
+        # the name survives a restart, and an older state file without names still loads
+        doc = json.loads(json.dumps(sd.state.to_json()))
+        restarted = GroupService(net.nodes[2], dave, GroupState.from_json(doc))
+        assert await commands(restarted).group("climbers") == gid
+        del doc["request_names"]
+        assert GroupState.from_json(doc).name_of(gid) == ""
+
+        # asking again after a rejection is pending again; leaving withdraws it entirely
+        clock.advance(10)
+        await sd.request_join(gid, "please")
+        assert [g.role for g in await sd.my_groups()] == ["pending"]
+        await sd.leave(gid)
+        assert await sd.my_groups() == []
+        with pytest.raises(GroupError, match="unknown group"):
+            await commands(sd).group("climbers")
+
+
+async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
+    owner, alice, bob, dave, erin = people("owner", "alice", "bob", "dave", "erin")
+    clock = Clock()
+    async with Network.start(NODES) as net:
+        so, sa, sb, sd, se = (
+            GroupService(net.nodes[i + 1], p, clock=clock)
+            for i, p in enumerate((owner, alice, bob, dave, erin))
+        )
+        gid = await so.create("climbers")
+        await grow(so, gid, [sa, sb], clock)  # alice joined first: she is the heir
+        await sd.request_join(gid, "hi")
+        clock.advance(10)
+        before = (await so.fetch_roster(gid)).seq
+        await so.leave(gid)
+
+        # no maintenance round: alice's owner commands take the group over on demand
+        assert [p.requester for p in await sa.requests(gid)] == [dave.public]
+        view = await sa.fetch_roster(gid)
+        assert view.owner == alice.public and view.seq == before + 1
+        assert len(view.roster.handovers) == 1
+        after = await sa.accept(gid, dave.public)
+        assert after.owner == alice.public and after.seq == before + 2
+        assert await sa.maintain() == []  # nothing left to take over or apply
+        await sb.refresh(gid)
+        assert sb.is_member(gid, dave.public) and not sb.is_member(gid, owner.public)
+        with pytest.raises(GroupError, match="only the group's owner"):
+            await sb.requests(gid)  # bob is no heir: nothing to take over
+
+        # the same through the commands, and for `group list`, with a second hand-over
+        await se.request_join(gid)
+        clock.advance(10)
+        await sa.leave(gid)  # bob is the longest-standing member now
+        cmds = commands(sb)
+        members = await cmds.cmd_group_members(no_progress, "climbers")
+        assert {(m["name"], m["role"]) for m in members} == {("bob", "owner"), ("dave", "member")}
+        assert all(isinstance(m["since_ts"], int) and m["since"] for m in members)
+        assert [(g.role, g.members) for g in await sb.my_groups()] == [("owner", 2)]
+        assert [r["name"] for r in await cmds.cmd_group_requests(no_progress, "climbers")] == [
+            "erin"
+        ]
+        assert await cmds.cmd_group_accept(no_progress, "climbers", "erin") == {
+            "id": format_id(erin.public),
+            "name": "erin",
+        }
+        assert cmds.node.saved >= 1  # the new owner's draft is saved
+        final = await sd.refresh(gid)
+        assert final.owner == bob.public and len(final.roster.handovers) == 2
+        assert {m.key for m in final.members} == {bob.public, dave.public, erin.public}
+
+
+async def test_concurrent_take_overs_publish_one_roster() -> None:
+    owner, alice = people("owner", "alice")
+    clock = Clock()
+    async with Network.start(NODES) as net:
+        so, sa = (
+            GroupService(net.nodes[i + 1], p, clock=clock) for i, p in enumerate((owner, alice))
+        )
+        gid = await so.create("climbers")
+        await grow(so, gid, [sa], clock)
+        clock.advance(10)
+        before = (await so.fetch_roster(gid)).seq
+        await so.leave(gid)
+        await asyncio.gather(sa.maintain(), sa.requests(gid), sa.my_groups(), sa.claim(gid))
+        view = await GroupService(net.nodes[5], Identity.generate()).fetch_roster(gid)
+        assert view.owner == alice.public and view.seq == before + 1
+
+
+async def test_bad_names_and_long_texts_are_refused_before_signing() -> None:
+    owner, alice = people("owner", "alice")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        for name, match in [
+            ("", "needs a name"),
+            ("   ", "needs a name"),
+            ("x" * 65, "at most 64 bytes"),
+            ("é" * 33, "this one has 66"),
+            ("two\nlines", "control characters"),
+        ]:
+            with pytest.raises(GroupError, match=match) as caught:
+                await so.create(name)
+            assert caught.value.hint and "\n" not in caught.value.message
+        assert so.state.groups == {} and not net.nodes[1].published
+
+        gid = await so.create("  climbers ")
+        assert so.state.groups == {gid: "climbers"}
+        assert (await sa.fetch_roster(gid)).name == "climbers"
+        assert rules.check_group_name("é" * 32) == "é" * 32  # 64 bytes: just fits
+
+        with pytest.raises(GroupError, match="join message is at most 280 bytes") as caught:
+            await sa.request_join(gid, "m" * 281)
+        assert caught.value.hint == "shorten the join message"
+        assert sa.state.requested == {} and not net.nodes[2].published
+        await sa.request_join(gid, "m" * 280)
+        with pytest.raises(GroupError, match="reason is at most 280 bytes"):
+            await so.reject(gid, alice.public, "r" * 281)
+        assert [p.requester for p in await so.requests(gid)] == [alice.public]

@@ -280,3 +280,33 @@ def test_request_older_than_its_leave_is_not_pending() -> None:
     assert rules.pending_requests([ra], [], view.roster, view.members, left) == []
     again = signed(ALICE, JoinRequest(base.group_id, "alice"), seq=2, at=NOW + 6)
     assert len(rules.pending_requests([again], [], view.roster, view.members, left)) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("", "needs a name"),
+        (" \t ", "needs a name"),
+        ("a\tb", "control characters"),
+        ("a\x85b", "control characters"),
+        ("x" * 65, "at most 64 bytes of UTF-8 \\(this one has 65\\)"),
+    ],
+)
+def test_bad_group_names_are_refused_with_a_hint(name: str, match: str) -> None:
+    with pytest.raises(GroupError, match=match) as caught:
+        rules.found_group(OWNER, name, now=NOW, nonce=b"\x07" * 16)
+    assert caught.value.hint
+
+
+def test_group_names_are_stripped_and_may_use_the_whole_limit() -> None:
+    roster, _ = rules.found_group(OWNER, "  climbers\n", now=NOW, nonce=b"\x07" * 16)
+    assert roster.genesis.name == "climbers"
+    assert rules.check_group_name("ü" * 32) == "ü" * 32  # 64 bytes
+    assert rules.check_group_name("grimpeurs 🧗") == "grimpeurs 🧗"
+
+
+def test_long_texts_are_refused_with_a_hint() -> None:
+    rules.check_text("m" * 280, "join message")
+    with pytest.raises(GroupError, match="reason is at most 280 bytes") as caught:
+        rules.check_text("€" * 94, "reason")  # 282 bytes
+    assert caught.value.hint == "shorten the reason"

@@ -21,7 +21,9 @@ from ..identity import Identity
 from ..records import (
     INLINE_MEMBERS,
     MAX_HANDOVERS,
+    MAX_NAME,
     MAX_PAGES,
+    MAX_TEXT,
     PAGE_MEMBERS,
     Decision,
     DirectoryEntry,
@@ -47,6 +49,8 @@ __all__ = [
     "apply_leaves",
     "chain_digest",
     "check_fresh",
+    "check_group_name",
+    "check_text",
     "directory_entry_is_plausible",
     "found_group",
     "heir_of",
@@ -125,11 +129,43 @@ class PendingRequest:
 # ------------------------------------------------------------------------------ founding
 
 
+def check_group_name(name: str) -> str:
+    """``name`` without surrounding whitespace; ``GroupError`` if that is empty, holds a
+    control character (a line break, a tab) or is longer than ``MAX_NAME`` bytes of UTF-8."""
+    name = name.strip()
+    if not name:
+        raise GroupError("a group needs a name", "give one, e.g.: dhtshare group create climbers")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        raise GroupError(
+            "a group name cannot contain line breaks, tabs or other control characters",
+            "choose a name on one line",
+        )
+    size = len(name.encode("utf-8"))
+    if size > MAX_NAME:
+        raise GroupError(
+            f"a group name is at most {MAX_NAME} bytes of UTF-8 (this one has {size})",
+            "choose a shorter name",
+        )
+    return name
+
+
+def check_text(text: str, what: str) -> None:
+    """``GroupError`` if ``text`` (a join message, a rejection reason) exceeds ``MAX_TEXT``
+    bytes of UTF-8, the most a record carries."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_TEXT:
+        raise GroupError(
+            f"the {what} is at most {MAX_TEXT} bytes of UTF-8 (this one has {size})",
+            f"shorten the {what}",
+        )
+
+
 def found_group(
     owner: Identity, name: str, *, now: float, nonce: bytes, public: bool = False
 ) -> tuple[Roster, tuple[Member, ...]]:
-    """The founding roster body (no pages) and member list: the owner alone, since ``now``."""
-    genesis = Genesis(owner.public, name, int(now), nonce)
+    """The founding roster body (no pages) and member list: the owner alone, since ``now``.
+    The name is checked (``check_group_name``) and stripped before anything is signed."""
+    genesis = Genesis(owner.public, check_group_name(name), int(now), nonce)
     sig = crypto.sign(owner.signing_key, "genesis", genesis.encode())
     me = Member(owner.public, owner.name, genesis.created)
     return Roster(genesis, sig, (), public, (me,), 1), (me,)

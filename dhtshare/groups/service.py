@@ -59,7 +59,7 @@ DIRECTORY_TTL = 24 * 3600
 NOTE_TTL = MAX_TTL  # join requests, rejections, leaves
 STATE_VERSION = 1
 
-Role = Literal["owner", "member", "pending"]
+Role = Literal["owner", "member", "pending", "rejected"]
 Renew = Callable[[SignedRecord], SignedRecord]
 
 
@@ -80,6 +80,7 @@ class MyGroup:
     name: str
     role: Role
     members: int
+    reason: str = ""  # the owner's reason, when my request was rejected
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +110,11 @@ class GroupState:
     requested: dict[bytes, int] = field(default_factory=dict)  # gid -> my request's time
     known: dict[bytes, Known] = field(default_factory=dict)  # gid -> highest verified roster
     drafts: dict[bytes, Draft] = field(default_factory=dict)  # gid -> my roster as owner
+    request_names: dict[bytes, str] = field(default_factory=dict)  # gid -> name, requested
+
+    def name_of(self, group_id: bytes) -> str:
+        """The name of one of my groups or requested groups ("" if not known yet)."""
+        return self.groups.get(group_id) or self.request_names.get(group_id, "")
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable document."""
@@ -120,6 +126,7 @@ class GroupState:
                 g.hex(): [k.seq, k.chain_length, k.chain.hex()] for g, k in self.known.items()
             },
             "drafts": {g.hex(): _draft_doc(d) for g, d in self.drafts.items()},
+            "request_names": {g.hex(): n for g, n in self.request_names.items()},
         }
 
     @classmethod
@@ -133,6 +140,7 @@ class GroupState:
                 {bytes.fromhex(g): int(t) for g, t in doc["requested"].items()},
                 {bytes.fromhex(g): _known(k) for g, k in doc["known"].items()},
                 {bytes.fromhex(g): _draft(d) for g, d in doc["drafts"].items()},
+                {bytes.fromhex(g): str(n) for g, n in doc.get("request_names", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GroupError(
@@ -180,6 +188,7 @@ class GroupService:
         self._views: dict[bytes, RosterView] = {}
         self._leaves: dict[bytes, dict[bytes, SignedRecord]] = {}
         self._last_seq: dict[tuple[bytes, bytes], int] = {}
+        self._taking_over = asyncio.Lock()  # one take-over at a time (maintain and commands)
 
     # ---- signing helpers ---------------------------------------------------------
 
@@ -237,10 +246,17 @@ class GroupService:
         """Fetch the roster and the leaves again; ``member_since`` answers from them."""
         view = await self.fetch_roster(group_id)
         await self._fetch_leaves(group_id)
-        if group_id in self.state.requested and self.is_member(group_id, self._me.public):
-            self.state.requested.pop(group_id)  # my request was accepted
-            self.state.groups[group_id] = view.name
+        if group_id in self.state.requested:
+            if self.is_member(group_id, self._me.public):
+                self._settle_request(group_id, view.name)  # my request was accepted
+            else:
+                self.state.request_names[group_id] = view.name
         return view
+
+    def _settle_request(self, group_id: bytes, name: str) -> None:
+        self.state.requested.pop(group_id, None)
+        self.state.request_names.pop(group_id, None)
+        self.state.groups[group_id] = name
 
     async def _try_refresh(self, group_id: bytes) -> RosterView | None:
         """``refresh``, or ``None`` without a readable roster (a rollback still raises)."""
@@ -278,7 +294,7 @@ class GroupService:
             self._me, name, now=now, nonce=os.urandom(16), public=public
         )
         gid = base.group_id
-        self.state.groups[gid] = name
+        self.state.groups[gid] = base.genesis.name
         self._leaves[gid] = {}
         await self._publish_roster(base, members, 1)
         return gid
@@ -318,8 +334,9 @@ class GroupService:
         self.state.drafts.pop(group_id, None)
 
     async def _as_owner(self, group_id: bytes) -> Draft:
-        """My latest draft of a group I own (checked against the DHT), with fresh leaves."""
-        view = await self.refresh(group_id)
+        """My latest draft of a group I own (checked against the DHT), with fresh leaves.
+        A hand-over to me that I have not acted on yet is taken over first."""
+        view = await self.claim(group_id)
         if view.owner != self._me.public:
             raise GroupError("only the group's owner can do this", "ask the owner")
         draft = self.state.drafts.get(group_id)
@@ -335,11 +352,16 @@ class GroupService:
     # ---- joining -------------------------------------------------------------------
 
     async def request_join(self, group_id: bytes, message: str = "") -> None:
-        """Publish my signed join request for ``group_id`` (the owner decides)."""
+        """Publish my signed join request for ``group_id`` (the owner decides). The group's
+        name is taken from its roster when the DHT has one, so I can name it from then on."""
+        rules.check_text(message, "join message")
+        view = await self._try_refresh(group_id)
         now = self._clock()
         body = JoinRequest(group_id, self._me.name, message)
         await self._dht.publish(self._sign_note(body, NOTE_TTL))
         self.state.requested[group_id] = int(now)
+        if view is not None:
+            self.state.request_names[group_id] = view.name
 
     async def requests(self, group_id: bytes) -> list[PendingRequest]:
         """Join requests the owner has not decided yet, oldest first."""
@@ -371,6 +393,7 @@ class GroupService:
 
     async def reject(self, group_id: bytes, requester: bytes, reason: str = "") -> None:
         """Publish a rejection the requester can read."""
+        rules.check_text(reason, "reason")
         await self._as_owner(group_id)
         body = Decision(group_id, requester, False, reason)
         await self._dht.publish(self._sign_note(body, NOTE_TTL))
@@ -383,8 +406,7 @@ class GroupService:
         mine = self.state.requested.get(group_id)
         result = rules.join_status(self._me.public, mine, view, leaves, decisions)
         if result[0] == "accepted" and view is not None:
-            self.state.groups[group_id] = view.name
-            self.state.requested.pop(group_id, None)
+            self._settle_request(group_id, view.name)
         return result
 
     # ---- leaving and removing ------------------------------------------------------
@@ -404,6 +426,7 @@ class GroupService:
         self._dht.withdraw(key_for(Kind.JOIN_REQUEST, group_id), self._me.public)
         self.state.groups.pop(group_id, None)
         self.state.requested.pop(group_id, None)
+        self.state.request_names.pop(group_id, None)
         self._leaves.setdefault(group_id, {})[self._me.public] = rec
 
     async def remove(self, group_id: bytes, member: bytes) -> RosterView:
@@ -452,8 +475,24 @@ class GroupService:
             return True
         return False
 
+    async def claim(self, group_id: bytes) -> RosterView:
+        """``refresh``, then take the group over if its owner left and handed it to me (what
+        ``maintain()`` would do on its next round). Owner commands call this first, so the
+        heir can act as owner right after the hand-over."""
+        view = await self.refresh(group_id)
+        if view.owner != self._me.public and group_id in self.state.groups:
+            await self._maybe_take_over(view)
+        return self._views.get(group_id, view)
+
     async def _maybe_take_over(self, view: RosterView) -> bool:
         """If the owner left and handed the group to me, publish the next roster as owner."""
+        async with self._taking_over:
+            view = self._views.get(view.group_id, view)  # another task may have done it
+            if view.owner == self._me.public:
+                return False
+            return await self._take_over(view)
+
+    async def _take_over(self, view: RosterView) -> bool:
         rec = self._leaves.get(view.group_id, {}).get(view.owner)
         body = rec.payload() if rec is not None else None
         if not isinstance(body, Leave) or body.handover is None:
@@ -470,31 +509,36 @@ class GroupService:
     # ---- listing -------------------------------------------------------------------
 
     async def my_groups(self) -> list[MyGroup]:
-        """My groups and requests, with my role, refreshed from the DHT where possible."""
+        """My groups and requests, with my role (a requester's is ``pending`` or ``rejected``,
+        with the owner's reason), refreshed from the DHT where possible. A group handed to me
+        is taken over first."""
         out: list[MyGroup] = []
         for group_id in sorted(set(self.state.groups) | set(self.state.requested)):
-            role = await self._role(group_id)
+            role, reason = await self._role(group_id)
             view = self._views.get(group_id)
             if role is not None:
-                name = view.name if view else self.state.groups.get(group_id, "")
-                out.append(MyGroup(group_id, name, role, len(self.members(group_id))))
+                name = view.name if view else self.state.name_of(group_id)
+                size = len(self.members(group_id))
+                out.append(MyGroup(group_id, name, role, size, reason))
         return out
 
-    async def _role(self, group_id: bytes) -> Role | None:
+    async def _role(self, group_id: bytes) -> tuple[Role | None, str]:
         if group_id in self.state.requested:
-            status, _ = await self.status(group_id)
+            status, reason = await self.status(group_id)
+            if status == "pending" or status == "rejected":
+                return status, reason
             if status != "accepted":
-                return "pending" if status == "pending" else None
+                return None, ""
         view: RosterView | None
         try:
-            view = await self.refresh(group_id)
+            view = await self.claim(group_id)
         except GroupError:
             view = self._views.get(group_id)  # keep the last verified view when unreachable
         if view is None:
-            return None
+            return None, ""
         if view.owner == self._me.public:
-            return "owner"
-        return "member" if self.is_member(group_id, self._me.public) else None
+            return "owner", ""
+        return ("member" if self.is_member(group_id, self._me.public) else None), ""
 
     async def directory(self) -> list[Listing]:
         """Publicly listed groups whose entry checks out against the group's roster."""
