@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import AsyncIterator
 
 import pytest
@@ -28,6 +29,7 @@ from dhtshare.records import (
 from dhtshare.sim import Network
 
 START = 1_800_000_000.0
+SPARSE_K = 5  # k for ``sparse_net``: a record lives on 5 of the 20 nodes (plus its writer)
 
 
 class FakeClock:
@@ -84,4 +86,16 @@ def peer_record(ident: Identity, now: float, *, seq: int = 1, ttl: float = 600) 
 async def net(clock: FakeClock) -> AsyncIterator[Network]:
     """20 real nodes on 127.0.0.1 sharing the fake clock."""
     async with Network.start(20, clock=clock) as network:
+        yield network
+
+
+@pytest.fixture
+async def sparse_net(clock: FakeClock) -> AsyncIterator[Network]:
+    """20 real nodes with k=5 and fixed ids: each key's storing set is a strict subset.
+
+    With k=20 every put lands on every node, and a lookup merges the reader's own copy,
+    so a get could be answered from local storage alone. Here most nodes hold nothing
+    under a given key and can only answer a get from what other nodes send them.
+    """
+    async with Network.start(20, ksize=SPARSE_K, clock=clock, rng=random.Random(20)) as network:
         yield network

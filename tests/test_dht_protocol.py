@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import umsgpack
+from conftest import peer_record
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
 
 from dhtshare.dht import DhtNode, DhtProtocol, RpcTimeouts, ValidatingStorage
 from dhtshare.dht.protocol import MAX_DATAGRAM
+from dhtshare.identity import Identity
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -104,12 +107,17 @@ async def test_bad_datagrams_are_dropped_counted_and_node_keeps_answering(
 ) -> None:
     a, b = pair
     assert b.protocol is not None and b.protocol.transport is not None
+    rec = peer_record(Identity.generate(), time.time())
+    assert a.storage.add(rec.dht_key, rec.encode(), time.time()) is None  # only a holds it
     b.protocol.transport.sendto(datagram, a.address)
     ok, their_id = await b.protocol.ping(a.address, b.node.id)  # queued behind the garbage
     assert ok
     assert their_id == a.node.id
     assert a.stats[counter] == 1
     assert a.stats["error.handler"] == 0
+    assert b.storage.count(rec.dht_key) == 0
+    assert await b.get(rec.dht_key) == [rec]  # a still answers lookups
+    assert a.stats["rpc_in.find_value"] == 1
 
 
 @settings(max_examples=300, deadline=None)
