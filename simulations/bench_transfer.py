@@ -43,6 +43,7 @@ from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
 MB = 1_000_000
 GROUP = bytes(32)
 CHUNK = 1024 * 1024
+PIN = os.environ.get("DHTSHARE_BENCH_PIN", "1") != "0"  # read again in each spawned process
 
 
 def parse_size(text: str) -> int:
@@ -70,7 +71,21 @@ def peak_rss_mb() -> float:
 # -- raw copy ------------------------------------------------------------------------
 
 
+def pin(side: str) -> None:
+    """Give the receiving side one core and every sending process the other.
+
+    On one 2-core machine this stands in for "the downloader's machine" and "the rest of
+    the network": every scenario (and the raw copy) gets the same split, so adding
+    seeders adds processes to the senders' core only, as more peers would add machines.
+    Without two cores, or without ``sched_setaffinity``, nothing is pinned.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) >= 2 and PIN:
+        os.sched_setaffinity(0, {cpus[0] if side == "receiver" else cpus[1]})
+
+
 def raw_receiver(port_q: Queue[Any], out: Path | None, size: int, result_q: Queue[Any]) -> None:
+    pin("receiver")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port_q.put(listener.getsockname()[1])
         conn, _ = listener.accept()
@@ -91,6 +106,7 @@ def raw_receiver(port_q: Queue[Any], out: Path | None, size: int, result_q: Queu
 
 
 def raw_sender(port: int, src: Path) -> None:
+    pin("sender")
     with socket.create_connection(("127.0.0.1", port)) as sock, src.open("rb") as f:
         while data := f.read(CHUNK):
             sock.sendall(data)
@@ -117,6 +133,7 @@ def raw_copy(ctx: Any, src: Path, work: Path, size: int, to_disk: bool = False) 
 
 
 def seeder_main(share: dict[str, Any], limit: float | None, ready_q: Queue[Any]) -> None:
+    pin("sender")
     asyncio.run(run_seeder(share, limit, ready_q))
 
 
@@ -134,6 +151,7 @@ async def run_seeder(share: dict[str, Any], limit: float | None, ready_q: Queue[
 def downloader_main(
     info: FileInfo, out: Path, addrs: list[tuple[bytes, str, int]], result_q: Queue[Any]
 ) -> None:
+    pin("receiver")
     result_q.put(asyncio.run(run_downloader(info, out, addrs)))
 
 
@@ -153,12 +171,13 @@ async def run_downloader(
         is_member=lambda _group, _peer: True,
         options=DownloadOptions(provider_timeout=30.0),
     )
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     path = await dl.run()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     size = path.stat().st_size
     return {
         "seconds": seconds,
+        "cpu_s": cpu,
         "size": size,
         "sources": {k.hex(): v for k, v in dl.sources.items()},
         "peak_rss_mb": peak_rss_mb(),
@@ -204,6 +223,7 @@ def scenario(
             for key, _, _ in addrs
         },
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
+        "downloader_cpu_s": round(result["cpu_s"], 3),
     }
 
 
@@ -219,13 +239,16 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def print_table(raw: float, rows: list[dict[str, Any]], size: int) -> None:
     print(f"file: {size / MB:.0f} MB, loopback, one process per party (MB = 10^6 bytes)")
     print(f"raw socket copy: {raw:8.1f} MB/s")
-    head = f"{'scenario':<28}{'MB/s':>9}{'% raw':>7}{'s':>8}{'RSS MB':>8}  seeder shares"
+    head = (
+        f"{'scenario':<28}{'MB/s':>9}{'% raw':>7}{'s':>8}{'CPU s':>7}{'RSS MB':>8}  seeder shares"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
         shares = " ".join(f"{v:.0%}" for v in r["seeder_share"].values())
         pct = 100 * r["mb_s"] / raw
         line = f"{r['name']:<28}{r['mb_s']:>9.1f}{pct:>6.1f}%{r['seconds']:>8.2f}"
+        line += f"{r['downloader_cpu_s']:>7.2f}"
         print(f"{line}{r['peak_rss_mb']:>8.1f}  {shares}")
 
 
@@ -234,7 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="256M", help="file size, e.g. 64M, 256M, 1G")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--repeat", type=int, default=3, help="runs of raw, (a), (b)")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="let the OS place every process on any core"
+    )
     args = parser.parse_args(argv)
+    if args.no_pin:
+        os.environ["DHTSHARE_BENCH_PIN"] = "0"
     size = parse_size(args.size)
     ctx = mp.get_context("spawn")
     work = Path(tempfile.mkdtemp(prefix="dhtshare-bench-"))
