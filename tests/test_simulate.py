@@ -45,6 +45,11 @@ def test_same_seed_same_scenario() -> None:
     other = simulate("--size", "2M", "--nodes", "16", "--seed", "4", "--churn", "0.3")
     assert first["plan"] == again["plan"]
     assert first["plan"]["churned_nodes"]
+    levels = first["lookups"]["by_churn"]
+    assert [lv["churn"] for lv in levels][0] == 0.0
+    assert levels[1]["churn"] > 0
+    assert all(lv["success_rate"] == 1.0 and lv["count"] > 0 for lv in levels)
+    assert any("churn: stopped" in e["event"] for e in first["churn_events"])
     assert first["plan"]["file_sha256"] != other["plan"]["file_sha256"]
     assert first["plan"]["members"] != other["plan"]["members"]
 

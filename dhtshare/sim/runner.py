@@ -32,6 +32,7 @@ from ..errors import DhtshareError
 from ..identity import Identity
 from ..node import Node, NodeConfig
 from ..records import Kind, key_for
+from .dhtsim import LookupReport, measure_lookups
 from .network import Network
 from .report import latency_summary, render_summary, write_plot
 from .scenario import Scenario, load_scenario
@@ -220,6 +221,7 @@ async def _play(
     entry = next(f.entry for f in files if f.entry.content_id == shared[0].content_id)
     leaving = run.rng.choice(seeders) if sc.seeder_leaves and len(seeders) > 1 else None
     churned = sorted(run.rng.sample(range(1, len(net.nodes)), int(sc.churn * (len(net.nodes) - 1))))
+    before_churn = await _measure(run, net, nodes, gid) if churned else None
     handles = [
         await d.downloads.start(gid, entry, tmp / f"out-{d.identity.name}") for d in downloaders
     ]
@@ -240,6 +242,15 @@ async def _play(
         await _result(run, d, h, expected, begun) for d, h in zip(downloaders, handles, strict=True)
     ]
     lookups = await _lookups(run, net, nodes, gid)
+    if before_churn is not None:
+        stopped = len(churned) / max(1, len(net.nodes) - 1)
+        lookups["summary"]["by_churn"] = [
+            {"churn": 0.0, **before_churn.to_json()},
+            {
+                "churn": round(stopped, 3),
+                **{k: v for k, v in lookups["summary"].items() if k != "during_run"},
+            },
+        ]
     uploaded = {
         n.identity.name: sum(n.server.uploaded.values())
         for n in nodes[1:]
@@ -318,13 +329,17 @@ async def _result(
     }
 
 
-async def _lookups(run: _Run, net: Network, nodes: list[Node], gid: bytes) -> dict[str, Any]:
-    """A measured pass from random live nodes, plus every lookup the run itself made."""
-    from .dhtsim import measure_lookups
-
+async def _measure(run: _Run, net: Network, nodes: list[Node], gid: bytes) -> LookupReport:
+    """Lookups of the group's roster from random live nodes (at most 60, 12 in flight)."""
     targets = [(key_for(Kind.ROSTER, gid), nodes[0].identity.public)]
     live: list[DhtNode] = [*net.live, *(n.dht for n in nodes if not n.stopped.is_set())]
-    measured = await measure_lookups(live, targets, min(run.scenario.lookups, 60), run.rng)
+    return await measure_lookups(live, targets, min(run.scenario.lookups, 60), run.rng)
+
+
+async def _lookups(run: _Run, net: Network, nodes: list[Node], gid: bytes) -> dict[str, Any]:
+    """A measured pass from random live nodes, plus every lookup the run itself made."""
+    measured = await _measure(run, net, nodes, gid)
+    live: list[DhtNode] = [*net.live, *(n.dht for n in nodes if not n.stopped.is_set())]
     every = [s for n in live for s in n.lookups]
     during = latency_summary(
         [s.seconds for s in every], [s.rpcs for s in every], len(every), len(every)
