@@ -86,7 +86,8 @@ async def test_measure_lookups_reports_each_lookups_own_stats() -> None:
         report = await measure_lookups(net.nodes, targets, 20, rng, concurrency=4)
         assert isinstance(report, LookupReport)
         assert report.count == 20 and report.success_rate == 1.0
-        assert 1 <= report.rpcs_per_lookup <= 11  # at most every other node
+        assert report.rpcs_per_lookup >= 1
+        assert report.rpcs_per_lookup <= 11  # at most every other node
         missing = [(bytes(20), bytes(32))]
         assert (await measure_lookups(net.nodes, missing, 5, rng)).success_rate == 0.0
 

@@ -282,13 +282,7 @@ async def open_peer(
     conn = PeerConnection(
         Role.CLIENT, identity.signing_key, group_id=group_id, content_id=content_id
     )
-    stream = PeerStream(conn, reader, writer, read_timeout=read_timeout)
-    try:
-        await stream.handshake(handshake_timeout)
-    except BaseException:
-        await stream.aclose()
-        raise
-    return stream
+    return await _handshaken(conn, reader, writer, handshake_timeout, read_timeout)
 
 
 async def accept_peer(
@@ -301,6 +295,17 @@ async def accept_peer(
 ) -> PeerStream:
     """Run the server handshake on an accepted connection; the stream is ready to use."""
     conn = PeerConnection(Role.SERVER, identity.signing_key)
+    return await _handshaken(conn, reader, writer, handshake_timeout, read_timeout)
+
+
+async def _handshaken(
+    conn: PeerConnection,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handshake_timeout: float,
+    read_timeout: float | None,
+) -> PeerStream:
+    """A stream over ``conn`` whose handshake finished; closed again if it did not."""
     stream = PeerStream(conn, reader, writer, read_timeout=read_timeout)
     try:
         await stream.handshake(handshake_timeout)
