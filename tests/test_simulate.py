@@ -46,7 +46,7 @@ def test_same_seed_same_scenario() -> None:
     assert first["plan"] == again["plan"]
     assert first["plan"]["churned_nodes"]
     levels = first["lookups"]["by_churn"]
-    assert [lv["churn"] for lv in levels][0] == 0.0
+    assert levels[0]["churn"] == 0.0
     assert levels[1]["churn"] > 0
     assert all(lv["success_rate"] == 1.0 and lv["count"] > 0 for lv in levels)
     assert any("churn: stopped" in e["event"] for e in first["churn_events"])
