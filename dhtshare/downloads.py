@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from .errors import DhtError, DhtshareError, FileShareError, StoreError
 from .files.service import FileService, SharedFile
 from .identity import Identity
 from .records import FileEntry, Provider
+from .store.atomic import write_atomic
 from .transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from .transfer.ratelimit import TokenBucket
 from .transfer.serve import MemberCheck, ShareRegistry
@@ -218,11 +218,8 @@ class DownloadManager:
 
     def save(self) -> None:
         docs = [h.to_json() for h in self.handles.values()]
-        path = self.home / "downloads.json"
-        tmp = path.with_name(".downloads.json.tmp")
         try:
-            tmp.write_text(json.dumps(docs, indent=1))
-            os.replace(tmp, path)
+            write_atomic(self.home / "downloads.json", json.dumps(docs, indent=1).encode("utf-8"))
         except OSError as exc:
             log.error("cannot save downloads: %s", exc)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from nacl.signing import SigningKey
 
 from . import crypto
 from .errors import IdentityError
+from .store.atomic import write_atomic
 
 __all__ = [
     "Identity",
@@ -197,14 +196,4 @@ def _open_sealed(sealed: dict[str, Any], passphrase: bytes) -> bytes:
 def _write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a 0600 temp file, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)  # its temp file is created 0600, so the key is never readable

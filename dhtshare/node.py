@@ -29,6 +29,7 @@ from .files.content import FileLayout
 from .files.service import FileService, SharedFile
 from .groups.service import GroupService, GroupState
 from .identity import Identity
+from .store.atomic import read_hashes, write_atomic, write_hashes
 from .transfer.download import DownloadOptions
 from .transfer.serve import PeerServer, Share, ShareRegistry
 
@@ -60,13 +61,8 @@ class NodeConfig:
 
 
 def write_json(path: Path, doc: Any) -> None:
-    """Atomically replace ``path`` with ``doc`` as JSON (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomically replace ``path`` with ``doc`` as JSON."""
+    write_atomic(path, json.dumps(doc, indent=1).encode("utf-8"))
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -397,19 +393,17 @@ def _share_doc(s: SharedFile) -> dict[str, Any]:
 def _save_hashes(home: Path, content_id: bytes, hashes: tuple[bytes, ...]) -> None:
     folder = home / "hashes"
     folder.mkdir(exist_ok=True)
-    path = folder / content_id.hex()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(b"".join(hashes))
-    os.replace(tmp, path)
+    write_hashes(folder / content_id.hex(), hashes)
 
 
 def load_hashes(home: Path, content_id: bytes) -> tuple[bytes, ...]:
-    data = (home / "hashes" / content_id.hex()).read_bytes()
-    if len(data) % 32:
+    hashes = read_hashes(home / "hashes" / content_id.hex())
+    if hashes is None:
         raise StoreError(
-            f"piece hashes of {content_id.hex()[:16]} are damaged", "share the file again"
+            f"piece hashes of {content_id.hex()[:16]} are missing or damaged",
+            "share the file again",
         )
-    return tuple(data[i : i + 32] for i in range(0, len(data), 32))
+    return hashes
 
 
 def _shared_from(doc: dict[str, Any], home: Path) -> SharedFile:

@@ -37,6 +37,7 @@ from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.errors import DhtError, RecordError
 from dhtshare.records import SignedRecord, decode_record, verify_record
 from dhtshare.stats import Counters
+from dhtshare.store.atomic import write_atomic
 
 __all__ = ["DhtNode", "LookupStats"]
 
@@ -511,10 +512,7 @@ class DhtNode(Server):  # type: ignore[misc]
             "alpha": self.alpha,
             "contacts": [[n.id.hex(), n.ip, n.port] for n in self.contacts()[:_MAX_SAVED_CONTACTS]],
         }
-        path = Path(fname)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, path)
+        write_atomic(Path(fname), json.dumps(doc, indent=1).encode("utf-8"))
 
     @classmethod
     async def load_state(

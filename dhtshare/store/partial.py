@@ -22,12 +22,12 @@ from pathlib import Path
 import aiofiles.os
 
 from dhtshare.errors import StoreError
+from dhtshare.store.atomic import fsync_dir
 
 __all__ = [
     "PART_SUFFIX",
     "BlockReader",
     "PartialFile",
-    "fsync_dir",
     "read_block",
     "safe_name",
 ]
@@ -119,20 +119,6 @@ def _link_no_replace(src: Path, dst: Path) -> None:
         # No hard links here (e.g. FAT): claim the name exclusively, then replace our claim.
         os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         os.replace(src, dst)
-
-
-def fsync_dir(path: Path) -> None:
-    """Best effort: make a rename in directory ``path`` durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still done
-    finally:
-        os.close(fd)
 
 
 class PartialFile:

@@ -21,18 +21,15 @@ trusted only after its hash checks out: the cost is downloading it again.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dhtshare.errors import StoreError
-from dhtshare.store.partial import fsync_dir
+from dhtshare.store.atomic import write_atomic
 
 __all__ = ["STATE_VERSION", "ResumeState", "load_or_new", "read_state"]
 
@@ -139,22 +136,10 @@ def _parse(doc: Any) -> ResumeState:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp_name = ""
     try:
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_name = tmp.name
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
+        write_atomic(path, data)
     except OSError as exc:
-        if tmp_name:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
         raise _save_error(path, exc) from exc
-    fsync_dir(path.parent)
 
 
 def _save_error(path: Path, exc: OSError) -> StoreError:

@@ -42,6 +42,7 @@ from pathlib import Path
 from dhtshare.errors import DhtshareError, FileShareError, ProtocolError, StoreError
 from dhtshare.files.content import FileLayout, merkle_root, verify_hash_list, verify_piece
 from dhtshare.identity import Identity, format_id
+from dhtshare.store.atomic import read_hashes, write_hashes
 from dhtshare.store.partial import PartialFile, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.peer import READ_TIMEOUT, PeerStream, open_peer
@@ -293,7 +294,7 @@ class Download:
             self._state = await asyncio.to_thread(
                 load_or_new, self.state_path, self.info.content_id, count
             )
-            hashes = await asyncio.to_thread(_load_hashes, self.hashes_path, count)
+            hashes = await asyncio.to_thread(read_hashes, self.hashes_path, count)
             if hashes is not None and verify_hash_list(hashes, self.info.content_id, count):
                 await self._set_hashes(hashes, save=False)
         if self.layout.piece_count == 0:
@@ -419,7 +420,7 @@ class Download:
     async def _set_hashes(self, hashes: tuple[bytes, ...], *, save: bool) -> None:
         if save:
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(_save_hashes, self.hashes_path, hashes)
+                await asyncio.to_thread(write_hashes, self.hashes_path, hashes)
         if self.options.verify_on_resume and self._state.verified:
             await self._reverify(hashes)
         self.hashes = hashes
@@ -766,20 +767,3 @@ class _Client:
         blocks = self.dl.picker.next_requests(key, self.dl.clock())
         self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
         self._asked, self._answered = len(self.dl.picker.pending(key)), 0
-
-
-def _load_hashes(path: Path, count: int) -> tuple[bytes, ...] | None:
-    """The piece hashes saved next to the resume state, if the file is intact."""
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return None
-    if len(raw) != 32 * count:
-        return None
-    return tuple(raw[i : i + 32] for i in range(0, len(raw), 32))
-
-
-def _save_hashes(path: Path, hashes: tuple[bytes, ...]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(b"".join(hashes))
-    tmp.replace(path)
