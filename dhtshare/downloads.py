@@ -134,9 +134,8 @@ class DownloadManager:
             state_path=resume / f"{info.content_id.hex()}.json",
             on_first_piece=self._announce(info),
             options=self.options,
+            bucket=None if self.bucket.unlimited else self.bucket,
         )
-        if not self.bucket.unlimited:
-            download.bucket = self.bucket
         return Handle(info, out_dir, download)
 
     async def start(self, group_id: bytes, entry: FileEntry, out_dir: Path) -> Handle:

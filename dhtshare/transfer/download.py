@@ -156,6 +156,7 @@ class Download:
         on_first_piece: Callable[[bytes], None] | None = None,
         on_have: Callable[[bytes, int], None] | None = None,
         options: DownloadOptions | None = None,
+        bucket: TokenBucket | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -173,8 +174,10 @@ class Download:
         self.picker = PiecePicker(
             self.layout.piece_lengths(), rng or random.Random(), self.options.picker
         )
-        self.bucket = TokenBucket(None, now=clock())
-        self.set_rate_limit(self.options.rate_limit)
+        # A shared ``bucket`` is one limit over several downloads (the node's); else our own.
+        self.bucket = bucket or TokenBucket(None, now=clock())
+        if bucket is None:
+            self.set_rate_limit(self.options.rate_limit)
         self.final_path = self.out_dir / safe_name(info.name)
         self._state_path = state_path
         self.hashes: tuple[bytes, ...] | None = None
