@@ -35,6 +35,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
+from dhtshare.allocator import tune_allocator
 from dhtshare.files.content import FileLayout, hash_file, merkle_root, piece_size_for
 from dhtshare.identity import Identity
 from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
@@ -44,6 +45,7 @@ MB = 1_000_000
 GROUP = bytes(32)
 CHUNK = 1024 * 1024
 PIN = os.environ.get("DHTSHARE_BENCH_PIN", "1") != "0"  # read again in each spawned process
+TUNE = os.environ.get("DHTSHARE_BENCH_TUNE", "1") != "0"
 
 
 def parse_size(text: str) -> int:
@@ -64,6 +66,15 @@ def make_file(path: Path, size: int) -> None:
             left -= n
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (0 where /proc is missing)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
 
@@ -82,6 +93,8 @@ def pin(side: str) -> None:
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if len(cpus) >= 2 and PIN:
         os.sched_setaffinity(0, {cpus[0] if side == "receiver" else cpus[1]})
+    if TUNE:
+        tune_allocator()  # as a node does at start (dhtshare/allocator.py)
 
 
 def raw_receiver(port_q: Queue[Any], out: Path | None, size: int, result_q: Queue[Any]) -> None:
@@ -200,11 +213,13 @@ def scenario(
         p.start()
     try:
         addrs = [ready_q.get(timeout=30) for _ in procs]
+        seeder_cpu = [cpu_seconds(p.pid or 0) for p in procs]
         info = FileInfo(GROUP, share["content_id"], "bench.bin", share["size"], share["piece_size"])
         out = work / f"out-{name}"
         dl = ctx.Process(target=downloader_main, args=(info, out, addrs, result_q))
         dl.start()
         result = result_q.get(timeout=600)
+        seeder_cpu = [cpu_seconds(p.pid or 0) - c for p, c in zip(procs, seeder_cpu, strict=True)]
         dl.join()
         shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -224,6 +239,7 @@ def scenario(
         },
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
         "downloader_cpu_s": round(result["cpu_s"], 3),
+        "seeders_cpu_s": round(sum(seeder_cpu), 3),
     }
 
 
@@ -240,7 +256,8 @@ def print_table(raw: float, rows: list[dict[str, Any]], size: int) -> None:
     print(f"file: {size / MB:.0f} MB, loopback, one process per party (MB = 10^6 bytes)")
     print(f"raw socket copy: {raw:8.1f} MB/s")
     head = (
-        f"{'scenario':<28}{'MB/s':>9}{'% raw':>7}{'s':>8}{'CPU s':>7}{'RSS MB':>8}  seeder shares"
+        f"{'scenario':<28}{'MB/s':>9}{'% raw':>7}{'s':>8}{'CPU s':>7}{'seedCPU':>8}{'RSS MB':>8}"
+        "  seeder shares"
     )
     print(head)
     print("-" * len(head))
@@ -248,7 +265,7 @@ def print_table(raw: float, rows: list[dict[str, Any]], size: int) -> None:
         shares = " ".join(f"{v:.0%}" for v in r["seeder_share"].values())
         pct = 100 * r["mb_s"] / raw
         line = f"{r['name']:<28}{r['mb_s']:>9.1f}{pct:>6.1f}%{r['seconds']:>8.2f}"
-        line += f"{r['downloader_cpu_s']:>7.2f}"
+        line += f"{r['downloader_cpu_s']:>7.2f}{r['seeders_cpu_s']:>8.2f}"
         print(f"{line}{r['peak_rss_mb']:>8.1f}  {shares}")
 
 
@@ -260,9 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-pin", action="store_true", help="let the OS place every process on any core"
     )
+    parser.add_argument(
+        "--no-tune", action="store_true", help="keep glibc's default malloc thresholds"
+    )
     args = parser.parse_args(argv)
     if args.no_pin:
         os.environ["DHTSHARE_BENCH_PIN"] = "0"
+    if args.no_tune:
+        os.environ["DHTSHARE_BENCH_TUNE"] = "0"
     size = parse_size(args.size)
     ctx = mp.get_context("spawn")
     work = Path(tempfile.mkdtemp(prefix="dhtshare-bench-"))

@@ -1,0 +1,42 @@
+"""Keep glibc's malloc from handing big buffers back to the kernel after every block.
+
+A transfer allocates and frees buffers of 256 KiB to 1 MiB many times a second
+(socket reads, frames, plaintexts). With glibc's defaults such a buffer is either
+``mmap``-ed and unmapped each time, or carved from the heap top that ``free`` trims
+again; either way every new buffer starts as fresh pages the kernel must fault in
+and zero. Measured on a 2-core VM, that doubled the cost of sealing a 256 KiB block
+(about 500 instead of 250 microseconds) and made four seeders sharing one core use
+70 % more CPU than one. Raising the two thresholds keeps freed buffers for reuse;
+the process's heap then stays at its working set's high-water mark (a few MiB for a
+transfer) instead of shrinking between blocks. Elsewhere (macOS, musl) this is a no-op.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import sys
+
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "tune_allocator"]
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 4 * 1024 * 1024
+"""Allocations below this come from the heap: above the largest frame (1 MiB) and read."""
+TRIM_THRESHOLD = 32 * 1024 * 1024
+"""Free memory at the heap's top that ``free`` keeps instead of returning it."""
+
+
+def tune_allocator() -> bool:
+    """Set both thresholds for this process; True if glibc accepted them."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+    return mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
