@@ -38,5 +38,8 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
-    return mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
+    results = [
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+    ]
+    return results == [1, 1]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .allocator import tune_allocator
 from .dht.server import DhtNode
 from .errors import DhtshareError, NodeError
 from .node import Node, NodeConfig
@@ -61,6 +62,7 @@ def _log_to(home: Path) -> None:
 def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
     """Run the node until SIGINT or SIGTERM; report readiness on ``ready_fd`` if given."""
     _log_to(config.home)
+    tune_allocator()
 
     async def main() -> None:
         stop = asyncio.Event()

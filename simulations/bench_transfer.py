@@ -12,9 +12,9 @@ RSS is its own). Scenarios:
 - (a) 1 seeder -> 1 downloader; (b) 4 seeders -> 1; (c) 4 seeders each
   limited to 4 MB/s -> 1.
 
-Raw copy, (a) and (b) run ``--repeat`` times and report the median run (by
-speed); (c) is rate-limited, so it runs once. MB is 10**6 bytes. Results and
-the targets are recorded in docs/performance.md.
+Raw copy, (a) and (b) run ``--repeat`` times (a and b interleaved) and report the
+median run (by speed) and b/a run by run; (c) is rate-limited, so it runs once. MB
+is 10**6 bytes. Results and the targets are recorded in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def peak_rss_mb() -> float:
 # -- raw copy ------------------------------------------------------------------------
 
 
-def pin(side: str) -> None:
-    """Give the receiving side one core and every sending process the other.
+def prepare_process(side: str) -> None:
+    """Tune malloc as a node does; give the receiving side one core, senders the other.
 
     On one 2-core machine this stands in for "the downloader's machine" and "the rest of
     the network": every scenario (and the raw copy) gets the same split, so adding
@@ -98,7 +98,7 @@ def pin(side: str) -> None:
 
 
 def raw_receiver(port_q: Queue[Any], out: Path | None, size: int, result_q: Queue[Any]) -> None:
-    pin("receiver")
+    prepare_process("receiver")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port_q.put(listener.getsockname()[1])
         conn, _ = listener.accept()
@@ -119,7 +119,7 @@ def raw_receiver(port_q: Queue[Any], out: Path | None, size: int, result_q: Queu
 
 
 def raw_sender(port: int, src: Path) -> None:
-    pin("sender")
+    prepare_process("sender")
     with socket.create_connection(("127.0.0.1", port)) as sock, src.open("rb") as f:
         while data := f.read(CHUNK):
             sock.sendall(data)
@@ -146,7 +146,7 @@ def raw_copy(ctx: Any, src: Path, work: Path, size: int, to_disk: bool = False) 
 
 
 def seeder_main(share: dict[str, Any], limit: float | None, ready_q: Queue[Any]) -> None:
-    pin("sender")
+    prepare_process("sender")
     asyncio.run(run_seeder(share, limit, ready_q))
 
 
@@ -164,7 +164,7 @@ async def run_seeder(share: dict[str, Any], limit: float | None, ready_q: Queue[
 def downloader_main(
     info: FileInfo, out: Path, addrs: list[tuple[bytes, str, int]], result_q: Queue[Any]
 ) -> None:
-    pin("receiver")
+    prepare_process("receiver")
     result_q.put(asyncio.run(run_downloader(info, out, addrs)))
 
 
@@ -184,15 +184,17 @@ async def run_downloader(
         is_member=lambda _group, _peer: True,
         options=DownloadOptions(provider_timeout=30.0),
     )
-    start, cpu = time.perf_counter(), time.process_time()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     path = await dl.run()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     size = path.stat().st_size
     return {
         "seconds": seconds,
-        "cpu_s": cpu,
+        "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
+        "sys_s": after.ru_stime - before.ru_stime,  # the kernel's share (TCP, page cache)
         "size": size,
         "sources": {k.hex(): v for k, v in dl.sources.items()},
+        "received": dl.bytes_received,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -239,6 +241,8 @@ def scenario(
         },
         "peak_rss_mb": round(result["peak_rss_mb"], 1),
         "downloader_cpu_s": round(result["cpu_s"], 3),
+        "duplicate_mb": round((result["received"] - share["size"]) / MB, 2),
+        "downloader_sys_s": round(result["sys_s"], 3),
         "seeders_cpu_s": round(sum(seeder_cpu), 3),
     }
 
@@ -303,20 +307,28 @@ def main(argv: list[str] | None = None) -> int:
         n = max(1, args.repeat)
         raw = statistics.median(raw_copy(ctx, src, work, size) for _ in range(n))
         raw_disk = statistics.median(raw_copy(ctx, src, work, size, True) for _ in range(n))
+        runs_a: list[dict[str, Any]] = []
+        runs_b: list[dict[str, Any]] = []
+        for _ in range(n):  # interleaved, so a slow spell of the machine hits both alike
+            runs_a.append(scenario(ctx, "a: 1 seeder", share, work, 1, None))
+            runs_b.append(scenario(ctx, "b: 4 seeders", share, work, 4, None))
         rows = [
-            median_run([scenario(ctx, "a: 1 seeder", share, work, 1, None) for _ in range(n)]),
-            median_run([scenario(ctx, "b: 4 seeders", share, work, 4, None) for _ in range(n)]),
+            median_run(runs_a),
+            median_run(runs_b),
             scenario(ctx, "c: 4 seeders @ 4 MB/s each", share, work, 4, 4.0),
         ]
+        pairs = [round(b["mb_s"] / a["mb_s"], 3) for a, b in zip(runs_a, runs_b, strict=True)]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         doc = {"raw_copy_mb_s": round(raw, 1), "raw_copy_to_disk_mb_s": round(raw_disk, 1)}
-        json.dump({**doc, "scenarios": rows}, sys.stdout)
+        json.dump({**doc, "scenarios": rows, "b_over_a_by_pair": pairs}, sys.stdout)
         print()
     else:
         print_table(raw, rows, size)
         print(f"raw copy written to disk (reference): {raw_disk:.1f} MB/s")
+        ratios = ", ".join(f"{p:.2f}" for p in pairs)
+        print(f"b / a, run by run (each b right after its a): {ratios}")
     return 0
 
 

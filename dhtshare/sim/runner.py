@@ -26,6 +26,7 @@ from typing import Any
 import click
 from nacl.signing import SigningKey
 
+from ..allocator import tune_allocator
 from ..dht.server import DhtNode
 from ..display import format_size
 from ..errors import DhtshareError
@@ -56,6 +57,7 @@ def run_simulation(
 ) -> bool:
     """Run a scenario from the CLI; print the summary (table or JSON); True if it all verified."""
     scenario = load_scenario(scenario_file, options)
+    tune_allocator()  # this process runs every full node of the scenario
     log = _Log(quiet=False)
     if scenario.size == 0:
         from .dhtsim import run_dht_scenario
