@@ -16,13 +16,16 @@ import asyncio
 import errno
 import os
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 import aiofiles.os
 
 from dhtshare.errors import StoreError
 from dhtshare.store.atomic import fsync_dir
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
 
 __all__ = [
     "PART_SUFFIX",
@@ -166,26 +169,29 @@ class PartialFile:
         except OSError as exc:
             raise _store_error(exc, "writing", self.part_path, self.part_path) from exc
 
-    async def write_piece_if(
+    async def write_pieces_if(
         self,
-        offset: int,
-        data: bytes | bytearray | memoryview,
-        check: Callable[[bytes | bytearray | memoryview], bool],
-    ) -> bool:
-        """Run ``check(data)`` and, if it is true, write ``data`` at ``offset``.
+        pieces: Sequence[tuple[int, Buffer, Callable[[Buffer], bool]]],
+    ) -> list[bool]:
+        """For each ``(offset, data, check)``: run ``check(data)``; if true, write ``data``.
 
-        Both happen in one worker-thread call (one thread hop per piece, not two);
-        ``check`` should release the GIL (hashlib does for large buffers). Returns
-        the check's result; a write error is a ``StoreError`` as in ``write_piece``.
+        All of it happens in one worker-thread call (one thread hop per batch, not two
+        per piece); ``check`` should release the GIL (hashlib does for large buffers).
+        Returns each check's result; a write error is a ``StoreError`` as in
+        ``write_piece`` (pieces before it in the batch may have been written).
         """
-        self._check_range(offset, len(data))
+        for offset, data, _ in pieces:
+            self._check_range(offset, len(data))
         fd = self._require_fd()
 
-        def work() -> bool:
-            if not check(data):
-                return False
-            _pwrite_all(fd, memoryview(data), offset)
-            return True
+        def work() -> list[bool]:
+            results = []
+            for offset, data, check in pieces:
+                good = check(data)
+                if good:
+                    _pwrite_all(fd, memoryview(data), offset)
+                results.append(good)
+            return results
 
         try:
             return await asyncio.to_thread(work)

@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 STORE_QUEUE_BYTES = 16 * 1024 * 1024
 """Completed pieces waiting to be hashed and written, at most (memory bound)."""
+STORE_BATCH = 8
+"""Most completed pieces hashed and written in one worker-thread call."""
 RATE_WINDOW = 5.0
 
 
@@ -483,24 +485,36 @@ class Download:
         return piece
 
     async def _store_loop(self) -> None:
-        """Hash each completed piece off the loop; write the good ones."""
+        """Hash completed pieces off the loop and write the good ones, a batch at a time.
+
+        Whatever queued up while the worker thread was busy goes in the next batch:
+        one thread hop per batch instead of one per piece (a hop costs about 0.1-0.2
+        ms here, as much as writing a 256 KiB piece to the page cache).
+        """
         while True:
-            item = await self._store.get()
+            batch = [await self._store.get()]
+            while len(batch) < STORE_BATCH and not self._store.empty():
+                batch.append(self._store.get_nowait())
             assert self.hashes is not None and self._partial is not None
-            expected = self.hashes[item.index]
-            offset = self.layout.piece_offset(item.index)
-            try:  # hash and write in one worker-thread call
-                good = await self._partial.write_piece_if(
-                    offset, item.data, functools.partial(verify_piece, expected=expected)
+            jobs = [
+                (
+                    self.layout.piece_offset(item.index),
+                    item.data,
+                    functools.partial(verify_piece, expected=self.hashes[item.index]),
                 )
+                for item in batch
+            ]
+            try:
+                results = await self._partial.write_pieces_if(jobs)
             except StoreError as exc:
                 self._fatal = exc
                 self._wake.set()
                 return
-            if good:
-                self._piece_verified(item)
-            else:
-                self._piece_failed(item)
+            for item, good in zip(batch, results, strict=True):
+                if good:
+                    self._piece_verified(item)
+                else:
+                    self._piece_failed(item)
 
     def _piece_verified(self, item: _Verify) -> None:
         self._send_cancels(self.picker.piece_verified(item.index))
