@@ -235,6 +235,18 @@ def test_endgame_margin_leaves_blocks_already_on_their_way() -> None:
     assert picker.next_requests(B, now=0.0) == asked[:4:-1]
 
 
+def test_endgame_leaves_blocks_already_in_our_buffers() -> None:
+    picker = make([4] * 8, min_depth=8, max_depth=8, endgame_margin=0)
+    picker.add_peer(A, bits(8, *range(8)))
+    picker.add_peer(B, bits(8, *range(8)))
+    asked = picker.next_requests(A, now=0.0)
+    assert picker.in_endgame  # every block is asked for
+    picker.note_arriving(A, 6 * 4)  # A's first six blocks already sit in our buffers
+    # Two are still to come from A: B takes the last (they meet in the middle), where
+    # without the note it would take four (test_endgame_steals_from_the_tail...).
+    assert picker.next_requests(B, now=0.0) == [asked[7]]
+
+
 def test_endgame_steals_everything_from_a_stalled_peer() -> None:
     picker = make([4] * 4, min_depth=4, max_depth=4)
     picker.add_peer(A, bits(4, *range(4)))

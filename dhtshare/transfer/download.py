@@ -576,6 +576,12 @@ class Download:
         if client is not None and client.stream is not None:
             client.stream.abort(Reason.BAD_DATA, why)
 
+    def note_arriving(self) -> None:
+        """Tell the picker how much each peer's data already waits in our buffers."""
+        for key, client in self._sessions.items():
+            if client.stream is not None:
+                self.picker.note_arriving(key, client.stream.buffered_in())
+
     def _send_cancels(self, cancels: Iterable[tuple[bytes, Block]]) -> None:
         for peer, b in cancels:
             client = self._sessions.get(peer)
@@ -781,6 +787,8 @@ class _Client:
         if not self.ready or self.stream is None or not self.stream.open:
             return
         key = self.addr.peer_key
+        if self.dl.picker.in_endgame:
+            self.dl.note_arriving()
         blocks = self.dl.picker.next_requests(key, self.dl.clock())
         self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
         self._asked, self._answered = len(self.dl.picker.pending(key)), 0

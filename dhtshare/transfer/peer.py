@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import sys
+import termios
 from collections.abc import AsyncIterator, Iterable
 
 from dhtshare.errors import ProtocolError, RemoteProtocolError
@@ -47,7 +50,7 @@ READ_SIZE = 512 * 1024
 """Bytes asked for per read: two full blocks, so the reader's buffer empties each time."""
 STREAM_LIMIT = 1024 * 1024
 """StreamReader buffer size before the socket is paused (asyncio's default is 64 KiB)."""
-WRITE_HIGH_WATER = 2 * 1024 * 1024
+WRITE_HIGH_WATER = 512 * 1024
 """Transport buffer size at which ``send`` starts waiting for the socket to drain."""
 HANDSHAKE_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
@@ -93,6 +96,16 @@ class PeerStream:
     def remote_address(self) -> tuple[str, int]:
         info = self._writer.get_extra_info("peername")
         return (str(info[0]), int(info[1])) if info else ("?", 0)
+
+    def buffered_in(self) -> int:
+        """Bytes the peer sent that wait in our buffers: the kernel's, asyncio's, ours."""
+        total = self.conn.buffered + len(getattr(self._reader, "_buffer", b""))
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+                total += int.from_bytes(raw, sys.byteorder)
+        return total
 
     @property
     def open(self) -> bool:

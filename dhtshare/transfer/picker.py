@@ -129,6 +129,7 @@ class _Peer:
     latency: float | None = None
     timeouts: int = 0  # consecutive
     snubbed: bool = False
+    arriving: int = 0  # bytes from this peer already in our buffers, not yet delivered
 
 
 @dataclass(slots=True)
@@ -506,6 +507,21 @@ class PiecePicker:
         count = self.piece_count
         return any(0 < len(p.have) < count and not p.snubbed for p in self._peers.values())
 
+    @property
+    def in_endgame(self) -> bool:
+        """True once every block some peer could send is requested or received."""
+        return self._in_endgame()
+
+    def note_arriving(self, peer: PeerId, nbytes: int) -> None:
+        """``peer``'s bytes that have reached us but are not yet delivered (buffered).
+
+        Endgame never steals the blocks these bytes hold: they are already here, so a
+        second copy could not arrive sooner, and a Cancel could not stop the first.
+        """
+        state = self._peers.get(peer)
+        if state is not None:
+            state.arriving = max(0, nbytes)
+
     def _in_endgame(self) -> bool:
         """True when every block some peer could send is requested or received."""
         if any(level for n, level in self._levels.items() if n > 0):
@@ -533,7 +549,8 @@ class PiecePicker:
                 continue
             rate = self._eta_rate(other_state, now)
             ours = mine or rate or 1.0
-            ahead = -cfg.endgame_margin * cfg.block_size  # bytes already on their way
+            # bytes already on their way: in our buffers, or sent before a Cancel could land
+            ahead = -(cfg.endgame_margin * cfg.block_size + other_state.arriving)
             for block in other_state.pending:  # oldest first: the other's queue order
                 ahead += block.length
                 if block.index in state.have:

@@ -247,6 +247,11 @@ class PeerConnection:
         elif self._state not in (State.CLOSED, State.ERROR):
             self._decoder.feed(data)
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return self._decoder.buffered
+
     def next_event(self) -> Event | None:
         """The next event, or ``None`` if more data is needed."""
         if self._error is not None:
