@@ -13,6 +13,7 @@ exists), then the ``.part`` name is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import unicodedata
@@ -87,6 +88,18 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
             raise OSError(errno.EIO, "write made no progress")
         view = view[written:]
         offset += written
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Let the kernel start writing these just-written bytes to disk, without waiting.
+
+    On Linux ``POSIX_FADV_DONTNEED`` starts writeback of the range's dirty pages (and
+    keeps them cached while dirty), so the fsync before the final name has little left
+    to wait for; elsewhere, or if refused, nothing happens.
+    """
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
@@ -190,6 +203,7 @@ class PartialFile:
                 good = check(data)
                 if good:
                     _pwrite_all(fd, memoryview(data), offset)
+                    _start_writeback(fd, offset, len(data))
                 results.append(good)
             return results
 
