@@ -14,6 +14,7 @@ transfer) instead of shrinking between blocks. Elsewhere (macOS, musl) this is a
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 
@@ -28,9 +29,16 @@ TRIM_THRESHOLD = 32 * 1024 * 1024
 """Free memory at the heap's top that ``free`` keeps instead of returning it."""
 
 
+def _is_glibc() -> bool:
+    try:
+        return bool(os.confstr("CS_GNU_LIBC_VERSION"))  # "glibc 2.36"; None or error elsewhere
+    except (AttributeError, ValueError, OSError):
+        return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
 def tune_allocator() -> bool:
     """Set both thresholds for this process; True if glibc accepted them."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if not _is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -12,10 +12,10 @@ RSS is its own). Scenarios:
 - (a) 1 seeder -> 1 downloader; (b) 4 seeders -> 1; (c) 4 seeders each
   limited to 4 MB/s -> 1.
 
-Raw copy, (a) and (b) run ``--repeat`` times ((a) and (b) in pairs, alternately
-a-b and b-a) and report the median run (by speed) and b/a pair by pair; (c) is
-rate-limited, so it runs once. MB is 10**6 bytes. Results and the targets are
-recorded in docs/performance.md.
+Raw copy, (a) and (b) run ``--repeat`` times (an even number; (a) and (b) in blocks
+of four runs, a b b a). The raw copy reports the median speed, (a) and (b) their
+lower-median run and b/a per block; (c) is rate-limited, so it runs once. MB is 10**6
+bytes. Results and the targets are recorded in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -31,7 +32,14 @@ print(tuned, faults() - before)
 
 def faults_after_bursts(mode: str) -> tuple[str, int]:
     cmd = [sys.executable, "-c", BURSTS, mode]  # a child: this process keeps its defaults
-    tuned, faults = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+    # glibc's defaults, whatever this shell sets (MALLOC_*_ and GLIBC_TUNABLES change them)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+    tuned, faults = out.split()
     return tuned, int(faults)
 
 

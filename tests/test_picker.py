@@ -247,6 +247,15 @@ def test_endgame_leaves_blocks_already_in_our_buffers() -> None:
     assert picker.next_requests(B, now=0.0) == [asked[7]]
 
 
+def test_endgame_leaves_a_stalled_peers_blocks_that_are_already_here() -> None:
+    picker = make([4] * 4, min_depth=4, max_depth=4)
+    picker.add_peer(A, bits(4, *range(4)))
+    asked = picker.next_requests(A, now=0.0)
+    picker.add_peer(B, bits(4, *range(4)))
+    picker.note_arriving(A, 2 * 4)  # A's first two blocks wait in our buffers, unread
+    assert sorted(picker.next_requests(B, now=3.0)) == sorted(asked[2:])  # A stalled
+
+
 def test_endgame_steals_everything_from_a_stalled_peer() -> None:
     picker = make([4] * 4, min_depth=4, max_depth=4)
     picker.add_peer(A, bits(4, *range(4)))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,48 @@ async def test_reopen_keeps_written_pieces(tmp_path: Path) -> None:
         await pf.write_piece(4, b"WXYZ")
     async with await PartialFile.open(tmp_path, "a.bin", 8) as pf:
         assert await pf.read(0, 8) == b"\0\0\0\0WXYZ"
+
+
+async def test_a_batch_writes_only_the_pieces_whose_check_passes(tmp_path: Path) -> None:
+    async with await PartialFile.open(tmp_path, "b.bin", 12) as pf:
+        checked: list[bytes] = []
+
+        def check(data: bytes | bytearray | memoryview) -> bool:
+            checked.append(bytes(data))
+            return bytes(data) != b"bad!"
+
+        results = await pf.write_pieces_if(
+            [(0, b"good", check), (4, b"bad!", check), (8, b"fine", check)]
+        )
+        assert results == [True, False, True]
+        assert checked == [b"good", b"bad!", b"fine"]
+        assert await pf.read(0, 12) == b"good" + bytes(4) + b"fine"
+
+
+async def test_a_cancelled_batch_finishes_its_writes_before_the_caller_moves_on(
+    tmp_path: Path,
+) -> None:
+    # The worker thread cannot be stopped; the caller must not go on (and close the file
+    # descriptor the thread writes through) until the thread is done.
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_check(_data: bytes | bytearray | memoryview) -> bool:
+        started.set()
+        return release.wait(timeout=10)
+
+    pf = await PartialFile.open(tmp_path, "c.bin", 4)
+    task = asyncio.ensure_future(pf.write_pieces_if([(0, b"data", slow_check)]))
+    assert await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    for _ in range(20):  # loop turns, not time: enough for a cancellation to go through
+        await asyncio.sleep(0)
+    assert not task.done()  # still waiting for the thread
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await pf.read(0, 4) == b"data"  # the thread's write happened before we returned
+    await pf.close()
 
 
 async def test_write_outside_file_is_refused(tmp_path: Path) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, TypeVar
 
 import aiofiles.os
 
@@ -27,6 +28,7 @@ from dhtshare.errors import StoreError
 from dhtshare.store.atomic import fsync_dir
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 __all__ = [
     "PART_SUFFIX",
@@ -88,6 +90,23 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
             raise OSError(errno.EIO, "write made no progress")
         view = view[written:]
         offset += written
+
+
+async def _uninterrupted(work: Callable[[], T]) -> T:
+    """``work()`` in a worker thread; if we are cancelled, first wait for it to end.
+
+    A thread cannot be stopped, and ``work`` writes through our file descriptor: were
+    the caller to close the file while it still ran, a later ``pwrite`` could land in
+    whatever file reused that descriptor number.
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller is gone, the error has no one to go to
+        raise
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -178,7 +197,7 @@ class PartialFile:
         self._check_range(offset, len(data))
         fd = self._require_fd()
         try:
-            await asyncio.to_thread(_pwrite_all, fd, data, offset)
+            await _uninterrupted(functools.partial(_pwrite_all, fd, data, offset))
         except OSError as exc:
             raise _store_error(exc, "writing", self.part_path, self.part_path) from exc
 
@@ -208,7 +227,7 @@ class PartialFile:
             return results
 
         try:
-            return await asyncio.to_thread(work)
+            return await _uninterrupted(work)
         except OSError as exc:
             raise _store_error(exc, "writing", self.part_path, self.part_path) from exc
 

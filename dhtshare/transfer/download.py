@@ -72,14 +72,16 @@ __all__ = ["Download", "DownloadOptions", "FileInfo", "ProviderAddr", "ProviderS
 log = logging.getLogger(__name__)
 
 STORE_QUEUE_BYTES = 2 * 1024 * 1024
-"""Completed pieces waiting to be hashed and written, at most (at least two pieces).
+"""Completed pieces waiting to be hashed and written, at most (at least two pieces);
+the batch being written holds as much again at most (one piece if pieces are bigger).
 
 Short on purpose: a piece is hashed and written while its bytes are still in the
 CPU's cache, and a slow disk stops the reading of sockets early (backpressure).
-With 16 MiB, four seeders cost the downloader 1.10 s of CPU for 256 MiB, with 2 MiB
-0.93 s (median of six runs each, docs/performance.md)."""
+In an A/B run (six runs each), four seeders cost the downloader 1.10 s of CPU for
+256 MiB with 16 MiB here, 0.93 s with 2 MiB (docs/performance.md, round 3)."""
 STORE_BATCH = 8
-"""Most completed pieces hashed and written in one worker-thread call."""
+"""Most completed pieces hashed and written in one worker-thread call (and no more
+than STORE_QUEUE_BYTES of them)."""
 RATE_WINDOW = 5.0
 
 
@@ -202,6 +204,9 @@ class Download:
         self._store: asyncio.Queue[_Verify] = asyncio.Queue(
             max(2, STORE_QUEUE_BYTES // max(1, info.piece_size))
         )
+        # A batch leaves the queue, which then fills again: at most STORE_QUEUE_BYTES in
+        # the batch (one piece if pieces are bigger) plus a full queue.
+        self._batch_limit = max(1, min(STORE_BATCH, STORE_QUEUE_BYTES // max(1, info.piece_size)))
         self._hash_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._fatal: DhtshareError | None = None
@@ -498,7 +503,7 @@ class Download:
         """
         while True:
             batch = [await self._store.get()]
-            while len(batch) < STORE_BATCH and not self._store.empty():
+            while len(batch) < self._batch_limit and not self._store.empty():
                 batch.append(self._store.get_nowait())
             assert self.hashes is not None and self._partial is not None
             jobs = [

@@ -52,6 +52,8 @@ STREAM_LIMIT = 1024 * 1024
 """StreamReader buffer size before the socket is paused (asyncio's default is 64 KiB)."""
 WRITE_HIGH_WATER = 512 * 1024
 """Transport buffer size at which ``send`` starts waiting for the socket to drain."""
+_FIONREAD: int | None = getattr(termios, "FIONREAD", None)
+"""The ioctl that tells how many received bytes wait in a socket (POSIX systems)."""
 HANDSHAKE_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
 LINGER = 2.0
@@ -101,9 +103,9 @@ class PeerStream:
         """Bytes the peer sent that wait in our buffers: the kernel's, asyncio's, ours."""
         total = self.conn.buffered + len(getattr(self._reader, "_buffer", b""))
         sock = self._writer.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and _FIONREAD is not None:
             with contextlib.suppress(OSError, ValueError):
-                raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+                raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
                 total += int.from_bytes(raw, sys.byteorder)
         return total
 

@@ -15,9 +15,10 @@ Policy, in the order ``next_requests`` applies it:
    a peer *steals* work: it is also asked for blocks queued at another peer that
    it would deliver sooner, judged by the block's place in that peer's queue and
    both peers' throughput (latest-queued first, ``endgame_margin`` blocks of
-   slack for what the other peer has already sent on its way). The first copy
-   to arrive cancels the others, which are then still queued at the slow peer,
-   so few bytes are sent twice.
+   slack for what the other peer has already sent on its way). Blocks whose
+   bytes already wait in our buffers (``note_arriving``, told by the caller) are
+   never stolen. The first copy to arrive cancels the others, which are then
+   still queued at the slow peer, so few bytes are sent twice.
 
 A peer's pipeline depth follows its measured throughput: enough blocks to keep
 ``target_latency`` seconds of data in flight, clamped to ``min_depth..max_depth``.
@@ -551,8 +552,12 @@ class PiecePicker:
             ours = mine or rate or 1.0
             # bytes already on their way: in our buffers, or sent before a Cancel could land
             ahead = -(cfg.endgame_margin * cfg.block_size + other_state.arriving)
+            here = other_state.arriving
             for block in other_state.pending:  # oldest first: the other's queue order
                 ahead += block.length
+                here -= block.length
+                if here >= 0:
+                    continue  # its bytes are in our buffers, even if the peer now stalls
                 if block.index in state.have:
                     eta = math.inf if rate == 0.0 else ahead / (rate or ours)
                     offers.append((eta, ours, block))

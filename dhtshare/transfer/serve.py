@@ -80,15 +80,15 @@ MemberCheck = Callable[[bytes, bytes], bool]
 """``is_member(group_id, peer_key)``: the node's current roster view."""
 
 KEEPALIVE_INTERVAL = 20.0
+"""An idle server session sends a Keepalive this often (well under READ_TIMEOUT)."""
 NOTSENT_LOWAT = 256 * 1024
 """Unsent bytes the kernel may queue per connection (``TCP_NOTSENT_LOWAT``).
 
 Without it the kernel's send buffer grows to megabytes: blocks sit there where a
 Cancel can no longer recall them, and on loopback each ACK from the downloader
 transmits a burst of them in the downloader's own context. Measured on the bench
-(2 cores, 256 MiB): downloader CPU 1.33 -> 1.24 s with one seeder and 1.35 -> 1.19 s
-with four; four seeders went from 98 % to 104 % of one seeder's speed."""
-"""An idle server session sends a Keepalive this often (well under READ_TIMEOUT)."""
+(2 cores, 256 MiB, medians of four runs): downloader CPU 1.33 -> 1.24 s with one
+seeder and 1.35 -> 1.19 s with four (docs/performance.md, round 3)."""
 
 
 class Share:
