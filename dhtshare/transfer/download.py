@@ -599,9 +599,11 @@ class Download:
                 client.stream.try_send(Cancel(b.index, b.begin, b.length))
 
     def _top_up_all(self, *, idle_only: bool = False) -> None:
+        if self.picker.in_endgame:
+            self.note_arriving()  # once for all, not once per client
         for client in list(self._sessions.values()):
             if not idle_only or client.idle:
-                client.top_up()
+                client.top_up(note_arriving=False)
 
     # -- timers, saving, finishing --------------------------------------------------
 
@@ -788,16 +790,18 @@ class _Client:
         """Nothing requested from this peer is outstanding (as far as we know)."""
         return self._answered >= self._asked
 
-    def top_up(self) -> None:
+    def top_up(self, *, note_arriving: bool = True) -> None:
         """Fill this peer's request pipeline from the picker.
 
         Topping up after every block would cost a picker scan per block; on the
-        block path it is done once a quarter of the pipeline has drained.
+        block path it is done once a quarter of the pipeline has drained. In the
+        endgame the picker first learns what already waits in our buffers, unless
+        the caller just told it (``note_arriving=False``).
         """
         if not self.ready or self.stream is None or not self.stream.open:
             return
         key = self.addr.peer_key
-        if self.dl.picker.in_endgame:
+        if note_arriving and self.dl.picker.in_endgame:
             self.dl.note_arriving()
         blocks = self.dl.picker.next_requests(key, self.dl.clock())
         self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
