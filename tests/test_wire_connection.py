@@ -31,6 +31,7 @@ from dhtshare.wire import (
     State,
     encode_frame,
 )
+from dhtshare.wire.suites import AEADS
 
 GROUP = b"\x11" * 32
 CONTENT = b"\x22" * 32
@@ -136,7 +137,9 @@ def test_frames_are_encrypted() -> None:
 def test_sealed_frame_size() -> None:
     p = open_pair()
     data = p.server.send(Piece(0, 0, bytes(MAX_BLOCK)))
-    assert len(data) == 5 + 1 + 4 + 4 + MAX_BLOCK + 16
+    suite = p.server.suite
+    assert suite is not None and suite is p.client.suite
+    assert len(data) == 5 + 1 + 4 + 4 + MAX_BLOCK + AEADS[suite].tag_size
 
 
 # -- state rules -------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from nacl.signing import SigningKey
 
+from dhtshare import crypto
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.wire import FrameDecoder, FrameType, PeerConnection, Reason, Role, State
 from dhtshare.wire.frames import encode_frame
@@ -20,8 +21,11 @@ from dhtshare.wire.handshake import (
     ClientHello,
     ServerHandshake,
     ServerHello,
+    SessionCipher,
     transcript_hash,
 )
+from dhtshare.wire.messages import Piece
+from dhtshare.wire.suites import Suite, choose, local_suites, mask_of
 
 GROUP = bytes(range(32))
 CONTENT = bytes(range(32, 64))
@@ -72,11 +76,12 @@ def test_handshake_halves_agree_on_keys() -> None:
 def test_client_hello_layout() -> None:
     client = ClientHandshake(CLIENT_KEY, GROUP, CONTENT)
     data = client.hello.encode()
-    assert len(data) == 8 + 1 + 4 * 32 + 16
-    assert data[:9] == MAGIC + b"\x01"
+    assert len(data) == 8 + 1 + 4 * 32 + 16 + 1
+    assert data[:9] == MAGIC + b"\x02"
     assert data[9:41] == bytes(CLIENT_KEY.verify_key)
     assert data[73:105] == GROUP
     assert data[105:137] == CONTENT
+    assert data[153] == mask_of(local_suites())
     assert ClientHello.decode(data) == client.hello
 
 
@@ -90,18 +95,21 @@ def test_each_session_uses_fresh_ephemeral_keys_and_nonce() -> None:
 def test_transcript_binds_every_field() -> None:
     hello = ClientHandshake(CLIENT_KEY, GROUP, CONTENT).hello
     server_id, server_eph = b"\x05" * 32, b"\x06" * 32
-    base = transcript_hash(hello, server_id, server_eph)
+    chacha = Suite.CHACHA20_POLY1305
+    base = transcript_hash(hello, server_id, server_eph, chacha)
     variants = [
-        transcript_hash(hello, b"\x07" * 32, server_eph),
-        transcript_hash(hello, server_id, b"\x07" * 32),
+        transcript_hash(hello, b"\x07" * 32, server_eph, chacha),
+        transcript_hash(hello, server_id, b"\x07" * 32, chacha),
+        transcript_hash(hello, server_id, server_eph, Suite.AEGIS_128L),
     ]
     other = b"\x07" * 32
     variants += [
-        transcript_hash(replace(hello, identity_key=other), server_id, server_eph),
-        transcript_hash(replace(hello, ephemeral_key=other), server_id, server_eph),
-        transcript_hash(replace(hello, group_id=other), server_id, server_eph),
-        transcript_hash(replace(hello, content_id=other), server_id, server_eph),
-        transcript_hash(replace(hello, nonce=other[:16]), server_id, server_eph),
+        transcript_hash(replace(hello, identity_key=other), server_id, server_eph, chacha),
+        transcript_hash(replace(hello, ephemeral_key=other), server_id, server_eph, chacha),
+        transcript_hash(replace(hello, group_id=other), server_id, server_eph, chacha),
+        transcript_hash(replace(hello, content_id=other), server_id, server_eph, chacha),
+        transcript_hash(replace(hello, nonce=other[:16]), server_id, server_eph, chacha),
+        transcript_hash(replace(hello, suites=hello.suites ^ 0x80), server_id, server_eph, chacha),
     ]
     assert base not in variants
     assert len(set(variants)) == len(variants)
@@ -132,7 +140,7 @@ def test_wrong_magic_is_refused() -> None:
 
 def test_wrong_version_is_refused() -> None:
     hello = bytearray(client_conn().initiate())
-    hello[5 + 8] = 2
+    hello[5 + 8] = 1  # version 1 (ChaCha20 only, no suite byte) is no longer spoken
     expect_error(server_conn(), bytes(hello), Reason.UNSUPPORTED_VERSION)
 
 
@@ -162,8 +170,8 @@ def test_server_claiming_another_identity_is_refused() -> None:
     )
 
 
-def _rest(reply: ServerHello) -> tuple[bytes, bytes]:
-    return reply.ephemeral_key, reply.signature
+def _rest(reply: ServerHello) -> tuple[bytes, int, bytes]:
+    return reply.ephemeral_key, reply.suite, reply.signature
 
 
 def test_mitm_swapping_the_server_ephemeral_key_is_refused() -> None:
@@ -172,7 +180,7 @@ def test_mitm_swapping_the_server_ephemeral_key_is_refused() -> None:
         one_payload(server_hello_for(client, server_conn()), FrameType.SERVER_HELLO)
     )
     attacker = ClientHandshake(SigningKey(b"\x09" * 32), GROUP, CONTENT).hello.ephemeral_key
-    spliced = ServerHello(reply.identity_key, attacker, reply.signature)
+    spliced = ServerHello(reply.identity_key, attacker, reply.suite, reply.signature)
     expect_error(
         client, encode_frame(FrameType.SERVER_HELLO, spliced.encode()), Reason.BAD_SIGNATURE
     )
@@ -184,9 +192,7 @@ def test_mitm_swapping_the_client_ephemeral_key_is_refused() -> None:
     client = client_conn()
     hello = ClientHello.decode(one_payload(client.initiate(), FrameType.CLIENT_HELLO))
     attacker_eph = ClientHandshake(SigningKey(b"\x09" * 32), GROUP, CONTENT).hello.ephemeral_key
-    spliced = ClientHello(
-        hello.identity_key, attacker_eph, hello.group_id, hello.content_id, hello.nonce
-    )
+    spliced = replace(hello, ephemeral_key=attacker_eph)
     server = server_conn()
     server.receive_data(encode_frame(FrameType.CLIENT_HELLO, spliced.encode()))
     assert server.next_event() is None
@@ -243,7 +249,7 @@ def test_server_signature_cannot_be_reflected_as_client_auth() -> None:
 
 def test_low_order_ephemeral_key_is_refused() -> None:
     hello = ClientHello.decode(one_payload(client_conn().initiate(), FrameType.CLIENT_HELLO))
-    zero = ClientHello(hello.identity_key, bytes(32), GROUP, CONTENT, hello.nonce)
+    zero = replace(hello, ephemeral_key=bytes(32))
     expect_error(
         server_conn(), encode_frame(FrameType.CLIENT_HELLO, zero.encode()), Reason.PROTOCOL
     )
@@ -252,7 +258,7 @@ def test_low_order_ephemeral_key_is_refused() -> None:
 def test_malformed_server_hello_and_client_auth() -> None:
     client = client_conn()
     client.initiate()
-    expect_error(client, encode_frame(FrameType.SERVER_HELLO, bytes(127)), Reason.PROTOCOL)
+    expect_error(client, encode_frame(FrameType.SERVER_HELLO, bytes(128)), Reason.PROTOCOL)
     client, server = client_conn(), server_conn()
     server_hello_for(client, server)
     expect_error(server, encode_frame(FrameType.CLIENT_AUTH, bytes(65)), Reason.PROTOCOL)
@@ -261,3 +267,109 @@ def test_malformed_server_hello_and_client_auth() -> None:
 def test_garbage_instead_of_a_hello_is_refused() -> None:
     expect_error(server_conn(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", Reason.FRAME_TOO_LARGE)
     expect_error(server_conn(), struct.pack(">IB", 3, 99) + b"abc", Reason.PROTOCOL)
+
+
+# -- cipher suites -------------------------------------------------------------------
+
+CHACHA_ONLY = frozenset({Suite.CHACHA20_POLY1305})
+BOTH = frozenset(Suite)
+
+
+def open_pair(
+    client_suites: frozenset[Suite], server_suites: frozenset[Suite]
+) -> tuple[PeerConnection, PeerConnection]:
+    """A finished handshake between a client and a server offering the given suites."""
+    client = PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, suites=client_suites
+    )
+    server = PeerConnection(Role.SERVER, SERVER_KEY, suites=server_suites)
+    client.receive_data(server_hello_for(client, server))
+    assert client.next_event() is not None
+    server.receive_data(client.data_to_send())
+    assert server.next_event() is not None
+    return client, server
+
+
+@pytest.mark.parametrize(
+    ("client_suites", "server_suites", "expected"),
+    [
+        (BOTH, BOTH, Suite.AEGIS_128L),
+        (CHACHA_ONLY, BOTH, Suite.CHACHA20_POLY1305),
+        (BOTH, CHACHA_ONLY, Suite.CHACHA20_POLY1305),
+        (CHACHA_ONLY, CHACHA_ONLY, Suite.CHACHA20_POLY1305),
+    ],
+)
+def test_peers_agree_on_the_fastest_common_suite(
+    client_suites: frozenset[Suite], server_suites: frozenset[Suite], expected: Suite
+) -> None:
+    client, server = open_pair(client_suites, server_suites)
+    assert client.suite is server.suite is expected
+    block = bytes(range(256)) * 1024
+    server.receive_data(client.send(Piece(7, 0, block)))
+    assert server.next_event() == Piece(7, 0, block)
+    client.receive_data(server.send(Piece(8, 256 * 1024, block)))
+    assert client.next_event() == Piece(8, 256 * 1024, block)
+
+
+def test_suites_seal_differently_under_the_same_session_keys() -> None:
+    rx, tx = bytes(range(32)), bytes(range(32, 64))
+    frames_out = {suite: SessionCipher(rx, tx, suite).seal(b"same message") for suite in Suite}
+    assert len(set(frames_out.values())) == len(frames_out)
+    for suite in Suite:  # and each opens only under its own suite
+        sealed = one_payload(frames_out[suite], FrameType.SEALED)
+        assert SessionCipher(tx, rx, suite).open(sealed) == b"same message"
+        other = next(s for s in Suite if s is not suite)
+        with pytest.raises(RemoteProtocolError) as info:
+            SessionCipher(tx, rx, other).open(sealed)
+        assert info.value.reason == Reason.DECRYPT_FAILED
+
+
+def test_chacha_is_always_offered_and_aegis_only_with_aes_hardware() -> None:
+    ours = local_suites()
+    assert Suite.CHACHA20_POLY1305 in ours
+    assert choose(mask_of(ours), ours) is not None
+    assert choose(0, BOTH) is None
+    assert choose(Suite.AEGIS_128L, CHACHA_ONLY) is None
+
+
+def test_client_offering_no_known_suite_is_refused() -> None:
+    hello = ClientHello.decode(one_payload(client_conn().initiate(), FrameType.CLIENT_HELLO))
+    for mask in (0x00, 0x80):
+        unknown = replace(hello, suites=mask)
+        expect_error(
+            server_conn(),
+            encode_frame(FrameType.CLIENT_HELLO, unknown.encode()),
+            Reason.NO_COMMON_SUITE,
+        )
+
+
+def test_downgrading_the_suite_breaks_the_server_signature() -> None:
+    client = PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, suites=BOTH
+    )
+    server = PeerConnection(Role.SERVER, SERVER_KEY, suites=BOTH)
+    reply = ServerHello.decode(
+        one_payload(server_hello_for(client, server), FrameType.SERVER_HELLO)
+    )
+    assert reply.suite == Suite.AEGIS_128L
+    downgraded = replace(reply, suite=Suite.CHACHA20_POLY1305)
+    expect_error(
+        client, encode_frame(FrameType.SERVER_HELLO, downgraded.encode()), Reason.BAD_SIGNATURE
+    )
+
+
+def test_server_choosing_a_suite_we_did_not_offer_is_refused() -> None:
+    # An authentic server that signs a suite outside our offer: the signature holds,
+    # the choice does not.
+    client = PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, suites=CHACHA_ONLY
+    )
+    hello = ClientHello.decode(one_payload(client.initiate(), FrameType.CLIENT_HELLO))
+    eph = ClientHandshake(SERVER_KEY, GROUP, CONTENT).hello.ephemeral_key
+    server_id = bytes(SERVER_KEY.verify_key)
+    th = transcript_hash(hello, server_id, eph, Suite.AEGIS_128L)
+    signature = crypto.sign(SERVER_KEY, SERVER_SIG_PURPOSE, th)
+    rogue = ServerHello(server_id, eph, Suite.AEGIS_128L, signature)
+    expect_error(
+        client, encode_frame(FrameType.SERVER_HELLO, rogue.encode()), Reason.NO_COMMON_SUITE
+    )

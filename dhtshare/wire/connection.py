@@ -33,6 +33,7 @@ from dhtshare.wire.handshake import (
     SessionCipher,
 )
 from dhtshare.wire.messages import Message, Reject, decode_message, encode_message
+from dhtshare.wire.suites import Suite
 
 __all__ = [
     "TRANSITIONS",
@@ -159,6 +160,7 @@ class PeerConnection:
         *,
         group_id: bytes | None = None,
         content_id: bytes | None = None,
+        suites: frozenset[Suite] | None = None,
     ) -> None:
         self._role = role
         self._decoder = FrameDecoder()
@@ -173,12 +175,12 @@ class PeerConnection:
                 raise ValueError("a client needs group_id and content_id")
             if len(group_id) != KEY_SIZE or len(content_id) != KEY_SIZE:
                 raise ValueError("group_id and content_id must be 32 bytes")
-            self._client = ClientHandshake(identity, group_id, content_id)
+            self._client = ClientHandshake(identity, group_id, content_id, suites)
             self._state = State.IDLE
         else:
             if group_id is not None or content_id is not None:
                 raise ValueError("a server learns group_id and content_id from the client")
-            self._server = ServerHandshake(identity)
+            self._server = ServerHandshake(identity, suites)
             self._state = State.AWAIT_HELLO
 
     @property
@@ -188,6 +190,11 @@ class PeerConnection:
     @property
     def state(self) -> State:
         return self._state
+
+    @property
+    def suite(self) -> Suite | None:
+        """The cipher suite sealing frames (``None`` before the session keys)."""
+        return None if self._cipher is None else self._cipher.suite
 
     def _next_state(self, what: Input) -> State:
         new = TRANSITIONS[self._role, self._state].get(what)

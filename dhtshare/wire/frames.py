@@ -62,6 +62,7 @@ class Reason(IntEnum):
     TIMEOUT = 11  # used by the adapter: the peer was silent too long
     BAD_DATA = 12  # used by the transfer layer: a piece failed its hash check
     SHUTDOWN = 13  # used by the adapter: we are going away
+    NO_COMMON_SUITE = 14  # the peers share no cipher suite (or one chose an unoffered one)
 
 
 def frame_header(frame_type: int, length: int) -> bytes:

@@ -3,17 +3,19 @@
 Three messages::
 
     client -> server  ClientHello  magic, version, client identity key, client
-                                   ephemeral X25519 key, group id, content id, nonce
-    server -> client  ServerHello  server identity key, server ephemeral key,
-                                   server signature over the transcript
+                                   ephemeral X25519 key, group id, content id, nonce,
+                                   the cipher suites it offers
+    server -> client  ServerHello  server identity key, server ephemeral key, the
+                                   suite it chose, server signature over the transcript
     client -> server  ClientAuth   client signature over the transcript
 
 Both signatures cover the same transcript hash (``crypto.digest`` of the whole
-ClientHello and the server's two keys) under different purposes, so each
-side's identity key vouches for both ephemeral keys and a spliced or replayed
-handshake fails. Session keys come from ``crypto_kx`` on the ephemeral keys: one
-key per direction, and every later frame is sealed with ChaCha20-Poly1305 under
-a nonce that counts frames in that direction.
+ClientHello, the server's two keys and its chosen suite) under different purposes,
+so each side's identity key vouches for both ephemeral keys and the suite, and a
+spliced, replayed or downgraded handshake fails. Session keys come from
+``crypto_kx`` on the ephemeral keys: one key per direction, and every later frame
+is sealed with the chosen AEAD (``wire/suites.py``) under a nonce that counts
+frames in that direction.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dhtshare import crypto
 from dhtshare.codec import DecodeError, Reader, Writer
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
 from dhtshare.wire.frames import MAX_FRAME, FrameType, Reason, frame_header
+from dhtshare.wire.suites import AEADS, Suite, choose, local_suites, mask_of, session_key
 
 __all__ = [
     "CLIENT_SIG_PURPOSE",
@@ -38,7 +41,6 @@ __all__ = [
     "NONCE_SIZE",
     "SERVER_SIG_PURPOSE",
     "SIGNATURE_SIZE",
-    "TAG_SIZE",
     "TRANSCRIPT_PURPOSE",
     "VERSION",
     "ClientAuth",
@@ -51,17 +53,17 @@ __all__ = [
 ]
 
 MAGIC = b"DHTSHARE"
-VERSION = 1
+VERSION = 2
 KEY_SIZE = 32
 NONCE_SIZE = 16
 SIGNATURE_SIZE = 64
-TAG_SIZE = sodium.crypto_aead_chacha20poly1305_ietf_ABYTES
 # crypto.py prefixes each purpose with b"dhtshare/v1/" and ends it with a zero byte.
 TRANSCRIPT_PURPOSE = "handshake/transcript"
 SERVER_SIG_PURPOSE = "handshake/server"
 CLIENT_SIG_PURPOSE = "handshake/client"
 
-_COUNTER_NONCE = struct.Struct(">4xQ")  # 12-byte AEAD nonce: 4 zero bytes, u64 counter
+_SUITE_VALUES = frozenset(int(suite) for suite in Suite)
+_COUNTER = struct.Struct(">Q")  # the AEAD nonce ends in a u64 frame counter; zeros before
 _MAX_COUNTER = (1 << 64) - 1
 
 
@@ -81,18 +83,22 @@ class ClientHello:
     group_id: bytes
     content_id: bytes
     nonce: bytes
+    suites: int
+    """Bit mask of the offered ``Suite`` values."""
     version: int = VERSION
 
     def __post_init__(self) -> None:
         for name in ("identity_key", "ephemeral_key", "group_id", "content_id"):
             _fixed(getattr(self, name), KEY_SIZE, name)
         _fixed(self.nonce, NONCE_SIZE, "nonce")
+        if not 0 <= self.suites <= 0xFF:
+            raise ValueError(f"suite mask {self.suites} does not fit a byte")
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(MAGIC).push_u8(self.version)
         for part in (self.identity_key, self.ephemeral_key, self.group_id, self.content_id):
             w.push_bytes(part)
-        return w.push_bytes(self.nonce).getvalue()
+        return w.push_bytes(self.nonce).push_u8(self.suites).getvalue()
 
     @classmethod
     def decode(cls, data: bytes) -> ClientHello:
@@ -111,6 +117,7 @@ class ClientHello:
                 group_id=r.pull_bytes(KEY_SIZE),
                 content_id=r.pull_bytes(KEY_SIZE),
                 nonce=r.pull_bytes(NONCE_SIZE),
+                suites=r.pull_u8(),
                 version=version,
             )
             r.finish()
@@ -123,22 +130,29 @@ class ClientHello:
 class ServerHello:
     identity_key: bytes
     ephemeral_key: bytes
+    suite: int
+    """The chosen ``Suite`` (the client checks that it offered it)."""
     signature: bytes
 
     def __post_init__(self) -> None:
         _fixed(self.identity_key, KEY_SIZE, "identity_key")
         _fixed(self.ephemeral_key, KEY_SIZE, "ephemeral_key")
         _fixed(self.signature, SIGNATURE_SIZE, "signature")
+        if not 0 <= self.suite <= 0xFF:
+            raise ValueError(f"suite {self.suite} does not fit a byte")
 
     def encode(self) -> bytes:
-        return self.identity_key + self.ephemeral_key + self.signature
+        return self.identity_key + self.ephemeral_key + bytes([self.suite]) + self.signature
 
     @classmethod
     def decode(cls, data: bytes) -> ServerHello:
         try:
             r = Reader(data)
             hello = cls(
-                r.pull_bytes(KEY_SIZE), r.pull_bytes(KEY_SIZE), r.pull_bytes(SIGNATURE_SIZE)
+                r.pull_bytes(KEY_SIZE),
+                r.pull_bytes(KEY_SIZE),
+                r.pull_u8(),
+                r.pull_bytes(SIGNATURE_SIZE),
             )
             r.finish()
         except DecodeError as exc:
@@ -163,9 +177,14 @@ class ClientAuth:
         return cls(bytes(data))
 
 
-def transcript_hash(hello: ClientHello, server_identity: bytes, server_ephemeral: bytes) -> bytes:
-    """The hash both signatures cover: the encoded ClientHello and the server's two keys."""
-    return crypto.digest(TRANSCRIPT_PURPOSE, hello.encode(), server_identity, server_ephemeral)
+def transcript_hash(
+    hello: ClientHello, server_identity: bytes, server_ephemeral: bytes, suite: int
+) -> bytes:
+    """The hash both signatures cover: the encoded ClientHello, the server's two keys
+    and the suite it chose."""
+    return crypto.digest(
+        TRANSCRIPT_PURPOSE, hello.encode(), server_identity, server_ephemeral, bytes([suite])
+    )
 
 
 def _verify(public_key: bytes, purpose: str, transcript: bytes, signature: bytes) -> None:
@@ -177,41 +196,49 @@ class SessionCipher:
     """Seals outgoing and opens incoming ``SEALED`` frames, one counter per direction.
 
     The frame header is the associated data, so length and type are authenticated
-    too. A tampered, replayed, reordered or dropped frame fails to open.
+    too. A tampered, replayed, reordered or dropped frame fails to open. ``rx_key``
+    and ``tx_key`` are the ``crypto_kx`` session keys; each direction's AEAD key is
+    derived from one of them and the suite.
     """
 
-    __slots__ = ("_rx_count", "_rx_key", "_tx_count", "_tx_key")
+    __slots__ = ("_aead", "_nonce_pad", "_rx_count", "_rx_key", "_tx_count", "_tx_key", "suite")
 
-    def __init__(self, rx_key: bytes, tx_key: bytes) -> None:
-        self._rx_key = rx_key
-        self._tx_key = tx_key
+    def __init__(
+        self, rx_key: bytes, tx_key: bytes, suite: Suite = Suite.CHACHA20_POLY1305
+    ) -> None:
+        self.suite = suite
+        self._aead = AEADS[suite]
+        self._nonce_pad = bytes(self._aead.nonce_size - _COUNTER.size)
+        self._rx_key = session_key(suite, rx_key)
+        self._tx_key = session_key(suite, tx_key)
         self._rx_count = 0
         self._tx_count = 0
+
+    @property
+    def tag_size(self) -> int:
+        """Bytes the AEAD adds to every message."""
+        return self._aead.tag_size
 
     def seal(self, plaintext: bytes) -> bytes:
         """A complete ``SEALED`` frame carrying ``plaintext``."""
         if self._tx_count > _MAX_COUNTER:
             raise LocalProtocolError("send nonce exhausted; reconnect")
-        size = len(plaintext) + TAG_SIZE
+        size = len(plaintext) + self._aead.tag_size
         if size > MAX_FRAME:
             raise LocalProtocolError(f"message of {len(plaintext)} bytes does not fit a frame")
         header = frame_header(FrameType.SEALED, size)
-        nonce = _COUNTER_NONCE.pack(self._tx_count)
+        nonce = self._nonce_pad + _COUNTER.pack(self._tx_count)
         self._tx_count += 1
-        return header + sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
-            plaintext, header, nonce, self._tx_key
-        )
+        return header + self._aead.encrypt(plaintext, header, nonce, self._tx_key)
 
     def open(self, payload: bytes) -> bytes:
         """The plaintext of the next incoming ``SEALED`` frame's payload."""
-        if len(payload) < TAG_SIZE:
+        if len(payload) < self._aead.tag_size:
             raise RemoteProtocolError("sealed frame shorter than its tag", Reason.DECRYPT_FAILED)
         header = frame_header(FrameType.SEALED, len(payload))
-        nonce = _COUNTER_NONCE.pack(self._rx_count)
+        nonce = self._nonce_pad + _COUNTER.pack(self._rx_count)
         try:
-            plaintext = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
-                payload, header, nonce, self._rx_key
-            )
+            plaintext = self._aead.decrypt(payload, header, nonce, self._rx_key)
         except nacl.exceptions.CryptoError as exc:
             raise RemoteProtocolError(
                 f"frame {self._rx_count} failed authentication", Reason.DECRYPT_FAILED
@@ -221,10 +248,17 @@ class SessionCipher:
 
 
 class ClientHandshake:
-    """The client's half: makes the ClientHello, checks the ServerHello, signs ClientAuth."""
+    """The client's half: makes the ClientHello, checks the ServerHello, signs ClientAuth.
+
+    ``suites`` are the ones it offers (default: ``local_suites()``).
+    """
 
     def __init__(
-        self, identity: nacl.signing.SigningKey, group_id: bytes, content_id: bytes
+        self,
+        identity: nacl.signing.SigningKey,
+        group_id: bytes,
+        content_id: bytes,
+        suites: frozenset[Suite] | None = None,
     ) -> None:
         self._identity = identity
         self._eph_pk, self._eph_sk = sodium.crypto_kx_keypair()
@@ -234,13 +268,19 @@ class ClientHandshake:
             group_id=group_id,
             content_id=content_id,
             nonce=os.urandom(NONCE_SIZE),
+            suites=mask_of(local_suites() if suites is None else suites),
         )
 
     def on_server_hello(self, payload: bytes) -> tuple[ServerHello, SessionCipher, ClientAuth]:
         """Verify the ServerHello; return it, the session cipher and our ClientAuth."""
         server = ServerHello.decode(payload)
-        th = transcript_hash(self.hello, server.identity_key, server.ephemeral_key)
+        th = transcript_hash(self.hello, server.identity_key, server.ephemeral_key, server.suite)
         _verify(server.identity_key, SERVER_SIG_PURPOSE, th, server.signature)
+        if server.suite not in _SUITE_VALUES or not self.hello.suites & server.suite:
+            raise RemoteProtocolError(
+                f"server chose cipher suite {server.suite}, which we did not offer",
+                Reason.NO_COMMON_SUITE,
+            )
         try:
             rx, tx = sodium.crypto_kx_client_session_keys(
                 self._eph_pk, self._eph_sk, server.ephemeral_key
@@ -248,14 +288,21 @@ class ClientHandshake:
         except nacl.exceptions.CryptoError as exc:
             raise RemoteProtocolError("unusable server ephemeral key", Reason.PROTOCOL) from exc
         auth = ClientAuth(crypto.sign(self._identity, CLIENT_SIG_PURPOSE, th))
-        return server, SessionCipher(rx, tx), auth
+        return server, SessionCipher(rx, tx, Suite(server.suite)), auth
 
 
 class ServerHandshake:
-    """The server's half: answers a ClientHello, then checks the ClientAuth."""
+    """The server's half: answers a ClientHello, then checks the ClientAuth.
 
-    def __init__(self, identity: nacl.signing.SigningKey) -> None:
+    It picks the preferred suite among the client's offer and ``suites`` (default:
+    ``local_suites()``).
+    """
+
+    def __init__(
+        self, identity: nacl.signing.SigningKey, suites: frozenset[Suite] | None = None
+    ) -> None:
         self._identity = identity
+        self._suites = local_suites() if suites is None else suites
         self.client_hello: ClientHello | None = None
         self._transcript = b""
         self._cipher: SessionCipher | None = None
@@ -263,17 +310,23 @@ class ServerHandshake:
     def on_client_hello(self, payload: bytes) -> ServerHello:
         """Parse the ClientHello, derive session keys, and sign our ServerHello."""
         hello = ClientHello.decode(payload)
+        suite = choose(hello.suites, self._suites)
+        if suite is None:
+            raise RemoteProtocolError(
+                f"no cipher suite in common (offered mask {hello.suites:#04x})",
+                Reason.NO_COMMON_SUITE,
+            )
         eph_pk, eph_sk = sodium.crypto_kx_keypair()
         try:
             rx, tx = sodium.crypto_kx_server_session_keys(eph_pk, eph_sk, hello.ephemeral_key)
         except nacl.exceptions.CryptoError as exc:
             raise RemoteProtocolError("unusable client ephemeral key", Reason.PROTOCOL) from exc
         identity_key = bytes(self._identity.verify_key)
-        self._transcript = transcript_hash(hello, identity_key, eph_pk)
+        self._transcript = transcript_hash(hello, identity_key, eph_pk, suite)
         self.client_hello = hello
-        self._cipher = SessionCipher(rx, tx)
+        self._cipher = SessionCipher(rx, tx, suite)
         signature = crypto.sign(self._identity, SERVER_SIG_PURPOSE, self._transcript)
-        return ServerHello(identity_key, eph_pk, signature)
+        return ServerHello(identity_key, eph_pk, suite, signature)
 
     @property
     def cipher(self) -> SessionCipher:
