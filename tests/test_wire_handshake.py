@@ -5,12 +5,14 @@ from __future__ import annotations
 import struct
 from dataclasses import replace
 
+import nacl.bindings
+import nacl.exceptions
 import pytest
 from nacl.signing import SigningKey
 
 from dhtshare import crypto
 from dhtshare.errors import RemoteProtocolError
-from dhtshare.wire import FrameDecoder, FrameType, PeerConnection, Reason, Role, State
+from dhtshare.wire import FrameDecoder, FrameType, PeerConnection, Reason, Role, State, suites
 from dhtshare.wire.frames import encode_frame
 from dhtshare.wire.handshake import (
     CLIENT_SIG_PURPOSE,
@@ -324,12 +326,32 @@ def test_suites_seal_differently_under_the_same_session_keys() -> None:
         assert info.value.reason == Reason.DECRYPT_FAILED
 
 
-def test_chacha_is_always_offered_and_aegis_only_with_aes_hardware() -> None:
-    ours = local_suites()
-    assert Suite.CHACHA20_POLY1305 in ours
-    assert choose(mask_of(ours), ours) is not None
+def test_without_aes_hardware_only_chacha_is_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No CPU without AES instructions at hand: make libsodium's AES probe say so.
+    def unavailable(*_args: object) -> bytes:
+        raise nacl.exceptions.UnavailableError("no AES hardware")
+
+    monkeypatch.setattr(nacl.bindings, "crypto_aead_aes256gcm_encrypt", unavailable)
+    suites._has_aes_hardware.cache_clear()
+    try:
+        assert local_suites() == CHACHA_ONLY
+        hello = ClientHandshake(CLIENT_KEY, GROUP, CONTENT).hello
+        assert hello.suites == Suite.CHACHA20_POLY1305
+    finally:
+        suites._has_aes_hardware.cache_clear()
+    assert Suite.CHACHA20_POLY1305 in local_suites()
+
+
+def test_choose_prefers_aegis_and_needs_a_common_suite() -> None:
+    assert choose(mask_of(BOTH), BOTH) is Suite.AEGIS_128L
+    assert choose(mask_of(BOTH), CHACHA_ONLY) is Suite.CHACHA20_POLY1305
     assert choose(0, BOTH) is None
     assert choose(Suite.AEGIS_128L, CHACHA_ONLY) is None
+
+
+def test_an_empty_offer_is_refused_locally() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        ClientHandshake(CLIENT_KEY, GROUP, CONTENT, frozenset())
 
 
 def test_client_offering_no_known_suite_is_refused() -> None:
@@ -358,18 +380,33 @@ def test_downgrading_the_suite_breaks_the_server_signature() -> None:
     )
 
 
-def test_server_choosing_a_suite_we_did_not_offer_is_refused() -> None:
-    # An authentic server that signs a suite outside our offer: the signature holds,
-    # the choice does not.
+@pytest.mark.parametrize("chosen", [Suite.AEGIS_128L, 0x00, 0x03, 0xFF])
+def test_server_choosing_a_suite_we_did_not_offer_is_refused(chosen: int) -> None:
+    # An authentic server that signs a suite outside our offer (or no suite at all):
+    # the signature holds, the choice does not.
     client = PeerConnection(
         Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, suites=CHACHA_ONLY
     )
     hello = ClientHello.decode(one_payload(client.initiate(), FrameType.CLIENT_HELLO))
     eph = ClientHandshake(SERVER_KEY, GROUP, CONTENT).hello.ephemeral_key
     server_id = bytes(SERVER_KEY.verify_key)
-    th = transcript_hash(hello, server_id, eph, Suite.AEGIS_128L)
+    th = transcript_hash(hello, server_id, eph, chosen)
     signature = crypto.sign(SERVER_KEY, SERVER_SIG_PURPOSE, th)
-    rogue = ServerHello(server_id, eph, Suite.AEGIS_128L, signature)
+    rogue = ServerHello(server_id, eph, chosen, signature)
     expect_error(
         client, encode_frame(FrameType.SERVER_HELLO, rogue.encode()), Reason.NO_COMMON_SUITE
     )
+
+
+def test_stripping_aegis_from_the_offer_breaks_the_server_signature() -> None:
+    # A man in the middle rewrites the client's offer to ChaCha20 only; the server
+    # signs what it saw, which is not what the client sent.
+    client = PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, suites=BOTH
+    )
+    hello = ClientHello.decode(one_payload(client.initiate(), FrameType.CLIENT_HELLO))
+    stripped = replace(hello, suites=Suite.CHACHA20_POLY1305)
+    server = PeerConnection(Role.SERVER, SERVER_KEY, suites=BOTH)
+    server.receive_data(encode_frame(FrameType.CLIENT_HELLO, stripped.encode()))
+    assert server.next_event() is None
+    expect_error(client, server.data_to_send(), Reason.BAD_SIGNATURE)

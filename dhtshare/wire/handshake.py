@@ -270,6 +270,8 @@ class ClientHandshake:
             nonce=os.urandom(NONCE_SIZE),
             suites=mask_of(local_suites() if suites is None else suites),
         )
+        if not self.hello.suites:
+            raise ValueError("a client must offer at least one cipher suite")
 
     def on_server_hello(self, payload: bytes) -> tuple[ServerHello, SessionCipher, ClientAuth]:
         """Verify the ServerHello; return it, the session cipher and our ClientAuth."""
