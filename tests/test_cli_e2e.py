@@ -163,7 +163,9 @@ class Cluster:
         out = self.run(user, *args, "--json").stdout
         return json.loads(out)  # json.loads refuses trailing data: one document only
 
-    def start_node(self, user: str, *extra: str) -> subprocess.Popen[str]:
+    def start_node(
+        self, user: str, *extra: str, preexec_fn: Callable[[], None] | None = None
+    ) -> subprocess.Popen[str]:
         """``node start --detach``; it exits once the node is up and bootstrapped."""
         cmd = [str(DHTSHARE), "--home", str(self.home(user)), "node", "start", "--detach"]
         return subprocess.Popen(
@@ -174,6 +176,7 @@ class Cluster:
             env=self.env,
             cwd=self.root,
             stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,
         )
 
     def start_node_result(self, user: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -191,17 +194,7 @@ class Cluster:
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
 
-        cmd = [str(DHTSHARE), "--home", str(self.home(user)), "node", "start", "--detach"]
-        return subprocess.Popen(
-            [*cmd, "--bootstrap", f"127.0.0.1:{self.boot.port}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            cwd=self.root,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=limit,
-        )
+        return self.start_node(user, preexec_fn=limit)
 
     def started(self, proc: subprocess.Popen[str]) -> None:
         out, err = proc.communicate(timeout=TIMEOUT)
