@@ -422,3 +422,14 @@ def test_close_discards_input_and_refuses_sends() -> None:
     assert p.server.next_event() is None
     with pytest.raises(LocalProtocolError):
         p.server.send(Reject(Reason.SHUTDOWN))
+
+
+def test_input_received_after_close_is_dropped() -> None:
+    p = open_pair()
+    p.client.close()
+    room = p.client.get_buffer(1024)
+    frame = p.server.send(Piece(0, 0, b"late"))
+    room[: len(frame)] = frame
+    p.client.buffer_updated(len(frame))
+    assert p.client.buffered == 0
+    assert p.client.next_event() is None

@@ -244,3 +244,42 @@ def test_largest_messages_fit_a_sealed_frame() -> None:
         HashList(0, (bytes(32),) * MAX_HASHES),
     ]
     assert all(len(encode_message(m)) + tag <= MAX_FRAME for m in biggest)
+
+
+def test_receiving_into_the_decoder_gives_the_same_frames() -> None:
+    stream = STREAM * 3
+    dec = FrameDecoder()
+    got = []
+    pos = 0
+    while pos < len(stream):
+        room = dec.get_buffer(7777)
+        n = min(len(room), 7777, len(stream) - pos)
+        room[:n] = stream[pos : pos + n]
+        dec.buffer_updated(n)
+        pos += n
+        got += drain(dec)
+    assert got == FRAMES * 3
+    assert dec.buffered == 0
+
+
+def test_a_view_still_out_never_blocks_the_buffer() -> None:
+    # asyncio holds the view while it calls buffer_updated; growing or compacting
+    # must not resize a bytearray that has exports (that raises BufferError).
+    dec = FrameDecoder()
+    held = dec.get_buffer(10)
+    held[:5] = encode_frame(4, b"")[:5]
+    dec.buffer_updated(5)
+    big = encode_frame(4, bytes(300_000))
+    dec.feed(big)  # grows while `held` is alive
+    assert dec.next_frame() == (4, b"")
+    assert dec.next_frame() == (4, bytes(300_000))
+    dec.feed(b"\x00")  # compacts while `held` is alive
+    assert dec.buffered == 1
+    held.release()
+
+
+def test_buffer_updated_beyond_the_room_is_refused() -> None:
+    dec = FrameDecoder()
+    room = len(dec.get_buffer(16))
+    with pytest.raises(ValueError, match="do not fit"):
+        dec.buffer_updated(room + 1)

@@ -45,9 +45,10 @@ from dhtshare.store.partial import BlockReader
 from dhtshare.transfer.peer import (
     HANDSHAKE_TIMEOUT,
     READ_TIMEOUT,
-    STREAM_LIMIT,
+    PeerProtocol,
     PeerStream,
     accept_peer,
+    server_protocol,
 )
 from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.wire import (
@@ -466,9 +467,9 @@ class PeerServer:
         """Bind the listening socket; ``NodeError`` if the address is unusable."""
         if self._server is None:
             try:
-                self._server = await asyncio.start_server(
-                    self._on_accept, self._host, self._port, limit=STREAM_LIMIT,
-                    start_serving=False,
+                self._server = await asyncio.get_running_loop().create_server(
+                    lambda: server_protocol(self.identity, self._on_accept),
+                    self._host, self._port, start_serving=False,
                 )  # fmt: skip
             except OSError as exc:
                 raise NodeError(
@@ -500,26 +501,24 @@ class PeerServer:
         if self._server is not None:
             self._server.close()
 
-    def _on_accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_accept(self, protocol: PeerProtocol) -> None:
+        transport = protocol.transport
+        assert transport is not None
         if self._tg is None or len(self._sessions) >= self.max_connections:
             self.stats.incr("refuse.busy")
-            writer.close()
+            transport.close()
             return
-        sock = writer.get_extra_info("socket")
+        sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-        self._tg.create_task(self._run_session(reader, writer))
+        self._tg.create_task(self._run_session(protocol))
 
-    async def _run_session(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _run_session(self, protocol: PeerProtocol) -> None:
         """One connection, start to end; nothing it does can take the server down."""
         try:
             stream = await accept_peer(
-                self.identity,
-                reader,
-                writer,
+                protocol,
                 handshake_timeout=self.handshake_timeout,
                 read_timeout=self.idle_timeout,
             )
@@ -530,7 +529,8 @@ class PeerServer:
         except Exception:  # a bug must cost one connection, not the server (its TaskGroup)
             self.stats.incr("drop.bug")
             log.exception("handshake crashed")
-            writer.close()
+            if protocol.transport is not None:
+                protocol.transport.close()
             return
         session = _Session(self, stream)
         self._sessions.add(session)

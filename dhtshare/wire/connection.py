@@ -47,6 +47,10 @@ __all__ = [
 ]
 
 
+_SCRATCH = 64 * 1024
+"""Size of the buffer that receives (and drops) input after the connection closed."""
+
+
 class Role(Enum):
     CLIENT = auto()
     SERVER = auto()
@@ -148,7 +152,8 @@ class PeerConnection:
     """One side of a peer connection, without I/O.
 
     Drive it like this: write ``initiate()`` (client only); then for every read,
-    ``receive_data(data)``, call ``next_event()`` until it returns ``None``, and write
+    ``receive_data(data)`` (or receive into ``get_buffer`` and call
+    ``buffer_updated``), call ``next_event()`` until it returns ``None``, and write
     ``data_to_send()`` (handshake replies that receiving produced). ``send(msg)``
     returns the bytes for ``msg``, preceded by any handshake bytes still queued.
     """
@@ -253,6 +258,22 @@ class PeerConnection:
             self._eof = True
         elif self._state not in (State.CLOSED, State.ERROR):
             self._decoder.feed(data)
+
+    def get_buffer(self, size: int) -> memoryview:
+        """Room to receive at least ``size`` bytes into (then call ``buffer_updated``).
+
+        Once the connection is closed, failed or at end of stream, the room is a
+        scratch buffer: what lands there is discarded, as ``receive_data`` would.
+        """
+        if self._eof or self._state in (State.CLOSED, State.ERROR):
+            return memoryview(bytearray(max(1, min(size, _SCRATCH))))
+        return self._decoder.get_buffer(size)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were received into the room from the last ``get_buffer``."""
+        if self._eof or self._state in (State.CLOSED, State.ERROR):
+            return
+        self._decoder.buffer_updated(nbytes)
 
     @property
     def buffered(self) -> int:

@@ -32,9 +32,6 @@ MAX_FRAME = 1024 * 1024 + 64
 _HEADER = struct.Struct(">IB")
 FRAME_HEADER_SIZE = _HEADER.size
 
-# Compact the buffer once this many consumed bytes sit in front of the read offset.
-_COMPACT_AT = 64 * 1024
-
 
 class FrameType(IntEnum):
     """The ``u8`` type of a frame. Only ``SEALED`` frames follow the handshake."""
@@ -80,31 +77,61 @@ def encode_frame(frame_type: int, payload: bytes) -> bytes:
 class FrameDecoder:
     """Splits a byte stream into ``(type, payload)`` frames.
 
-    ``feed`` appends bytes; ``next_frame`` returns one frame or ``None`` when more
-    input is needed. A header announcing more than ``max_frame`` bytes raises
-    ``RemoteProtocolError`` as soon as its five bytes are in.
+    Input arrives either by ``feed(data)`` or, without a copy, by receiving straight
+    into ``get_buffer(n)`` and then calling ``buffer_updated(nbytes)`` (the pair
+    asyncio's ``BufferedProtocol`` uses). ``next_frame`` returns one frame or
+    ``None`` when more input is needed. A header announcing more than ``max_frame``
+    bytes raises ``RemoteProtocolError`` as soon as its five bytes are in.
+
+    Unparsed bytes are ``_buf[_pos:_end]``. The buffer is never resized while a view
+    of it may be out (a ``bytearray`` with exports cannot be): it is compacted in
+    place, or replaced by a bigger one.
     """
 
-    __slots__ = ("_buf", "_max_frame", "_pos")
+    __slots__ = ("_buf", "_end", "_max_frame", "_pos")
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
         self._max_frame = max_frame
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned in a frame."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
+
+    def get_buffer(self, size: int) -> memoryview:
+        """Writable room for at least ``size`` more bytes, to receive into."""
+        size = max(1, size)
+        live = self._end - self._pos
+        if self._pos and (not live or len(self._buf) - self._end < size):
+            # move the unparsed tail to the front only when room runs out (or it is
+            # empty), so each byte moves at most once per buffer's worth of input
+            self._buf[:live] = self._buf[self._pos : self._end]  # same length: no resize
+            self._pos, self._end = 0, live
+        if len(self._buf) - self._end < size:
+            bigger = bytearray(max(self._end + size, 2 * len(self._buf)))
+            bigger[: self._end] = self._buf[: self._end]
+            self._buf = bigger
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer`` view."""
+        if not 0 <= nbytes <= len(self._buf) - self._end:
+            raise ValueError(f"{nbytes} bytes do not fit the buffer handed out")
+        self._end += nbytes
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos and (self._pos >= _COMPACT_AT or self._pos == len(self._buf)):
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        """Append ``data`` (a copy)."""
+        size = len(data)
+        if size:
+            with self.get_buffer(size) as room:
+                room[:size] = data
+            self.buffer_updated(size)
 
     def next_frame(self) -> tuple[int, bytes] | None:
-        avail = len(self._buf) - self._pos
+        avail = self._end - self._pos
         if avail < FRAME_HEADER_SIZE:
             return None
         length, frame_type = _HEADER.unpack_from(self._buf, self._pos)
