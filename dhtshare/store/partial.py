@@ -118,7 +118,7 @@ def _recycle_cache(fd: int) -> None:
     cache stays a few batches deep: the kernel hands its freed pages straight back
     for the next writes instead of filling memory with the whole file. On the bench
     VM, which charges a host fault for every page it has not touched lately, this
-    removed the slow runs: 32 of 32 downloads took 0.18-0.27 s of kernel time, against
+    removed the slow runs: 32 of 32 downloads took 0.16-0.27 s of kernel time, against
     up to 0.93 s when only each piece's own (still dirty) range was advised
     (docs/performance.md, round 4). Elsewhere, or if refused, nothing happens.
     """
