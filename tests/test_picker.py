@@ -431,3 +431,28 @@ def test_delivery_resets_the_timeout_count() -> None:
         now += 10.0
         assert picker.expire(now).snubbed == ()
     assert not picker.is_snubbed(A)
+
+
+def test_a_seeders_bitfield_counts_like_its_pieces_one_by_one() -> None:
+    # add_peer with a whole bitfield takes the bulk path; Haves take the single one.
+    # Both must leave the same rarest-first choices behind.
+    count = 300
+    bulk, single = make([1024] * count, seed=5), make([1024] * count, seed=5)
+    for picker in (bulk, single):
+        picker.add_peer(b"partial", bits(count, *range(0, count, 3)))
+    bulk.add_peer(b"seed", bits(count, *range(count)))
+    single.add_peer(b"seed", bits(count))
+    for i in range(count):
+        single.peer_has(b"seed", i)
+    assert [bulk.availability(i) for i in range(count)] == [
+        single.availability(i) for i in range(count)
+    ]
+    for picker in (bulk, single):  # the seed is asked only for what the other lacks
+        asked = picker.next_requests(b"seed", 0.0)
+        assert asked and all(block.index % 3 for block in asked)
+    bulk.remove_peer(b"seed")
+    assert [bulk.availability(i) for i in range(count)] == [
+        1 if i % 3 == 0 else 0 for i in range(count)
+    ]
+    asked = bulk.next_requests(b"partial", 0.0)
+    assert asked and all(block.index % 3 == 0 for block in asked)

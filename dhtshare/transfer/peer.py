@@ -209,6 +209,8 @@ class PeerStream:
         self.bytes_out = 0
         self._finished = False
         self._reading = False
+        sock = protocol.transport.get_extra_info("socket")
+        self._fileno: int = sock.fileno() if sock is not None else -1
 
     @property
     def bytes_in(self) -> int:
@@ -229,11 +231,12 @@ class PeerStream:
     def buffered_in(self) -> int:
         """Bytes the peer sent that wait in our buffers: the kernel's and the decoder's."""
         total = self.conn.buffered
-        sock = self._transport.get_extra_info("socket")
-        if sock is not None and _FIONREAD is not None:
-            with contextlib.suppress(OSError, ValueError):
-                raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
-                total += int.from_bytes(raw, sys.byteorder)
+        if self._fileno >= 0 and _FIONREAD is not None and not self._transport.is_closing():
+            try:  # asked once per peer at every endgame top-up: kept cheap
+                raw = fcntl.ioctl(self._fileno, _FIONREAD, b"\0\0\0\0")
+            except OSError:
+                return total
+            total += int.from_bytes(raw, sys.byteorder)
         return total
 
     @property
