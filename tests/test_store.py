@@ -14,7 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dhtshare.errors import StoreError
-from dhtshare.store.partial import BlockReader, PartialFile, read_block, safe_name
+from dhtshare.store.partial import (
+    BlockReader,
+    PartialFile,
+    _pread_cached,
+    read_block,
+    safe_name,
+)
 from dhtshare.store.resume import ResumeState, load_or_new, read_state
 
 CID = bytes(range(32))
@@ -178,6 +184,29 @@ async def test_block_reader(tmp_path: Path) -> None:
             await reader.read(8, 5)
     with pytest.raises(StoreError):
         await read_block(tmp_path / "missing", 0, 1)
+
+
+async def test_block_reader_reads_cached_and_uncached_blocks_alike(tmp_path: Path) -> None:
+    # A block in the page cache is read at once; one that is not (dropped below, once
+    # it is on disk) goes through the worker thread. Both give the same bytes.
+    data = random.Random(7).randbytes(4 * 65536)
+    path = tmp_path / "shared"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cached = _pread_cached(fd, 65536, 65536)  # just written: cached (None elsewhere)
+        assert cached is None or cached == data[65536 : 2 * 65536]
+        assert _pread_cached(fd, 3 * 65536, 65537) is None  # short: not the whole block
+        os.fsync(fd)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    async with await BlockReader.open(path) as reader:
+        for offset in (0, 65536, 3 * 65536):
+            assert await reader.read(offset, 65536) == data[offset : offset + 65536]
+        with pytest.raises(StoreError, match="changed on disk"):
+            await reader.read(3 * 65536, 65537)
 
 
 @pytest.mark.parametrize(

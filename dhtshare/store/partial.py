@@ -127,6 +127,25 @@ def _recycle_cache(fd: int) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+def _pread_cached(fd: int, offset: int, length: int) -> bytearray | None:
+    """``length`` bytes at ``offset`` if the page cache holds them all, else ``None``.
+
+    ``preadv`` with ``RWF_NOWAIT`` (Linux) never waits for the disk: it fails with
+    ``EAGAIN`` or reads short instead. That saves a worker-thread hop per block when
+    serving a file that is in memory, as a seeder's usually is (the hop costs about
+    as much as copying the 256 KiB block). Elsewhere: always ``None``.
+    """
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None or not hasattr(os, "preadv"):
+        return None
+    buf = bytearray(length)
+    try:
+        got = os.preadv(fd, [buf], offset, flag)
+    except OSError:
+        return None  # EAGAIN: not cached; EOPNOTSUPP: a file system without it
+    return buf if got == length else None
+
+
 def _pread_exact(fd: int, offset: int, length: int) -> bytes:
     chunks: list[bytes] = []
     while length > 0:
@@ -315,10 +334,17 @@ class BlockReader:
         size = (await asyncio.to_thread(os.fstat, fd)).st_size
         return cls(fd, path, size)
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; ``StoreError`` if the file got shorter."""
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Exactly ``length`` bytes at ``offset``; ``StoreError`` if the file got shorter.
+
+        Bytes already in the page cache are read at once (``RWF_NOWAIT``); only a read
+        that would wait for the disk goes to a worker thread.
+        """
         if self._fd is None:
             raise ValueError(f"{self.path} is closed")
+        cached = _pread_cached(self._fd, offset, length)
+        if cached is not None:
+            return cached
         try:
             data = await asyncio.to_thread(_pread_exact, self._fd, offset, length)
         except OSError as exc:
@@ -341,7 +367,7 @@ class BlockReader:
         await self.close()
 
 
-async def read_block(path: Path, offset: int, length: int) -> bytes:
+async def read_block(path: Path, offset: int, length: int) -> bytes | bytearray:
     """Read one block from ``path`` (opens and closes it); see ``BlockReader``."""
     async with await BlockReader.open(path) as reader:
         return await reader.read(offset, length)

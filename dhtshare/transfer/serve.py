@@ -750,7 +750,7 @@ class _Session:
             await self.stream.reject(reason, text)
 
     async def _serve_requests(self) -> None:
-        ahead: tuple[Request, asyncio.Task[bytes]] | None = None
+        ahead: tuple[Request, asyncio.Task[bytes | bytearray]] | None = None
         try:
             while True:
                 req, reading = ahead if ahead is not None else await self._start_read()
@@ -772,12 +772,12 @@ class _Session:
                 if not ahead[1].cancelled():
                     ahead[1].exception()  # retrieved: a read that failed as we stopped
 
-    async def _start_read(self) -> tuple[Request, asyncio.Task[bytes]]:
+    async def _start_read(self) -> tuple[Request, asyncio.Task[bytes | bytearray]]:
         req = await self._next_request()
         # Owned by _serve_requests: always awaited, or cancelled and awaited in its finally.
         return req, asyncio.create_task(self._read_block(req))
 
-    async def _read_block(self, req: Request) -> bytes:
+    async def _read_block(self, req: Request) -> bytes | bytearray:
         assert self.share is not None
         if self.reader is None:
             self.reader = await BlockReader.open(self.share.path)

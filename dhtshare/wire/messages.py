@@ -148,13 +148,13 @@ class Request:
 class Piece:
     """A block of piece ``index`` at offset ``begin``.
 
-    ``data`` may be ``bytes`` or a ``memoryview``; decoded Pieces hold a read-only
+    ``data`` may be ``bytes``, a ``bytearray`` or a ``memoryview``; decoded Pieces hold a read-only
     ``memoryview`` into the decrypted frame, so the block is not copied again.
     """
 
     index: int
     begin: int
-    data: bytes | memoryview = field(repr=False)
+    data: bytes | bytearray | memoryview = field(repr=False)
 
     def __post_init__(self) -> None:
         _block(self.index, self.begin, len(self.data))
