@@ -183,8 +183,10 @@ async def test_flash_crowd_seeder_uploads_about_twice_the_file(tmp_path: Path) -
             task.cancel()
     assert all(p.read_bytes() == data for p in paths)
     uploaded = sum(seeder.server.uploaded.values())
-    # about 2 x (measured 1.7-2.1); without super-seeding it is over 4 x
-    assert uploaded <= 2.5 * len(data), f"seeder uploaded {uploaded / len(data):.2f} x the file"
+    # Issue #7's target is at most 3 x. Measured 1.75-2.54 x over 20 runs with the
+    # current code (1.96-2.25 x in 8 runs of the code before AEGIS-128L made peers
+    # faster), and 3.83-4.38 x in 4 runs with super-seeding switched off.
+    assert uploaded <= 3 * len(data), f"seeder uploaded {uploaded / len(data):.2f} x the file"
     from_swarm = sum(sum(d.sources.values()) - d.sources[seeder.identity.public] for d in downloads)
     assert from_swarm >= 3 * len(data)
 
