@@ -121,11 +121,7 @@ class PeerProtocol(asyncio.BufferedProtocol):
         self._end()  # a reset reads as end of stream
         if not self._lost.done():
             self._lost.set_result(None)
-        self._paused_writing = False
-        for waiter in self._drainers:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._drainers.clear()
+        self.resume_writing()  # writers waiting to drain wake up and see the loss
 
     def pause_writing(self) -> None:
         self._paused_writing = True
