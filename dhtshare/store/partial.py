@@ -18,6 +18,7 @@ import errno
 import functools
 import os
 import unicodedata
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeAlias, TypeVar
@@ -109,22 +110,46 @@ async def _uninterrupted(work: Callable[[], T]) -> T:
         raise
 
 
-def _recycle_cache(fd: int) -> None:
-    """Start writing the file's new bytes to disk, and let go of the cache they left.
+KEEP_CACHED = 16 * 1024 * 1024
+"""Bytes of the newest pieces left in the page cache: other peers ask for them next."""
 
-    On Linux ``POSIX_FADV_DONTNEED`` over the whole file starts writeback of its dirty
-    pages (so the fsync before the final name has little left to wait for) and drops
-    the pages whose writeback has ended. Done after each batch, the download's page
-    cache stays a few batches deep: the kernel hands its freed pages straight back
-    for the next writes instead of filling memory with the whole file. On the bench
-    VM, which charges a host fault for every page it has not touched lately, this
-    removed the slow runs: 32 of 32 downloads took 0.16-0.27 s of kernel time, against
-    up to 0.93 s when only each piece's own (still dirty) range was advised
-    (docs/performance.md, round 4). Elsewhere, or if refused, nothing happens.
-    """
+
+def _dont_need(fd: int, offset: int, length: int) -> None:
+    """``POSIX_FADV_DONTNEED`` on a range (Linux: start writeback of its dirty pages,
+    drop its clean ones); elsewhere, or if refused, nothing happens."""
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+
+
+class _CacheRecycler:
+    """Keeps a download's page cache to its newest ``KEEP_CACHED`` bytes.
+
+    A piece just written is advised at once, which starts its writeback (so the fsync
+    before the final name has little left to wait for) but drops nothing: its pages
+    are still dirty. Once ``KEEP_CACHED`` newer bytes have been written it is advised
+    again; written back by then, its pages are dropped, and the kernel hands them
+    straight back for the next writes instead of filling memory with the whole file.
+    The newest pieces stay cached for the peers that fetch them from us.
+
+    On the bench VM, which charges a host fault for every page it has not touched
+    lately, recycling removed the slow runs: with the whole file advised after each
+    batch, 32 of 32 downloads took 0.16-0.27 s of kernel time, against up to 0.93 s
+    when only each new piece was advised (docs/performance.md, round 4).
+    """
+
+    def __init__(self) -> None:
+        self._recent: deque[tuple[int, int]] = deque()
+        self._recent_bytes = 0
+
+    def written(self, fd: int, offset: int, length: int) -> None:
+        _dont_need(fd, offset, length)
+        self._recent.append((offset, length))
+        self._recent_bytes += length
+        while self._recent_bytes > KEEP_CACHED:
+            old_offset, old_length = self._recent.popleft()
+            self._recent_bytes -= old_length
+            _dont_need(fd, old_offset, old_length)
 
 
 def _pread_cached(fd: int, offset: int, length: int) -> bytearray | None:
@@ -186,6 +211,7 @@ class PartialFile:
 
     def __init__(self, fd: int, part_path: Path, final_path: Path, size: int) -> None:
         self._fd: int | None = fd
+        self._cache = _CacheRecycler()
         self.part_path = part_path
         self.final_path = final_path
         self.size = size
@@ -247,9 +273,8 @@ class PartialFile:
                 good = check(data)
                 if good:
                     _pwrite_all(fd, memoryview(data), offset)
+                    self._cache.written(fd, offset, len(data))
                 results.append(good)
-            if any(results):
-                _recycle_cache(fd)
             return results
 
         try:

@@ -88,7 +88,7 @@ class PeerProtocol(asyncio.BufferedProtocol):
         self.bytes_in = 0
         self.ended = False  # the peer closed its end, or the connection is gone
         self._on_connect = on_connect
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []  # the reader, and a lingering reject
         self._drainers: list[asyncio.Future[None]] = []
         self.reading_paused = asyncio.Event()  # set while a backlog holds reading off
         self._paused_writing = False
@@ -140,8 +140,9 @@ class PeerProtocol(asyncio.BufferedProtocol):
         self._wake()
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     @property
     def lost(self) -> bool:
@@ -155,17 +156,21 @@ class PeerProtocol(asyncio.BufferedProtocol):
         if self.reading_paused.is_set() and self.transport is not None:
             self.reading_paused.clear()
             self.transport.resume_reading()
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         try:
-            await self._waiter
+            await waiter
         finally:
-            self._waiter = None
+            self._waiters.remove(waiter)
 
     async def drain(self) -> None:
         """Wait while the transport's buffer is above its high mark.
 
-        Raises ``ConnectionResetError`` once the connection is gone.
+        Raises ``ConnectionResetError`` once the connection is gone (as asyncio's
+        ``StreamWriter.drain`` does, it lets a closing transport report its loss first).
         """
+        if self.transport is not None and self.transport.is_closing():
+            await asyncio.sleep(0)  # connection_lost is scheduled, not yet called
         if self.lost:
             raise ConnectionResetError("connection lost")
         if not self._paused_writing:

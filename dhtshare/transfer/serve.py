@@ -512,7 +512,10 @@ class PeerServer:
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-        self._tg.create_task(self._run_session(protocol))
+        try:
+            self._tg.create_task(self._run_session(protocol))
+        except RuntimeError:  # the TaskGroup is shutting down: nobody would serve it
+            transport.close()
 
     async def _run_session(self, protocol: PeerProtocol) -> None:
         """One connection, start to end; nothing it does can take the server down."""
