@@ -133,9 +133,9 @@ class _CacheRecycler:
     The newest pieces stay cached for the peers that fetch them from us.
 
     On the bench VM, which charges a host fault for every page it has not touched
-    lately, recycling removed the slow runs: with the whole file advised after each
-    batch, 32 of 32 downloads took 0.16-0.27 s of kernel time, against up to 0.93 s
-    when only each new piece was advised (docs/performance.md, round 4).
+    lately, recycling removed the slow runs: 32 of 32 downloads took 0.19-0.32 s of
+    kernel time, against up to 0.93 s when each new piece was only advised once
+    (docs/performance.md, round 4).
     """
 
     def __init__(self) -> None:
