@@ -315,7 +315,9 @@ def test_peers_agree_on_the_fastest_common_suite(
 
 def test_suites_seal_differently_under_the_same_session_keys() -> None:
     rx, tx = bytes(range(32)), bytes(range(32, 64))
-    frames_out = {suite: SessionCipher(rx, tx, suite).seal(b"same message") for suite in Suite}
+    frames_out = {
+        suite: bytes(SessionCipher(rx, tx, suite).seal(b"same message")) for suite in Suite
+    }
     assert len(set(frames_out.values())) == len(frames_out)
     for suite in Suite:  # and each opens only under its own suite
         sealed = one_payload(frames_out[suite], FrameType.SEALED)

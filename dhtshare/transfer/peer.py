@@ -314,7 +314,7 @@ class PeerStream:
 
     # -- sending --------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes | bytearray) -> None:
         self.bytes_out += len(data)
         self._transport.write(data)
 

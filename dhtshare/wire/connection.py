@@ -219,7 +219,7 @@ class PeerConnection:
         self._state = new
         return encode_frame(FrameType.CLIENT_HELLO, self._client.hello.encode())
 
-    def send(self, msg: Message) -> bytes:
+    def send(self, msg: Message) -> bytes | bytearray:
         """The bytes to write for ``msg`` (after any queued handshake bytes).
 
         A Reject is allowed in every state but ``CLOSED`` and closes the
@@ -227,6 +227,7 @@ class PeerConnection:
         """
         new = self._next_state(Input.SEND_REJECT if isinstance(msg, Reject) else Input.SEND_MESSAGE)
         plaintext = encode_message(msg)
+        frame: bytes | bytearray
         if self._cipher is not None:
             frame = self._cipher.seal(plaintext)
         else:
@@ -286,10 +287,11 @@ class PeerConnection:
             raise self._error
         try:
             while self._state is not State.CLOSED:
-                frame = self._decoder.next_frame()
+                frame = self._decoder.next_frame_view()
                 if frame is None:
                     return self._at_end_of_input()
-                event = self._handle_frame(*frame)
+                with frame[1] as payload:  # a view into the receive buffer, released here
+                    event = self._handle_frame(frame[0], payload)
                 if event is not None:
                     return event
         except RemoteProtocolError as exc:
@@ -306,23 +308,24 @@ class PeerConnection:
         self._state = self._next_state(Input.RECV_EOF)
         return ConnectionClosed()
 
-    def _handle_frame(self, frame_type: int, payload: bytes) -> Event | None:
+    def _handle_frame(self, frame_type: int, payload: memoryview) -> Event | None:
+        """One frame's event; a sealed payload is opened in place, others are copied."""
         what = _FRAME_INPUT.get(frame_type)
         if what is None:
             raise RemoteProtocolError(f"unknown frame type {frame_type}", Reason.PROTOCOL)
         self._state = self._next_state(what)
         match what:
-            case Input.RECV_CLIENT_HELLO:
-                self._on_client_hello(payload)
-                return None
-            case Input.RECV_SERVER_HELLO:
-                return self._on_server_hello(payload)
-            case Input.RECV_CLIENT_AUTH:
-                return self._on_client_auth(payload)
             case Input.RECV_SEALED:
                 return self._on_message(self._open_cipher().open(payload))
+            case Input.RECV_CLIENT_HELLO:
+                self._on_client_hello(bytes(payload))
+                return None
+            case Input.RECV_SERVER_HELLO:
+                return self._on_server_hello(bytes(payload))
+            case Input.RECV_CLIENT_AUTH:
+                return self._on_client_auth(bytes(payload))
             case _:
-                return self._on_plain_reject(payload)
+                return self._on_plain_reject(bytes(payload))
 
     def _open_cipher(self) -> SessionCipher:
         if self._cipher is None:  # the table only allows RECV_SEALED once keys exist
@@ -347,7 +350,7 @@ class PeerConnection:
         hello = self._server.on_client_auth(payload)
         return HandshakeComplete(hello.identity_key, hello.group_id, hello.content_id)
 
-    def _on_message(self, plaintext: bytes) -> Message:
+    def _on_message(self, plaintext: bytearray) -> Message:
         msg = decode_message(plaintext)
         if isinstance(msg, Reject):
             self._state = self._next_state(Input.RECV_REJECT)

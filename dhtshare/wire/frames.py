@@ -80,8 +80,9 @@ class FrameDecoder:
     Input arrives either by ``feed(data)`` or, without a copy, by receiving straight
     into ``get_buffer(n)`` and then calling ``buffer_updated(nbytes)`` (the pair
     asyncio's ``BufferedProtocol`` uses). ``next_frame`` returns one frame or
-    ``None`` when more input is needed. A header announcing more than ``max_frame``
-    bytes raises ``RemoteProtocolError`` as soon as its five bytes are in.
+    ``None`` when more input is needed; ``next_frame_view`` the same without a copy.
+    A header announcing more than ``max_frame`` bytes raises ``RemoteProtocolError``
+    as soon as its five bytes are in.
 
     Unparsed bytes are ``_buf[_pos:_end]``. The buffer is never resized while a view
     of it may be out (a ``bytearray`` with exports cannot be): it is compacted in
@@ -131,6 +132,16 @@ class FrameDecoder:
             self.buffer_updated(size)
 
     def next_frame(self) -> tuple[int, bytes] | None:
+        """The next frame as ``(type, payload)``, or ``None`` until more input arrives."""
+        frame = self.next_frame_view()
+        if frame is None:
+            return None
+        with frame[1] as payload:
+            return frame[0], bytes(payload)
+
+    def next_frame_view(self) -> tuple[int, memoryview] | None:
+        """``next_frame`` without copying: the payload is a view into the buffer, valid
+        until the next ``get_buffer`` or ``feed`` (release it before either)."""
         avail = self._end - self._pos
         if avail < FRAME_HEADER_SIZE:
             return None
@@ -143,7 +154,7 @@ class FrameDecoder:
         if avail < FRAME_HEADER_SIZE + length:
             return None
         start = self._pos + FRAME_HEADER_SIZE
-        with memoryview(self._buf) as view, view[start : start + length] as part:
-            payload = bytes(part)
+        with memoryview(self._buf) as view:
+            payload = view[start : start + length]
         self._pos = start + length
         return int(frame_type), payload

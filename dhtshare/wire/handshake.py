@@ -31,8 +31,8 @@ import nacl.signing
 from dhtshare import crypto
 from dhtshare.codec import DecodeError, Reader, Writer
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
-from dhtshare.wire.frames import MAX_FRAME, FrameType, Reason, frame_header
-from dhtshare.wire.suites import AEADS, Suite, choose, local_suites, mask_of, session_key
+from dhtshare.wire.frames import FRAME_HEADER_SIZE, MAX_FRAME, FrameType, Reason, frame_header
+from dhtshare.wire.suites import AEADS, Buffer, Suite, choose, local_suites, mask_of, session_key
 
 __all__ = [
     "CLIENT_SIG_PURPOSE",
@@ -219,8 +219,8 @@ class SessionCipher:
         """Bytes the AEAD adds to every message."""
         return self._aead.tag_size
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """A complete ``SEALED`` frame carrying ``plaintext``."""
+    def seal(self, plaintext: Buffer) -> bytearray:
+        """A complete ``SEALED`` frame carrying ``plaintext`` (sealed straight into it)."""
         if self._tx_count > _MAX_COUNTER:
             raise LocalProtocolError("send nonce exhausted; reconnect")
         size = len(plaintext) + self._aead.tag_size
@@ -229,16 +229,21 @@ class SessionCipher:
         header = frame_header(FrameType.SEALED, size)
         nonce = self._nonce_pad + _COUNTER.pack(self._tx_count)
         self._tx_count += 1
-        return header + self._aead.encrypt(plaintext, header, nonce, self._tx_key)
+        frame = bytearray(FRAME_HEADER_SIZE + size)
+        frame[:FRAME_HEADER_SIZE] = header
+        with memoryview(frame) as view, view[FRAME_HEADER_SIZE:] as body:
+            self._aead.seal_into(body, plaintext, header, nonce, self._tx_key)
+        return frame
 
-    def open(self, payload: bytes) -> bytes:
-        """The plaintext of the next incoming ``SEALED`` frame's payload."""
+    def open(self, payload: Buffer) -> bytearray:
+        """The plaintext of the next incoming ``SEALED`` frame's payload (which may be a
+        view into the receive buffer: it is read, not kept)."""
         if len(payload) < self._aead.tag_size:
             raise RemoteProtocolError("sealed frame shorter than its tag", Reason.DECRYPT_FAILED)
         header = frame_header(FrameType.SEALED, len(payload))
         nonce = self._nonce_pad + _COUNTER.pack(self._rx_count)
         try:
-            plaintext = self._aead.decrypt(payload, header, nonce, self._rx_key)
+            plaintext = self._aead.open_new(payload, header, nonce, self._rx_key)
         except nacl.exceptions.CryptoError as exc:
             raise RemoteProtocolError(
                 f"frame {self._rx_count} failed authentication", Reason.DECRYPT_FAILED

@@ -252,7 +252,7 @@ def _push_block(kind: MessageType, index: int, begin: int, length: int) -> Write
     return Writer().push_u8(kind).push_u32(index).push_u32(begin).push_u32(length)
 
 
-def decode_message(data: bytes) -> Message:
+def decode_message(data: bytes | bytearray) -> Message:
     """Parse one sealed-frame plaintext; anything malformed is a RemoteProtocolError."""
     try:
         r = Reader(data)

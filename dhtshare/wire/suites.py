@@ -12,6 +12,14 @@ The client offers a bit mask of the suites it has; the server picks the first of
 ``PREFERENCE`` that both have. The pick is signed in the handshake transcript, so a
 man in the middle cannot downgrade it. Each direction's key is derived from the
 ``crypto_kx`` session key *and* the suite, so one key never serves two algorithms.
+
+Frames are sealed into and opened from caller-owned buffers. PyNaCl's public AEAD
+functions take only ``bytes`` and return new ``bytes``: per 256 KiB block that is a
+copy in, a zero-fill and a copy out, about half the cost of opening it with AEGIS
+(46 against 23 us here). libsodium's C functions write where they are told; we
+call them through the cffi module PyNaCl itself uses (``nacl._sodium``). If that
+module is missing or changed, the public functions serve instead (same bytes,
+slower); ``FAST_AEAD`` says which path is in use.
 """
 
 from __future__ import annotations
@@ -21,11 +29,22 @@ import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any, TypeAlias
 
 import nacl.bindings as sodium
 import nacl.exceptions
 
+_ffi: Any = None
+_lib: Any = None
+try:  # PyNaCl's own cffi binding of libsodium: see the module docstring
+    import nacl._sodium as _c_sodium  # type: ignore[import-not-found]
+
+    _ffi, _lib = _c_sodium.ffi, _c_sodium.lib
+except (ImportError, AttributeError):  # pragma: no cover - then the public API serves
+    pass
+
 __all__ = [
+    "FAST_AEAD",
     "PREFERENCE",
     "Aead",
     "Suite",
@@ -46,22 +65,66 @@ class Suite(IntEnum):
 PREFERENCE = (Suite.AEGIS_128L, Suite.CHACHA20_POLY1305)
 """The server's order of choice: the fastest suite both sides have."""
 
-_Seal = Callable[[bytes, bytes, bytes, bytes], bytes]  # (message, ad, nonce, key)
+Buffer: TypeAlias = bytes | bytearray | memoryview
+_Seal = Callable[[bytes, bytes | None, bytes, bytes], bytes]  # PyNaCl: (message, ad, nonce, key)
 
 
 @dataclass(frozen=True, slots=True)
 class Aead:
-    """Sizes and libsodium's combined-mode functions of one suite."""
+    """One suite's sizes and its libsodium combined-mode functions.
 
+    ``name`` is the libsodium prefix (``crypto_aead_<name>_encrypt``); ``encrypt`` and
+    ``decrypt`` are PyNaCl's public functions, used when the C ones are not at hand.
+    """
+
+    name: str
     key_size: int
     nonce_size: int
     tag_size: int
     encrypt: _Seal
     decrypt: _Seal
 
+    def seal_into(self, out: Buffer, message: Buffer, ad: bytes, nonce: bytes, key: bytes) -> None:
+        """Write ``message`` sealed (ciphertext, then tag) into ``out``, which must be
+        exactly ``tag_size`` bytes longer than it."""
+        size = len(memoryview(message))
+        if len(memoryview(out)) != size + self.tag_size:
+            raise ValueError("output buffer must be the message plus the tag")
+        c_encrypt = getattr(_lib, f"crypto_aead_{self.name}_encrypt", None)
+        if c_encrypt is None or _ffi is None:
+            memoryview(out)[:] = self.encrypt(bytes(message), ad, nonce, key)
+            return
+        written = _ffi.new("unsigned long long *")
+        rc = c_encrypt(
+            _ffi.from_buffer(out, require_writable=True), written,
+            _ffi.from_buffer(message), size, ad, len(ad), _ffi.NULL, nonce, key,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError("libsodium refused to seal the message")
+
+    def open_new(self, sealed: Buffer, ad: bytes, nonce: bytes, key: bytes) -> bytearray:
+        """The plaintext of ``sealed`` in a new ``bytearray``; ``nacl.exceptions.CryptoError``
+        if it does not authenticate."""
+        size = len(memoryview(sealed))
+        if size < self.tag_size:
+            raise nacl.exceptions.CryptoError("shorter than its tag")
+        c_decrypt = getattr(_lib, f"crypto_aead_{self.name}_decrypt", None)
+        if c_decrypt is None or _ffi is None:
+            return bytearray(self.decrypt(bytes(sealed), ad, nonce, key))
+        out = bytearray(size - self.tag_size)
+        written = _ffi.new("unsigned long long *")
+        rc = c_decrypt(
+            _ffi.from_buffer(out, require_writable=True), written, _ffi.NULL,
+            _ffi.from_buffer(sealed), size, ad, len(ad), nonce, key,
+        )  # fmt: skip
+        if rc != 0:
+            raise nacl.exceptions.CryptoError("Decryption failed.")
+        return out
+
 
 AEADS: dict[Suite, Aead] = {
     Suite.CHACHA20_POLY1305: Aead(
+        "chacha20poly1305_ietf",
         sodium.crypto_aead_chacha20poly1305_ietf_KEYBYTES,
         sodium.crypto_aead_chacha20poly1305_ietf_NPUBBYTES,
         sodium.crypto_aead_chacha20poly1305_ietf_ABYTES,
@@ -69,6 +132,7 @@ AEADS: dict[Suite, Aead] = {
         sodium.crypto_aead_chacha20poly1305_ietf_decrypt,
     ),
     Suite.AEGIS_128L: Aead(
+        "aegis128l",
         sodium.crypto_aead_aegis128l_KEYBYTES,
         sodium.crypto_aead_aegis128l_NPUBBYTES,
         sodium.crypto_aead_aegis128l_ABYTES,
@@ -76,6 +140,13 @@ AEADS: dict[Suite, Aead] = {
         sodium.crypto_aead_aegis128l_decrypt,
     ),
 }
+
+FAST_AEAD = _lib is not None and all(
+    hasattr(_lib, f"crypto_aead_{aead.name}_{op}")
+    for aead in AEADS.values()
+    for op in ("encrypt", "decrypt")
+)
+"""True when frames are sealed and opened in place through libsodium's C functions."""
 
 
 @functools.cache
