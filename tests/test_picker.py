@@ -183,6 +183,27 @@ def test_depth_formula() -> None:
     assert picker.depth(A, now=10.0) == 6
 
 
+def test_peers_share_one_in_flight_budget_by_throughput() -> None:
+    cfg = PickerConfig(block_size=1000, target_latency=2.0, max_depth=64, total_depth=16)
+    picker = PiecePicker([1 << 20] * 8, random.Random(1), cfg)
+    everything = bits(8, *range(8))
+    picker.add_peer(A, everything)
+    for _ in range(30):  # A alone, 30 kB/s: 60 blocks wanted, its own cap is 64
+        picker.next_requests(A, now=0.0)
+        picker.block_received(A, picker.pending(A)[0], now=0.5)
+    assert picker.depth(A, now=1.0) == 60  # one peer is not held to the shared budget
+    for peer, count in ((B, 30), (C, 10)):  # B as fast as A, C a third of that
+        picker.add_peer(peer, everything)
+        for _ in range(count):
+            picker.next_requests(peer, now=0.5)
+            picker.block_received(peer, picker.pending(peer)[0], now=0.5)
+    # 30 + 30 + 10 kB/s: shares of 16 blocks are 30/70, 30/70 and 10/70, rounded up
+    assert [picker.depth(p, now=1.0) for p in (A, B, C)] == [7, 7, 3]
+    assert picker.depth(D, now=1.0) == cfg.min_depth  # unknown peer: the least
+    with pytest.raises(ValueError, match="total_depth"):
+        PickerConfig(min_depth=4, total_depth=3)
+
+
 def test_no_duplicates_before_endgame() -> None:
     picker = make([8, 8])
     picker.add_peer(A, bits(2, 0, 1))

@@ -18,7 +18,13 @@ from dhtshare.errors import FileShareError, StoreError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.download import (
+    Download,
+    DownloadOptions,
+    FileInfo,
+    ProviderAddr,
+    refill_due,
+)
 from dhtshare.transfer.picker import Block
 from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
@@ -424,3 +430,13 @@ async def test_disk_full_keeps_the_partial_file(
     assert "free some space" in info.value.hint
     assert dl.part_path.exists() and not dl.final_path.exists()
     assert isinstance(dl.status(), Failed)
+
+
+def test_pipelines_refill_in_batches_of_several_requests() -> None:
+    def first_due(asked: int) -> int:
+        return next(n for n in range(asked + 1) if refill_due(n, asked))
+
+    assert first_due(64) == 16  # deep: after a quarter, so it never runs low
+    assert first_due(14) == 7  # a share of the budget: half, so a batch is not 3 requests
+    assert first_due(40) == 10  # a quarter is already 8 or more
+    assert first_due(2) == 1  # the least pipeline refills after each block

@@ -662,6 +662,17 @@ class Download:
         return path
 
 
+def refill_due(answered: int, asked: int) -> bool:
+    """Whether a peer's pipeline (``asked`` requests at the last refill, ``answered``
+    since) has drained enough to send it a new batch of Requests.
+
+    A quarter of it, so a deep pipeline never runs low; a shallow one (a peer's share
+    of the picker's ``total_depth``) waits for half of it, or 8 blocks, so that each
+    batch, and the wake-up it costs the peer, still carries several requests.
+    """
+    return answered >= max(asked / 4, min(asked / 2, 8))
+
+
 class _Client:
     """One provider connection: handshake, bitfield, hashes, then request and receive."""
 
@@ -758,7 +769,7 @@ class _Client:
                     raise ProtocolError("piece before it was requested")
                 await self.dl.on_piece(self, event)
                 self._answered += 1
-                if self._answered * 4 >= self._asked:  # a quarter of the pipeline drained
+                if refill_due(self._answered, self._asked):
                     self.top_up()
             case Have(index):
                 self._on_have(index)
@@ -794,7 +805,7 @@ class _Client:
         """Fill this peer's request pipeline from the picker.
 
         Topping up after every block would cost a picker scan per block; on the
-        block path it is done once a quarter of the pipeline has drained. In the
+        block path it is done when ``refill_due`` says so. In the
         endgame the picker first learns what already waits in our buffers, unless
         the caller just told it (``note_arriving=False``).
         """

@@ -22,6 +22,9 @@ Policy, in the order ``next_requests`` applies it:
 
 A peer's pipeline depth follows its measured throughput: enough blocks to keep
 ``target_latency`` seconds of data in flight, clamped to ``min_depth..max_depth``.
+All peers together keep at most ``total_depth`` blocks in flight, shared in
+proportion to their throughput: one peer may use all of it, several split it, so
+what waits for us in socket buffers does not grow with the number of peers.
 A request older than ``max(min_timeout, timeout_factor * mean latency)`` expires
 and becomes requestable again; a peer that times out ``snub_after`` times in a
 row is snubbed (one request at a time) until it delivers again.
@@ -90,6 +93,7 @@ class PickerConfig:
     block_size: int = BLOCK_SIZE
     min_depth: int = 2
     max_depth: int = 64
+    total_depth: int = 64  # blocks in flight to all peers together (16 MiB of 256 KiB)
     target_latency: float = 2.0  # seconds of data to keep requested from each peer
     rate_window: float = 10.0  # seconds of history behind a peer's throughput
     min_timeout: float = 5.0
@@ -103,6 +107,8 @@ class PickerConfig:
     def __post_init__(self) -> None:
         if self.block_size <= 0 or not 1 <= self.min_depth <= self.max_depth:
             raise ValueError("block_size must be positive and 1 <= min_depth <= max_depth")
+        if self.total_depth < self.min_depth:
+            raise ValueError("total_depth must be at least min_depth")
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,11 +440,23 @@ class PiecePicker:
         return state.sampled / span
 
     def depth(self, peer: PeerId, now: float) -> int:
-        """How many requests to keep in flight to ``peer``."""
+        """How many requests to keep in flight to ``peer``.
+
+        ``target_latency`` seconds of its throughput, within ``min_depth..max_depth``,
+        and at most its throughput's share of ``total_depth``. Without the shared
+        budget, four seeders on loopback kept 12-16 MB waiting in our socket buffers
+        where one kept 4-6 MB; a window that full makes each of our reads send, in
+        its ACK's wake, the seeder's queued data on the seeder's behalf (half again
+        as much time in ``recv``; docs/performance.md, round 5).
+        """
         cfg = self.config
         if self.is_snubbed(peer):
             return 1
-        wanted = math.ceil(self.throughput(peer, now) * cfg.target_latency / cfg.block_size)
+        mine = self.throughput(peer, now)
+        wanted = math.ceil(mine * cfg.target_latency / cfg.block_size)
+        if mine > 0 and len(self._peers) > 1:
+            total = sum(self._rate(state, now) for state in self._peers.values())
+            wanted = min(wanted, math.ceil(cfg.total_depth * mine / total))
         return max(cfg.min_depth, min(cfg.max_depth, wanted))
 
     def request_timeout(self, peer: PeerId) -> float:
