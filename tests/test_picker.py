@@ -192,13 +192,17 @@ def test_peers_share_one_in_flight_budget_by_throughput() -> None:
         picker.next_requests(A, now=0.0)
         picker.block_received(A, picker.pending(A)[0], now=0.5)
     assert picker.depth(A, now=1.0) == 60  # one peer is not held to the shared budget
+    picker.add_peer(B, everything)
+    picker.add_peer(C, everything)
+    assert picker.depth(A, now=1.0) == 60  # peers that deliver nothing take no share
     for peer, count in ((B, 30), (C, 10)):  # B as fast as A, C a third of that
-        picker.add_peer(peer, everything)
         for _ in range(count):
             picker.next_requests(peer, now=0.5)
             picker.block_received(peer, picker.pending(peer)[0], now=0.5)
     # 30 + 30 + 10 kB/s: shares of 16 blocks are 30/70, 30/70 and 10/70, rounded up
     assert [picker.depth(p, now=1.0) for p in (A, B, C)] == [7, 7, 3]
+    picker.add_peer(D, everything)  # connected, nothing delivered yet: no share taken
+    assert picker.depth(A, now=1.0) == 7
     assert picker.depth(D, now=1.0) == cfg.min_depth  # unknown peer: the least
     with pytest.raises(ValueError, match="total_depth"):
         PickerConfig(min_depth=4, total_depth=3)
@@ -246,6 +250,22 @@ def test_endgame_steals_from_the_tail_of_an_equal_peer() -> None:
     assert len(asked) == 8
     stolen = picker.next_requests(B, now=0.0)
     assert stolen == asked[:3:-1]  # the last four, latest first: they meet in the middle
+
+
+def test_blocks_another_peer_delivered_leave_the_pipeline() -> None:
+    # The downloader refills a pipeline by how far it drained (refill_due): a block
+    # cancelled because B delivered it first counts as drained at A, like one A sent.
+    picker = make([4] * 8, min_depth=8, max_depth=8, endgame_margin=0)
+    picker.add_peer(A, bits(8, *range(8)))
+    picker.add_peer(B, bits(8, *range(8)))
+    asked = picker.next_requests(A, now=0.0)
+    stolen = picker.next_requests(B, now=0.0)
+    assert (picker.in_flight(A), picker.in_flight(B)) == (8, len(stolen))
+    picker.block_received(B, stolen[0], now=0.1)
+    assert picker.in_flight(A) == 7  # withdrawn: the caller sends A a Cancel
+    picker.block_received(A, asked[0], now=0.1)
+    assert picker.in_flight(A) == 6
+    assert picker.in_flight(C) == 0  # an unknown peer has nothing in flight
 
 
 def test_endgame_margin_leaves_blocks_already_on_their_way() -> None:

@@ -440,3 +440,4 @@ def test_pipelines_refill_in_batches_of_several_requests() -> None:
     assert first_due(14) == 7  # a share of the budget: half, so a batch is not 3 requests
     assert first_due(40) == 10  # a quarter is already 8 or more
     assert first_due(2) == 1  # the least pipeline refills after each block
+    assert refill_due(0, 0)  # nothing asked: fill it now

@@ -28,7 +28,7 @@ def test_libsodium_c_functions_are_in_use() -> None:
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test through libsodium's C functions, then through PyNaCl's public API."""
     if request.param == "public-api":
-        monkeypatch.setattr(suites, "_lib", None)
+        monkeypatch.setattr(suites, "_c_function", lambda name, op: None)
     return str(request.param)
 
 
@@ -65,6 +65,30 @@ def test_tampered_or_short_input_does_not_open(suite: Suite, path: str) -> None:
     with pytest.raises(nacl.exceptions.CryptoError):
         aead.open_new(sealed[: aead.tag_size - 1], AD, nonce, key)
     assert aead.open_new(sealed, AD, nonce, key) == b"block"
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+def test_views_of_wider_items_count_in_bytes(suite: Suite, path: str) -> None:
+    aead = AEADS[suite]
+    key, nonce = keys(aead)
+    message = os.urandom(64)
+    out = bytearray(64 + aead.tag_size)
+    with memoryview(message) as view, view.cast("I") as words:  # 16 items, 64 bytes
+        aead.seal_into(out, words, AD, nonce, key)
+    assert bytes(out) == aead.encrypt(message, AD, nonce, key)
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+def test_wrong_key_or_nonce_size_is_refused(suite: Suite, path: str) -> None:
+    aead = AEADS[suite]
+    key, nonce = keys(aead)
+    sealed = aead.encrypt(b"block", AD, nonce, key)
+    out = bytearray(5 + aead.tag_size)
+    for bad_nonce, bad_key in ((nonce[:4], key), (nonce, key[:3]), (nonce + b"!", key)):
+        with pytest.raises(ValueError, match="nonce"):
+            aead.seal_into(out, b"block", AD, bad_nonce, bad_key)
+        with pytest.raises(ValueError, match="nonce"):
+            aead.open_new(sealed, AD, bad_nonce, bad_key)
 
 
 def test_seal_into_wants_room_for_exactly_message_and_tag() -> None:

@@ -662,15 +662,16 @@ class Download:
         return path
 
 
-def refill_due(answered: int, asked: int) -> bool:
-    """Whether a peer's pipeline (``asked`` requests at the last refill, ``answered``
-    since) has drained enough to send it a new batch of Requests.
+def refill_due(drained: int, asked: int) -> bool:
+    """Whether a peer's pipeline (``asked`` requests in flight at the last refill,
+    ``drained`` of them since received, cancelled or expired) has drained enough to
+    send it a new batch of Requests.
 
     A quarter of it, so a deep pipeline never runs low; a shallow one (a peer's share
     of the picker's ``total_depth``) waits for half of it, or 8 blocks, so that each
     batch, and the wake-up it costs the peer, still carries several requests.
     """
-    return answered >= max(asked / 4, min(asked / 2, 8))
+    return drained >= max(asked / 4, min(asked / 2, 8))
 
 
 class _Client:
@@ -685,8 +686,7 @@ class _Client:
         self.received = 0
         self.error = ""
         self._early_have: set[int] = set()
-        self._asked = 0  # requests outstanding right after the last top-up
-        self._answered = 0  # blocks received since then
+        self._asked = 0  # requests in flight right after the last top-up
 
     def useful(self) -> bool:
         """Still connecting, or connected with a piece we lack."""
@@ -768,8 +768,8 @@ class _Client:
                 if not self.ready:
                     raise ProtocolError("piece before it was requested")
                 await self.dl.on_piece(self, event)
-                self._answered += 1
-                if refill_due(self._answered, self._asked):
+                drained = self._asked - self.dl.picker.in_flight(self.addr.peer_key)
+                if refill_due(drained, self._asked):  # received, cancelled or expired
                     self.top_up()
             case Have(index):
                 self._on_have(index)
@@ -799,7 +799,7 @@ class _Client:
     @property
     def idle(self) -> bool:
         """Nothing requested from this peer is outstanding (as far as we know)."""
-        return self._answered >= self._asked
+        return self.dl.picker.in_flight(self.addr.peer_key) == 0
 
     def top_up(self, *, note_arriving: bool = True) -> None:
         """Fill this peer's request pipeline from the picker.
@@ -816,4 +816,4 @@ class _Client:
             self.dl.note_arriving()
         blocks = self.dl.picker.next_requests(key, self.dl.clock())
         self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
-        self._asked, self._answered = len(self.dl.picker.pending(key)), 0
+        self._asked = self.dl.picker.in_flight(key)

@@ -22,9 +22,10 @@ Policy, in the order ``next_requests`` applies it:
 
 A peer's pipeline depth follows its measured throughput: enough blocks to keep
 ``target_latency`` seconds of data in flight, clamped to ``min_depth..max_depth``.
-All peers together keep at most ``total_depth`` blocks in flight, shared in
-proportion to their throughput: one peer may use all of it, several split it, so
-what waits for us in socket buffers does not grow with the number of peers.
+Peers that deliver share a budget of ``total_depth`` blocks in proportion to their
+throughput (each share rounded up, never below ``min_depth``): one peer may use all
+of it, several split it, so what waits for us in socket buffers does not grow with
+the number of peers.
 A request older than ``max(min_timeout, timeout_factor * mean latency)`` expires
 and becomes requestable again; a peer that times out ``snub_after`` times in a
 row is snubbed (one request at a time) until it delivers again.
@@ -367,6 +368,12 @@ class PiecePicker:
         state = self._peers.get(peer)
         return state is not None and any(not self._have[i] for i in state.have)
 
+    def in_flight(self, peer: PeerId) -> int:
+        """How many blocks requested from ``peer`` are neither received nor withdrawn
+        (cancelled because another peer delivered them, or expired)."""
+        state = self._peers.get(peer)
+        return 0 if state is None else len(state.pending)
+
     def pending(self, peer: PeerId) -> list[Block]:
         """Blocks requested from ``peer`` and not yet received, oldest first."""
         state = self._peers.get(peer)
@@ -443,7 +450,8 @@ class PiecePicker:
         """How many requests to keep in flight to ``peer``.
 
         ``target_latency`` seconds of its throughput, within ``min_depth..max_depth``,
-        and at most its throughput's share of ``total_depth``. Without the shared
+        and, while other peers deliver too, at most its throughput's share of
+        ``total_depth`` (rounded up). Without the shared
         budget, four seeders on loopback kept 12-16 MB waiting in our socket buffers
         where one kept 4-6 MB; a window that full makes each of our reads send, in
         its ACK's wake, the seeder's queued data on the seeder's behalf (half again
@@ -454,9 +462,10 @@ class PiecePicker:
             return 1
         mine = self.throughput(peer, now)
         wanted = math.ceil(mine * cfg.target_latency / cfg.block_size)
-        if mine > 0 and len(self._peers) > 1:
+        if mine > 0:
             total = sum(self._rate(state, now) for state in self._peers.values())
-            wanted = min(wanted, math.ceil(cfg.total_depth * mine / total))
+            if total > mine:  # someone else delivers too: take our share
+                wanted = min(wanted, math.ceil(cfg.total_depth * mine / total))
         return max(cfg.min_depth, min(cfg.max_depth, wanted))
 
     def request_timeout(self, peer: PeerId) -> float:

@@ -259,8 +259,8 @@ def decode_message(data: bytes | bytearray) -> Message:
         kind = r.pull_u8()
         if kind == MessageType.PIECE:
             index, begin = r.pull_u32(), r.pull_u32()
-            # A view, not a copy: the block stays inside the decrypted plaintext.
-            return Piece(index, begin, memoryview(data)[_PIECE_HEAD.size :])
+            # A read-only view, not a copy: the block stays inside the decrypted plaintext.
+            return Piece(index, begin, memoryview(data).toreadonly()[_PIECE_HEAD.size :])
         msg = _decode_body(kind, r)
         r.finish()
         return msg

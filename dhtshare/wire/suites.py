@@ -87,39 +87,54 @@ class Aead:
     def seal_into(self, out: Buffer, message: Buffer, ad: bytes, nonce: bytes, key: bytes) -> None:
         """Write ``message`` sealed (ciphertext, then tag) into ``out``, which must be
         exactly ``tag_size`` bytes longer than it."""
-        size = len(memoryview(message))
-        if len(memoryview(out)) != size + self.tag_size:
-            raise ValueError("output buffer must be the message plus the tag")
-        c_encrypt = getattr(_lib, f"crypto_aead_{self.name}_encrypt", None)
-        if c_encrypt is None or _ffi is None:
-            memoryview(out)[:] = self.encrypt(bytes(message), ad, nonce, key)
-            return
-        written = _ffi.new("unsigned long long *")
-        rc = c_encrypt(
-            _ffi.from_buffer(out, require_writable=True), written,
-            _ffi.from_buffer(message), size, ad, len(ad), _ffi.NULL, nonce, key,
-        )  # fmt: skip
+        self._check_key(nonce, key)
+        with memoryview(message) as m, memoryview(out) as o, m.cast("B") as src, o.cast("B") as dst:
+            if len(dst) != len(src) + self.tag_size:
+                raise ValueError("output buffer must be the message plus the tag")
+            c_encrypt = _c_function(self.name, "encrypt")
+            if c_encrypt is None:
+                dst[:] = self.encrypt(bytes(src), ad, nonce, key)
+                return
+            written = _ffi.new("unsigned long long *")
+            rc = c_encrypt(
+                _ffi.from_buffer(dst, require_writable=True), written,
+                _ffi.from_buffer(src), len(src), ad, len(ad), _ffi.NULL, nonce, key,
+            )  # fmt: skip
         if rc != 0:
             raise ValueError("libsodium refused to seal the message")
 
     def open_new(self, sealed: Buffer, ad: bytes, nonce: bytes, key: bytes) -> bytearray:
         """The plaintext of ``sealed`` in a new ``bytearray``; ``nacl.exceptions.CryptoError``
         if it does not authenticate."""
-        size = len(memoryview(sealed))
-        if size < self.tag_size:
-            raise nacl.exceptions.CryptoError("shorter than its tag")
-        c_decrypt = getattr(_lib, f"crypto_aead_{self.name}_decrypt", None)
-        if c_decrypt is None or _ffi is None:
-            return bytearray(self.decrypt(bytes(sealed), ad, nonce, key))
-        out = bytearray(size - self.tag_size)
-        written = _ffi.new("unsigned long long *")
-        rc = c_decrypt(
-            _ffi.from_buffer(out, require_writable=True), written, _ffi.NULL,
-            _ffi.from_buffer(sealed), size, ad, len(ad), nonce, key,
-        )  # fmt: skip
+        self._check_key(nonce, key)
+        with memoryview(sealed) as view, view.cast("B") as src:
+            if len(src) < self.tag_size:
+                raise nacl.exceptions.CryptoError("shorter than its tag")
+            c_decrypt = _c_function(self.name, "decrypt")
+            if c_decrypt is None:
+                return bytearray(self.decrypt(bytes(src), ad, nonce, key))
+            out = bytearray(len(src) - self.tag_size)
+            written = _ffi.new("unsigned long long *")
+            rc = c_decrypt(
+                _ffi.from_buffer(out, require_writable=True), written, _ffi.NULL,
+                _ffi.from_buffer(src), len(src), ad, len(ad), nonce, key,
+            )  # fmt: skip
         if rc != 0:
             raise nacl.exceptions.CryptoError("Decryption failed.")
         return out
+
+    def _check_key(self, nonce: bytes, key: bytes) -> None:
+        # libsodium's C functions read exactly this many bytes through the pointers
+        if len(nonce) != self.nonce_size or len(key) != self.key_size:
+            raise ValueError(
+                f"{self.name} wants a {self.nonce_size}-byte nonce and a {self.key_size}-byte key"
+            )
+
+
+@functools.cache
+def _c_function(name: str, op: str) -> Any:
+    """libsodium's ``crypto_aead_<name>_<op>`` from PyNaCl's cffi module, or None."""
+    return None if _ffi is None else getattr(_lib, f"crypto_aead_{name}_{op}", None)
 
 
 AEADS: dict[Suite, Aead] = {
@@ -141,8 +156,8 @@ AEADS: dict[Suite, Aead] = {
     ),
 }
 
-FAST_AEAD = _lib is not None and all(
-    hasattr(_lib, f"crypto_aead_{aead.name}_{op}")
+FAST_AEAD = all(
+    _c_function(aead.name, op) is not None
     for aead in AEADS.values()
     for op in ("encrypt", "decrypt")
 )
