@@ -314,18 +314,19 @@ class PeerConnection:
         if what is None:
             raise RemoteProtocolError(f"unknown frame type {frame_type}", Reason.PROTOCOL)
         self._state = self._next_state(what)
+        if what is Input.RECV_SEALED:
+            return self._on_message(self._open_cipher().open(payload))
+        data = bytes(payload)  # handshake frames are small, and their parts are kept
         match what:
-            case Input.RECV_SEALED:
-                return self._on_message(self._open_cipher().open(payload))
             case Input.RECV_CLIENT_HELLO:
-                self._on_client_hello(bytes(payload))
+                self._on_client_hello(data)
                 return None
             case Input.RECV_SERVER_HELLO:
-                return self._on_server_hello(bytes(payload))
+                return self._on_server_hello(data)
             case Input.RECV_CLIENT_AUTH:
-                return self._on_client_auth(bytes(payload))
+                return self._on_client_auth(data)
             case _:
-                return self._on_plain_reject(bytes(payload))
+                return self._on_plain_reject(data)
 
     def _open_cipher(self) -> SessionCipher:
         if self._cipher is None:  # the table only allows RECV_SEALED once keys exist
