@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .files.service import FileService, SharedFile
 from .identity import Identity
 from .records import FileEntry, Provider
 from .store.atomic import write_atomic
+from .store.partial import free_name, read_owner
 from .transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from .transfer.ratelimit import TokenBucket
 from .transfer.serve import MemberCheck, ShareRegistry
@@ -155,12 +156,7 @@ class DownloadManager:
             raise StoreError(
                 f"cannot create {out_dir}: {exc.strerror}", "choose another --out"
             ) from exc
-        handle = self._build(info, out_dir)
-        final = handle.download.final_path
-        if await aiofiles.os.path.exists(final) or await aiofiles.os.path.islink(final):
-            raise StoreError(
-                f"{handle.download.final_path} already exists", "move it away or use --out"
-            )
+        handle = await self._claim(info, out_dir)
         if not await aiofiles.os.path.exists(handle.download.part_path):
             await _check_free_space(out_dir, info.size)
         self.handles[info.content_id] = handle
@@ -168,6 +164,26 @@ class DownloadManager:
         self._run(handle)
         self.save()
         return handle
+
+    async def _claim(self, info: FileInfo, out_dir: Path) -> Handle:
+        """A download of ``info`` under an output name no other download owns.
+
+        One owner per output path: the name is the file's own unless another download
+        of this node holds it, or a file of that name or its ``.part`` exists (the
+        user's, or another program's), in which case it is ``name (1).ext`` and so
+        on; the ``.part`` file this download created before keeps its name.
+        """
+        handle = self._build(info, out_dir)
+        taken = {
+            h.download.final_path
+            for cid, h in self.handles.items()
+            if cid != info.content_id and h.status().state != "complete"
+        }
+        owner = await asyncio.to_thread(read_owner, handle.download.owner_path)
+        name = await asyncio.to_thread(free_name, out_dir, info.name, taken, owner)
+        if name == handle.download.final_path.name:
+            return handle
+        return self._build(replace(info, name=name), out_dir)
 
     def _run(self, handle: Handle) -> None:
         handle.task = asyncio.ensure_future(handle.download.run())
@@ -237,15 +253,18 @@ class DownloadManager:
                     int(doc["size"]),
                     int(doc["piece_size"]),
                 )
-                handle = self._build(info, Path(doc["out_dir"]))
-            except (KeyError, ValueError, TypeError, OSError) as exc:
+                out_dir = Path(doc["out_dir"])
+                if doc.get("state") in ("downloading", "paused"):
+                    handle = await self._claim(info, out_dir)
+                else:
+                    handle = self._build(info, out_dir)
+                    handle.download._final = _restored(doc)
+            except (KeyError, ValueError, TypeError, OSError, DhtshareError) as exc:
                 log.warning("cannot resume a download: %s", exc)
                 continue
             self.handles[info.content_id] = handle
-            if doc.get("state") in ("downloading", "paused"):
+            if handle.download._final is None:
                 self._run(handle)
-            else:
-                handle.download._final = _restored(doc)
 
     async def pause_all(self) -> None:
         tasks = [h.task for h in self.handles.values() if h.task is not None and not h.task.done()]

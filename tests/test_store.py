@@ -18,7 +18,9 @@ from dhtshare.store.partial import (
     BlockReader,
     PartialFile,
     _pread_cached,
+    free_name,
     read_block,
+    read_owner,
     safe_name,
 )
 from dhtshare.store.resume import ResumeState, load_or_new, read_state
@@ -43,10 +45,80 @@ async def test_pieces_out_of_order_then_finalize(tmp_path: Path) -> None:
 
 
 async def test_reopen_keeps_written_pieces(tmp_path: Path) -> None:
-    async with await PartialFile.open(tmp_path, "a.bin", 8) as pf:
+    owner = tmp_path / "state" / "a.owner"
+    owner.parent.mkdir()
+    async with await PartialFile.open(tmp_path, "a.bin", 8, owner=owner) as pf:
+        assert pf.created
         await pf.write_piece(4, b"WXYZ")
-    async with await PartialFile.open(tmp_path, "a.bin", 8) as pf:
+    async with await PartialFile.open(tmp_path, "a.bin", 8, owner=owner) as pf:
+        assert not pf.created
         assert await pf.read(0, 8) == b"\0\0\0\0WXYZ"
+        await pf.write_piece(0, b"abcd")
+        await pf.finalize()
+    assert (tmp_path / "a.bin").read_bytes() == b"abcdWXYZ"
+    assert not owner.exists()  # the record goes with the .part name
+
+
+async def test_a_part_file_the_download_did_not_create_is_never_touched(tmp_path: Path) -> None:
+    mine = tmp_path / "notes.txt.part"
+    mine.write_bytes(b"the user's own file")
+    owner = tmp_path / "notes.owner"
+    with pytest.raises(StoreError, match="did not create it") as info:
+        await PartialFile.open(tmp_path, "notes.txt", 4, owner=owner)
+    assert "move" in info.value.hint
+    with pytest.raises(StoreError, match="did not create it"):
+        await PartialFile.open(tmp_path, "notes.txt", 4)  # no owner record: create only
+    assert mine.read_bytes() == b"the user's own file"
+    assert not owner.exists() and not (tmp_path / "notes.txt").exists()
+
+
+async def test_a_replaced_part_file_is_not_reopened(tmp_path: Path) -> None:
+    # The .part this download created was swapped for another file of the same name.
+    owner = tmp_path / "r.owner"
+    async with await PartialFile.open(tmp_path, "r.bin", 4, owner=owner) as pf:
+        await pf.write_piece(0, b"ours")
+    part = tmp_path / "r.bin.part"
+    part.unlink()
+    keep = tmp_path / "keep"
+    keep.write_bytes(b"someone else's")
+    part.symlink_to(keep)
+    with pytest.raises(StoreError, match="did not create it"):
+        await PartialFile.open(tmp_path, "r.bin", 4, owner=owner)
+    part.unlink()
+    part.write_bytes(b"theirs, 5+")
+    with pytest.raises(StoreError, match="did not create it"):
+        await PartialFile.open(tmp_path, "r.bin", 4, owner=owner)
+    assert part.read_bytes() == b"theirs, 5+" and keep.read_bytes() == b"someone else's"
+    part.unlink()  # gone: the download starts over under its name
+    async with await PartialFile.open(tmp_path, "r.bin", 4, owner=owner) as pf:
+        assert pf.created and await pf.read(0, 4) == bytes(4)
+
+
+def test_free_name_skips_every_name_in_use(tmp_path: Path) -> None:
+    assert free_name(tmp_path, "a/x.tar.gz") == "x.tar.gz"
+    (tmp_path / "x.tar.gz").write_bytes(b"")
+    assert free_name(tmp_path, "x.tar.gz") == "x.tar (1).gz"
+    (tmp_path / "x.tar (1).gz.part").write_bytes(b"")
+    taken = {tmp_path / "x.tar (2).gz"}
+    assert free_name(tmp_path, "x.tar.gz", taken) == "x.tar (3).gz"
+    (tmp_path / ".hidden").symlink_to(tmp_path / "nowhere")
+    assert free_name(tmp_path, ".hidden") == ".hidden (1)"
+    long = "é" * 123 + ".bin"  # 250 bytes: the longest name kept whole
+    (tmp_path / safe_name(long)).write_bytes(b"")
+    second = free_name(tmp_path, long)
+    assert second.endswith(" (1).bin") and len((second + ".part").encode()) <= 255
+    assert second == safe_name(second)
+
+
+async def test_free_name_keeps_the_part_file_this_download_created(tmp_path: Path) -> None:
+    owner = tmp_path / "o.owner"
+    (tmp_path / "v.bin.part").write_bytes(b"user")
+    name = free_name(tmp_path, "v.bin", owner=read_owner(owner))
+    assert name == "v (1).bin"
+    async with await PartialFile.open(tmp_path, name, 2, owner=owner):
+        pass
+    (tmp_path / "v.bin.part").unlink()  # the first name is free again, but ours is (1)
+    assert free_name(tmp_path, "v.bin", owner=read_owner(owner)) == "v (1).bin"
 
 
 async def test_a_batch_writes_only_the_pieces_whose_check_passes(tmp_path: Path) -> None:

@@ -8,6 +8,15 @@ File-system metadata (directories, names) goes through ``aiofiles.os``.
 A file takes its final name only in ``finalize()``, and never replaces an
 existing file: the final name is created with ``os.link`` (which fails if the name
 exists), then the ``.part`` name is removed.
+
+One owner per output path. ``PartialFile.open`` creates ``<name>.part`` with
+``O_CREAT | O_EXCL`` and never truncates, writes or renames a file it did not
+create: to resume, it is given an *owner record* (a small JSON file beside the
+download's resume state) that names the ``.part`` path and the device and inode it
+had when this download created it; only a file with that identity is reopened.
+``free_name`` picks, for a new download, the first of ``name``, ``name (1).ext``,
+``name (2).ext``... whose final and ``.part`` names are free on disk and not taken
+by another download of the node.
 """
 
 from __future__ import annotations
@@ -16,17 +25,20 @@ import asyncio
 import contextlib
 import errno
 import functools
+import json
 import os
+import stat
 import unicodedata
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias, TypeVar
 
 import aiofiles.os
 
 from dhtshare.errors import StoreError
-from dhtshare.store.atomic import fsync_dir
+from dhtshare.store.atomic import fsync_dir, write_atomic
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -34,8 +46,11 @@ T = TypeVar("T")
 __all__ = [
     "PART_SUFFIX",
     "BlockReader",
+    "PartOwner",
     "PartialFile",
+    "free_name",
     "read_block",
+    "read_owner",
     "safe_name",
 ]
 
@@ -46,6 +61,8 @@ _DROP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 # EFBIG: a file-size limit (RLIMIT_FSIZE, a FAT32 volume) stops the download like a full disk
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _NO_LINK_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK})
+MAX_NAME_TRIES = 1000
+"""``free_name`` gives up after ``name (999).ext``."""
 
 
 def safe_name(name: str) -> str:
@@ -183,15 +200,141 @@ def _pread_exact(fd: int, offset: int, length: int) -> bytes:
     return b"".join(chunks)
 
 
-def _open_part(path: Path, size: int) -> int:
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags, 0o644)
+@dataclass(frozen=True, slots=True)
+class PartOwner:
+    """Which ``.part`` file a download created: its path and its identity on disk."""
+
+    part: Path
+    dev: int
+    ino: int
+
+    def to_json(self) -> str:
+        return json.dumps({"part": str(self.part), "dev": self.dev, "ino": self.ino})
+
+    def matches(self, st: os.stat_result) -> bool:
+        return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+
+def read_owner(path: Path) -> PartOwner | None:
+    """The owner record at ``path``, or ``None`` if it is missing or damaged."""
+    try:
+        doc = json.loads(Path(path).read_text("utf-8"))
+        part, dev, ino = doc["part"], doc["dev"], doc["ino"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not (isinstance(part, str) and isinstance(dev, int) and isinstance(ino, int)):
+        return None
+    return PartOwner(Path(part), dev, ino)
+
+
+def owns(owner: PartOwner | None, part: Path) -> bool:
+    """Whether ``part`` is, on disk now, the file ``owner`` records."""
+    if owner is None or owner.part != part:
+        return False
+    try:
+        return owner.matches(os.lstat(part))
+    except OSError:
+        return False
+
+
+def _open_part(
+    path: Path, size: int, owner: PartOwner | None, record: Path | None
+) -> tuple[int, bool]:
+    """``(fd, created)``: reopen the file ``owner`` records, or create a new one
+    and record it at ``record``.
+
+    A file at ``path`` that this download did not create raises ``FileExistsError``;
+    it is never truncated. ``O_NONBLOCK``: opening a FIFO planted there must not hang.
+    """
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    if owner is not None and owner.part == path:
+        try:
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except FileNotFoundError:
+            pass  # gone: start over under the same name
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # a symbolic link now: not the file we created
+                raise FileExistsError(errno.EEXIST, "a symbolic link", str(path)) from exc
+            raise
+        else:
+            try:
+                st = os.fstat(fd)
+                if not owner.matches(st):
+                    raise FileExistsError(errno.EEXIST, "not created by this download", str(path))
+                if st.st_size != size:
+                    os.ftruncate(fd, size)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, False
+    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)
+        if record is not None:
+            st = os.fstat(fd)
+            write_atomic(record, PartOwner(path, st.st_dev, st.st_ino).to_json().encode())
     except BaseException:
         os.close(fd)
+        os.unlink(path)
         raise
-    return fd
+    return fd, True
+
+
+async def _open_part_async(
+    path: Path, size: int, owner: PartOwner | None, record: Path | None
+) -> tuple[int, bool]:
+    """``_open_part`` in a worker thread; if we are cancelled, it still ends and the
+    file it opened is closed (the file and its record stay consistent)."""
+    task = asyncio.ensure_future(asyncio.to_thread(_open_part, path, size, owner, record))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            os.close(task.result()[0])
+        raise
+
+
+def _candidates(name: str) -> list[str]:
+    """``name``, then ``stem (1).ext`` ... ``stem (999).ext``, each a safe name."""
+    base = safe_name(name)
+    dot = base.rfind(".")
+    stem, ext = (base[:dot], base[dot:]) if dot > 0 else (base, "")
+    out = [base]
+    for n in range(1, MAX_NAME_TRIES):
+        tag = f" ({n}){ext}"
+        room = _NAME_MAX_BYTES - len(tag.encode("utf-8"))
+        out.append(_truncate_utf8(stem, max(room, 1)).rstrip() + tag)
+    return out
+
+
+def free_name(
+    out_dir: Path, name: str, taken: Collection[Path] = (), owner: PartOwner | None = None
+) -> str:
+    """The name a new download of ``name`` into ``out_dir`` should take (blocking I/O).
+
+    The ``.part`` file ``owner`` records, if it is still that file and its final name
+    is free, keeps its name (resume). Otherwise the first candidate (``name``,
+    ``stem (1).ext``, ...) whose final path is not in ``taken`` (other downloads of
+    this node) and whose final and ``.part`` names do not exist. ``StoreError`` if
+    none is free.
+    """
+    out_dir = Path(out_dir)
+    if owner is not None and owner.part.parent == out_dir and owner.part.name.endswith(
+        PART_SUFFIX
+    ):
+        final = owner.part.with_name(owner.part.name[: -len(PART_SUFFIX)])
+        if final not in taken and not os.path.lexists(final) and owns(owner, owner.part):
+            return final.name
+    for candidate in _candidates(name):
+        final = out_dir / candidate
+        part = final.with_name(candidate + PART_SUFFIX)
+        if final in taken or os.path.lexists(final) or os.path.lexists(part):
+            continue
+        return candidate
+    raise StoreError(
+        f"no free name for {safe_name(name)} in {out_dir}", "choose another --out directory"
+    )
 
 
 def _link_no_replace(src: Path, dst: Path) -> None:
@@ -209,26 +352,55 @@ def _link_no_replace(src: Path, dst: Path) -> None:
 class PartialFile:
     """A download in progress: ``<name>.part`` in the output directory, sparse, of fixed size."""
 
-    def __init__(self, fd: int, part_path: Path, final_path: Path, size: int) -> None:
+    def __init__(
+        self,
+        fd: int,
+        part_path: Path,
+        final_path: Path,
+        size: int,
+        *,
+        created: bool = True,
+        owner_path: Path | None = None,
+    ) -> None:
         self._fd: int | None = fd
         self._cache = _CacheRecycler()
         self.part_path = part_path
         self.final_path = final_path
         self.size = size
+        self.created = created
+        """True if ``open`` created the ``.part`` file (nothing in it is verified yet)."""
+        self.owner_path = owner_path
 
     @classmethod
-    async def open(cls, out_dir: Path, name: str, size: int) -> PartialFile:
-        """Create or reopen ``<safe name>.part`` in ``out_dir``, sized to ``size`` bytes."""
+    async def open(
+        cls, out_dir: Path, name: str, size: int, *, owner: Path | None = None
+    ) -> PartialFile:
+        """Create ``<safe name>.part`` in ``out_dir`` (``O_EXCL``), sized to ``size`` bytes.
+
+        With ``owner`` (the path of this download's owner record), a ``.part`` file
+        this download created earlier is reopened instead, and a new one is recorded
+        there. A ``.part`` file it did not create is never touched: ``StoreError``.
+        """
         if size < 0:
             raise ValueError(f"negative file size {size}")
         final = Path(out_dir) / safe_name(name)
         part = final.with_name(final.name + PART_SUFFIX)
+        recorded = await asyncio.to_thread(read_owner, owner) if owner is not None else None
         try:
             await aiofiles.os.makedirs(out_dir, exist_ok=True)
-            fd = await asyncio.to_thread(_open_part, part, size)
         except OSError as exc:
             raise _store_error(exc, "create", part) from exc
-        return cls(fd, part, final, size)
+        record = Path(owner) if owner is not None else None
+        try:
+            fd, created = await _open_part_async(part, size, recorded, record)
+        except FileExistsError as exc:
+            raise StoreError(
+                f"{part} exists and this download did not create it; it is left as it is",
+                f"move {part} away, or download into another --out directory",
+            ) from exc
+        except OSError as exc:
+            raise _store_error(exc, "create", part) from exc
+        return cls(fd, part, final, size, created=created, owner_path=record)
 
     @property
     def closed(self) -> bool:
@@ -317,6 +489,9 @@ class PartialFile:
             raise _store_error(exc, "create", self.final_path, self.part_path) from exc
         await self._drop_part_name()
         await self.close()
+        if self.owner_path is not None:
+            with contextlib.suppress(OSError):
+                await aiofiles.os.unlink(self.owner_path)
         return self.final_path
 
     async def _drop_part_name(self) -> None:

@@ -2,8 +2,9 @@
 
 ``Download.run()`` does, in order (docs/transfer.md has the full story):
 
-1. refuse at once if the final name exists (``StoreError``); open ``<name>.part``
-   and load the resume state (a missing ``.part`` discards the state);
+1. refuse at once if the final name exists (``StoreError``); create ``<name>.part``
+   (``O_EXCL``: a file this download did not create is never opened), or reopen
+   the one it created earlier and load the resume state (a new ``.part`` discards it);
 2. poll the node's ``providers()`` callable and connect to up to ``max_peers`` of
    them at once (re-polled while pieces are missing); each connection is a client
    handshake, and the server's key must be a current group member;
@@ -230,6 +231,11 @@ class Download:
         return self._state_path or self.final_path.with_name(self.final_path.name + ".resume")
 
     @property
+    def owner_path(self) -> Path:
+        """Which ``.part`` file this download created (``store.partial``'s owner record)."""
+        return self.state_path.with_name(self.state_path.name + ".owner")
+
+    @property
     def hashes_path(self) -> Path:
         return self.state_path.with_name(self.state_path.name + ".hashes")
 
@@ -302,9 +308,10 @@ class Download:
                 await self._close_quietly()
 
     async def _open(self) -> None:
-        existed = await asyncio.to_thread(self.part_path.exists)
-        self._partial = await PartialFile.open(self.out_dir, self.info.name, self.info.size)
-        if existed:
+        self._partial = await PartialFile.open(
+            self.out_dir, self.info.name, self.info.size, owner=self.owner_path
+        )
+        if not self._partial.created:  # our own .part: resume it
             count = self.layout.piece_count
             self._state = await asyncio.to_thread(
                 load_or_new, self.state_path, self.info.content_id, count

@@ -1,0 +1,144 @@
+"""One owner per output path: downloads never share, truncate or rename away a file
+they did not create (issue #13, item 7). Real nodes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from dhtshare.dht.server import DhtNode
+from dhtshare.downloads import Handle
+from dhtshare.files.content import merkle_root
+from dhtshare.identity import Identity
+from dhtshare.node import Node, NodeConfig
+from dhtshare.records import FileEntry
+
+SIZE = 3 * 1024 * 1024 + 12_345
+
+
+class Cluster:
+    def __init__(self, tmp: Path, boot: DhtNode) -> None:
+        self.tmp, self.boot, self.nodes = tmp, boot, list[Node]()
+
+    async def node(self, name: str) -> Node:
+        cfg = NodeConfig(
+            home=self.tmp / name,
+            bootstrap=(self.boot.address,),
+            identity=Identity.generate(name),
+            control=False,
+            provider_timeout=20,
+        )
+        node = await Node.start(cfg)
+        self.nodes.append(node)
+        return node
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    boot = DhtNode()
+    await boot.listen(0)
+    c = Cluster(tmp_path, boot)
+    try:
+        yield c
+    finally:
+        await asyncio.gather(*(n.close() for n in c.nodes if not n.stopped.is_set()))
+        await boot.aclose()
+
+
+async def two_members(cluster: Cluster) -> tuple[Node, Node, bytes]:
+    owner, fetcher = await cluster.node("owner"), await cluster.node("fetcher")
+    gid = await owner.groups.create("club")
+    await fetcher.groups.request_join(gid)
+    for request in await owner.groups.requests(gid):
+        await owner.groups.accept(gid, request.requester)
+    await fetcher.groups.refresh(gid)
+    return owner, fetcher, gid
+
+
+async def shared(owner: Node, gid: bytes, path: Path, data: bytes) -> FileEntry:
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(path.write_bytes, data)
+    s = await owner.share(gid, path)
+    return FileEntry(gid, s.content_id, s.name, s.size, s.piece_size)
+
+
+def task(handle: Handle) -> asyncio.Task[Path]:
+    assert handle.task is not None
+    return handle.task
+
+
+def sha(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+async def test_two_downloads_with_the_same_name_each_end_with_their_own_bytes(
+    cluster: Cluster,
+) -> None:
+    owner, fetcher, gid = await two_members(cluster)
+    first, second = os.urandom(SIZE), os.urandom(SIZE)
+    e1 = await shared(owner, gid, cluster.tmp / "a" / "x.bin", first)
+    e2 = await shared(owner, gid, cluster.tmp / "b" / "x.bin", second)
+    assert e1.name == e2.name and e1.content_id != e2.content_id
+    out = cluster.tmp / "out"
+    h1 = await fetcher.downloads.start(gid, e1, out)
+    h2 = await fetcher.downloads.start(gid, e2, out)  # while the first one runs
+    async with asyncio.timeout(60):
+        paths = await asyncio.gather(task(h1), task(h2))
+    assert paths[0] != paths[1]
+    assert {p.name for p in paths} == {"x.bin", "x (1).bin"}
+    assert sha(paths[0].read_bytes()) == sha(first)
+    assert sha(paths[1].read_bytes()) == sha(second)
+    # What the node now serves under each content id holds exactly that content.
+    for entry, path in ((e1, paths[0]), (e2, paths[1])):
+        share = fetcher.registry.get(gid, entry.content_id)
+        assert share is not None and share.path == path
+        assert merkle_root(share.hashes) == entry.content_id
+    assert sorted(p.name for p in out.iterdir()) == ["x (1).bin", "x.bin"]
+
+
+async def test_a_users_own_part_file_is_never_truncated_or_renamed(cluster: Cluster) -> None:
+    owner, fetcher, gid = await two_members(cluster)
+    data = os.urandom(SIZE)
+    entry = await shared(owner, gid, cluster.tmp / "src" / "notes.txt", data)
+    out = cluster.tmp / "out"
+    out.mkdir()
+    mine = out / "notes.txt.part"
+    mine.write_bytes(b"my own draft, not a download")
+    handle = await fetcher.downloads.start(gid, entry, out)
+    async with asyncio.timeout(60):
+        path = await task(handle)
+    assert mine.read_bytes() == b"my own draft, not a download"
+    assert path != out / "notes.txt" and path.parent == out
+    assert path.read_bytes() == data
+
+
+async def test_a_paused_download_resumes_its_own_part_and_no_other(cluster: Cluster) -> None:
+    owner, fetcher, gid = await two_members(cluster)
+    data = os.urandom(SIZE)
+    entry = await shared(owner, gid, cluster.tmp / "src" / "r.bin", data)
+    out = cluster.tmp / "out"
+    handle = await fetcher.downloads.start(gid, entry, out)
+    part = handle.download.part_path
+    first_piece = asyncio.Event()
+    announce = handle.download.on_first_piece  # the task has not run yet: no piece missed
+
+    def seen(cid: bytes) -> None:
+        first_piece.set()
+        if announce is not None:
+            announce(cid)
+
+    handle.download.on_first_piece = seen
+    async with asyncio.timeout(30):
+        await first_piece.wait()
+    await fetcher.downloads.pause_all()
+    assert part.exists()
+    again = await fetcher.downloads.start(gid, entry, out)
+    assert again.download.part_path == part  # its own .part keeps its name
+    async with asyncio.timeout(60):
+        path = await task(again)
+    assert path == out / "r.bin" and path.read_bytes() == data
