@@ -38,6 +38,7 @@ PURE = frozenset(
         "dhtshare.transfer.picker",
         "dhtshare.transfer.ratelimit",
         "dhtshare.dht.storage",
+        "dhtshare.dht.sources",
     }
 )
 PURE_PACKAGES = ("dhtshare.wire",)  # every module in these packages is pure

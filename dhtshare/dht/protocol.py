@@ -451,7 +451,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         """Keep ``value`` only if it is a valid record for ``key``; reply whether it was kept."""
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
-        return self.storage.offer(key, value, self.clock())
+        return self.storage.offer(key, value, self.clock(), source=sender[0])
 
     def rpc_find_value(
         self, sender: tuple[str, int], nodeid: bytes, key: bytes
