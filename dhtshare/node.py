@@ -37,7 +37,13 @@ __all__ = ["Node", "NodeConfig"]
 
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 20
-MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a failed membership check
+MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a membership check
+STALE_ROUNDS = 1.5
+"""A group's membership goes stale (and the node serves nobody in it) when its roster was
+last read in full more than this many maintenance intervals ago. Every round refreshes it,
+so on a healthy DHT it is never older than about one interval; a removal the node cannot
+read takes effect within ``STALE_ROUNDS`` intervals of the last good read, so within two
+intervals of the removal."""
 
 
 @dataclass(frozen=True)
@@ -52,12 +58,13 @@ class NodeConfig:
     identity: Identity | None = None
     upload_limit: float | None = None  # bytes/s
     download_limit: float | None = None  # bytes/s
-    maintenance_interval: float = 30.0
+    maintenance_interval: float = 30.0  # also the unit of the membership bound (STALE_ROUNDS)
     provider_timeout: float = 60.0  # a download fails after this long with nobody serving it
     advertise: str | None = None  # the host peers should connect to, if not ``host``
     control: bool = True  # serve the control socket
     ksize: int = 20
     extra: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
 
 def write_json(path: Path, doc: Any) -> None:
@@ -83,7 +90,13 @@ class Node:
         self.config, self.home, self.identity = config, config.home, identity
         self.dht, self.server = dht, server
         self.registry = server.shares
-        self.groups = GroupService(dht, identity, self._load_group_state())
+        self.groups = GroupService(
+            dht,
+            identity,
+            self._load_group_state(),
+            clock=config.clock,
+            max_age=STALE_ROUNDS * config.maintenance_interval,
+        )
         self.files = FileService(dht, identity, lambda: self.advertised)
         self.downloads = DownloadManager(
             self.home,
@@ -104,6 +117,7 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._control: asyncio.Server | None = None
         self._refreshed: dict[bytes, float] = {}  # gid -> monotonic time of a miss refresh
+        self._reported_stale: set[bytes] = set()  # groups whose staleness was logged
 
     # ---- start and stop ----------------------------------------------------------
 
@@ -173,16 +187,44 @@ class Node:
                 await self.groups.refresh(gid)
 
     def is_member(self, group_id: bytes, key: bytes) -> bool:
-        """Membership from the cached roster; a miss refreshes that roster in the background
-        (at most every few seconds), so a member accepted a moment ago is served on retry."""
-        if self.groups.is_member(group_id, key):
-            return True
-        if group_id in self.groups.state.groups:
+        """Membership from the cached roster (no for everyone once it is stale: see
+        ``STALE_ROUNDS``). A miss, or a hit on a roster older than one maintenance interval,
+        refreshes that roster in the background (at most every few seconds), so a member
+        accepted a moment ago is served on retry and a removed one is refused soon."""
+        member = self.groups.is_member(group_id, key)
+        age = self.groups.age(group_id)
+        due = not member or age is None or age >= self.config.maintenance_interval
+        if due and group_id in self.groups.state.groups:
             now = time.monotonic()
             if now - self._refreshed.get(group_id, -MISS_REFRESH) >= MISS_REFRESH:
                 self._refreshed[group_id] = now
                 self._spawn(self._refresh_quietly(group_id), "roster refresh")
-        return False
+        return member
+
+    def stale_groups(self) -> dict[bytes, float]:
+        """My groups whose membership is stale (group id -> since when, unix time): the
+        node serves nobody in them until a roster refresh succeeds."""
+        out = {}
+        for gid in self.groups.state.groups:
+            since = self.groups.stale_since(gid)
+            if since is not None:
+                out[gid] = since
+        return out
+
+    def _report_stale(self) -> None:
+        """Log each group that went stale or recovered since the last report."""
+        stale = self.stale_groups()
+        for gid, since in stale.items():
+            if gid not in self._reported_stale:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+                log.warning(
+                    "roster of %s stale since %s (refresh failing), not serving it",
+                    self.groups.state.name_of(gid) or gid.hex()[:16],
+                    when,
+                )
+        for gid in self._reported_stale - set(stale):
+            log.info("roster of %s fresh again, serving it", self.groups.state.name_of(gid))
+        self._reported_stale = set(stale)
 
     async def _refresh_quietly(self, group_id: bytes) -> None:
         with contextlib.suppress(DhtshareError):
@@ -284,6 +326,7 @@ class Node:
             await self.dht.republish()
         except DhtshareError as exc:
             log.warning("maintenance: %s", exc)
+        self._report_stale()
         self.save_state()
 
     # ---- sharing -----------------------------------------------------------------
@@ -325,6 +368,12 @@ class Node:
         from .errors import GroupError
 
         if not self.groups.is_member(group_id, self.identity.public):
+            if group_id in self.stale_groups():
+                raise GroupError(
+                    "this group's roster could not be read from the DHT lately, so membership"
+                    " cannot be checked",
+                    "check the node's DHT contacts with: dhtshare node status; then retry",
+                )
             raise GroupError(
                 "you are not a member of this group", "ask its owner: dhtshare group join GROUP"
             )

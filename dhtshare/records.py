@@ -45,11 +45,14 @@ __all__ = [
     "Member",
     "PeerInfo",
     "Provider",
+    "Rank",
     "Roster",
     "RosterPage",
     "SignedRecord",
     "decode_record",
     "key_for",
+    "max_seq",
+    "page_key_ids",
     "sign_record",
     "time_seq",
     "verify_record",
@@ -88,6 +91,15 @@ class Kind(IntEnum):
         return self.name.lower()
 
 
+def max_seq(now: float) -> int:
+    """The highest ``seq`` a record may carry at ``now``: ``time_seq`` of the latest clock
+    a signer may have (``now + CLOCK_SKEW``). Rosters count 1, 2, 3, ... far below it;
+    other kinds take ``time_seq``. So a record cannot claim a ``seq`` no later record of
+    its slot could beat (2**64 - 1 would hold the slot until it expires, for good if
+    renewed)."""
+    return time_seq(now + CLOCK_SKEW)
+
+
 def key_for(kind: Kind, *ids: bytes) -> bytes:
     """The 20-byte DHT key under which records of ``kind`` about ``ids`` live."""
     return crypto.dht_key(kind.label, *ids)
@@ -96,6 +108,17 @@ def key_for(kind: Kind, *ids: bytes) -> bytes:
 def time_seq(now: float) -> int:
     """A sequence number from the clock (milliseconds): newer publications win."""
     return int(now * 1000)
+
+
+def page_key_ids(group_id: bytes, signer: bytes, index: int) -> tuple[bytes, bytes, bytes]:
+    """The ids of a roster page's DHT key: group, signer and index.
+
+    The signer is part of the key so that a page signed by any key but the owner's lands
+    under another key: storing nodes refuse a record filed under a key not its own, so
+    nobody can crowd the owner's pages out of their key (readers look under the key of the
+    owner named by the roster they verified).
+    """
+    return group_id, signer, bytes([index])
 
 
 # ---------------------------------------------------------------------------------- bodies
@@ -527,7 +550,8 @@ def _by_signer(_body: Any, signer: bytes) -> bytes:
 _SPECS: dict[type, _KindSpec] = {
     Roster: _KindSpec(Kind.ROSTER, Roster.decode, lambda b, s: (b.group_id,), lambda b, s: b""),
     RosterPage: _KindSpec(
-        Kind.ROSTER_PAGE, RosterPage.decode, lambda b, s: (b.group_id, bytes([b.index])), _by_signer
+        Kind.ROSTER_PAGE, RosterPage.decode, lambda b, s: page_key_ids(b.group_id, s, b.index),
+        _by_signer,
     ),
     JoinRequest: _KindSpec(
         Kind.JOIN_REQUEST, JoinRequest.decode, lambda b, s: (b.group_id,), _by_signer
@@ -592,16 +616,52 @@ class SignedRecord:
         return _SPEC_BY_KIND[self.kind].slot(self._payload, self.signer)
 
     @property
-    def rank(self) -> tuple[int, int]:
-        """Which record in a slot wins: the higher rank replaces the lower.
+    def rank(self) -> Rank:
+        """Which record in a slot wins: ``a.rank > b.rank`` when ``a`` replaces ``b``.
 
-        For a roster the longer hand-over chain wins before the higher ``seq``, so a former
-        owner cannot overwrite its heir's roster at storing nodes by signing a higher
-        ``seq`` on the old chain. For every other kind it is just ``seq``.
+        A partial order (see ``Rank``): for a roster, only a record whose hand-over chain
+        extends the other's can replace it, so a fork of the chain never outranks it.
         """
-        if isinstance(self._payload, Roster):
-            return len(self._payload.handovers), self.seq
-        return 0, self.seq
+        chain = self._payload.handovers if isinstance(self._payload, Roster) else ()
+        return Rank(chain, self.seq)
+
+    def supersedes(self, other: SignedRecord) -> bool:
+        """True when this record replaces ``other`` in the same slot (``rank`` order)."""
+        return self.rank > other.rank
+
+
+@dataclass(frozen=True, slots=True)
+class Rank:
+    """What orders the records of one slot, from nothing the signer can forge.
+
+    ``a > b`` when ``a``'s hand-over chain extends ``b``'s (``b``'s is a prefix of it) and
+    ``a`` is further along: a longer chain, or the same chain and a higher ``seq``. Two
+    rosters whose chains fork are not comparable either way: a storing node keeps the one
+    it holds (the first chain it saw wins unless another extends it), so a former owner
+    who signs a second chain from an earlier link, however long and whatever its ``seq``,
+    cannot displace the current chain. Kinds without a chain compare by ``seq`` alone, and
+    ``verify_record`` bounds ``seq`` by the clock, so no slot can be wedged at 2**64 - 1.
+    """
+
+    chain: tuple[Handover, ...]
+    seq: int
+
+    def extends(self, other: Rank) -> bool:
+        """This chain starts with ``other``'s chain."""
+        n = len(other.chain)
+        return len(self.chain) >= n and self.chain[:n] == other.chain
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Rank):
+            return NotImplemented
+        if not self.extends(other):
+            return False
+        return len(self.chain) > len(other.chain) or self.seq > other.seq
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Rank):
+            return NotImplemented
+        return other > self
 
 
 def sign_record(
@@ -654,6 +714,8 @@ def verify_record(rec: SignedRecord, now: float) -> Body:
         raise RecordError("record dated too far ahead")
     if rec.expires < rec.issued:
         raise RecordError("record expires before it is issued")
+    if rec.seq > max_seq(now):
+        raise RecordError("record seq dated too far ahead")
     body = rec.payload()
     if isinstance(body, Roster):
         if not body.chain_is_valid():

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_MEMBERS",
     "JoinStatus",
     "Known",
+    "OwnershipForkError",
     "PendingRequest",
     "RosterView",
     "StaleRosterError",
@@ -58,7 +59,6 @@ __all__ = [
     "latest_leaves",
     "layout",
     "member_since",
-    "owners_in_chain",
     "pending_requests",
     "pick_roster",
     "remove_member",
@@ -74,6 +74,10 @@ JoinStatus = Literal["none", "pending", "accepted", "rejected"]
 
 class StaleRosterError(GroupError):
     """The DHT offered only a roster older than one this node already verified."""
+
+
+class OwnershipForkError(GroupError):
+    """Two valid rosters whose hand-over chains fork at a link this node cannot decide."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +260,10 @@ def pick_roster(
     records: Iterable[SignedRecord], group_id: bytes, now: float, known: Known | None
 ) -> tuple[SignedRecord, Roster]:
     """The best roster of ``group_id`` among ``records``: verified, extending the chain we
-    know, longest chain first, then highest seq. ``StaleRosterError`` if only older ones."""
+    know, and outranking every other candidate (``SignedRecord.rank``: a longer chain that
+    extends the other's, or the same chain and a higher seq). ``StaleRosterError`` if only
+    older ones; ``OwnershipForkError`` if two candidates' chains fork after the chain we
+    know (the reader cannot tell which one the owner at the fork meant, so it takes none)."""
     good = [
         (rec, body)
         for rec in records
@@ -264,9 +271,18 @@ def pick_roster(
     ]
     if not good:
         raise GroupError("no valid roster found for this group", "check the group id")
-    rec, body = max(good, key=lambda rb: (len(rb[1].handovers), rb[0].seq))
-    check_fresh(rec.seq, known)
-    return rec, body
+    best_rec, best = good[0]
+    for rec, body in good[1:]:
+        if rec.supersedes(best_rec):
+            best_rec, best = rec, body
+    for rec, _body in good:
+        if not (best_rec.rank.extends(rec.rank)):
+            raise OwnershipForkError(
+                "two hand-over chains of this group fork after the one this node knows",
+                "a former owner signed two hand-overs; ask the current owner",
+            )
+    check_fresh(best_rec.seq, known)
+    return best_rec, best
 
 
 def check_fresh(seq: int, known: Known | None) -> None:
@@ -374,18 +390,16 @@ def take_over(
     return replace(roster, handovers=(*roster.handovers, handover)), rest
 
 
-def owners_in_chain(roster: Roster) -> frozenset[bytes]:
-    """Every key that has owned the group: the founder and each heir."""
-    return frozenset([roster.genesis.owner, *(h.new_owner for h in roster.handovers)])
-
-
 # ------------------------------------------------------------------------------ requests
 
 
 def _rejections(
-    decisions: Iterable[SignedRecord], group_id: bytes, owners: frozenset[bytes]
+    decisions: Iterable[SignedRecord], group_id: bytes, owner: bytes
 ) -> dict[bytes, tuple[int, str]]:
-    """requester -> (issued, reason) of the latest rejection signed by an owner."""
+    """requester -> (issued, reason) of the latest rejection signed by the current owner.
+
+    A former owner's keys carry no authority once the chain has moved past them: its
+    rejections (whatever their ``issued``, which it could backdate) are ignored."""
     out: dict[bytes, tuple[int, str]] = {}
     for rec in decisions:
         body = rec.payload()
@@ -393,7 +407,7 @@ def _rejections(
             isinstance(body, Decision)
             and body.group_id == group_id
             and not body.accepted
-            and rec.signer in owners
+            and rec.signer == owner
             and rec.issued >= out.get(body.requester, (-1, ""))[0]
         ):
             out[body.requester] = (rec.issued, body.reason)
@@ -409,7 +423,7 @@ def pending_requests(
 ) -> list[PendingRequest]:
     """Join requests from non-members with no rejection (or leave) issued since, oldest first."""
     current = {m.key for m in apply_leaves(members, leaves)}
-    rejected = _rejections(decisions, roster.group_id, owners_in_chain(roster))
+    rejected = _rejections(decisions, roster.group_id, roster.owner)
     out: dict[bytes, PendingRequest] = {}
     for rec in requests:
         body = rec.payload()
@@ -435,8 +449,7 @@ def join_status(
     if requested_at is None:
         return "none", ""
     if view is not None:
-        owners = owners_in_chain(view.roster)
-        issued, reason = _rejections(decisions, view.group_id, owners).get(me, (-1, ""))
+        issued, reason = _rejections(decisions, view.group_id, view.owner).get(me, (-1, ""))
         if issued >= requested_at:
             return "rejected", reason
     return "pending", ""

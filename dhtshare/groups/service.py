@@ -5,9 +5,16 @@ The service publishes and fetches records; ``rules`` decides what they mean. Its
 drafts as owner) is small, JSON-serializable, and persisted by the node.
 
 DHT keys (``records.key_for``): roster ``(ROSTER, gid)``; roster page ``i``
-``(ROSTER_PAGE, gid, bytes([i]))``; join requests ``(JOIN_REQUEST, gid)``, one slot per
+``(ROSTER_PAGE, gid, owner, bytes([i]))`` under the key of the owner who signed the roster;
+join requests ``(JOIN_REQUEST, gid)``, one slot per
 requester; a rejection ``(DECISION, gid, requester)``; leaves ``(LEAVE, gid)``, one slot per
 member; the public directory ``(DIRECTORY,)``, one slot per owner and group.
+
+Membership fails closed: with ``max_age`` set (the node sets it from its maintenance
+interval), a group whose roster and leaves were last read from the DHT more than
+``max_age`` seconds ago answers ``is_member`` with no for everyone, until a refresh
+succeeds again. A node whose DHT is down, or is fed only old or incomplete rosters, stops
+serving the group instead of serving everyone it once knew.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from ..records import (
     Roster,
     SignedRecord,
     key_for,
+    page_key_ids,
     sign_record,
     time_seq,
 )
@@ -166,8 +174,8 @@ def _known(doc: Any) -> Known:
     return Known(int(seq), int(length), bytes.fromhex(chain))
 
 
-def _page_key(group_id: bytes, index: int) -> bytes:
-    return key_for(Kind.ROSTER_PAGE, group_id, bytes([index]))
+def _page_key(group_id: bytes, owner: bytes, index: int) -> bytes:
+    return key_for(Kind.ROSTER_PAGE, *page_key_ids(group_id, owner, index))
 
 
 class GroupService:
@@ -180,12 +188,16 @@ class GroupService:
         state: GroupState | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        max_age: float | None = None,
     ) -> None:
         self._dht = dht
         self._me = identity
         self.state = state if state is not None else GroupState()
         self._clock = clock
+        self.max_age = max_age  # None: a cached view never goes stale (tests, simulations)
         self._views: dict[bytes, RosterView] = {}
+        self._fresh_at: dict[bytes, float] = {}  # gid -> when roster and leaves were last read
+        self._failing_since: dict[bytes, float] = {}  # gid -> first refresh failure in a row
         self._leaves: dict[bytes, dict[bytes, SignedRecord]] = {}
         self._last_seq: dict[tuple[bytes, bytes], int] = {}
         self._taking_over = asyncio.Lock()  # one take-over at a time (maintain and commands)
@@ -217,13 +229,15 @@ class GroupService:
         found = await self._dht.get(key_for(Kind.ROSTER, group_id))
         known = self.state.known.get(group_id)
         rec, roster = rules.pick_roster(found, group_id, self._clock(), known)
-        pages = await self._fetch_pages(group_id, len(roster.page_digests))
+        pages = await self._fetch_pages(group_id, rec.signer, len(roster.page_digests))
         view = rules.resolve_pages(rec, roster, pages)
         self._remember(view)
         return view
 
-    async def _fetch_pages(self, group_id: bytes, count: int) -> dict[int, list[SignedRecord]]:
-        keys = [_page_key(group_id, i) for i in range(count)]
+    async def _fetch_pages(
+        self, group_id: bytes, owner: bytes, count: int
+    ) -> dict[int, list[SignedRecord]]:
+        keys = [_page_key(group_id, owner, i) for i in range(count)]
         found = await asyncio.gather(*(self._dht.get(k) for k in keys))
         return dict(enumerate(found))
 
@@ -243,9 +257,15 @@ class GroupService:
         return {k: r.issued for k, r in self._leaves.get(group_id, {}).items()}
 
     async def refresh(self, group_id: bytes) -> RosterView:
-        """Fetch the roster and the leaves again; ``member_since`` answers from them."""
-        view = await self.fetch_roster(group_id)
-        await self._fetch_leaves(group_id)
+        """Fetch the roster and the leaves again; ``member_since`` answers from them. Only a
+        refresh that read both keeps the group's membership fresh (``stale_since``)."""
+        try:
+            view = await self.fetch_roster(group_id)
+            await self._fetch_leaves(group_id)
+        except BaseException:
+            self._failing_since.setdefault(group_id, self._clock())
+            raise
+        self._mark_fresh(group_id)
         if group_id in self.state.requested:
             if self.is_member(group_id, self._me.public):
                 self._settle_request(group_id, view.name)  # my request was accepted
@@ -267,9 +287,39 @@ class GroupService:
         except GroupError:
             return None
 
-    def member_since(self, group_id: bytes, key: bytes) -> int | None:
-        """When ``key`` joined ``group_id``, if a member now (cached roster, leaves applied)."""
+    def _mark_fresh(self, group_id: bytes) -> None:
+        self._fresh_at[group_id] = self._clock()
+        self._failing_since.pop(group_id, None)
+
+    def age(self, group_id: bytes) -> float | None:
+        """Seconds since the roster of ``group_id`` was last read (or published) in full."""
+        at = self._fresh_at.get(group_id)
+        return None if at is None else self._clock() - at
+
+    def stale_since(self, group_id: bytes) -> float | None:
+        """When the cached membership of ``group_id`` went stale (unix time), or ``None``
+        while it is fresh (or never read). A stale group serves nobody."""
+        at = self._fresh_at.get(group_id)
+        if self.max_age is None or at is None:
+            return None
+        deadline = at + self.max_age
+        return deadline if self._clock() > deadline else None
+
+    def failing_since(self, group_id: bytes) -> float | None:
+        """When the current run of failed refreshes of ``group_id`` began, if one is on."""
+        return self._failing_since.get(group_id)
+
+    def _current_view(self, group_id: bytes) -> RosterView | None:
+        """The cached view, unless it is older than ``max_age`` (then nobody is a member)."""
         view = self._views.get(group_id)
+        if view is None or self.stale_since(group_id) is not None:
+            return None
+        return view
+
+    def member_since(self, group_id: bytes, key: bytes) -> int | None:
+        """When ``key`` joined ``group_id``, if a member now (cached roster, leaves applied);
+        ``None`` for everyone while the cached roster is stale (fail closed)."""
+        view = self._current_view(group_id)
         if view is None:
             return None
         return rules.member_since(view.members, self._leave_times(group_id), key)
@@ -309,11 +359,13 @@ class GroupService:
         rec = self._sign(roster, seq=seq, ttl=ROSTER_TTL)
         await asyncio.gather(*(self._dht.publish(p) for p in page_recs))
         for index in range(len(pages), MAX_PAGES):
-            self._dht.withdraw(_page_key(gid, index), self._me.public)
+            self._dht.withdraw(_page_key(gid, self._me.public, index), self._me.public)
         await self._dht.publish(rec)
         self.state.drafts[gid] = Draft(seq, roster, members)
         view = RosterView(rec, roster, members)
         self._remember(view)
+        if gid in self._leaves:
+            self._mark_fresh(gid)  # I just published it, with leaves I read
         await self._publish_directory(view)
         return view
 
@@ -329,7 +381,7 @@ class GroupService:
         me = self._me.public
         self._dht.withdraw(key_for(Kind.ROSTER, group_id), b"")
         for index in range(MAX_PAGES):
-            self._dht.withdraw(_page_key(group_id, index), me)
+            self._dht.withdraw(_page_key(group_id, me, index), me)
         self._dht.withdraw(key_for(Kind.DIRECTORY), me + group_id)
         self.state.drafts.pop(group_id, None)
 
@@ -538,7 +590,9 @@ class GroupService:
             return None, ""
         if view.owner == self._me.public:
             return "owner", ""
-        return ("member" if self.is_member(group_id, self._me.public) else None), ""
+        # the last verified roster, even if stale: listing my groups is not serving anyone
+        since = rules.member_since(view.members, self._leave_times(group_id), self._me.public)
+        return ("member" if since is not None else None), ""
 
     async def directory(self) -> list[Listing]:
         """Publicly listed groups whose entry checks out against the group's roster."""

@@ -1,0 +1,272 @@
+"""Membership against a hostile DHT (issue #13, items 2, 3 and 12), on real nodes on loopback.
+
+- A removed member is refused by a serving node within two maintenance intervals whatever
+  that node's DHT returns (down, empty, or only other groups' rosters): membership fails
+  closed instead of trusting a cached roster for ever.
+- Roster pages signed by throw-away keys cannot crowd the owner's pages out: they land
+  under other keys.
+- A former owner keeps no power: its rejections veto nothing, and a second hand-over chain
+  it signs, however long and whatever its seq, neither locks the real owner out of the
+  storing nodes nor misleads a new reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from dhtshare import crypto
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import DhtError, DhtshareError
+from dhtshare.groups.service import Draft, GroupService
+from dhtshare.identity import Identity
+from dhtshare.node import Node, NodeConfig
+from dhtshare.records import (
+    PAGE_MEMBERS,
+    Decision,
+    Handover,
+    Kind,
+    Member,
+    RosterPage,
+    SignedRecord,
+    key_for,
+    sign_record,
+)
+from dhtshare.sim import Network
+
+INTERVAL = NodeConfig(home=Path("unused")).maintenance_interval  # the default, 30 s
+
+
+class Clock:
+    """Wall time that a test moves forward (well inside the records' clock skew)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class BrokenDht:
+    """What a node's group service sees when its DHT is cut off or lies."""
+
+    def __init__(self, node: DhtNode, mode: str, decoys: list[SignedRecord]) -> None:
+        self.node, self.mode, self.decoys = node, mode, decoys
+        self.put, self.publish, self.withdraw = node.put, node.publish, node.withdraw
+
+    async def get(self, key: bytes) -> list[SignedRecord]:
+        if self.mode == "down":
+            raise DhtError("DHT node is not listening")
+        if self.mode == "empty":
+            return []
+        return list(self.decoys)  # valid rosters, of another group
+
+
+class Cluster:
+    def __init__(self, tmp: Path, boot: DhtNode, clock: Clock) -> None:
+        self.tmp, self.boot, self.clock, self.nodes = tmp, boot, clock, list[Node]()
+
+    async def node(self, name: str) -> Node:
+        cfg = NodeConfig(
+            home=self.tmp / name,
+            bootstrap=(self.boot.address,),
+            identity=Identity.generate(name),
+            control=False,
+        )
+        node = await Node.start(cfg)
+        node.groups._clock = self.clock  # the test moves the group service's time
+        self.nodes.append(node)
+        return node
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    boot = DhtNode()
+    await boot.listen(0)
+    c = Cluster(tmp_path, boot, Clock())
+    try:
+        yield c
+    finally:
+        await asyncio.gather(*(n.close() for n in c.nodes if not n.stopped.is_set()))
+        await boot.aclose()
+
+
+async def form_group(owner: Node, members: list[Node]) -> bytes:
+    gid = await owner.groups.create("club")
+    for m in members:
+        await m.groups.request_join(gid)
+    for request in await owner.groups.requests(gid):
+        await owner.groups.accept(gid, request.requester)
+    for n in [owner, *members]:
+        await n.groups.maintain()
+        await n.groups.refresh(gid)
+    return gid
+
+
+# ------------------------------------------------------------------------- item 2
+
+
+@pytest.mark.parametrize("mode", ["down", "empty", "other_groups"])
+async def test_removed_member_refused_within_two_intervals_whatever_the_dht_returns(
+    cluster: Cluster, mode: str
+) -> None:
+    owner, server = await cluster.node("owner"), await cluster.node("server")
+    removed = await cluster.node("removed")
+    gid = await form_group(owner, [server, removed])
+    source = cluster.tmp / "notes.bin"
+    source.write_bytes(os.urandom(256 * 1024))
+    await server.share(gid, source)
+    assert server.is_member(gid, removed.identity.public)
+
+    other = await owner.groups.create("elsewhere")  # valid rosters, of the wrong group
+    decoys = await owner.dht.get(key_for(Kind.ROSTER, other))
+    assert decoys
+    server.groups._dht = BrokenDht(server.dht, mode, decoys)
+    await owner.groups.remove(gid, removed.identity.public)
+
+    for _ in range(2):  # two maintenance rounds, the clock moved by the default interval
+        cluster.clock.advance(INTERVAL)
+        await server.maintain()
+    assert not server.is_member(gid, removed.identity.public)
+    assert gid in server.stale_groups()
+
+    # over TCP: the removed member's node asks the server for the file and is refused
+    files = await removed.files.list_files(gid, lambda g, k: True)
+    handle = await removed.downloads.start(gid, files[0].entry, cluster.tmp / "got")
+    assert handle.task is not None
+    with pytest.raises(DhtshareError, match="not a member"):
+        async with asyncio.timeout(30):
+            await handle.task
+    assert not (cluster.tmp / "got" / "notes.bin").exists()
+
+
+async def test_healthy_dht_keeps_serving_members_round_after_round(cluster: Cluster) -> None:
+    owner, member = await cluster.node("owner"), await cluster.node("member")
+    gid = await form_group(owner, [member])
+    for _ in range(6):
+        cluster.clock.advance(INTERVAL)
+        await member.maintain()
+        assert member.is_member(gid, owner.identity.public)
+        assert member.stale_groups() == {}
+    member.require_member(gid)  # sharing still works: my own membership is fresh
+
+
+# ------------------------------------------------------------------------- item 3
+
+
+async def test_throwaway_roster_pages_cannot_crowd_out_the_owners_page() -> None:
+    owner_id, reader_id, leaving = (Identity.generate(n) for n in ("owner", "reader", "leaving"))
+    async with Network.start(8) as net:
+        owner = GroupService(net.nodes[1], owner_id)
+        gid = await owner.create("big")
+        first = await owner.fetch_roster(gid)
+        now = time.time()
+        # a full page 0 (long names): no junk page fits beside it in one DHT reply
+        others = tuple(Member(os.urandom(32), f"{i:03}" + "m" * 61, int(now)) for i in range(108))
+        members = (*first.members, Member(leaving.public, "leaving", int(now)), *others)
+        draft = Draft(first.seq, first.roster, first.members)
+        await owner._next_roster(draft, members)
+        reader = GroupService(net.nodes[5], reader_id)
+        assert reader.is_member(gid, leaving.public) is False
+        await reader.refresh(gid)
+        assert reader.is_member(gid, leaving.public)
+
+        view = await owner.remove(gid, leaving.public)  # a new version, with its own page 0
+        page_rec = next(
+            rec for rec in await net.nodes[1].get(key_for(Kind.ROSTER, gid)) if rec.seq == view.seq
+        )
+        assert page_rec.payload().page_digests  # type: ignore[union-attr]
+
+        # 64 throw-away pages for index 0, full, dated ahead, bound to the new version
+        fat = tuple(Member(os.urandom(32), "x" * 64, int(now)) for _ in range(PAGE_MEMBERS))
+        attacker_node = net.nodes[7]
+        for _ in range(64):
+            junk = RosterPage(gid, view.seq, 0, fat)
+            rec = sign_record(
+                Identity.generate("junk"), junk, seq=view.seq, now=now + 500, ttl=3600
+            )
+            with contextlib.suppress(DhtshareError):
+                await attacker_node.put(rec)
+            owners_key = key_for(Kind.ROSTER_PAGE, gid, owner_id.public, b"\x00")
+            if rec.dht_key != owners_key:  # nor can it be filed under the owner's key
+                assert net.nodes[2].storage.add(owners_key, rec.encode(), time.time()) is not None
+
+        got = await reader.refresh(gid)
+        assert got.seq == view.seq
+        assert not reader.is_member(gid, leaving.public)
+        assert reader.is_member(gid, others[-1].key)
+
+
+# ------------------------------------------------------------------------ item 12
+
+
+def _handover(signer: Identity, gid: bytes, index: int, to: bytes, at: int) -> Handover:
+    message = Handover.message(gid, index, to, at)
+    return Handover(to, at, crypto.sign(signer.signing_key, "handover", message))
+
+
+async def handed_over(net: Network) -> tuple[GroupService, GroupService, Identity, bytes]:
+    """A group founded by ``founder``, who left and handed it to ``heir`` (who took over)."""
+    founder_id, heir_id = Identity.generate("founder"), Identity.generate("heir")
+    founder = GroupService(net.nodes[1], founder_id)
+    heir = GroupService(net.nodes[2], heir_id)
+    gid = await founder.create("club")
+    await heir.request_join(gid)
+    await founder.accept(gid, heir_id.public)
+    await heir.maintain()
+    await founder.leave(gid)
+    await heir.maintain()
+    assert (await heir.refresh(gid)).owner == heir_id.public
+    return founder, heir, founder_id, gid
+
+
+async def test_former_owner_rejection_vetoes_no_join() -> None:
+    async with Network.start(8) as net:
+        _founder, heir, founder_id, gid = await handed_over(net)
+        joiner_id = Identity.generate("joiner")
+        joiner = GroupService(net.nodes[3], joiner_id)
+        await joiner.request_join(gid, "hi")
+        now = time.time()
+        veto = Decision(gid, joiner_id.public, False, "no")
+        await net.nodes[1].put(sign_record(founder_id, veto, seq=int(now * 1000), now=now, ttl=600))
+        assert [p.requester for p in await heir.requests(gid)] == [joiner_id.public]
+        assert await joiner.status(gid) == ("pending", "")
+
+
+async def test_former_owners_forked_chain_neither_locks_out_owner_nor_misleads_reader() -> None:
+    async with Network.start(8) as net:
+        founder, heir, founder_id, gid = await handed_over(net)
+        before = founder._views[gid]  # the founder's last roster, before the hand-over
+        joiner_id = Identity.generate("joiner")
+        await GroupService(net.nodes[3], joiner_id).request_join(gid, "hi")
+
+        # the former owner signs a second chain to keys it controls: 16 hand-overs, top seq
+        now = time.time()
+        puppets = [Identity.generate(f"p{i}") for i in range(16)]
+        chain, signer = [], founder_id
+        for i, p in enumerate(puppets):
+            chain.append(_handover(signer, gid, i, p.public, int(now)))
+            signer = p
+        fork = replace(before.roster, handovers=tuple(chain))
+        for seq in (2**64 - 1, int(now * 1000)):
+            rec = sign_record(puppets[-1], fork, seq=seq, now=now, ttl=3600)
+            for node in net.nodes:
+                with contextlib.suppress(DhtshareError):
+                    await node.put(rec)
+
+        # the real owner still publishes, and a new reader follows the real chain
+        await heir.accept(gid, joiner_id.public)
+        fresh = GroupService(net.nodes[6], Identity.generate("reader"))
+        view = await fresh.refresh(gid)
+        assert view.owner == heir.state.drafts[gid].roster.owner
+        assert fresh.is_member(gid, joiner_id.public)
