@@ -33,6 +33,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
+from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.errors import DhtError, RecordError
 from dhtshare.records import SignedRecord, decode_record, verify_record
@@ -73,26 +74,33 @@ class _Publication:
 class _Candidates:
     """The nodes a lookup knows of, nearest to its target first.
 
-    Only the k nearest count. A node that failed is dropped and never taken back,
-    so a dead node another reply mentions again cannot hold one of the k places.
-    (kademlia's ``NodeHeap`` scans every entry on each push and takes failed nodes
-    back.)
+    Only the k nearest count, chosen within the routing table's per-address limits
+    (``routing.pick_diverse``): one id per endpoint (the first one heard of), a few
+    per address and per prefix, so a reply naming many ids at one address cannot take
+    the k places. A node that failed is dropped and never taken back, so a dead node
+    another reply mentions again cannot hold one of the k places. (kademlia's
+    ``NodeHeap`` scans every entry on each push and takes failed nodes back.)
     """
 
-    __slots__ = ("_nodes", "_order", "failed", "k", "target")
+    __slots__ = ("_endpoints", "_nodes", "_order", "failed", "k", "target")
 
     def __init__(self, target: Node, k: int) -> None:
         self.target: int = target.long_id
         self.k = k
         self._order: list[tuple[int, bytes]] = []
         self._nodes: dict[bytes, Node] = {}
+        self._endpoints: dict[Address, bytes] = {}
         self.failed: set[bytes] = set()
 
     def push(self, nodes: Iterable[Node]) -> None:
         for node in nodes:
-            if node.id not in self._nodes and node.id not in self.failed:
-                self._nodes[node.id] = node
-                bisect.insort(self._order, (node.long_id ^ self.target, node.id))
+            if node.id in self._nodes or node.id in self.failed:
+                continue
+            endpoint = (str(node.ip), int(node.port))
+            if self._endpoints.setdefault(endpoint, node.id) != node.id:
+                continue
+            self._nodes[node.id] = node
+            bisect.insort(self._order, (node.long_id ^ self.target, node.id))
 
     def drop(self, node: Node) -> None:
         self.failed.add(node.id)
@@ -100,7 +108,7 @@ class _Candidates:
             del self._order[bisect.bisect_left(self._order, (node.long_id ^ self.target, node.id))]
 
     def nearest(self) -> list[Node]:
-        return [self._nodes[node_id] for _d, node_id in self._order[: self.k]]
+        return pick_diverse((self._nodes[node_id] for _d, node_id in self._order), self.k)
 
 
 @dataclass(slots=True)
@@ -171,10 +179,12 @@ class DhtNode(Server):  # type: ignore[misc]
     # ---- lifecycle ---------------------------------------------------------------
 
     def _create_protocol(self) -> DhtProtocol:
-        return DhtProtocol(
+        proto = DhtProtocol(
             self.node, self.storage, self.ksize, clock=self.clock, stats=self.stats,
             timeouts=self.timeouts,
         )  # fmt: skip
+        proto.router = DiverseRoutingTable(proto, self.ksize, self.node)
+        return proto
 
     async def listen(self, port: int = 0, interface: str = "127.0.0.1") -> None:
         """Bind the UDP socket (port 0 picks a free port) and start maintenance."""

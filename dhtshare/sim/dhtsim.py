@@ -2,9 +2,10 @@
 
 ``run_dht_scenario`` is what ``dhtshare simulate --size 0`` runs:
 
-1. start ``scenario.nodes`` DhtNodes on 127.0.0.1. With ``scenario.procs`` > 1 the
-   nodes are split over that many processes: this one (bootstrap node and lookup
-   origins) and ``procs - 1`` workers (``dhtshare.sim.workers``) joining through it;
+1. start ``scenario.nodes`` DhtNodes on loopback, each on its own 127.x.y.1
+   (``sim.network.loopback_host``). With ``scenario.procs`` > 1 the nodes are split
+   over that many processes: this one (bootstrap node and lookup origins) and
+   ``procs - 1`` workers (``dhtshare.sim.workers``) joining through it;
 2. publish ``scenario.records`` signed peer records of fresh identities, each from a
    random node of this process;
 3. for each churn level (0 first, increasing) stop random nodes, in every process,

@@ -1,4 +1,10 @@
-"""N real DHT nodes on 127.0.0.1 (real UDP, port 0) in one event loop.
+"""N real DHT nodes on loopback (real UDP, port 0) in one event loop.
+
+Each node listens on its own loopback address, in its own /24 (``loopback_host``:
+node ``i`` of a network whose first address index is ``first`` gets
+``127.<a>.<b>.1``), because the routing table and the storage quotas limit what one
+address and one prefix may hold (docs/dht.md); Linux answers on all of 127.0.0.0/8
+without set-up.
 
 ``Network.start`` is an async context manager: node 0 starts first and is the
 bootstrap node, the others start and bootstrap through it concurrently (at most
@@ -21,16 +27,31 @@ from typing import Any
 
 from dhtshare.dht.server import DhtNode
 
-__all__ = ["Network"]
+__all__ = ["ADDRESSES_PER_PROCESS", "Network", "loopback_host"]
 
 Address = tuple[str, int]
+
+#: Distinct /24s in 127.0.0.0/8 that ``loopback_host`` hands out (127.1.0.x to 127.255.255.x).
+_LOOPBACK_SUBNETS = 255 * 256
+#: Address indices reserved for each process of a simulation (``first = process * this``).
+ADDRESSES_PER_PROCESS = 4096
+
+
+def loopback_host(index: int) -> str:
+    """The loopback address of node ``index``: ``127.<a>.<b>.1``, one /24 per index.
+
+    Indices wrap after 65,280 (so more nodes than that share /24s).
+    """
+    a, b = divmod(index % _LOOPBACK_SUBNETS, 256)
+    return f"127.{a + 1}.{b}.1"
 
 
 class Network:
     """A running set of DHT nodes; ``nodes[0]`` is the bootstrap node."""
 
-    def __init__(self, nodes: list[DhtNode]) -> None:
+    def __init__(self, nodes: list[DhtNode], first: int = 0) -> None:
         self.nodes = nodes
+        self.first = first
         self.join_seconds = 0.0
 
     @classmethod
@@ -42,11 +63,16 @@ class Network:
         alpha: int = 3,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        first: int = 0,
         **node_kwargs: Any,
     ) -> Network:
-        """``n`` nodes, not yet listening; ids drawn from ``rng`` when given (reproducible)."""
+        """``n`` nodes, not yet listening; ids drawn from ``rng`` when given (reproducible).
+
+        Node ``i`` will listen on ``loopback_host(first + i)``.
+        """
         ids = [rng.randbytes(20) if rng is not None else None for _ in range(n)]
-        return cls([DhtNode(ksize, alpha, i, clock=clock, **node_kwargs) for i in ids])
+        nodes = [DhtNode(ksize, alpha, i, clock=clock, **node_kwargs) for i in ids]
+        return cls(nodes, first)
 
     @property
     def bootstrap_address(self) -> Address:
@@ -84,9 +110,9 @@ class Network:
             await net.stop_all()
 
     async def listen_all(self) -> None:
-        """Bind every node to a free UDP port on 127.0.0.1."""
-        for node in self.nodes:
-            await node.listen(0, "127.0.0.1")
+        """Bind every node to a free UDP port on its own loopback address."""
+        for i, node in enumerate(self.nodes):
+            await node.listen(0, loopback_host(self.first + i))
 
     async def join_all(self, concurrency: int = 32, seeds: list[Address] | None = None) -> None:
         """Bootstrap the nodes, at most ``concurrency`` at a time.

@@ -28,7 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from dhtshare.errors import DhtshareError
-from dhtshare.sim.network import Network
+from dhtshare.sim.network import ADDRESSES_PER_PROCESS, Network
 
 __all__ = ["WorkerError", "WorkerPool", "WorkerSpec", "peak_rss_kb"]
 
@@ -81,8 +81,9 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
 
 async def _serve(conn: Connection, spec: WorkerSpec) -> None:
     net = Network.build(
-        spec.nodes, ksize=spec.ksize, alpha=spec.alpha, rng=random.Random(spec.seed)
-    )
+        spec.nodes, ksize=spec.ksize, alpha=spec.alpha, rng=random.Random(spec.seed),
+        first=spec.index * ADDRESSES_PER_PROCESS,
+    )  # fmt: skip
     try:
         started = time.monotonic()
         async with asyncio.timeout(spec.join_timeout):
