@@ -550,7 +550,9 @@ def _by_signer(_body: Any, signer: bytes) -> bytes:
 _SPECS: dict[type, _KindSpec] = {
     Roster: _KindSpec(Kind.ROSTER, Roster.decode, lambda b, s: (b.group_id,), lambda b, s: b""),
     RosterPage: _KindSpec(
-        Kind.ROSTER_PAGE, RosterPage.decode, lambda b, s: page_key_ids(b.group_id, s, b.index),
+        Kind.ROSTER_PAGE,
+        RosterPage.decode,
+        lambda b, s: page_key_ids(b.group_id, s, b.index),
         _by_signer,
     ),
     JoinRequest: _KindSpec(

@@ -1,11 +1,24 @@
-"""A former owner cannot overwrite its heir's roster at a storing node by raising ``seq``."""
+"""A former owner cannot overwrite its heir's roster at a storing node, by raising ``seq`` or
+by signing a second, longer hand-over chain from an earlier link (issue #13 item 12)."""
 
 from __future__ import annotations
 
+import pytest
+
 from dhtshare import crypto
 from dhtshare.dht.storage import ValidatingStorage
+from dhtshare.groups import rules
 from dhtshare.identity import Identity
-from dhtshare.records import Genesis, Handover, Member, Roster, sign_record
+from dhtshare.records import (
+    Genesis,
+    Handover,
+    JoinRequest,
+    Member,
+    Roster,
+    max_seq,
+    sign_record,
+    time_seq,
+)
 from dhtshare.stats import Counters
 
 NOW = 1_800_000_000.0
@@ -29,3 +42,59 @@ def test_longer_hand_over_chain_beats_higher_seq() -> None:
     assert fork.dht_key == key
     assert storage.add(key, fork.encode(), NOW) == "stale"
     assert [r.signer for r in storage.records(key, NOW)] == [heir.public]
+
+
+def _chain(gid: bytes, first: Identity, heirs: list[Identity]) -> tuple[Handover, ...]:
+    out, signer = [], first
+    for i, h in enumerate(heirs):
+        msg = Handover.message(gid, i, h.public, int(NOW))
+        out.append(Handover(h.public, int(NOW), crypto.sign(signer.signing_key, "handover", msg)))
+        signer = h
+    return tuple(out)
+
+
+def test_fork_from_an_earlier_link_never_outranks_the_held_chain() -> None:
+    founder, heir, next_heir = (Identity.generate(n) for n in ("founder", "heir", "next"))
+    genesis = Genesis(founder.public, "g", int(NOW), b"\x01" * 16)
+    gsig = crypto.sign(founder.signing_key, "genesis", genesis.encode())
+    gid = genesis.group_id
+    members = (Member(heir.public, "heir", int(NOW)), Member(next_heir.public, "n", int(NOW)))
+    real = Roster(genesis, gsig, _chain(gid, founder, [heir]), False, members, 2)
+    puppets = [Identity.generate(f"p{i}") for i in range(16)]
+    forked = Roster(genesis, gsig, _chain(gid, founder, puppets), False, members, 2)
+
+    storage = ValidatingStorage(clock=lambda: NOW, stats=Counters())
+    held = sign_record(heir, real, seq=2, now=NOW, ttl=3600)
+    assert storage.add(held.dht_key, held.encode(), NOW) is None
+    for seq in (2**64 - 1, time_seq(NOW)):  # the top of u64 is refused outright, too
+        fork = sign_record(puppets[-1], forked, seq=seq, now=NOW, ttl=3600)
+        assert not fork.supersedes(held) and not held.supersedes(fork)
+        assert storage.add(held.dht_key, fork.encode(), NOW) is not None
+    # the real owner goes on: a higher seq on its chain, then a hand-over that extends it
+    later = sign_record(heir, real, seq=3, now=NOW, ttl=3600)
+    assert storage.add(held.dht_key, later.encode(), NOW) is None
+    extended = Roster(genesis, gsig, _chain(gid, founder, [heir, next_heir]), False, members, 2)
+    moved = sign_record(next_heir, extended, seq=4, now=NOW, ttl=3600)
+    assert storage.add(held.dht_key, moved.encode(), NOW) is None
+    assert storage.records(held.dht_key, NOW) == [moved]
+
+    # readers: one that knows the real chain refuses the fork; one that knows nothing and
+    # sees both cannot tell which the founder meant, and takes neither
+    fork = sign_record(puppets[-1], forked, seq=time_seq(NOW), now=NOW, ttl=3600)
+    known = rules.Known(3, 1, rules.chain_digest(real.handovers))
+    rec, _body = rules.pick_roster([fork, later], gid, NOW, known)
+    assert rec == later
+    with pytest.raises(rules.OwnershipForkError):
+        rules.pick_roster([fork, later], gid, NOW, None)
+
+
+def test_a_slot_cannot_be_wedged_with_the_highest_seq() -> None:
+    member = Identity.generate("member")
+    storage = ValidatingStorage(clock=lambda: NOW, stats=Counters())
+    body = JoinRequest(b"\x02" * 32, "me")
+    top = sign_record(member, body, seq=2**64 - 1, now=NOW, ttl=3600)
+    assert storage.add(top.dht_key, top.encode(), NOW) == "too_far_ahead"
+    ahead = sign_record(member, body, seq=max_seq(NOW + 5), now=NOW, ttl=3600)
+    assert storage.add(ahead.dht_key, ahead.encode(), NOW) is not None
+    now = sign_record(member, body, seq=time_seq(NOW), now=NOW, ttl=3600)
+    assert storage.add(now.dht_key, now.encode(), NOW) is None
