@@ -178,6 +178,7 @@ class Commands:
             "shares": len(node.shares),
             "downloads": len(node.downloads.statuses()),
             "peer_connections": node.server.connections,
+            "stale_groups": _stale_groups(node.stale_groups()),
         }
 
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
@@ -352,3 +353,14 @@ class Commands:
 
     async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
         return [s.to_json() for s in self.node.downloads.statuses()]
+
+
+def _stale_groups(stale: dict[bytes, float]) -> str:
+    """Groups the node serves nobody in because their roster could not be read lately."""
+    return (
+        "; ".join(
+            f"{gid.hex()[:16]} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}"
+            for gid, at in sorted(stale.items())
+        )
+        or "none"
+    )

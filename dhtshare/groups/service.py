@@ -262,7 +262,7 @@ class GroupService:
         try:
             view = await self.fetch_roster(group_id)
             await self._fetch_leaves(group_id)
-        except BaseException:
+        except Exception:
             self._failing_since.setdefault(group_id, self._clock())
             raise
         self._mark_fresh(group_id)
