@@ -2,15 +2,20 @@
 
 Every command that needs the running node sends one request over the control socket
 (``control.call``); the node does the work. Errors are one line on stderr and a non-zero exit.
+The node's reply is read through ``replies.Reply`` (typed fields; a malformed reply is one
+``error:`` line), and every string in it is printed through ``display.clean``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import stat
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +24,9 @@ from typing import Any, NoReturn
 import click
 
 from . import control
-from .display import ProgressLine, format_rate, format_size, table
+from .display import ProgressLine, clean, fields, format_rate, format_size, table
 from .errors import DhtshareError, IdentityError, NodeError
+from .replies import Reply, rows
 
 __all__ = ["main"]
 
@@ -37,10 +43,45 @@ def default_home() -> Path:
 
 
 def fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
-    click.secho(f"error: {message}", fg="red", err=True)
+    """One ``error:`` line and a ``hint:`` line on stderr (both cleaned: they may quote
+    remote text), then exit with ``code``."""
+    click.secho(f"error: {clean(message)}", fg="red", err=True)
     if hint:
-        click.echo(f"hint: {hint}", err=True)
+        click.echo(f"hint: {clean(hint)}", err=True)
     sys.exit(code)
+
+
+def write_crash_log(home: Path | None) -> Path | None:
+    """Append the current traceback to ``home/crash.log`` (0600, no symbolic link
+    followed) if ``home`` is a directory of ours, else to a new private temp file
+    (``mkstemp``: ``O_EXCL``, 0600); never to a fixed name in a shared directory.
+    Returns where it went, or ``None`` if it could not be written."""
+    text = traceback.format_exc().encode("utf-8", "backslashreplace")
+    try:
+        if home is not None and _is_own_dir(home):
+            path = home / "crash.log"
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                os.close(fd)
+                raise OSError(f"{path} is not a file of ours")
+        else:
+            fd, name = tempfile.mkstemp(prefix="dhtshare-crash-", suffix=".log")
+            path = Path(name)
+        with os.fdopen(fd, "ab") as fh:
+            fh.write(text)
+    except OSError:
+        return None
+    return path
+
+
+def _is_own_dir(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
 
 
 class Cli(click.Group):
@@ -78,10 +119,12 @@ class Cli(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
             raise
         except Exception as exc:
-            log = Path(os.environ.get("TMPDIR", "/tmp")) / "dhtshare-crash.log"
-            with open(log, "a", encoding="utf-8") as fh:
-                traceback.print_exc(file=fh)
-            fail(f"unexpected failure: {exc}", f"details in {log}; please report it", code=2)
+            home = None
+            with contextlib.suppress(Exception):
+                home = home_of(ctx)
+            log = write_crash_log(home)
+            where = f"details in {log}" if log else "no details could be saved"
+            fail(f"unexpected failure: {exc}", f"{where}; please report it", code=2)
 
 
 def home_of(ctx: click.Context) -> Path:
@@ -98,11 +141,15 @@ def node_call(
 
 
 def emit(ctx: click.Context, doc: Any, render: Callable[[Any], str]) -> None:
-    """Print ``doc`` as JSON when --json was given, otherwise as ``render`` shows it."""
+    """Print ``doc`` as JSON when --json was given, otherwise as ``render`` shows it.
+
+    ``render`` reads ``doc`` through ``replies``, so a malformed reply is an error either
+    way. The JSON is ASCII with every control character escaped: safe on a terminal."""
+    text = render(doc)
     if ctx.params.get("as_json"):
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=True, allow_nan=False))
     else:
-        click.echo(render(doc))
+        click.echo(text)
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -197,7 +244,7 @@ def id_show(ctx: click.Context, as_json: bool) -> None:
     from .identity import describe_key_file
 
     info = describe_key_file(home_of(ctx) / "identity.json")
-    emit(ctx, info, fields)
+    emit(ctx, info, status_fields)
 
 
 # --------------------------------------------------------------------------------- node
@@ -294,8 +341,9 @@ def node_start(
             param_hint="--host",
         )
     if detach:
-        info = run_detached(config, sys.argv[0], passphrase_file)
-        click.echo(f"node running at {info['host']}:{info['port']} (pid {info['pid']})")
+        info = Reply(run_detached(config, sys.argv[0], passphrase_file), "node start")
+        host, port, pid = info.text("host"), info.integer("port"), info.integer("pid")
+        click.echo(f"node running at {clean(host)}:{port} (pid {pid})")
         return
     run_foreground(config, ready_fd)
 
@@ -307,10 +355,10 @@ def node_stop(ctx: click.Context) -> None:
 
     Example: dhtshare node stop
     """
-    result = node_call(ctx, "stop")
-    if not wait_exit(int(result.get("pid", 0)), STOP_TIMEOUT):
+    pid = Reply(node_call(ctx, "stop"), "node stop").integer("pid", 0)
+    if not wait_exit(pid, STOP_TIMEOUT):
         raise NodeError(
-            f"the node (pid {result.get('pid')}) is still stopping after {STOP_TIMEOUT:g} s",
+            f"the node (pid {pid}) is still stopping after {STOP_TIMEOUT:g} s",
             "check it with: dhtshare node status",
         )
     click.echo("node stopped")
@@ -343,13 +391,17 @@ def node_status(ctx: click.Context, as_json: bool) -> None:
 
     Example: dhtshare node status --json
     """
-    emit(ctx, node_call(ctx, "status"), fields)
+    emit(ctx, node_call(ctx, "status"), status_fields)
 
 
-def fields(doc: dict[str, Any]) -> str:
-    """``key  value`` lines, keys padded to the longest."""
-    width = max((len(k) for k in doc), default=0)
-    return "\n".join(f"{k:{width}}  {v}" for k, v in doc.items())
+def status_fields(doc: Any) -> str:
+    """An object's scalar fields as ``key  value`` lines (a nested value: its size)."""
+    reply = Reply(doc, "status")
+    shown = {
+        k: v if v is None or isinstance(v, str | int | float | bool) else f"({len(v)} entries)"
+        for k, v in reply.doc.items()
+    }
+    return fields(shown)
 
 
 # -------------------------------------------------------------------------------- groups
@@ -369,7 +421,8 @@ def group_create(ctx: click.Context, name: str, public: bool) -> None:
 
     Example: dhtshare group create climbers --public
     """
-    click.echo(node_call(ctx, "group.create", name=name, public=public)["group_id"])
+    result = Reply(node_call(ctx, "group.create", name=name, public=public), "group create")
+    click.echo(clean(result.text("group_id")))
 
 
 @group.command("join", context_settings=CONTEXT)
@@ -381,8 +434,8 @@ def group_join(ctx: click.Context, group_ref: str, message: str) -> None:
 
     Example: dhtshare group join 3f2a...e1 --message "hi, it's alice"
     """
-    result = node_call(ctx, "group.join", group=group_ref, message=message)
-    click.echo(f"join request sent; status: {result['status']}")
+    result = Reply(node_call(ctx, "group.join", group=group_ref, message=message), "group join")
+    click.echo(f"join request sent; status: {clean(result.text('status'))}")
 
 
 @group.command("leave", context_settings=CONTEXT)
@@ -393,10 +446,10 @@ def group_leave(ctx: click.Context, group_ref: str) -> None:
 
     Example: dhtshare group leave climbers
     """
-    result = node_call(ctx, "group.leave", group=group_ref)
-    click.echo(
-        f"left the group{'; new owner ' + result['new_owner'] if result.get('new_owner') else ''}"
+    heir = Reply(node_call(ctx, "group.leave", group=group_ref), "group leave").text(
+        "new_owner", ""
     )
+    click.echo(f"left the group{'; new owner ' + clean(heir) if heir else ''}")
 
 
 @group.command("requests", context_settings=CONTEXT)
@@ -408,19 +461,17 @@ def group_requests(ctx: click.Context, group_ref: str, as_json: bool) -> None:
 
     Example: dhtshare group requests climbers
     """
-    rows = node_call(ctx, "group.requests", group=group_ref)
-    emit(
-        ctx,
-        rows,
-        lambda rs: (
-            table(
-                [(r["name"], r["id"], r["time"], r["message"]) for r in rs],
-                ["NAME", "ID", "REQUESTED", "MESSAGE"],
-            )
-            if rs
-            else "no pending requests"
-        ),
-    )
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "group requests")
+        if not rs:
+            return "no pending requests"
+        return table(
+            [(r.text("name"), r.text("id"), r.text("time"), r.text("message")) for r in rs],
+            ["NAME", "ID", "REQUESTED", "MESSAGE"],
+        )
+
+    emit(ctx, node_call(ctx, "group.requests", group=group_ref), render)
 
 
 def _decide(cmd: str, verb: str) -> Callable[..., None]:
@@ -428,8 +479,8 @@ def _decide(cmd: str, verb: str) -> Callable[..., None]:
     @click.argument("member")
     @click.pass_context
     def decide(ctx: click.Context, /, group_ref: str, member: str, **extra: Any) -> None:
-        result = node_call(ctx, cmd, group=group_ref, member=member, **extra)
-        click.echo(f"{verb} {result['name'] or result['id']}")
+        result = Reply(node_call(ctx, cmd, group=group_ref, member=member, **extra), cmd)
+        click.echo(f"{verb} {clean(result.text('name', '') or result.text('id'))}")
 
     return decide
 
@@ -465,19 +516,20 @@ def group_list(ctx: click.Context, directory: bool, as_json: bool) -> None:
 
     Example: dhtshare group list --directory
     """
-    rows = node_call(ctx, "group.list", directory=directory)
-    emit(
-        ctx,
-        rows,
-        lambda rs: (
-            table(
-                [(r["name"], r["group_id"], r.get("role", ""), r["members"]) for r in rs],
-                ["NAME", "GROUP", "ROLE", "MEMBERS"],
-            )
-            if rs
-            else "no groups"
-        ),
-    )
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "group list")
+        if not rs:
+            return "no groups"
+        return table(
+            [
+                (r.text("name"), r.text("group_id"), r.text("role", ""), r.integer("members"))
+                for r in rs
+            ],
+            ["NAME", "GROUP", "ROLE", "MEMBERS"],
+        )
+
+    emit(ctx, node_call(ctx, "group.list", directory=directory), render)
 
 
 @group.command("members", context_settings=CONTEXT)
@@ -489,15 +541,17 @@ def group_members(ctx: click.Context, group_ref: str, as_json: bool) -> None:
 
     Example: dhtshare group members climbers
     """
-    rows = node_call(ctx, "group.members", group=group_ref)
-    emit(
-        ctx,
-        rows,
-        lambda rs: table(
-            [(r["name"], r["id"], r["role"], r["since"]) for r in rs],
+
+    def render(doc: Any) -> str:
+        return table(
+            [
+                (r.text("name"), r.text("id"), r.text("role"), r.text("since"))
+                for r in rows(doc, "group members")
+            ],
             ["NAME", "ID", "ROLE", "SINCE"],
-        ),
-    )
+        )
+
+    emit(ctx, node_call(ctx, "group.members", group=group_ref), render)
 
 
 # --------------------------------------------------------------------------------- files
@@ -514,9 +568,10 @@ def share(ctx: click.Context, group_ref: str, path: str) -> None:
     """
     bar = ProgressLine("hashing", 1)
 
-    def progress(p: dict[str, Any]) -> None:
-        bar.total = max(int(p.get("total", 1)), 1)
-        bar.update(int(p.get("done", 0)))
+    def progress(doc: Any) -> None:
+        p = Reply(doc, "share (progress)")
+        bar.total = max(p.integer("total", 1), 1)
+        bar.update(p.integer("done", 0))
 
     try:
         result = node_call(
@@ -524,7 +579,7 @@ def share(ctx: click.Context, group_ref: str, path: str) -> None:
         )
     finally:
         bar.finish()
-    click.echo(result["content_id"])
+    click.echo(clean(Reply(result, "share").text("content_id")))
 
 
 @main.command(context_settings=CONTEXT)
@@ -536,28 +591,26 @@ def files(ctx: click.Context, group_ref: str, as_json: bool) -> None:
 
     Example: dhtshare files climbers
     """
-    rows = node_call(ctx, "files", group=group_ref)
-    emit(
-        ctx,
-        rows,
-        lambda rs: (
-            table(
-                [
-                    (
-                        r["name"],
-                        format_size(r["size"]),
-                        r["content_id"][:16],
-                        r["sharer_name"] or r["sharer"][:12],
-                        r["providers"],
-                    )
-                    for r in rs
-                ],
-                ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS"],
-            )
-            if rs
-            else "no files"
-        ),
-    )
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "files")
+        if not rs:
+            return "no files"
+        return table(
+            [
+                (
+                    r.text("name"),
+                    format_size(r.integer("size")),
+                    r.text("content_id")[:16],
+                    r.text("sharer_name", "") or r.text("sharer")[:12],
+                    r.integer("providers"),
+                )
+                for r in rs
+            ],
+            ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS"],
+        )
+
+    emit(ctx, node_call(ctx, "files", group=group_ref), render)
 
 
 @main.command(context_settings=CONTEXT)
@@ -579,11 +632,12 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
     """
     bar = ProgressLine("downloading", 1)
 
-    def progress(p: dict[str, Any]) -> None:
-        bar.total = max(int(p.get("size", 1)), 1)
+    def progress(doc: Any) -> None:
+        p = Reply(doc, "get (progress)")
+        bar.total = max(p.integer("size", 1), 1)
         bar.update(
-            int(p.get("bytes_done", 0)),
-            f"{format_rate(p.get('rate', 0.0))} from {p.get('peers', 0)} peers",
+            p.integer("bytes_done", 0),
+            f"{format_rate(p.number('rate', 0.0))} from {p.integer('peers', 0)} peers",
         )
 
     try:
@@ -598,10 +652,12 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
         )
     finally:
         bar.finish()
+    done = Reply(result, "get")
     if no_wait:
-        click.echo(f"downloading {result['name']} into {result['path']}")
+        click.echo(f"downloading {clean(done.text('name'))} into {clean(done.text('path'))}")
     else:
-        click.echo(f"{result['path']}: complete and verified ({format_size(result['size'])})")
+        size = format_size(done.integer("size"))
+        click.echo(f"{clean(done.text('path'))}: complete and verified ({size})")
 
 
 @main.command(context_settings=CONTEXT)
@@ -612,29 +668,27 @@ def downloads(ctx: click.Context, as_json: bool) -> None:
 
     Example: dhtshare downloads --json
     """
-    rows = node_call(ctx, "downloads")
-    emit(
-        ctx,
-        rows,
-        lambda rs: (
-            table(
-                [
-                    (
-                        r["name"],
-                        r["state"],
-                        f"{100 * r['bytes_done'] // max(r['size'], 1)}%",
-                        format_size(r["size"]),
-                        len(r["sources"]),
-                        r["path"],
-                    )
-                    for r in rs
-                ],
-                ["NAME", "STATE", "DONE", "SIZE", "PEERS", "PATH"],
-            )
-            if rs
-            else "no downloads"
-        ),
-    )
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "downloads")
+        if not rs:
+            return "no downloads"
+        return table(
+            [
+                (
+                    r.text("name"),
+                    r.text("state"),
+                    f"{min(100, 100 * r.integer('bytes_done') // max(r.integer('size'), 1))}%",
+                    format_size(r.integer("size")),
+                    r.count("sources"),
+                    r.text("path"),
+                )
+                for r in rs
+            ],
+            ["NAME", "STATE", "DONE", "SIZE", "PEERS", "PATH"],
+        )
+
+    emit(ctx, node_call(ctx, "downloads"), render)
 
 
 @main.command(context_settings=CONTEXT)
@@ -646,8 +700,8 @@ def unshare(ctx: click.Context, group_ref: str, file_ref: str) -> None:
 
     Example: dhtshare unshare climbers route.mp4
     """
-    result = node_call(ctx, "unshare", group=group_ref, file=file_ref)
-    click.echo(f"stopped sharing {result['name']}")
+    result = Reply(node_call(ctx, "unshare", group=group_ref, file=file_ref), "unshare")
+    click.echo(f"stopped sharing {clean(result.text('name'))}")
 
 
 # ------------------------------------------------------------------------ network tools

@@ -3,17 +3,31 @@
 A request is one line ``{"cmd": "...", "args": {...}}``. The node answers with zero or more
 progress lines ``{"progress": {...}}`` and then one final line, either
 ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "...", "hint": "...", "type": "..."}``.
-The socket lives in the node's state directory with mode 0600, so only its user can talk to it.
+
+Where the socket lives. In the node's state directory (``home/control.sock``, mode 0600).
+When that path is too long for a Unix socket (about 100 bytes), the node makes a private
+directory with a random name (``mkdtemp``: mode 0700, in the temp directory) and records
+its path in ``home/control-dir``; the socket goes in there. Nobody else can create,
+replace or read anything in either place.
+
+What the CLI checks (``call``). Before it sends anything: the socket is a socket owned by
+this user and writable by nobody else, in a directory owned by this user that nobody else
+can write to; after connecting, where the system says (``SO_PEERCRED``), that the process
+answering runs as this user. Otherwise it refuses with one line. Every reply line is
+bounded (``MAX_LINE``), must be a JSON object (no NaN or Infinity), and an error reply
+must carry text: anything else is a ``NodeError``, never a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
+import socket
+import stat
+import struct
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,11 +35,18 @@ from typing import Any
 
 from . import errors
 from .errors import DhtshareError, NodeError
+from .store.atomic import write_atomic
 
-__all__ = ["Progress", "answering", "call", "serve", "socket_path"]
+__all__ = ["Progress", "answering", "call", "check_socket", "prepare_socket", "remove_socket",
+           "serve", "socket_path"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
+SOCKET_NAME = "control.sock"
+POINTER_NAME = "control-dir"
+"""In the state directory: the private directory holding the socket of a deep ``home``."""
+MAX_SOCKET_PATH = 100
+"""Bytes; ``sun_path`` holds 108 on Linux and 104 on macOS, terminator included."""
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[str, dict[str, Any], Progress], Awaitable[Any]]
 
@@ -35,10 +56,26 @@ def _error_line(exc: DhtshareError) -> dict[str, Any]:
 
 
 def _raise_from(reply: dict[str, Any]) -> None:
-    cls = getattr(errors, str(reply.get("type", "")), None)
+    name, message, hint = reply.get("type"), reply.get("error"), reply.get("hint", "")
+    if not isinstance(message, str) or not isinstance(hint, str):
+        raise _malformed("an error without a message")
+    cls = getattr(errors, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, DhtshareError)):
         cls = NodeError
-    raise cls(str(reply.get("error", "the node reported an error")), str(reply.get("hint", "")))
+    exc = cls(message)
+    exc.hint = hint
+    raise exc
+
+
+def _malformed(what: str) -> NodeError:
+    return NodeError(
+        f"malformed reply from the node: {what}",
+        "is the CLI the same version as the node? see node.log",
+    )
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 async def _write(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
@@ -83,17 +120,121 @@ async def _handle(
         writer.close()
 
 
-def socket_path(home: Path) -> Path:
-    """Where the control socket of the node with state directory ``home`` lives.
+def _fits(path: Path) -> bool:
+    return len(os.fsencode(path)) < MAX_SOCKET_PATH
 
-    Unix socket paths are limited to about 100 bytes; for a deep ``home`` the socket goes to
-    the temp directory under a name derived from ``home``, so the CLI finds it the same way.
-    """
-    path = home / "control.sock"
-    if len(os.fsencode(path)) < 100:
+
+def socket_path(home: Path) -> Path:
+    """Where the control socket of the node with state directory ``home`` is (no I/O for a
+    short ``home``; for a deep one, the directory ``home/control-dir`` names, which may
+    not exist: then connecting says that no node is running)."""
+    path = home / SOCKET_NAME
+    if _fits(path):
         return path
-    tag = hashlib.blake2b(os.fsencode(home.resolve()), digest_size=8).hexdigest()
-    return Path(tempfile.gettempdir()) / f"dhtshare-{os.getuid()}-{tag}.sock"
+    private = _read_pointer(home)
+    return (private if private is not None else home) / SOCKET_NAME
+
+
+def _read_pointer(home: Path) -> Path | None:
+    try:
+        text = (home / POINTER_NAME).read_text("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text or "\0" in text or not os.path.isabs(text):
+        return None
+    return Path(text)
+
+
+def _private_dir(path: Path) -> bool:
+    """A real directory (not a link) of ours that nobody else can enter or write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def prepare_socket(home: Path) -> Path:
+    """The node's side of ``socket_path``: where to listen, making the private directory
+    (``mkdtemp``, 0700, random name) for a deep ``home`` unless the one recorded is still
+    ours and private."""
+    path = home / SOCKET_NAME
+    if _fits(path):
+        return path
+    private = _read_pointer(home)
+    if private is not None and _private_dir(private) and _fits(private / SOCKET_NAME):
+        return private / SOCKET_NAME
+    base = tempfile.gettempdir()
+    if not _fits(Path(base) / "dhtshare-xxxxxxxx" / SOCKET_NAME):
+        base = "/tmp"
+    private = Path(tempfile.mkdtemp(prefix="dhtshare-", dir=base))
+    write_atomic(home / POINTER_NAME, os.fsencode(private))
+    return private / SOCKET_NAME
+
+
+def remove_socket(home: Path) -> None:
+    """The node stops: remove its socket and, for a deep ``home``, its private directory."""
+    path = socket_path(home)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    if path.parent != home and _private_dir(path.parent):
+        with contextlib.suppress(OSError):
+            os.rmdir(path.parent)
+            os.unlink(home / POINTER_NAME)
+
+
+def check_socket(path: Path) -> None:
+    """``NodeError`` unless ``path`` is a socket of ours, writable by us only, in a
+    directory of ours that nobody else can write to (a socket another user planted,
+    or could replace, is never used)."""
+    uid = os.geteuid()
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise NodeError(
+            "no node is running", "start one with: dhtshare node start --detach"
+        ) from exc
+    except OSError as exc:
+        raise NodeError(f"cannot use the control socket {path}: {exc.strerror}") from exc
+    problem = ""
+    if not stat.S_ISSOCK(st.st_mode):
+        problem = "is not a socket"
+    elif st.st_uid != uid:
+        problem = f"belongs to another user (uid {st.st_uid})"
+    elif st.st_mode & 0o022:
+        problem = "is writable by other users"
+    else:
+        try:
+            dst = os.lstat(path.parent)
+        except OSError as exc:
+            raise NodeError(f"cannot use the control socket {path}: {exc.strerror}") from exc
+        if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != uid:
+            problem = f"is in {path.parent}, which belongs to another user"
+        elif dst.st_mode & 0o022:
+            problem = f"is in {path.parent}, which other users can write to"
+    if problem:
+        raise NodeError(
+            f"refusing the control socket {path}: it {problem}",
+            "someone else may be impersonating your node; remove it and restart your node",
+        )
+
+
+def _check_peer(writer: asyncio.StreamWriter, path: Path) -> None:
+    """Where the system tells (``SO_PEERCRED``), the process answering must be ours."""
+    sock = writer.get_extra_info("socket")
+    option = getattr(socket, "SO_PEERCRED", None)
+    if sock is None or option is None:
+        return
+    size = struct.calcsize("3i")
+    try:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, size))
+    except (OSError, struct.error):
+        return
+    if uid != os.geteuid():
+        raise NodeError(
+            f"refusing the control socket {path}: another user (uid {uid}) answers on it",
+            "someone else may be impersonating your node; restart your node",
+        )
 
 
 async def answering(path: Path) -> bool:
@@ -131,26 +272,53 @@ async def call(
     args: dict[str, Any] | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> Any:
-    """Send one command to the node at ``path``; return its result or raise its error."""
+    """Send one command to the node at ``path``; return its result or raise its error.
+
+    The socket is checked first (``check_socket``) and the peer after connecting; each
+    reply line must be a JSON object of at most ``MAX_LINE`` bytes. Every failure is a
+    ``DhtshareError``; ``on_progress`` gets each progress value as it came.
+    """
+    check_socket(path)
     try:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise NodeError(
             "no node is running", "start one with: dhtshare node start --detach"
         ) from exc
+    except OSError as exc:
+        raise NodeError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
     try:
+        _check_peer(writer, path)
         await _write(writer, {"cmd": cmd, "args": args or {}})
         while True:
-            line = await reader.readline()
-            if not line:
-                raise NodeError("the node closed the control connection", "see node.log")
-            reply = json.loads(line)
+            reply = await _read_reply(reader)
             if "progress" in reply:
                 if on_progress is not None:
                     on_progress(reply["progress"])
                 continue
-            if reply.get("ok"):
+            ok = reply.get("ok")
+            if ok is True:
                 return reply.get("result")
-            _raise_from(reply)
+            if ok is False:
+                _raise_from(reply)
+            raise _malformed("neither a result nor an error")
+    except (ConnectionError, BrokenPipeError) as exc:
+        raise NodeError("the node closed the control connection", "see node.log") from exc
     finally:
         writer.close()
+
+
+async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
+    try:
+        line = await reader.readline()
+    except ValueError as exc:  # longer than MAX_LINE
+        raise _malformed(f"a line longer than {MAX_LINE} bytes") from exc
+    if not line:
+        raise NodeError("the node closed the control connection", "see node.log")
+    try:
+        reply = json.loads(line, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as exc:
+        raise _malformed("not JSON") from exc
+    if not isinstance(reply, dict):
+        raise _malformed("not a JSON object")
+    return reply

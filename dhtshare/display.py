@@ -1,15 +1,54 @@
-"""How results look in a terminal: sizes, aligned tables, a one-line progress bar."""
+"""How results look in a terminal: safe text, sizes, aligned tables, a progress bar.
+
+Every string that came from the network or from a record (names, messages, group
+names, file names, paths, error messages that quote them) reaches the terminal
+through ``clean``: control characters (C0 with tab and newline, DEL, C1 with CSI),
+format characters (bidi overrides and isolates, zero-width joiners and spaces, the
+byte-order mark), lone surrogates and line or paragraph separators are shown as a
+visible escape (``\\x1b``, ``\\u202e``) instead of being written. So no escape
+sequence (a clipboard write, a screen clear, a cursor move) and no line break (a
+forged table row) from a remote peer reaches the terminal. ``table``, ``fields``
+and ``ProgressLine`` clean every value they print; ``--json`` output is JSON with
+``ensure_ascii`` and needs no cleaning.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+import unicodedata
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import click
 
-__all__ = ["ProgressLine", "format_rate", "format_size", "table"]
+__all__ = ["ProgressLine", "clean", "fields", "format_rate", "format_size", "table"]
+
+_UNSAFE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def clean(value: object) -> str:
+    """``value`` as one line of text that is safe to print on a terminal."""
+    text = value if isinstance(value, str) else str(value)
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _UNSAFE else c for c in text)
+
+
+def fields(doc: Mapping[Any, Any]) -> str:
+    """``key  value`` lines, keys padded to the longest; every key and value cleaned."""
+    items = [(clean(k), clean(v)) for k, v in doc.items()]
+    width = max((len(k) for k, _ in items), default=0)
+    return "\n".join(f"{k:{width}}  {v}" for k, v in items)
 
 
 def format_size(n: float) -> str:
@@ -26,8 +65,10 @@ def format_rate(bytes_per_s: float) -> str:
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """Columns aligned to their widest cell; numbers right-aligned; header in bold on a tty."""
-    cells = [[str(c) for c in row] for row in rows]
+    """Columns aligned to their widest cell; numbers right-aligned; header in bold on a tty.
+
+    Every cell is ``clean``ed: a cell is one line, whatever it holds."""
+    cells = [[clean(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
@@ -50,7 +91,7 @@ class ProgressLine:
     """A progress bar redrawn in place on a terminal; sparse plain lines otherwise."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
-        self.label, self.total = label, max(total, 1)
+        self.label, self.total = clean(label), max(total, 1)
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.started = time.monotonic()
@@ -58,7 +99,8 @@ class ProgressLine:
         self._drawn = False
 
     def update(self, done: int, extra: str = "") -> None:
-        pct = min(100, int(100 * done / self.total))
+        pct = max(0, min(100, 100 * done // self.total))
+        extra = clean(extra)
         if self.tty:
             width = 30
             filled = width * pct // 100

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -153,7 +152,7 @@ class Node:
                 from .commands import Commands
 
                 node._control = await control.serve(
-                    control.socket_path(config.home), Commands(node).handle
+                    control.prepare_socket(config.home), Commands(node).handle
                 )
         except BaseException:
             await node.close()
@@ -255,7 +254,7 @@ class Node:
         with contextlib.suppress(Exception):
             from . import control
 
-            os.unlink(control.socket_path(self.home))
+            control.remove_socket(self.home)
         self.stopped.set()
 
     def request_stop(self) -> None:

@@ -146,13 +146,13 @@ def test_node_errors_become_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unexpected_failure_is_one_line_and_logged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
     fake_node(monkeypatch, RuntimeError("boom"))
-    result = CliRunner().invoke(cli.main, ["downloads"])
+    result = CliRunner().invoke(cli.main, ["--home", str(tmp_path), "downloads"])
     assert result.exit_code == 2
     assert result.output.startswith("error: unexpected failure: boom")
+    assert f"hint: details in {tmp_path / 'crash.log'}" in result.output
     assert "Traceback" not in result.output
-    assert "RuntimeError: boom" in (tmp_path / "dhtshare-crash.log").read_text()
+    assert "RuntimeError: boom" in (tmp_path / "crash.log").read_text()
 
 
 def test_listing_json_is_one_document(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -78,24 +78,54 @@ async def test_no_node(tmp_path: Path) -> None:
         await control.call(path, "status")
 
 
-def test_long_home_falls_back_to_the_temp_dir(tmp_path: Path) -> None:
+def test_long_home_puts_the_socket_in_a_private_directory(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
-    path = control.socket_path(deep)
+    deep.mkdir()
+    assert control.socket_path(deep) == deep / "control.sock"  # nothing prepared yet
+    path = control.prepare_socket(deep)
     assert len(os.fsencode(path)) < 100
-    assert path == control.socket_path(deep)  # the CLI finds it the same way
-    assert path != control.socket_path(tmp_path / ("e" * 120))
+    assert path == control.socket_path(deep) == control.prepare_socket(deep)  # CLI finds it
+    st = os.lstat(path.parent)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    other = tmp_path / ("e" * 120)
+    other.mkdir()
+    assert control.prepare_socket(other).parent != path.parent
     assert (
         control.socket_path(tmp_path) == tmp_path / "control.sock"
         or len(os.fsencode(tmp_path / "control.sock")) >= 100
     )
+    for home in (deep, other):
+        control.remove_socket(home)  # the node's stop: the directory and its record go
+        assert not (home / "control-dir").exists()
+    assert not path.parent.exists()
+
+
+def test_a_private_directory_that_is_no_longer_private_is_replaced(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    first = control.prepare_socket(deep).parent
+    first.chmod(0o755)
+    second = control.prepare_socket(deep).parent
+    assert second != first and stat.S_IMODE(os.lstat(second).st_mode) == 0o700
+    second.rmdir()
+    second.symlink_to(first)  # e.g. recreated by someone else after a reboot
+    third = control.prepare_socket(deep).parent
+    assert third not in (first, second)
+    for d in (first, third):
+        d.rmdir()
+    second.unlink()
 
 
 async def test_long_home_serves(tmp_path: Path) -> None:
-    path = control.socket_path(tmp_path / ("d" * 120))
+    deep = tmp_path / ("d" * 120)
+    deep.mkdir()
+    path = control.prepare_socket(deep)
     server = await control.serve(path, handler)
     try:
-        assert await control.call(path, "echo", {"ok": 1}) == {"ok": 1}
+        assert await control.call(control.socket_path(deep), "echo", {"ok": 1}) == {"ok": 1}
     finally:
         server.close()
         await server.wait_closed()
-        path.unlink(missing_ok=True)
+        control.remove_socket(deep)
+    assert not path.exists() and not path.parent.exists()
