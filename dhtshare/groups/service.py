@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from ..codec import Reader
-from ..errors import GroupError
+from ..errors import DhtshareError, GroupError
 from ..identity import Identity
 from ..records import (
     MAX_PAGES,
@@ -502,8 +502,8 @@ class GroupService:
             try:
                 if await self._maintain_one(group_id):
                     published.append(group_id)
-            except GroupError:
-                continue  # unreachable or stale for now; try again next round
+            except DhtshareError:
+                continue  # unreachable, stale or DHT down for now: only this group waits
         return published
 
     async def _maintain_one(self, group_id: bytes) -> bool:
