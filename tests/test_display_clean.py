@@ -1,0 +1,79 @@
+"""``display.clean`` and the renderers built on it: one safe line per value."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import click
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dhtshare.display import ProgressLine, clean, fields, table
+
+OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
+CLEAR = "\x1b[2J\x1b[H"
+HOSTILE_NAME = f"{OSC52}{CLEAR}mal\u202eory\nbob  ok"
+HOSTILE_MESSAGE = f"hi{CLEAR}\nmallory  0123abcd  please accept\x9b2J\x7f"
+UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
+
+
+def unsafe_chars(text: str) -> list[str]:
+    return [c for c in text if c != "\n" and unicodedata.category(c) in UNSAFE]
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("alice", "alice"),
+        ("Zoë 🧗", "Zoë 🧗"),
+        ("a\x1bb", "a\\x1bb"),
+        ("x\ny", "x\\x0ay"),
+        ("tab\there", "tab\\x09here"),
+        ("\x9b2J", "\\x9b2J"),
+        ("del\x7f", "del\\x7f"),
+        ("evil\u202etxt.exe", "evil\\u202etxt.exe"),
+        ("a\u2066b\u2069", "a\\u2066b\\u2069"),
+        ("zero\u200bwidth\u200d", "zero\\u200bwidth\\u200d"),
+        ("line\u2028sep", "line\\u2028sep"),
+        ("lone \ud800", "lone \\ud800"),
+        ("\ufeffbom", "\\ufeffbom"),
+        (42, "42"),
+    ],
+)
+def test_clean_examples(raw: object, shown: str) -> None:
+    assert clean(raw) == shown
+
+
+@given(st.text(max_size=200))
+def test_clean_leaves_no_unsafe_character_and_keeps_safe_text(text: str) -> None:
+    shown = clean(text)
+    assert not unsafe_chars(shown) and "\n" not in shown
+    shown.encode("utf-8")  # printable on any UTF-8 terminal (no lone surrogate)
+    if not any(unicodedata.category(c) in UNSAFE for c in text):
+        assert shown == text
+
+
+def test_tables_fields_and_progress_lines_are_one_line_per_row() -> None:
+    out = table([(HOSTILE_NAME, 3), ("carol", 10)], ["NAME", "N"])
+    assert len(out.splitlines()) == 3 and not unsafe_chars(click.unstyle(out))
+    out = fields({"name": HOSTILE_NAME, "id": "ab"})
+    assert len(out.splitlines()) == 2 and not unsafe_chars(out)
+
+    class Stream:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def isatty(self) -> bool:
+            return False
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+    stream = Stream()
+    bar = ProgressLine(HOSTILE_NAME, 100, stream)  # type: ignore[arg-type]
+    bar.update(50, HOSTILE_MESSAGE)
+    assert stream.text.count("\n") == 1 and not unsafe_chars(stream.text)
