@@ -179,6 +179,7 @@ class Commands:
             "downloads": len(node.downloads.statuses()),
             "peer_connections": node.server.connections,
             "stale_groups": _stale_groups(node.stale_groups()),
+            "counters": {"dht": node.dht.stats.snapshot(), "peers": node.server.stats.snapshot()},
         }
 
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
