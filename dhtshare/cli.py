@@ -24,7 +24,16 @@ from typing import Any, NoReturn
 import click
 
 from . import control
-from .display import ProgressLine, clean, fields, format_rate, format_size, table
+from .display import (
+    LOG_FORMAT,
+    CleanFormatter,
+    ProgressLine,
+    clean,
+    fields,
+    format_rate,
+    format_size,
+    table,
+)
 from .errors import DhtshareError, IdentityError, NodeError
 from .replies import Reply, rows
 
@@ -194,10 +203,9 @@ def main(home: str | None, verbose: bool) -> None:
       dhtshare node start --bootstrap boot.example.org:4000 --detach
       dhtshare group create climbers
     """
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(CleanFormatter(LOG_FORMAT))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 # ----------------------------------------------------------------------------- identity

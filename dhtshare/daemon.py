@@ -22,6 +22,7 @@ from typing import Any
 
 from .allocator import tune_allocator
 from .dht.server import DhtNode
+from .display import LOG_FORMAT, CleanFormatter
 from .errors import DhtshareError, NodeError
 from .node import Node, NodeConfig
 
@@ -54,7 +55,7 @@ def _log_to(home: Path) -> None:
         if existing.level == logging.NOTSET:
             existing.setLevel(root.level)
     handler = logging.FileHandler(home / "node.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(CleanFormatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
 
@@ -143,11 +144,10 @@ def _read_line(fd: int, timeout: float) -> bytes:
 
 def run_bootstrap(state: Path, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
     """A DHT-only node with a stable id and routing table; foreground; logs to stderr."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,  # the CLI already configured WARNING; a server logs INFO
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(CleanFormatter(LOG_FORMAT))
+    # force: the CLI already configured WARNING; a server logs INFO
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("kademlia").setLevel(logging.WARNING)  # a line per lookup is noise
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state / "bootstrap.json"

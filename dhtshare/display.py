@@ -14,6 +14,7 @@ and ``ProgressLine`` clean every value they print; ``--json`` output is JSON wit
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import unicodedata
@@ -22,7 +23,18 @@ from typing import Any, TextIO
 
 import click
 
-__all__ = ["ProgressLine", "clean", "fields", "format_rate", "format_size", "table"]
+__all__ = [
+    "LOG_FORMAT",
+    "CleanFormatter",
+    "ProgressLine",
+    "clean",
+    "fields",
+    "format_rate",
+    "format_size",
+    "table",
+]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _UNSAFE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
@@ -42,6 +54,25 @@ def clean(value: object) -> str:
     if text.isascii() and text.isprintable():
         return text
     return "".join(_escape(c) if unicodedata.category(c) in _UNSAFE else c for c in text)
+
+
+class CleanFormatter(logging.Formatter):
+    """Log lines (messages quote names, hosts and errors from peers) cleaned line by line,
+    so a log on a terminal, or a ``tail -f node.log``, is as safe as the CLI's output; a
+    traceback keeps its line breaks."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return clean(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _clean_lines(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _clean_lines(super().formatStack(stack_info))
+
+
+def _clean_lines(text: str) -> str:
+    return "\n".join(clean(line) for line in text.split("\n"))
 
 
 def fields(doc: Mapping[Any, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import unicodedata
 
 import click
@@ -9,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dhtshare.display import ProgressLine, clean, fields, table
+from dhtshare.display import CleanFormatter, ProgressLine, clean, fields, table
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
 CLEAR = "\x1b[2J\x1b[H"
@@ -77,3 +79,19 @@ def test_tables_fields_and_progress_lines_are_one_line_per_row() -> None:
     bar = ProgressLine(HOSTILE_NAME, 100, stream)  # type: ignore[arg-type]
     bar.update(50, HOSTILE_MESSAGE)
     assert stream.text.count("\n") == 1 and not unsafe_chars(stream.text)
+
+
+def test_log_lines_are_cleaned_and_tracebacks_keep_their_lines() -> None:
+    formatter = CleanFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, "could not announce %s", (HOSTILE_NAME,), None
+    )
+    out = formatter.format(record)
+    assert "\n" not in out and not unsafe_chars(out) and "\\x1b]52;c;" in out
+    try:
+        raise ValueError(f"bad host {CLEAR}")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    record.exc_text = None
+    out = formatter.format(record)
+    assert out.count("\n") >= 2 and not unsafe_chars(out) and "\\x1b[2J" in out
