@@ -17,6 +17,7 @@ can refuse a roster from anyone else without knowing anything but the record.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from . import crypto
 from .codec import DecodeError, Reader, Writer
 from .errors import RecordError
+from .files.content import check_layout
 
 if TYPE_CHECKING:
     from .identity import Identity
@@ -416,8 +418,7 @@ class FileEntry:
         _check_id(self.group_id, "group id")
         _check_id(self.content_id, "content id")
         _check_text(self.name, 255, "file name")
-        if self.piece_size <= 0 or self.size < 0:
-            raise ValueError("bad size or piece size")
+        check_layout(self.size, self.piece_size)  # before anyone sizes anything by them
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_bytes(self.content_id)
@@ -436,6 +437,23 @@ class FileEntry:
         )
 
 
+def check_peer_address(host: str, port: int) -> None:
+    """``ValueError`` unless ``host`` is an IP address one can connect to and ``port`` is
+    1..65535. A provider's address is checked here, once, when its record is built or
+    decoded; so every ``Provider`` a reader holds has a host ``open_peer`` accepts."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"host {host[:64]!r} is not an IP address") from None
+    if addr.is_unspecified or addr.is_multicast or addr == _BROADCAST:
+        raise ValueError(f"host {host} is not a unicast address")
+    if not 0 < port < 65536:
+        raise ValueError("port out of range")
+
+
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
     """The signer holds (some of) ``content_id`` for ``group_id`` and serves it at host:port."""
@@ -450,9 +468,7 @@ class Provider:
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_id(self.content_id, "content id")
-        _check_text(self.host, 255, "host")
-        if not 0 < self.port < 65536:
-            raise ValueError("port out of range")
+        check_peer_address(self.host, self.port)
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_bytes(self.content_id)

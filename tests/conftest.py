@@ -68,7 +68,7 @@ def bodies_of_every_kind(owner: Identity, now: float) -> list[Body]:
         JoinRequest(gid, "alice", "hi"),
         Decision(gid, os.urandom(32), accepted=True),
         Leave(gid),
-        FileEntry(gid, cid, "a.bin", 1000, 256),
+        FileEntry(gid, cid, "a.bin", 1000, 256 * 1024),
         Provider(gid, cid, "127.0.0.1", 7000, complete=True),
         PeerInfo((("127.0.0.1", 7001),)),
         DirectoryEntry(gid, "group", 1),

@@ -59,7 +59,7 @@ def bodies() -> list[object]:
         Decision(GID, os.urandom(32), False, "no room"),
         Leave(GID),
         Leave(GID, Handover(os.urandom(32), int(NOW), os.urandom(64))),
-        FileEntry(GID, CID, "movie.mkv", 10**9, 1 << 20),
+        FileEntry(GID, CID, "movie.mkv", 10**9, 1 << 19),
         Provider(GID, CID, "127.0.0.1", 4000, True),
         PeerInfo((("127.0.0.1", 4000), ("::1", 4001))),
         DirectoryEntry(GID, "climbers", 12),
@@ -78,8 +78,9 @@ def test_every_kind_round_trips_and_verifies(body: object) -> None:
 
 
 def test_keys_are_derived_from_content() -> None:
-    a = sign_record(OWNER, Provider(GID, CID, "h", 1, True), seq=1, now=NOW, ttl=60)
-    b = sign_record(OWNER, Provider(GID, os.urandom(32), "h", 1, True), seq=1, now=NOW, ttl=60)
+    a = sign_record(OWNER, Provider(GID, CID, "127.0.0.1", 1, True), seq=1, now=NOW, ttl=60)
+    other = Provider(GID, os.urandom(32), "127.0.0.1", 1, True)
+    b = sign_record(OWNER, other, seq=1, now=NOW, ttl=60)
     assert a.dht_key == key_for(Kind.PROVIDER, GID, CID)
     assert a.dht_key != b.dht_key
 

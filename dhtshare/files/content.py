@@ -25,10 +25,13 @@ from dhtshare.errors import FileShareError
 __all__ = [
     "CHUNK_SIZE",
     "HASH_SIZE",
+    "MAX_FILE_PIECES",
+    "MAX_FILE_SIZE",
     "MAX_PIECE_SIZE",
     "MIN_PIECE_SIZE",
     "TARGET_PIECES",
     "FileLayout",
+    "check_layout",
     "content_id_hex",
     "hash_file",
     "hash_piece",
@@ -45,6 +48,10 @@ HASH_SIZE = 32
 MIN_PIECE_SIZE = 256 * 1024
 MAX_PIECE_SIZE = 16 * 1024 * 1024
 TARGET_PIECES = 2048
+MAX_FILE_PIECES = 1 << 16
+"""Most pieces a file may have: 65,536 pieces of 16 MiB (1 TiB). A layout from the
+network is checked against it before anything proportional to it is allocated."""
+MAX_FILE_SIZE = MAX_FILE_PIECES * MAX_PIECE_SIZE
 CHUNK_SIZE = 1024 * 1024  # read size while hashing: memory stays bounded
 
 _LEAF = b"\x00"
@@ -66,6 +73,21 @@ def is_valid_piece_size(piece_size: int) -> bool:
     """True for a power of two within ``MIN_PIECE_SIZE..MAX_PIECE_SIZE`` (for network input)."""
     in_range = MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE
     return in_range and piece_size & (piece_size - 1) == 0
+
+
+def check_layout(size: int, piece_size: int) -> None:
+    """``ValueError`` unless ``piece_size`` is the one ``piece_size_for(size)`` gives and
+    ``size`` is at most ``MAX_FILE_SIZE`` (so at most ``MAX_FILE_PIECES`` pieces).
+
+    A file entry from the network passes this before its layout is used: its cost is
+    two comparisons, whatever the sizes claim. The piece size is a function of the
+    size, so two entries for one content id can disagree only about the size, and a
+    content id's hash tree fixes the piece count (``verify_hash_list``).
+    """
+    if not 0 <= size <= MAX_FILE_SIZE:
+        raise ValueError(f"file size {size} out of range 0..{MAX_FILE_SIZE}")
+    if piece_size != piece_size_for(size):
+        raise ValueError(f"piece size {piece_size} does not fit a file of {size} bytes")
 
 
 @dataclass(frozen=True, slots=True)

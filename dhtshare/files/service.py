@@ -20,10 +20,19 @@ import aiofiles.os
 from ..dht.server import DhtNode
 from ..errors import DhtError, FileShareError
 from ..identity import Identity
-from ..records import FileEntry, Kind, Provider, SignedRecord, key_for, sign_record, time_seq
-from .content import FileLayout, hash_file, merkle_root
+from ..records import (
+    MAX_TTL,
+    FileEntry,
+    Kind,
+    Provider,
+    SignedRecord,
+    key_for,
+    sign_record,
+    time_seq,
+)
+from .content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 
-__all__ = ["FileInfo", "FileService", "SharedFile"]
+__all__ = ["FileInfo", "FileService", "SharedFile", "shared_at"]
 
 ENTRY_TTL = 24 * 3600.0
 PROVIDER_TTL = 3600.0
@@ -88,6 +97,10 @@ class FileService:
         if not stat.S_ISREG(info.st_mode):
             raise FileShareError(f"cannot share {path}: not a regular file", "give a file path")
         size = info.st_size
+        if size > MAX_FILE_SIZE:
+            raise FileShareError(
+                f"cannot share {path}: larger than {MAX_FILE_SIZE >> 40} TiB", "split the file"
+            )
         layout = FileLayout.for_size(size)
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Future[None]] = set()
@@ -173,12 +186,33 @@ class FileService:
             if entry.withdrawn or entry.group_id != group_id or not is_member(group_id, rec.signer):
                 continue
             first = live.get(entry.content_id)
-            if first is None or (rec.issued, rec.seq) < (first.issued, first.seq):
+            if first is None or _listing_rank(rec) < _listing_rank(first):
                 live[entry.content_id] = rec  # the first sharer is the one we show
         counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
-        infos = [FileInfo(_entry(rec), rec.signer, rec.issued, len(provs))
+        infos = [FileInfo(_entry(rec), rec.signer, shared_at(rec), len(provs))
                  for rec, provs in zip(live.values(), counts, strict=True)]  # fmt: skip
         return sorted(infos, key=lambda i: (i.entry.name, i.entry.content_id))
+
+
+def shared_at(rec: SignedRecord) -> int:
+    """When the entry says it was shared, but no earlier than its lifetime allows.
+
+    ``issued`` is the signer's word and has no lower bound of its own; ``expires`` is
+    later than now for any record a reader keeps, and no record lives longer than
+    ``MAX_TTL``. So ``expires - MAX_TTL`` is the earliest time a live record can
+    honestly have been signed: an entry that claims ``issued = 1`` counts as signed then.
+    """
+    return max(rec.issued, rec.expires - MAX_TTL)
+
+
+def _listing_rank(rec: SignedRecord) -> tuple[int, int, bytes]:
+    """Which entry of one content id a listing shows: the first shared (``shared_at``),
+    then the lower ``seq``, then the lower signer key (so every reader picks the same).
+
+    Every candidate's layout already passed ``check_layout`` when it was decoded, so the
+    pick decides which name and sharer are shown, never a layout that costs more than a
+    valid one."""
+    return shared_at(rec), rec.seq, rec.signer
 
 
 def _entry(rec: SignedRecord) -> FileEntry:
