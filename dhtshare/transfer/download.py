@@ -40,8 +40,21 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dhtshare.errors import DhtshareError, FileShareError, ProtocolError, StoreError
-from dhtshare.files.content import FileLayout, merkle_root, verify_hash_list, verify_piece
+from dhtshare.errors import (
+    DhtshareError,
+    FileShareError,
+    ProtocolError,
+    RemoteProtocolError,
+    StoreError,
+)
+from dhtshare.files.content import (
+    MAX_FILE_PIECES,
+    MAX_PIECE_SIZE,
+    FileLayout,
+    merkle_root,
+    verify_hash_list,
+    verify_piece,
+)
 from dhtshare.identity import Identity, format_id
 from dhtshare.store.atomic import read_hashes, write_hashes
 from dhtshare.store.partial import PartialFile, safe_name
@@ -68,7 +81,14 @@ from dhtshare.wire import (
     Request,
 )
 
-__all__ = ["Download", "DownloadOptions", "FileInfo", "ProviderAddr", "ProviderSource"]
+__all__ = [
+    "Download",
+    "DownloadOptions",
+    "FileInfo",
+    "ProviderAddr",
+    "ProviderSource",
+    "check_info",
+]
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +132,18 @@ class FileInfo:
     @property
     def layout(self) -> FileLayout:
         return FileLayout(self.size, self.piece_size)
+
+
+def check_info(info: FileInfo) -> None:
+    """``FileShareError`` unless the layout is one a download can afford: a piece size
+    within ``MAX_PIECE_SIZE`` and at most ``MAX_FILE_PIECES`` pieces (the picker, the
+    resume state and the hash list are sized by the piece count)."""
+    size, piece = info.size, info.piece_size
+    if not (size >= 0 and 0 < piece <= MAX_PIECE_SIZE and -(-size // piece) <= MAX_FILE_PIECES):
+        raise FileShareError(
+            f"{info.name!r}: {size} bytes in pieces of {piece} is not a layout we accept",
+            "the file entry is malformed; ask its sharer to share it again",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +202,7 @@ class Download:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        check_info(info)  # before anything is sized by it
         self.identity = identity
         self.info = info
         self.layout = info.layout
@@ -219,6 +252,7 @@ class Download:
         self._polled_at = float("-inf")
         self._polls = 0
         self._known: dict[bytes, ProviderAddr] = {}
+        self.peer_crashes = 0  # peer sessions ended by an unexpected exception
 
     # -- public -------------------------------------------------------------------
 
@@ -283,6 +317,10 @@ class Download:
             raise
         except DhtshareError as exc:
             self._final = Failed(*self._status_fields(), error=exc.message, hint=exc.hint)
+            raise
+        except Exception as exc:  # never left "downloading" with nobody working on it
+            text = f"download stopped by an internal error: {type(exc).__name__}"
+            self._final = Failed(*self._status_fields(), error=text, hint="see the node's log")
             raise
         seconds = self.clock() - self._started
         self._final = Complete(*self._status_fields(path), seconds=seconds)
@@ -700,11 +738,21 @@ class _Client:
         return not self.ready or self.dl.picker.interesting(self.addr.peer_key)
 
     async def run(self) -> None:
+        """Serve the download until this connection ends; whatever ends it ends it alone.
+
+        A protocol, network or timeout error is this peer's; any other exception (input
+        we failed to check, or a bug) is logged and counted in ``Download.peer_crashes``,
+        and never reaches the download's ``TaskGroup``, which would cancel every peer.
+        """
         try:
             await self._run()
         except (ProtocolError, OSError, TimeoutError) as exc:
             self.error = str(exc) or type(exc).__name__
             log.debug("provider %s:%d: %s", self.addr.host, self.addr.port, self.error)
+        except Exception as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            self.dl.peer_crashes += 1
+            log.exception("provider %s:%d crashed its session", self.addr.host, self.addr.port)
         finally:
             self.dl._session_ended(self)
             if self.stream is not None:
@@ -745,7 +793,7 @@ class _Client:
         async for event in self.stream:
             if isinstance(event, Bitfield):
                 if event.piece_count != self.dl.layout.piece_count:
-                    raise ProtocolError("bitfield for a different piece count")
+                    raise self._violation("bitfield for a different piece count")
                 return set(event.pieces())
             if not await self._on_event(event):
                 return None
@@ -760,7 +808,7 @@ class _Client:
         async for event in self.stream:
             if isinstance(event, HashList):
                 if event.start != len(got) or len(got) + len(event.hashes) > count:
-                    raise ProtocolError("hash list out of order")
+                    raise self._violation("hash list out of order or too long")
                 got.extend(event.hashes)
                 if len(got) == count:
                     return got
@@ -771,9 +819,11 @@ class _Client:
     async def _on_event(self, event: Event) -> bool:
         """Handle one event; False when the connection is over."""
         match event:
-            case Piece():
+            case Piece(index, begin, data):
                 if not self.ready:
-                    raise ProtocolError("piece before it was requested")
+                    raise self._violation("piece before it was requested")
+                if not self.dl.picker.is_block(Block(index, begin, len(data))):
+                    raise self._violation(f"piece {index} at {begin}+{len(data)} is no block")
                 await self.dl.on_piece(self, event)
                 drained = self._asked - self.dl.picker.in_flight(self.addr.peer_key)
                 if refill_due(drained, self._asked):  # received, cancelled or expired
@@ -789,9 +839,15 @@ class _Client:
                 pass  # Keepalive, and messages a server has no reason to send
         return True
 
+    def _violation(self, text: str) -> RemoteProtocolError:
+        """The error for a message that breaks the protocol: this peer is banned for the
+        file (its stream aborted with a Reject), and the error ends its session only."""
+        self.dl.ban(self.addr.peer_key, text)
+        return RemoteProtocolError(text, Reason.PROTOCOL)
+
     def _on_have(self, index: int) -> None:
         if not 0 <= index < self.dl.layout.piece_count:
-            raise ProtocolError(f"Have for piece {index} out of range")
+            raise self._violation(f"Have for piece {index} out of range")
         if self.ready:
             self.dl.picker.peer_has(self.addr.peer_key, index)
             self.top_up()

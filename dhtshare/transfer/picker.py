@@ -213,6 +213,18 @@ class PiecePicker:
             raise ValueError(f"{block} has the wrong length")
         return number
 
+    def is_block(self, block: Block) -> bool:
+        """True if ``block`` is one of this file's blocks (index, start and length).
+
+        For input from a peer: checked where a ``Piece`` arrives, so the methods that
+        take a block may treat a bad one as a bug (``ValueError``)."""
+        if not 0 <= block.index < self.piece_count:
+            return False
+        number, rest = divmod(block.begin, self.config.block_size)
+        if rest or not 0 <= number < self.block_count(block.index):
+            return False
+        return self.block(block.index, number) == block
+
     def _check_index(self, index: int) -> None:
         if not 0 <= index < self.piece_count:
             raise ValueError(f"piece {index} out of range 0..{self.piece_count - 1}")

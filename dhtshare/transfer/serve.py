@@ -20,6 +20,12 @@ them for a finished file; a growing set while we are still downloading it).
 Memory per connection is bounded: at most ``max_queued`` small requests wait,
 and one block is read ahead of the one being sent. Bytes uploaded are counted
 per peer key. Every task belongs to ``serve()``'s ``TaskGroup``.
+
+Connections that have not finished the handshake cost little and are few: the wire
+lets them hold a few hundred bytes (``MAX_HANDSHAKE_FRAME``); at most
+``max_handshakes`` of them exist at once (a new one closes the oldest) and at most
+``max_handshakes_per_ip`` per source address (a new one past that is refused); and
+each must finish within ``handshake_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from dhtshare.identity import Identity
 from dhtshare.stats import Counters
 from dhtshare.store.partial import BlockReader
 from dhtshare.transfer.peer import (
-    HANDSHAKE_TIMEOUT,
     READ_TIMEOUT,
     PeerProtocol,
     PeerStream,
@@ -68,6 +73,9 @@ from dhtshare.wire import (
 
 __all__ = [
     "KEEPALIVE_INTERVAL",
+    "MAX_HANDSHAKES",
+    "MAX_HANDSHAKES_PER_IP",
+    "SERVER_HANDSHAKE_TIMEOUT",
     "MemberCheck",
     "PeerServer",
     "Share",
@@ -80,6 +88,13 @@ log = logging.getLogger(__name__)
 MemberCheck = Callable[[bytes, bytes], bool]
 """``is_member(group_id, peer_key)``: the node's current roster view."""
 
+SERVER_HANDSHAKE_TIMEOUT = 5.0
+"""A client that has not authenticated this long after connecting is closed (slow-loris):
+a handshake is three small frames, a second and a half of round trips."""
+MAX_HANDSHAKES = 64
+"""Connections still in the handshake at once; a new one past this closes the oldest."""
+MAX_HANDSHAKES_PER_IP = 8
+"""Connections still in the handshake from one source address; more are refused."""
 KEEPALIVE_INTERVAL = 20.0
 """An idle server session sends a Keepalive this often (well under READ_TIMEOUT)."""
 NOTSENT_LOWAT = 256 * 1024
@@ -418,7 +433,9 @@ class PeerServer:
         upload_rate: float | None = None,
         max_connections: int = 128,
         max_queued: int = 128,
-        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_handshakes: int = MAX_HANDSHAKES,
+        max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP,
+        handshake_timeout: float = SERVER_HANDSHAKE_TIMEOUT,
         idle_timeout: float = READ_TIMEOUT,
         superseed: bool = True,
         superseed_idle: float = 1.0,
@@ -432,6 +449,8 @@ class PeerServer:
         self.shares = shares
         self.max_connections = max_connections
         self.max_queued = max_queued
+        self.max_handshakes = max_handshakes
+        self.max_handshakes_per_ip = max_handshakes_per_ip
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout
         self.clock = clock
@@ -443,6 +462,8 @@ class PeerServer:
         self._server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._sessions: set[_Session] = set()
+        self._handshaking: dict[PeerProtocol, str] = {}  # -> source address, oldest first
+        self._handshakes_from: Counter[str] = Counter()
         self.serving = asyncio.Event()  # set once connections are accepted
         self._seeds: dict[Share, SuperSeed] = {}
 
@@ -462,6 +483,11 @@ class PeerServer:
     @property
     def connections(self) -> int:
         return len(self._sessions)
+
+    @property
+    def handshakes(self) -> int:
+        """Connections accepted that have not finished the handshake yet."""
+        return len(self._handshaking)
 
     async def start(self) -> tuple[str, int]:
         """Bind the listening socket; ``NodeError`` if the address is unusable."""
@@ -508,14 +534,35 @@ class PeerServer:
             self.stats.incr("refuse.busy")
             transport.close()
             return
+        peer = transport.get_extra_info("peername")
+        source = str(peer[0]) if peer else "?"
+        if self._handshakes_from[source] >= self.max_handshakes_per_ip:
+            self.stats.incr("refuse.handshakes_per_ip")
+            transport.abort()
+            return
+        while self._handshaking and len(self._handshaking) >= self.max_handshakes:
+            self.stats.incr("evict.handshake")
+            self._handshake_ended(next(iter(self._handshaking)), close=True)
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+        self._handshaking[protocol] = source
+        self._handshakes_from[source] += 1
         try:
             self._tg.create_task(self._run_session(protocol))
         except RuntimeError:  # the TaskGroup is shutting down: nobody would serve it
-            transport.close()
+            self._handshake_ended(protocol, close=True)
+
+    def _handshake_ended(self, protocol: PeerProtocol, *, close: bool = False) -> None:
+        """``protocol`` no longer counts as a handshake in progress (``close``: end it)."""
+        source = self._handshaking.pop(protocol, None)
+        if source is not None:
+            self._handshakes_from[source] -= 1
+            if self._handshakes_from[source] <= 0:
+                del self._handshakes_from[source]
+        if close and protocol.transport is not None:
+            protocol.transport.abort()  # nothing worth a FIN: it never authenticated
 
     async def _run_session(self, protocol: PeerProtocol) -> None:
         """One connection, start to end; nothing it does can take the server down."""
@@ -535,16 +582,19 @@ class PeerServer:
             if protocol.transport is not None:
                 protocol.transport.close()
             return
+        finally:
+            self._handshake_ended(protocol)
         session = _Session(self, stream)
         self._sessions.add(session)
         try:
             await session.run()
-        except (ProtocolError, OSError, StoreError) as exc:
-            self.stats.incr("drop.session")
-            log.debug("session with %s ended: %s", stream.remote_address, exc)
-        except Exception:  # a bug must cost one connection, not the server (its TaskGroup)
-            self.stats.incr("drop.bug")
-            log.exception("session with %s crashed", stream.remote_address)
+        except Exception as exc:  # never the server's: one connection ends, nothing more
+            if _session_ending(exc):
+                self.stats.incr("drop.session")
+                log.debug("session with %s ended: %s", stream.remote_address, exc)
+            else:  # a bug must cost one connection, not the server (its TaskGroup)
+                self.stats.incr("drop.bug")
+                log.exception("session with %s crashed", stream.remote_address)
         finally:
             self._sessions.discard(session)
             self._session_left(session)
@@ -576,6 +626,14 @@ class PeerServer:
             self._seeds.pop(share, None)
         elif len(rest) == 1 and rest[0].seed is seed:
             rest[0].advertise(seed.flush(rest[0]))
+
+
+def _session_ending(exc: BaseException) -> bool:
+    """True for what ends a session in the normal course: the peer broke the protocol or
+    went away, or the disk failed; also when a session's ``TaskGroup`` wraps only those."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_session_ending(e) for e in exc.exceptions)
+    return isinstance(exc, ProtocolError | OSError | StoreError)
 
 
 class _Session:
