@@ -135,9 +135,25 @@ async def test_malformed_reply_counts_as_failure(
     assert a.protocol is not None
     pending = a.protocol.find_node(fake.address, a.node.id, ID)
     msg_id, _body, addr = await fake.requests.get()
-    fake.reply(msg_id, [["not", "a", "contact"]], addr)
+    fake.reply(msg_id, {"not": "a contact list"}, addr)
     assert await pending == (False, None)
     assert a.stats["drop.bad_reply"] == 1
+
+
+async def test_bad_contact_costs_only_that_contact(
+    pair: tuple[DhtNode, DhtNode], fake: FakePeer
+) -> None:
+    a, b = pair
+    assert a.protocol is not None
+    good = [b.node.id, *b.address]
+    pending = a.protocol.find_node(fake.address, a.node.id, ID)
+    msg_id, _body, addr = await fake.requests.get()
+    fake.reply(msg_id, [["not", "a", "contact"], good, [ID, "localhost", 5]], addr)
+    ok, contacts = await pending
+    assert ok
+    assert [tuple(c) for c in contacts] == [tuple(good)]
+    assert a.stats["drop.bad_contact"] == 2
+    assert a.stats["drop.bad_reply"] == 0
 
 
 async def test_reply_from_another_address_is_ignored(
@@ -157,7 +173,8 @@ async def test_timeout_follows_measured_rtt(pair: tuple[DhtNode, DhtNode], fake:
     assert a.protocol is not None and b.protocol is not None
     bounds = b.protocol.timeouts
     assert bounds == RpcTimeouts()
-    assert a.protocol.rpc_timeout(fake.address) == bounds.initial  # nothing measured yet
+    fresh = DhtProtocol(Node(ID), ValidatingStorage(), 20)
+    assert fresh.rpc_timeout(fake.address) == bounds.initial  # nothing measured yet
     assert b.protocol.rpc_timeout(a.address) == bounds.minimum  # loopback: 4*srtt << 0.2 s
     assert b.protocol.rpc_timeout(fake.address) == bounds.minimum  # from all peers' estimate
     loop = asyncio.get_running_loop()

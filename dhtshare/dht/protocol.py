@@ -8,7 +8,14 @@ replacement cache on every reply from it (a loop). This module closes all of tha
 the library's seams: it overrides ``datagram_received``, defines the four RPC stubs
 explicitly instead of relying on rpcudp's ``__getattr__`` closures, and overrides
 ``welcome_if_new``, ``handle_call_response``, ``rpc_store`` and ``rpc_find_value``.
-See docs/dht.md.
+
+Hostile input (issue #13): contacts in replies become typed ``Contact`` values where
+they are decoded (``contacts.py``), so nothing unchecked reaches ``sendto``; a send that
+fails anyway, and any error in an event-loop callback, is counted, never fatal. Replies
+to an address that has not answered one of our requests stay within 3x the bytes it
+sent (``antiamp.py``); such an address is pinged back before it may join the routing
+table, and only addresses that answered are pushed records (``closeness.py`` decides
+which, cheaply). See docs/dht.md.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from dhtshare.dht.antiamp import AntiAmplification
+from dhtshare.dht.closeness import PushFilter
+from dhtshare.dht.contacts import Contact, parse_contact, parse_host
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, ValidatingStorage
 from dhtshare.errors import DhtError
 from dhtshare.stats import Counters
@@ -47,8 +57,20 @@ _REQUEST = b"\x00"
 _RESPONSE = b"\x01"
 _MAX_NODES_IN_REPLY = 64
 _MAX_VALUES_IN_REPLY = 256
+_VALUE_KEYS = frozenset({"value", "nodes"})
 _RECENT_PUSHES = 4096
 _RTT_ENTRIES = 4096
+#: Records pushed to one newly met node at most (its origin republishes the rest).
+_MAX_PUSHES_PER_NODE = 64
+#: Store pushes in flight to one node at a time.
+_PUSH_CONCURRENCY = 8
+#: Addresses remembered as already given records (a new node id there gets none).
+_PUSHED_ADDRESSES = 4096
+#: Ping-backs (validations of a new sender's address) in flight at most.
+_MAX_VALIDATIONS = 256
+_ANY_ID = bytes(ID_LEN)
+#: Bytes of one ping request: what a ping-back costs in a new sender's budget.
+PING_BYTES = 1 + MSG_ID_LEN + len(umsgpack.packb(["ping", [_ANY_ID]]))
 
 Reply = tuple[bool, Any]
 
@@ -108,67 +130,106 @@ def _is_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == ID_LEN
 
 
-def _is_contact(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) == 3
-        and _is_id(value[0])
-        and isinstance(value[1], str)
-        and isinstance(value[2], int)
-        and 0 < value[2] < 65536
-    )
-
-
-def _is_contacts(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and len(value) <= _MAX_NODES_IN_REPLY
-        and all(_is_contact(c) for c in value)
-    )
-
-
-def _is_values(value: object) -> bool:
-    return (
-        isinstance(value, list)
-        and 0 < len(value) <= _MAX_VALUES_IN_REPLY
-        and all(isinstance(v, bytes) for v in value)
-    )
-
-
-def _is_value_reply(value: object) -> bool:
-    if not isinstance(value, dict) or not _is_values(value.get("value")):
-        return False
-    return set(value) <= {"value", "nodes"} and _is_contacts(value.get("nodes", []))
-
-
-#: Argument checks for each RPC a peer may call on us (arity and types).
-_REQUEST_SHAPES: dict[str, Callable[[list[Any]], bool]] = {
-    "ping": lambda a: len(a) == 1 and _is_id(a[0]),
-    "store": lambda a: len(a) == 3 and _is_id(a[0]) and _is_id(a[1]) and isinstance(a[2], bytes),
-    "find_node": lambda a: len(a) == 2 and _is_id(a[0]) and _is_id(a[1]),
-    "find_value": lambda a: len(a) == 2 and _is_id(a[0]) and _is_id(a[1]),
+#: Argument checks for each RPC a peer may call on us (types; arity is ``_ARITY``).
+_ARG_CHECKS: dict[str, Callable[[list[Any]], bool]] = {
+    "ping": lambda a: _is_id(a[0]),
+    "store": lambda a: _is_id(a[0]) and _is_id(a[1]) and isinstance(a[2], bytes),
+    "find_node": lambda a: _is_id(a[0]) and _is_id(a[1]),
+    "find_value": lambda a: _is_id(a[0]) and _is_id(a[1]),
 }
+_ARITY = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
+#: RPCs whose request may end with one extra argument of zero bytes: padding, ignored, that
+#: buys a requester the reply budget (3x) of a full reply from a node that has not
+#: validated its address yet. Requests without it parse as before.
+_PADDABLE = frozenset({"find_node", "find_value"})
 
-#: Checks for each reply, by the RPC we sent.
-_REPLY_SHAPES: dict[str, Callable[[object], bool]] = {
-    "ping": _is_id,
-    "store": lambda r: isinstance(r, bool),
-    "find_node": _is_contacts,
-    "find_value": lambda r: _is_contacts(r) or _is_value_reply(r),
-}
+
+def _is_padding(value: object) -> bool:
+    return isinstance(value, bytes) and value == bytes(len(value))
 
 
 def parse_request(data: object) -> tuple[str, list[Any]] | None:
-    """``(name, args)`` if ``data`` is a well-formed request for a known RPC, else None."""
+    """``(name, args)`` if ``data`` is a well-formed request for a known RPC, else None.
+
+    ``args`` never includes the optional padding argument.
+    """
     if not isinstance(data, list) or len(data) != 2:
         return None
     name, args = data
     if not isinstance(name, str) or not isinstance(args, list):
         return None
-    check = _REQUEST_SHAPES.get(name)
-    if check is None or not check(args):
+    arity = _ARITY.get(name)
+    if arity is None:
+        return None
+    if name in _PADDABLE and len(args) == arity + 1 and _is_padding(args[arity]):
+        args = args[:arity]
+    if len(args) != arity or not _ARG_CHECKS[name](args):
         return None
     return name, args
+
+
+def _address(address: object) -> tuple[str, int] | None:
+    """``(host, port)`` if ``address`` names a canonical unicast IP and a valid port."""
+    if not isinstance(address, tuple | list) or len(address) < 2:
+        return None
+    host, port = parse_host(address[0]), address[1]
+    if host is None or not isinstance(port, int) or isinstance(port, bool):
+        return None
+    return (host, port) if 0 < port < 65536 else None
+
+
+def _max_reply(name: str, ksize: int, family: int) -> int:
+    """Bytes of the largest reply a dhtshare node sends to ``name``."""
+    if name == "find_value":
+        return MAX_DATAGRAM
+    contact = 1 + (2 + ID_LEN) + (2 + (39 if family == 6 else 15)) + 3
+    return 1 + MSG_ID_LEN + 3 + ksize * contact
+
+
+def padded_size(name: str, ksize: int, family: int) -> int:
+    """Bytes a request must have for its reply (and a ping-back) to fit 3x its size."""
+    return -(-(_max_reply(name, ksize, family) + PING_BYTES) // 3)
+
+
+def _most(fits: Callable[[int], bool], count: int) -> int:
+    """The largest ``n <= count`` with ``fits(n)`` (``fits`` true up to some n), or 0."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _fit(head: bytes, reply: object, limit: int) -> tuple[bytes, bool] | None:
+    """``head`` + the encoded ``reply`` cut to ``limit`` bytes, and whether it was cut.
+
+    A ``find_value`` reply keeps its newest records that fit, then as many contacts as
+    still fit; if not even one record fits it becomes a contact list. A contact list
+    keeps its nearest contacts. A ping or store reply is never cut (None: nothing fits).
+    """
+
+    def fits(body: object) -> bool:
+        return len(head) + len(packb(body)) <= limit
+
+    full = head + packb(reply)
+    if len(full) <= limit:
+        return full, False
+    if isinstance(reply, dict):
+        values, nodes = reply["value"], reply.get("nodes", [])
+        n = _most(lambda i: fits({"value": values[:i], "nodes": []}), len(values))
+        if n:
+            m = _most(lambda j: fits({"value": values[:n], "nodes": nodes[:j]}), len(nodes))
+            return head + packb({"value": values[:n], "nodes": nodes[:m]}), True
+        reply = nodes
+    if isinstance(reply, list):
+        items = reply
+        m = _most(lambda j: fits(items[:j]), len(items))
+        if fits(items[:m]):
+            return head + packb(items[:m]), True
+    return None
 
 
 class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
@@ -199,13 +260,41 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._recent_pushes: OrderedDict[tuple[bytes, bytes, bytes], None] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self._amp = AntiAmplification()
+        self._validating: set[tuple[str, int]] = set()
+        self._pushed_to: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._family: int | None = None
+        self._own_address: tuple[str, int] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport and learn our own address and its family."""
+        super().connection_made(transport)
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            self._own_address = (str(sockname[0]), int(sockname[1]))
+            self._family = 6 if ":" in self._own_address[0] else 4
 
     # ---- datagram intake -------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        """Decode and dispatch one datagram; anything malformed is dropped and counted."""
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        """Decode and dispatch one datagram; anything malformed is dropped and counted.
+
+        An event-loop callback: nothing raises out of it (an error is ``error.intake``).
+        """
+        try:
+            self._intake(data, (str(addr[0]), int(addr[1])))
+        except Exception:
+            self.stats.incr("error.intake")
+            log.debug("datagram from %s failed", addr, exc_info=True)
+
+    def error_received(self, exc: Exception) -> None:
+        """An ICMP error or a failed send reported by the transport: count it, go on."""
+        self.stats.incr("error.received")
+
+    def _intake(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._closed:
             return
+        self._amp.received(addr, len(data))
         if len(data) < 1 + MSG_ID_LEN + 1:
             self.stats.incr("drop.short")
             return
@@ -232,6 +321,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.incr("drop.bad_request")
             return
         name, args = parsed
+        ping_back = self._welcome_sender(Node(args[0], addr[0], addr[1]))
         try:
             reply = getattr(self, f"rpc_{name}")(addr, *args)
         except Exception:
@@ -239,29 +329,113 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             log.debug("rpc_%s from %s failed", name, addr, exc_info=True)
             return
         self.stats.incr(f"rpc_in.{name}")
-        self._send(_RESPONSE + msg_id + packb(reply), addr)
+        self._amp.heard_request(addr)
+        self._send_reply(msg_id, reply, addr, reserve=PING_BYTES if ping_back else 0)
+        if ping_back:
+            self._ping_back(Node(args[0], addr[0], addr[1]))
 
     def _on_response(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
         if pending is None:
             self.stats.incr("drop.unexpected_reply")
             return
-        if tuple(addr[:2]) != pending.address:
+        if addr != pending.address:
             self.stats.incr("drop.wrong_sender")
             return
-        if not _REPLY_SHAPES[pending.name](body):
+        # The reply carries our random message id: the address receives what we send.
+        answered_as = body if pending.name == "ping" and isinstance(body, bytes) else None
+        self._amp.validate(addr, answered_as if _is_id(answered_as) else None)
+        checked = self._check_reply(pending.name, body)
+        if checked is None:
             self.stats.incr("drop.bad_reply")
             self._resolve(msg_id, (False, None))
             return
         self._observe_rtt(pending.address, time.monotonic() - pending.sent_at)
-        self._resolve(msg_id, (True, body))
+        self._resolve(msg_id, (True, checked))
 
-    def _send(self, datagram: bytes, addr: tuple[str, int]) -> None:
+    # ---- replies, checked and typed ------------------------------------------------
+
+    def _check_reply(self, name: str, body: object) -> object | None:
+        """The reply to ``name`` as typed values, or None if its shape is wrong.
+
+        Contacts and values that fail their checks are dropped one by one (counted);
+        only a reply whose outer shape is wrong fails as a whole.
+        """
+        if name == "ping":
+            return body if _is_id(body) else None
+        if name == "store":
+            return body if isinstance(body, bool) else None
+        if isinstance(body, list):
+            return self._contacts(body)
+        if name != "find_value" or not isinstance(body, dict) or not set(body) <= _VALUE_KEYS:
+            return None
+        values, nodes = body.get("value"), self._contacts(body.get("nodes", []))
+        if not isinstance(values, list) or len(values) > _MAX_VALUES_IN_REPLY or nodes is None:
+            return None
+        kept = [v for v in values if isinstance(v, bytes)]
+        if len(kept) < len(values):
+            self.stats.incr("drop.bad_value", len(values) - len(kept))
+        return {"value": kept, "nodes": nodes} if kept else nodes
+
+    def _contacts(self, value: object) -> list[Contact] | None:
+        """Checked contacts: usable addresses of our family, not ours, one per address."""
+        if not isinstance(value, list) or len(value) > _MAX_NODES_IN_REPLY:
+            return None
+        seen: set[tuple[str, int]] = set()
+        kept: list[Contact] = []
+        for item in value:
+            contact = parse_contact(item)
+            if contact is None:
+                self.stats.incr("drop.bad_contact")
+            elif self._unusable(contact.address) or contact.address in seen:
+                self.stats.incr("drop.useless_contact")
+            else:
+                seen.add(contact.address)
+                kept.append(contact)
+        return kept
+
+    def _unusable(self, address: tuple[str, int]) -> bool:
+        """True for our own address, or one of the other address family."""
+        if self._family is not None and (6 if ":" in address[0] else 4) != self._family:
+            return True
+        return address == self._own_address
+
+    # ---- sending -----------------------------------------------------------------
+
+    def _send_reply(
+        self, msg_id: bytes, reply: object, addr: tuple[str, int], *, reserve: int = 0
+    ) -> None:
+        """Send ``reply``, cut down to what ``addr``'s anti-amplification budget allows.
+
+        ``reserve`` bytes of that budget are kept for a ping-back sent after it.
+        """
+        allowance = self._amp.allowance(addr)
+        limit = MAX_DATAGRAM if allowance is None else min(MAX_DATAGRAM, allowance - reserve)
+        fitted = _fit(_RESPONSE + msg_id, reply, limit)
+        if fitted is None:
+            self.stats.incr("drop.amplification")
+            return
+        datagram, trimmed = fitted
+        if trimmed:
+            self.stats.incr("reply.trimmed")
+        if allowance is not None:
+            self._amp.spend(addr, len(datagram))
+        self._send(datagram, addr)
+
+    def _send(self, datagram: bytes, addr: tuple[str, int]) -> bool:
+        """Send one datagram; a failure is counted and costs this datagram only."""
         if len(datagram) > MAX_DATAGRAM:
             self.stats.incr("drop.reply_too_big")
-            return
-        if self.transport is not None and not self.transport.is_closing():
+            return False
+        if self.transport is None or self.transport.is_closing():
+            return False
+        try:
             self.transport.sendto(datagram, addr)
+        except Exception:
+            self.stats.incr("error.send")
+            log.debug("sendto %s failed", addr, exc_info=True)
+            return False
+        return True
 
     # ---- outgoing RPCs ---------------------------------------------------------
 
@@ -288,27 +462,62 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         return self._call(address, "find_value", nodeid, key)
 
     def _call(self, address: tuple[str, int], name: str, *args: Any) -> asyncio.Future[Reply]:
+        """Send request ``name`` to ``address``; the future never raises.
+
+        An address that is not a canonical unicast IP and port fails at once
+        (``drop.bad_address``): nothing is resolved and nothing odd reaches ``sendto``.
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
-        address = (str(address[0]), int(address[1]))
-        body = packb([name, list(args)])
-        if len(body) > MAX_DATAGRAM - 1 - MSG_ID_LEN:
-            raise DhtError(f"{name} request of {len(body)} bytes exceeds the datagram limit")
-        if self._closed or self.transport is None:
+        checked = _address(address)
+        if checked is None:
+            self.stats.incr("drop.bad_address")
+        if checked is None or self._closed or self.transport is None:
             future.set_result((False, None))
             return future
+        body = self._request_body(checked, name, args)
+        if len(body) > MAX_DATAGRAM - 1 - MSG_ID_LEN:
+            raise DhtError(f"{name} request of {len(body)} bytes exceeds the datagram limit")
         msg_id = os.urandom(MSG_ID_LEN)
-        pending = _Pending(name, address, time.monotonic(), future)
-        pending.timer = loop.call_later(self.rpc_timeout(address), self._expire, msg_id)
+        pending = _Pending(name, checked, time.monotonic(), future)
+        pending.timer = loop.call_later(self.rpc_timeout(checked), self._expire, msg_id)
         self._outstanding[msg_id] = pending
-        future.add_done_callback(lambda _f: self._forget(msg_id))
+        future.add_done_callback(functools.partial(self._forget_quietly, msg_id))
         self.stats.incr(f"rpc_out.{name}")
-        self.transport.sendto(_REQUEST + msg_id + body, address)
+        if not self._send(_REQUEST + msg_id + body, checked):
+            self._resolve(msg_id, (False, None))
         return future
 
+    def _request_body(self, address: tuple[str, int], name: str, args: tuple[Any, ...]) -> bytes:
+        """The encoded request; padded unless ``address`` has most likely validated us.
+
+        Padding lets a responder that has not validated our address yet send the full
+        reply within its 3x budget, so first contact costs no extra round trip.
+        """
+        body = packb([name, list(args)])
+        if name not in _PADDABLE or self._amp.has_heard(address):
+            return body
+        want = padded_size(name, self.ksize, self._family or 4) - 1 - MSG_ID_LEN
+        if len(body) >= want:
+            return body
+        return packb([name, [*args, bytes(want - len(body))]])
+
     def _expire(self, msg_id: bytes) -> None:
-        self.stats.incr("rpc_timeout")
-        self._resolve(msg_id, (False, None))
+        """Timer callback: the request went unanswered."""
+        try:
+            self.stats.incr("rpc_timeout")
+            self._resolve(msg_id, (False, None))
+        except Exception:
+            self.stats.incr("error.callback")
+            log.debug("RPC timer failed", exc_info=True)
+
+    def _forget_quietly(self, msg_id: bytes, _future: asyncio.Future[Reply]) -> None:
+        """Done callback of every request future: ``_forget``, never raising."""
+        try:
+            self._forget(msg_id)
+        except Exception:
+            self.stats.incr("error.callback")
+            log.debug("RPC cleanup failed", exc_info=True)
 
     def _resolve(self, msg_id: bytes, reply: Reply) -> None:
         pending = self._outstanding.get(msg_id)
@@ -372,41 +581,107 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         bucket = self.router.buckets[self.router.get_bucket_for(node)]
         return node.id in bucket.nodes or node.id in bucket.replacement_nodes
 
+    def _welcome_sender(self, node: Node) -> bool:
+        """A request came from ``node``: welcome it, or say it needs a ping-back first.
+
+        The sender's address and id are only claims. A node joins the routing table
+        (and may be pushed records) once its address answered a ping with that id;
+        until then the caller pings it back (True), at most one ping per address in
+        flight and ``_MAX_VALIDATIONS`` in all.
+        """
+        address = (node.ip, node.port)
+        if node.id == self.source_node.id or self._unusable(address) or self.is_known(node):
+            return False
+        if self._amp.answered_as(address) == node.id:
+            self.welcome_if_new(node)
+            return False
+        if address in self._validating or len(self._validating) >= _MAX_VALIDATIONS:
+            self.stats.incr("validate.busy")
+            return False
+        return True
+
+    def _ping_back(self, node: Node) -> None:
+        """Ping a new sender's address (charged to its budget); welcome whoever answers."""
+        address = (node.ip, node.port)
+        if not self._amp.spend(address, PING_BYTES):
+            self.stats.incr("validate.no_budget")
+            return
+        self.stats.incr("validate.ping")
+        self._validating.add(address)
+        self.ping(address, self.source_node.id).add_done_callback(
+            functools.partial(self._pinged_back, address)
+        )
+
+    def _pinged_back(self, address: tuple[str, int], future: asyncio.Future[Reply]) -> None:
+        """Done callback of a ping-back: the id that answered is the one welcomed."""
+        try:
+            self._validating.discard(address)
+            if future.cancelled() or self._closed:
+                return
+            answered, their_id = future.result()
+            if answered:
+                self.welcome_if_new(Node(their_id, address[0], address[1]))
+        except Exception:
+            self.stats.incr("error.callback")
+            log.debug("ping-back to %s failed", address, exc_info=True)
+
     def welcome_if_new(self, node: Node) -> None:
         """Add a genuinely new node and push it the records it should hold.
 
-        Unlike kademlia's version: a node waiting in a replacement cache is not new;
+        Callers vouch that ``node``'s address answered one of our requests. Unlike
+        kademlia's version: a node waiting in a replacement cache is not new;
         closeness is judged on the real key (not ``digest(key)``); the node must be
-        among the k closest known to the key and we the closest; and the same record
-        is never pushed to the same node twice (bounded memory of recent pushes).
+        among the k closest known to the key and we the closest (``PushFilter``); an
+        address is given records once (a new id there gets none), at most
+        ``_MAX_PUSHES_PER_NODE``; and the same record is never pushed to the same node
+        twice (bounded memory of recent pushes).
         """
         if node.id == self.source_node.id or self.is_known(node):
             return
-        for key, raw in self.storage.items(self.clock()):
-            if self._should_push(node, key, raw):
-                self._spawn(self._push(node, key, raw))
+        if self._unusable((node.ip, node.port)):
+            return
+        self._push_records(node)
         self.router.add_contact(node)
 
-    def _should_push(self, node: Node, key: bytes, raw: bytes) -> bool:
-        marker = (node.id, key, raw[-16:])
-        if marker in self._recent_pushes:
-            return False
-        keynode = Node(key)
-        neighbors = self.nearest(key)
-        if neighbors:
-            full = len(neighbors) >= self.ksize
-            if full and node.distance_to(keynode) >= neighbors[-1].distance_to(keynode):
-                return False
-            if self.source_node.distance_to(keynode) >= neighbors[0].distance_to(keynode):
-                return False
-        self._recent_pushes[marker] = None
-        if len(self._recent_pushes) > _RECENT_PUSHES:
-            self._recent_pushes.popitem(last=False)
-        return True
+    def _push_records(self, node: Node) -> None:
+        """Start pushing ``node`` the records it should hold, if its address has none yet."""
+        address = (node.ip, node.port)
+        if not self._amp.is_validated(address) or address in self._pushed_to:
+            return
+        self._pushed_to[address] = None
+        if len(self._pushed_to) > _PUSHED_ADDRESSES:
+            self._pushed_to.popitem(last=False)
+        chosen = self._records_for(node)
+        if chosen:
+            self._spawn(self._push_all(node, chosen))
 
-    async def _push(self, node: Node, key: bytes, raw: bytes) -> None:
-        self.stats.incr("push")
-        await self.call_store(node, key, raw)
+    def _records_for(self, node: Node) -> list[tuple[bytes, bytes]]:
+        """Up to ``_MAX_PUSHES_PER_NODE`` records ``node`` should hold and was not sent."""
+        contacts = (n.id for b in self.router.buckets for n in b.nodes.values())
+        wanted = PushFilter(self.source_node.id, contacts, self.ksize)
+        now = self.clock()
+        chosen: list[tuple[bytes, bytes]] = []
+        for key in self.storage.stored_keys():
+            if not wanted.wants(node.id, key):
+                continue
+            for raw in self.storage.reply_records(key, self.storage.max_bytes, now):
+                marker = (node.id, key, raw[-16:])
+                if marker in self._recent_pushes:
+                    continue
+                self._recent_pushes[marker] = None
+                if len(self._recent_pushes) > _RECENT_PUSHES:
+                    self._recent_pushes.popitem(last=False)
+                chosen.append((key, raw))
+                if len(chosen) >= _MAX_PUSHES_PER_NODE:
+                    return chosen
+        return chosen
+
+    async def _push_all(self, node: Node, records: list[tuple[bytes, bytes]]) -> None:
+        """Store ``records`` at ``node``, ``_PUSH_CONCURRENCY`` at a time."""
+        for start in range(0, len(records), _PUSH_CONCURRENCY):
+            batch = records[start : start + _PUSH_CONCURRENCY]
+            self.stats.incr("push", len(batch))
+            await asyncio.gather(*(self.call_store(node, key, raw) for key, raw in batch))
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task this protocol owns (cancelled by ``close``)."""
@@ -415,10 +690,14 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            self.stats.incr("error.task")
-            log.debug("background RPC task failed", exc_info=task.exception())
+        """Done callback of an owned task: count its error, never raise."""
+        try:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                self.stats.incr("error.task")
+                log.debug("background RPC task failed", exc_info=task.exception())
+        except Exception:
+            self.stats.incr("error.callback")
 
     # ---- request handlers -------------------------------------------------------
 
@@ -443,29 +722,34 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def rpc_find_node(
         self, sender: tuple[str, int], nodeid: bytes, key: bytes
     ) -> list[tuple[Any, ...]]:
-        """Our k contacts nearest to ``key`` (never the asking node itself)."""
+        """Our k contacts nearest to ``key`` (never the asking node itself).
+
+        The sender was already welcomed, or pinged back, by ``_on_request``.
+        """
         source = Node(nodeid, sender[0], sender[1])
-        self.welcome_if_new(source)
         return [tuple(n) for n in self.nearest(key, exclude=source)]
+
+    def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
+        """Our node id (the sender was welcomed or pinged back by ``_on_request``)."""
+        return bytes(self.source_node.id)
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         """Keep ``value`` only if it is a valid record for ``key``; reply whether it was kept."""
-        self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
         return self.storage.offer(key, value, self.clock(), source=sender[0])
 
     def rpc_find_value(
         self, sender: tuple[str, int], nodeid: bytes, key: bytes
     ) -> list[tuple[Any, ...]] | dict[str, Any]:
-        """The records under ``key`` that fit one reply, plus contacts; or just contacts."""
+        """The records under ``key`` that fit one reply, plus contacts; or just contacts.
+
+        ``_send_reply`` cuts the contacts (then the records) to one datagram and to the
+        sender's anti-amplification budget.
+        """
         contacts: list[tuple[Any, ...]] = self.rpc_find_node(sender, nodeid, key)
         values = self.storage.reply_records(key, REPLY_VALUE_BUDGET, self.clock())
         if not values:
             return contacts
-        reply: dict[str, Any] = {"value": values, "nodes": contacts}
-        overhead = 1 + MSG_ID_LEN
-        while contacts and len(packb(reply)) + overhead > MAX_DATAGRAM:
-            contacts.pop()
-        return reply
+        return {"value": values, "nodes": contacts}
 
     # ---- lifecycle -------------------------------------------------------------
 
