@@ -47,6 +47,8 @@ POINTER_NAME = "control-dir"
 """In the state directory: the private directory holding the socket of a deep ``home``."""
 MAX_SOCKET_PATH = 100
 """Bytes; ``sun_path`` holds 108 on Linux and 104 on macOS, terminator included."""
+MAX_DEPTH = 32
+"""Most nesting of lists and objects in a reply (the CLI's are two or three deep)."""
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[str, dict[str, Any], Progress], Awaitable[Any]]
 
@@ -157,8 +159,18 @@ def _private_dir(path: Path) -> bool:
 def prepare_socket(home: Path) -> Path:
     """The node's side of ``socket_path``: where to listen, making the private directory
     (``mkdtemp``, 0700, random name) for a deep ``home`` unless the one recorded is still
-    ours and private."""
+    ours and private. ``NodeError`` if other users can write to ``home``: they could
+    replace the socket, and the CLI would refuse it."""
     path = home / SOCKET_NAME
+    try:
+        st = os.stat(home)
+    except OSError as exc:
+        raise NodeError(f"cannot use the state directory {home}: {exc.strerror}") from exc
+    if st.st_mode & 0o022 or st.st_uid != os.geteuid():
+        raise NodeError(
+            f"the state directory {home} is not yours alone: other users can write to it",
+            f"make it private: chmod 700 {home}",
+        )
     if _fits(path):
         return path
     private = _read_pointer(home)
@@ -205,7 +217,7 @@ def check_socket(path: Path) -> None:
         problem = "is writable by other users"
     else:
         try:
-            dst = os.lstat(path.parent)
+            dst = os.stat(path.parent)  # a link to it is as safe as the place of the link
         except OSError as exc:
             raise NodeError(f"cannot use the control socket {path}: {exc.strerror}") from exc
         if not stat.S_ISDIR(dst.st_mode) or dst.st_uid != uid:
@@ -238,7 +250,11 @@ def _check_peer(writer: asyncio.StreamWriter, path: Path) -> None:
 
 
 async def answering(path: Path) -> bool:
-    """Whether a node already listens on the control socket ``path``."""
+    """Whether a node of ours already listens on the control socket ``path``."""
+    try:
+        check_socket(path)
+    except NodeError:
+        return False
     try:
         _reader, writer = await asyncio.open_unix_connection(str(path))
     except OSError:
@@ -321,4 +337,21 @@ async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
         raise _malformed("not JSON") from exc
     if not isinstance(reply, dict):
         raise _malformed("not a JSON object")
+    if not _shallow(reply):
+        raise _malformed(f"nested more than {MAX_DEPTH} deep")
     return reply
+
+
+def _shallow(doc: Any) -> bool:
+    """Whether ``doc`` nests lists and objects at most ``MAX_DEPTH`` deep (no recursion)."""
+    level: list[Any] = [doc]
+    for _ in range(MAX_DEPTH + 1):
+        level = [
+            child
+            for item in level
+            if isinstance(item, dict | list)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not any(isinstance(item, dict | list) for item in level):
+            return True
+    return False

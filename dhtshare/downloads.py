@@ -175,9 +175,10 @@ class DownloadManager:
         """
         handle = self._build(info, out_dir)
         taken = {
-            h.download.final_path
+            path
             for cid, h in self.handles.items()
             if cid != info.content_id and h.status().state != "complete"
+            for path in (h.download.final_path, h.download.part_path)
         }
         owner = await asyncio.to_thread(read_owner, handle.download.owner_path)
         name = await asyncio.to_thread(free_name, out_dir, info.name, taken, owner)

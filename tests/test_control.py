@@ -129,3 +129,26 @@ async def test_long_home_serves(tmp_path: Path) -> None:
         await server.wait_closed()
         control.remove_socket(deep)
     assert not path.exists() and not path.parent.exists()
+
+
+def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o777)
+    with pytest.raises(NodeError, match="other users can write") as info:
+        control.prepare_socket(home)
+    assert "chmod 700" in info.value.hint
+    home.chmod(0o700)
+    assert control.prepare_socket(home) == home / "control.sock"
+
+
+async def test_replies_nested_too_deep_or_not_objects_are_node_errors(sock: Path) -> None:
+    deep: Any = "x"
+    for _ in range(control.MAX_DEPTH + 2):
+        deep = [deep]
+    with pytest.raises(NodeError, match="nested more than"):
+        await control.call(sock, "echo", {"a": deep})
+    shallow: Any = "x"
+    for _ in range(control.MAX_DEPTH - 3):
+        shallow = [shallow]
+    assert await control.call(sock, "echo", {"a": shallow}) == {"a": shallow}

@@ -101,6 +101,8 @@ def test_free_name_skips_every_name_in_use(tmp_path: Path) -> None:
     (tmp_path / "x.tar (1).gz.part").write_bytes(b"")
     taken = {tmp_path / "x.tar (2).gz"}
     assert free_name(tmp_path, "x.tar.gz", taken) == "x.tar (3).gz"
+    # Another download's final name "y.part" is this one's .part name: not free either.
+    assert free_name(tmp_path, "y", {tmp_path / "y.part"}) == "y (1)"
     (tmp_path / ".hidden").symlink_to(tmp_path / "nowhere")
     assert free_name(tmp_path, ".hidden") == ".hidden (1)"
     long = "é" * 123 + ".bin"  # 250 bytes: the longest name kept whole

@@ -315,21 +315,20 @@ def free_name(
 
     The ``.part`` file ``owner`` records, if it is still that file and its final name
     is free, keeps its name (resume). Otherwise the first candidate (``name``,
-    ``stem (1).ext``, ...) whose final path is not in ``taken`` (other downloads of
-    this node) and whose final and ``.part`` names do not exist. ``StoreError`` if
-    none is free.
+    ``stem (1).ext``, ...) whose final and ``.part`` paths are neither in ``taken``
+    (the final and ``.part`` paths of the node's other downloads) nor on disk.
+    ``StoreError`` if none is free.
     """
     out_dir = Path(out_dir)
-    if owner is not None and owner.part.parent == out_dir and owner.part.name.endswith(
-        PART_SUFFIX
-    ):
+    if owner is not None and owner.part.parent == out_dir and owner.part.name.endswith(PART_SUFFIX):
         final = owner.part.with_name(owner.part.name[: -len(PART_SUFFIX)])
-        if final not in taken and not os.path.lexists(final) and owns(owner, owner.part):
+        free = final not in taken and owner.part not in taken and not os.path.lexists(final)
+        if free and owns(owner, owner.part):
             return final.name
     for candidate in _candidates(name):
         final = out_dir / candidate
         part = final.with_name(candidate + PART_SUFFIX)
-        if final in taken or os.path.lexists(final) or os.path.lexists(part):
+        if final in taken or part in taken or os.path.lexists(final) or os.path.lexists(part):
             continue
         return candidate
     raise StoreError(
