@@ -15,7 +15,14 @@ from dhtshare.wire.connection import (
     Role,
     State,
 )
-from dhtshare.wire.frames import MAX_FRAME, FrameDecoder, FrameType, Reason, encode_frame
+from dhtshare.wire.frames import (
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    FrameDecoder,
+    FrameType,
+    Reason,
+    encode_frame,
+)
 from dhtshare.wire.handshake import MAGIC, VERSION
 from dhtshare.wire.messages import (
     HASH_SIZE,
@@ -43,6 +50,7 @@ __all__ = [
     "MAGIC",
     "MAX_BLOCK",
     "MAX_FRAME",
+    "MAX_HANDSHAKE_FRAME",
     "MAX_HASHES",
     "MAX_PIECES",
     "MAX_REJECT_TEXT",

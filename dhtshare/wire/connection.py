@@ -25,7 +25,15 @@ from typing import TypeAlias
 import nacl.signing
 
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
-from dhtshare.wire.frames import FrameDecoder, FrameType, Reason, encode_frame
+from dhtshare.wire.frames import (
+    FRAME_HEADER_SIZE,
+    MAX_FRAME,
+    MAX_HANDSHAKE_FRAME,
+    FrameDecoder,
+    FrameType,
+    Reason,
+    encode_frame,
+)
 from dhtshare.wire.handshake import (
     KEY_SIZE,
     ClientHandshake,
@@ -49,6 +57,9 @@ __all__ = [
 
 _SCRATCH = 64 * 1024
 """Size of the buffer that receives (and drops) input after the connection closed."""
+HANDSHAKE_READ = FRAME_HEADER_SIZE + MAX_HANDSHAKE_FRAME
+"""Most room offered to one read before the session keys: a connection that has not
+authenticated holds a buffer of a few hundred bytes, whatever size its reader asks."""
 
 
 class Role(Enum):
@@ -168,7 +179,7 @@ class PeerConnection:
         suites: frozenset[Suite] | None = None,
     ) -> None:
         self._role = role
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)  # raised once the session is open
         self._pending: list[bytes] = []
         self._cipher: SessionCipher | None = None
         self._error: RemoteProtocolError | None = None
@@ -268,6 +279,8 @@ class PeerConnection:
         """
         if self._eof or self._state in (State.CLOSED, State.ERROR):
             return memoryview(bytearray(max(1, min(size, _SCRATCH))))
+        if self._state is not State.OPEN:
+            size = min(size, HANDSHAKE_READ)
         return self._decoder.get_buffer(size)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -287,6 +300,9 @@ class PeerConnection:
             raise self._error
         try:
             while self._state is not State.CLOSED:
+                # only an authenticated peer may announce a large frame
+                opened = self._state is State.OPEN
+                self._decoder.max_frame = MAX_FRAME if opened else MAX_HANDSHAKE_FRAME
                 frame = self._decoder.next_frame_view()
                 if frame is None:
                     return self._at_end_of_input()

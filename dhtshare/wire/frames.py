@@ -5,8 +5,13 @@ A frame is ``u32 length`` (big-endian, the payload length), ``u8 type``, then
 ``RemoteProtocolError`` at once, before any of the payload arrives, so a peer can
 never make us buffer more than one maximal frame.
 
+Before the handshake is done a frame may carry at most ``MAX_HANDSHAKE_FRAME`` bytes
+(``PeerConnection`` lowers the decoder's limit while it is in a handshake state): an
+unauthenticated peer can make us hold a few hundred bytes, not a megabyte.
+
 ``FrameDecoder`` keeps unparsed input in one ``bytearray`` and a read offset, so
-feeding data in small pieces costs linear, not quadratic, copying.
+feeding data in small pieces costs linear, not quadratic, copying. It grows by what
+arrives, never by what a header announces.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dhtshare.errors import RemoteProtocolError
 __all__ = [
     "FRAME_HEADER_SIZE",
     "MAX_FRAME",
+    "MAX_HANDSHAKE_FRAME",
     "FrameDecoder",
     "FrameType",
     "Reason",
@@ -28,6 +34,10 @@ __all__ = [
 
 MAX_FRAME = 1024 * 1024 + 64
 """Largest payload a frame may carry: 1 MiB plus room for headers and the AEAD tag."""
+
+MAX_HANDSHAKE_FRAME = 512
+"""Largest payload a frame may carry before the session keys: the biggest handshake
+frame is the 154-byte ClientHello, and a plaintext Reject is at most 260 bytes."""
 
 _HEADER = struct.Struct(">IB")
 FRAME_HEADER_SIZE = _HEADER.size
@@ -96,6 +106,15 @@ class FrameDecoder:
         self._pos = 0
         self._end = 0
         self._max_frame = max_frame
+
+    @property
+    def max_frame(self) -> int:
+        """The largest payload the next frame header may announce."""
+        return self._max_frame
+
+    @max_frame.setter
+    def max_frame(self, limit: int) -> None:
+        self._max_frame = limit
 
     @property
     def buffered(self) -> int:
