@@ -119,10 +119,15 @@ def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) ->
     if not line:
         proc.poll()
         raise NodeError("the node did not start", f"see {config.home / 'node.log'}")
-    doc = json.loads(line)
-    if not doc.get("ok"):
+    try:
+        doc = json.loads(line)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise NodeError("the node did not report its start", f"see {config.home / 'node.log'}")
+    if doc.get("ok") is not True:
         raise NodeError(str(doc.get("error")), str(doc.get("hint", "")))
-    return dict(doc)
+    return doc
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
