@@ -132,14 +132,19 @@ class DiverseBucket(KBucket):  # type: ignore[misc]
                 return
 
     def split(self) -> tuple[DiverseBucket, DiverseBucket]:
-        """Two halves sharing the index; contacts stay contacts, then the cache refills."""
+        """Two halves sharing the index; contacts stay contacts, then the cache refills.
+
+        An id is placed where ``RoutingTable.get_bucket_for`` will look for it (below
+        the upper bound); kademlia's own split puts an id equal to the midpoint in
+        the lower half, where it is never found again and can be added twice.
+        """
         midpoint = (self.range[0] + self.range[1]) // 2
         one = DiverseBucket(self.range[0], midpoint, self.ksize, self.index)
         two = DiverseBucket(midpoint + 1, self.range[1], self.ksize, self.index)
         for node in self.nodes.values():
-            (one if node.long_id <= midpoint else two).nodes[node.id] = node
+            (one if node.long_id < midpoint else two).nodes[node.id] = node
         for node in self.replacement_nodes.values():
-            (one if node.long_id <= midpoint else two).add_node(node)
+            (one if node.long_id < midpoint else two).add_node(node)
         return one, two
 
 
