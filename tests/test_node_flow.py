@@ -18,6 +18,7 @@ from dhtshare.errors import DhtshareError, FileShareError, NodeError
 from dhtshare.identity import Identity
 from dhtshare.node import Node, NodeConfig
 from dhtshare.records import FileEntry
+from dhtshare.sim.network import loopback_host
 
 SIZE = 6 * 1024 * 1024
 
@@ -29,6 +30,7 @@ class Cluster:
     async def node(self, name: str, download_limit: float | None = None) -> Node:
         cfg = NodeConfig(
             home=self.tmp / name,
+            host=loopback_host(len(self.nodes) + 1),  # one address each, as the DHT expects
             bootstrap=(self.boot.address,),
             identity=Identity.generate(name),
             control=False,
