@@ -112,7 +112,7 @@ GARBAGE = "127.55.0.1"
 SPOOFED = tuple(f"127.66.0.{i}" for i in range(1, 9))
 FLOOD = "127.77.0.1"
 RESPONDER = "127.88.0.1"
-LORIS = "127.99.0.1"
+LORIS = tuple(f"127.99.{i}.1" for i in range(10))  # slow-loris sources, one per /24
 
 CODE_ROOT = str(Path(dhtshare.__file__).resolve().parent.parent)
 LOG_PROBLEMS = (
@@ -342,9 +342,11 @@ class TcpTally:
 async def _loris(
     victim: tuple[str, int], i: int, hello: bytes, stop: asyncio.Event, tally: TcpTally
 ) -> None:
-    """One slow-loris connection: silent, a hello byte every 0.5 s, or a 1 MiB header."""
+    """One slow-loris connection: silent, a hello byte every 0.5 s, or a ClientHello frame
+    header announcing 1 MiB followed by all of it but the last byte."""
     try:
-        reader, writer = await asyncio.open_connection(*victim, local_addr=(LORIS, 0))
+        source = LORIS[i % len(LORIS)]
+        reader, writer = await asyncio.open_connection(*victim, local_addr=(source, 0))
     except OSError:
         tally.refused += 1
         return
@@ -352,7 +354,7 @@ async def _loris(
     mode = i % 3
     try:
         if mode == 2:
-            writer.write(struct.pack(">IB", 1 << 20, 1) + b"\x00" * 65536)
+            writer.write(struct.pack(">IB", MiB, 1) + bytes(MiB - 1))
         sent = 0
         while not stop.is_set():
             try:
