@@ -133,3 +133,19 @@ async def test_download_of_an_unaffordable_layout_is_refused_before_allocating(
     with pytest.raises(FileShareError, match="layout"):
         Download(Identity.generate(), info, tmp_path, providers=nobody, is_member=lambda g, k: True)  # type: ignore[arg-type]
     assert time.perf_counter() - started < 0.05
+
+
+@pytest.mark.parametrize(
+    "host", ["no\x00host", "files.example", "0.0.0.0", "::", "224.0.0.1", "255.255.255.255"]
+)
+def test_provider_record_with_non_address_host_is_refused_when_decoded(host: str) -> None:
+    signer = Identity.generate()
+    w = Writer().push_bytes(GID).push_bytes(os.urandom(32)).push_str(host, 255).push_u16(7000)
+    body = w.push_u8(1).push_u8(0).getvalue()
+    now = time.time()
+    seq, issued, expires = int(now * 1000), int(now), int(now + 600)
+    unsigned = SignedRecord(Kind.PROVIDER, signer.public, seq, issued, expires, body, b"", None)  # type: ignore[arg-type]
+    sig = crypto.sign(signer.signing_key, "record/provider", unsigned.signed_part())
+    raw = SignedRecord(Kind.PROVIDER, signer.public, seq, issued, expires, body, sig, None)  # type: ignore[arg-type]
+    with pytest.raises(RecordError, match="address"):
+        decode_record(raw.encode())

@@ -404,9 +404,11 @@ class Download:
             )
         if now - self._progress_at < self.options.provider_timeout:
             return None
+        dropped = len(self.banned)
+        why = f"; {dropped} dropped for bad data or protocol errors" if dropped else ""
         return FileShareError(
             f"no providers for {self.final_path.name} (nobody served it for "
-            f"{self.options.provider_timeout:g} s)",
+            f"{self.options.provider_timeout:g} s{why})",
             "try again later, when a member who holds the file is online",
         )
 
