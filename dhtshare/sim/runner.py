@@ -2,7 +2,7 @@
 
 With ``size > 0`` (the default) the run is the product end to end: DHT-only nodes plus full
 nodes (an owner, seeders and downloaders, each a real ``Node`` with UDP and TCP sockets on
-127.0.0.1), a group formed by join requests the owner accepts, seeders sharing one file,
+its own loopback address, ``network.loopback_host``), a group formed by join requests the owner accepts, seeders sharing one file,
 downloaders fetching it in parallel, one seeder leaving half-way and optional churn of the
 DHT-only nodes. With ``size == 0`` only the DHT is measured (``dhtsim``), at scale.
 Everything random comes from ``--seed``: the same seed plays the same scenario.
@@ -34,7 +34,7 @@ from ..identity import Identity
 from ..node import Node, NodeConfig
 from ..records import Kind, key_for
 from .dhtsim import LookupReport, measure_lookups
-from .network import Network
+from .network import Network, loopback_host
 from .report import latency_summary, render_summary, write_plot
 from .scenario import Scenario, load_scenario
 
@@ -170,13 +170,14 @@ async def _transfer(sc: Scenario, tmp: Path, log: _Log) -> dict[str, Any]:
         configs = [
             NodeConfig(
                 home=tmp / name,
+                host=loopback_host(n_dht + i),  # each node on its own address, as DHT-only ones
                 bootstrap=(net.bootstrap_address,),
                 identity=_identity(run.rng, name),
                 control=False,
                 upload_limit=limit if name.startswith("seeder") else None,
                 ksize=sc.ksize,
             )
-            for name in names
+            for i, name in enumerate(names)
         ]
         nodes = list(await asyncio.gather(*(Node.start(c) for c in configs)))
         startup = run.now()
