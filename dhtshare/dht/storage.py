@@ -382,6 +382,13 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]
                     budget -= len(queue[turn].raw) + _FRAMING
         return chosen
 
+    def stored_keys(self) -> list[bytes]:
+        """Every key holding records, without expiring anything (O(keys), no copies).
+
+        Some may have expired since: ``records``/``reply_records`` expire the key first.
+        """
+        return list(self._data)
+
     def items(self, now: float) -> list[tuple[bytes, bytes]]:
         """Every live ``(key, encoded record)`` pair."""
         self.expire(now)
