@@ -15,7 +15,9 @@ The assertions are the targets of the issue that one run can check:
 - no unvalidated address got back more than 3 bytes per byte it sent (anti-amplification);
 - afterwards the victim still answers DHT pings, serves a member and can publish;
 - its log has no asyncio "Task exception was never retrieved", fatal transport error or
-  exception in a callback (remote input never raised out of the event loop);
+  exception in a callback (remote input never raised out of the event loop), and no
+  traceback at all; the last-resort guards of the DHT and the peer server counted nothing
+  (every bad input was refused where it entered, as a typed error);
 - its peak RSS stays under ``PEAK_RSS_MB`` (see there for why that bound).
 """
 
@@ -69,4 +71,9 @@ async def test_node_under_every_attack_downloads_refuses_removed_member_and_keep
     assert r["victim_alive"]
 
     assert r["log_problems"] == [], r["log_problems"]
+    assert r["log_tracebacks"] == 0  # no remote input ended in an unexpected exception
+    counters = after["status"]["counters"]
+    caught = {k: v for k, v in counters["dht"].items() if k.startswith("error.")}
+    assert caught == {}, caught  # the DHT's last-resort guards caught nothing
+    assert counters["peers"].get("drop.bug", 0) == 0, counters["peers"]
     assert 0 < r["peak_rss_mb"] < PEAK_RSS_MB, r["peak_rss_mb"]
