@@ -27,9 +27,11 @@ from dhtshare.errors import FileShareError, ProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.picker import PickerConfig
 from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Failed
 from dhtshare.wire import (
+    MAX_BLOCK,
     Bitfield,
     Cancel,
     ConnectionClosed,
@@ -120,11 +122,12 @@ class ScriptedPeer:
         *,
         hashes: bool = True,
         patience: float = 1.0,
+        stall: bool = False,
     ) -> None:
         self.identity = Identity.generate()
         members.keys.add(self.identity.public)
         self.src, self.first, self.then = src, list(first), list(then)
-        self.hashes, self.patience = hashes, patience
+        self.hashes, self.patience, self.stall = hashes, patience, stall
         self.requests = 0
         self.sent_then = False
         self._server: asyncio.Server | None = None
@@ -160,8 +163,12 @@ class ScriptedPeer:
                 async with asyncio.timeout_at(deadline):
                     data = await reader.read(65536)
             except TimeoutError:
+                if self.stall:  # answer nothing, but keep the connection alive
+                    self._send(conn, writer, [Keepalive()])
+                    deadline = loop.time() + 0.5
+                    continue
                 data = None
-            if data is None or (self.requests and not self.sent_then):
+            if data is None or (self.requests and not self.sent_then and not self.stall):
                 self._send(conn, writer, self.then)
                 self.sent_then = True
                 return
@@ -270,6 +277,38 @@ async def test_download_that_every_peer_fails_ends_failed(tmp_path: Path) -> Non
         liar.close()
     assert isinstance(dl.status(), Failed)
     assert addr.peer_key in dl.banned
+
+
+async def test_member_that_claims_every_piece_and_sends_none_ends_the_download(
+    tmp_path: Path,
+) -> None:
+    src = make_source(tmp_path, 1024 * 1024)
+    members = Members()
+    count = src.layout.piece_count
+    everything = Bitfield.from_pieces(count, range(count))
+    liar = ScriptedPeer(src, members, [everything], [], patience=30.0, stall=True)
+    addr = await liar.start()
+    try:
+        me = Identity.generate()
+        members.keys.add(me.public)
+
+        async def lookup() -> list[ProviderAddr]:
+            return [addr]
+
+        opts = DownloadOptions(
+            provider_timeout=2.0,
+            repoll_interval=0.2,
+            retry_after=0.2,
+            picker=PickerConfig(block_size=MAX_BLOCK, min_timeout=0.5),
+        )
+        dl = Download(me, src.info(), tmp_path, providers=lookup, is_member=members, options=opts)
+        with pytest.raises(FileShareError, match="no providers"):
+            async with asyncio.timeout(20):  # it kept the download "downloading" for good
+                await dl.run()
+    finally:
+        liar.close()
+    assert liar.requests > 0
+    assert isinstance(dl.status(), Failed)
 
 
 # -- arbitrary messages from an authenticated member ----------------------------------

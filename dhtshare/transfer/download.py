@@ -253,6 +253,7 @@ class Download:
         self._polls = 0
         self._known: dict[bytes, ProviderAddr] = {}
         self.peer_crashes = 0  # peer sessions ended by an unexpected exception
+        self._connecting_since: dict[bytes, float] = {}  # first try, until it gets ready
 
     # -- public -------------------------------------------------------------------
 
@@ -392,7 +393,7 @@ class Download:
     def _stalled(self) -> DhtshareError | None:
         """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
         now = self.clock()
-        if any(s.useful() for s in self._sessions.values()):
+        if any(s.useful(now) for s in self._sessions.values()):
             self._progress_at = now
             return None
         candidates = [k for k in self._known if k not in self.banned]
@@ -448,6 +449,7 @@ class Download:
     def _spawn(self, addr: ProviderAddr) -> None:
         assert self._tg is not None
         client = _Client(self, addr)
+        self._connecting_since.setdefault(addr.peer_key, self.clock())
         self._sessions[addr.peer_key] = client
         client.task = self._tg.create_task(client.run())
 
@@ -735,9 +737,17 @@ class _Client:
         self._early_have: set[int] = set()
         self._asked = 0  # requests in flight right after the last top-up
 
-    def useful(self) -> bool:
-        """Still connecting, or connected with a piece we lack."""
-        return not self.ready or self.dl.picker.interesting(self.addr.peer_key)
+    def useful(self, now: float) -> bool:
+        """Still connecting (for at most ``provider_timeout`` since we first tried this
+        peer without it getting ready), or connected with a piece we lack and not
+        snubbed (it delivers what we ask). A peer that claims pieces and never sends
+        them, or never finishes its greeting, stops counting; so does the download."""
+        key = self.addr.peer_key
+        if not self.ready:
+            since = self.dl._connecting_since.get(key, now)
+            return now - since < self.dl.options.provider_timeout
+        picker = self.dl.picker
+        return picker.interesting(key) and not picker.is_snubbed(key)
 
     async def run(self) -> None:
         """Serve the download until this connection ends; whatever ends it ends it alone.
@@ -784,6 +794,7 @@ class _Client:
             mine = Bitfield.from_pieces(dl.layout.piece_count, dl._state.verified)
             self.stream.send_nowait(mine)
         self.ready = True
+        dl._connecting_since.pop(key, None)
         dl._wake.set()
         self.top_up()
         async for event in self.stream:
