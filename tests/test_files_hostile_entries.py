@@ -129,10 +129,11 @@ async def test_download_of_an_unaffordable_layout_is_refused_before_allocating(
     async def nobody() -> list[object]:
         return []
 
+    me = Identity.generate()
     started = time.perf_counter()
     with pytest.raises(FileShareError, match="layout"):
-        Download(Identity.generate(), info, tmp_path, providers=nobody, is_member=lambda g, k: True)  # type: ignore[arg-type]
-    assert time.perf_counter() - started < 0.05
+        Download(me, info, tmp_path, providers=nobody, is_member=lambda g, k: True)  # type: ignore[arg-type]
+    assert time.perf_counter() - started < 0.5  # O(1): microseconds, with room for a busy machine
 
 
 @pytest.mark.parametrize(

@@ -420,7 +420,9 @@ class PeerServer:
     ``upload_rate`` (bytes/s, ``None``: unlimited) caps the sum of all uploads.
     ``superseed`` (default on) super-seeds complete shares served to two or more
     sessions at once (see ``SuperSeed``); ``superseed_idle`` is its ``idle_after``
-    (and a quarter of its ``patience``).
+    (and a quarter of its ``patience``). ``max_handshakes``, ``max_handshakes_per_ip``
+    and ``handshake_timeout`` bound the connections that have not authenticated yet
+    (the module doc); ``max_connections`` bounds the authenticated ones.
     """
 
     def __init__(
