@@ -89,6 +89,38 @@ async def test_entry_with_tiny_piece_size_and_early_issued_does_not_take_over_li
         decode_record(hostile.encode())
 
 
+async def test_backdated_entry_with_a_wrong_size_loses_to_the_size_members_vouch_for(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(3 * 256 * 1024 + 5)
+    path = tmp_path / "report.pdf"
+    path.write_bytes(data)
+    alice, bob, mallory = Identity.generate(), Identity.generate(), Identity.generate()
+    members = {alice.public, bob.public, mallory.public}
+
+    def is_member(gid: bytes, key: bytes) -> bool:
+        return gid == GID and key in members
+
+    async with Network.start(8) as net:
+        shared = await FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001)).share(
+            GID, path
+        )
+        # bob downloaded it, verified every piece, and announces what he verified
+        await FileService(net.nodes[2], bob, lambda: ("127.0.0.1", 5002)).announce(shared)
+        # mallory: a valid layout, one byte short (same piece count), dated a week back
+        short = len(data) - 1
+        hostile = forged_entry(
+            mallory, shared.content_id, size=short, piece_size=piece_size_for(short),
+            issued=1, now=time.time(),
+        )  # fmt: skip
+        with contextlib.suppress(DhtError, RecordError):
+            await net.nodes[3].put(hostile)
+        reader = FileService(net.nodes[5], Identity.generate(), lambda: ("127.0.0.1", 5005))
+        files = await reader.list_files(GID, is_member)
+    assert [(f.entry.name, f.entry.size) for f in files] == [("report.pdf", len(data))]
+    assert files[0].sharer in {alice.public, bob.public}
+
+
 def test_shared_at_is_bounded_below_by_the_records_lifetime() -> None:
     from dhtshare.files.service import shared_at  # new in this change
 

@@ -32,7 +32,7 @@ from ..records import (
 )
 from .content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 
-__all__ = ["FileInfo", "FileService", "SharedFile", "shared_at"]
+__all__ = ["FileInfo", "FileService", "SharedFile", "pick_entry", "shared_at"]
 
 ENTRY_TTL = 24 * 3600.0
 PROVIDER_TTL = 3600.0
@@ -180,14 +180,13 @@ class FileService:
 
     async def list_files(self, group_id: bytes, is_member: IsMember) -> list[FileInfo]:
         """Files shared in the group by current members, with their provider counts."""
-        live: dict[bytes, SignedRecord] = {}
+        by_cid: dict[bytes, list[SignedRecord]] = {}
         for rec in await self._entries(group_id):
             entry = _entry(rec)
             if entry.withdrawn or entry.group_id != group_id or not is_member(group_id, rec.signer):
                 continue
-            first = live.get(entry.content_id)
-            if first is None or _listing_rank(rec) < _listing_rank(first):
-                live[entry.content_id] = rec  # the first sharer is the one we show
+            by_cid.setdefault(entry.content_id, []).append(rec)
+        live = {cid: pick_entry(recs) for cid, recs in by_cid.items()}
         counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
         infos = [FileInfo(_entry(rec), rec.signer, shared_at(rec), len(provs))
                  for rec, provs in zip(live.values(), counts, strict=True)]  # fmt: skip
@@ -205,13 +204,31 @@ def shared_at(rec: SignedRecord) -> int:
     return max(rec.issued, rec.expires - MAX_TTL)
 
 
-def _listing_rank(rec: SignedRecord) -> tuple[int, int, bytes]:
-    """Which entry of one content id a listing shows: the first shared (``shared_at``),
-    then the lower ``seq``, then the lower signer key (so every reader picks the same).
+def pick_entry(records: list[SignedRecord]) -> SignedRecord:
+    """The entry a listing shows among current members' entries for one content id.
 
-    Every candidate's layout already passed ``check_layout`` when it was decoded, so the
-    pick decides which name and sharer are shown, never a layout that costs more than a
-    valid one."""
+    Every candidate passed ``check_layout``, so they can disagree only about the size
+    (within the last piece: the content id fixes the piece count), and a download of
+    a wrong size fails at its last piece. The size is the one the most members vouch
+    for (one entry per member and content id; a member that finished a download
+    announces the size it verified), ties broken by the earliest ``shared_at``; among
+    the entries with that size, the earliest ``_listing_rank`` is shown. So one
+    member cannot outvote the sharer and the members who downloaded the file.
+    """
+    voters: dict[int, set[bytes]] = {}
+    first: dict[int, tuple[int, int, bytes]] = {}
+    for rec in records:
+        size, rank = _entry(rec).size, _listing_rank(rec)
+        voters.setdefault(size, set()).add(rec.signer)
+        first[size] = min(first.get(size, rank), rank)
+    size = min(voters, key=lambda n: (-len(voters[n]), first[n]))
+    return min((r for r in records if _entry(r).size == size), key=_listing_rank)
+
+
+def _listing_rank(rec: SignedRecord) -> tuple[int, int, bytes]:
+    """Among entries of one content id and size, which one a listing shows: the first
+    shared (``shared_at``), then the lower ``seq``, then the lower signer key (so every
+    reader picks the same)."""
     return shared_at(rec), rec.seq, rec.signer
 
 
