@@ -44,6 +44,11 @@ class PushFilter:
         for b in self._bits:
             self.mask |= 1 << b
 
+    def closest(self, keys: Iterable[bytes]) -> list[bytes]:
+        """The ``keys`` we are closer to than every contact (the cheap first test)."""
+        me, mask = self.me, self.mask
+        return [k for k in keys if not (int.from_bytes(k, "big") ^ me) & mask]
+
     def wants(self, new_id: bytes, key: bytes) -> bool:
         """True if we are closer to ``key`` than every contact, and ``new_id`` is among
         the ``k`` closest to it (counting contacts only; ``new_id`` is not one)."""

@@ -39,6 +39,7 @@ from kademlia.protocol import KademliaProtocol
 from dhtshare.dht.antiamp import AntiAmplification
 from dhtshare.dht.closeness import PushFilter
 from dhtshare.dht.contacts import Contact, parse_contact, parse_host
+from dhtshare.dht.sources import UNVALIDATED
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, ValidatingStorage
 from dhtshare.errors import DhtError
 from dhtshare.stats import Counters
@@ -64,6 +65,10 @@ _RTT_ENTRIES = 4096
 _MAX_PUSHES_PER_NODE = 64
 #: Store pushes in flight to one node at a time.
 _PUSH_CONCURRENCY = 8
+#: Stored keys examined per event-loop step when choosing what to push, and how many
+#: new nodes are being examined at once.
+_PUSH_SCAN_CHUNK = 2048
+_PUSH_SCANS = 4
 #: Addresses remembered as already given records (a new node id there gets none).
 _PUSHED_ADDRESSES = 4096
 #: Ping-backs (validations of a new sender's address) in flight at most.
@@ -263,6 +268,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._amp = AntiAmplification()
         self._validating: set[tuple[str, int]] = set()
         self._pushed_to: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._push_scans = asyncio.Semaphore(_PUSH_SCANS)
         self._family: int | None = None
         self._own_address: tuple[str, int] | None = None
 
@@ -651,33 +657,45 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._pushed_to[address] = None
         if len(self._pushed_to) > _PUSHED_ADDRESSES:
             self._pushed_to.popitem(last=False)
-        chosen = self._records_for(node)
-        if chosen:
-            self._spawn(self._push_all(node, chosen))
+        self._spawn(self._push_all(node))
 
-    def _records_for(self, node: Node) -> list[tuple[bytes, bytes]]:
-        """Up to ``_MAX_PUSHES_PER_NODE`` records ``node`` should hold and was not sent."""
+    async def _records_for(self, node: Node) -> list[tuple[bytes, bytes]]:
+        """Up to ``_MAX_PUSHES_PER_NODE`` records ``node`` should hold and was not sent.
+
+        Examines ``_PUSH_SCAN_CHUNK`` stored keys per event-loop step, so no single
+        step stalls the loop however many records the node holds.
+        """
         contacts = (n.id for b in self.router.buckets for n in b.nodes.values())
         wanted = PushFilter(self.source_node.id, contacts, self.ksize)
-        now = self.clock()
+        keys = self.storage.stored_keys()
         chosen: list[tuple[bytes, bytes]] = []
-        for key in self.storage.stored_keys():
-            if not wanted.wants(node.id, key):
-                continue
-            for raw in self.storage.reply_records(key, self.storage.max_bytes, now):
-                marker = (node.id, key, raw[-16:])
-                if marker in self._recent_pushes:
-                    continue
-                self._recent_pushes[marker] = None
-                if len(self._recent_pushes) > _RECENT_PUSHES:
-                    self._recent_pushes.popitem(last=False)
-                chosen.append((key, raw))
+        for start in range(0, len(keys), _PUSH_SCAN_CHUNK):
+            if start:
+                await asyncio.sleep(0)
+            for key in wanted.closest(keys[start : start + _PUSH_SCAN_CHUNK]):
+                if wanted.wants(node.id, key):
+                    chosen.extend(self._unsent(node, key, _MAX_PUSHES_PER_NODE - len(chosen)))
                 if len(chosen) >= _MAX_PUSHES_PER_NODE:
                     return chosen
         return chosen
 
-    async def _push_all(self, node: Node, records: list[tuple[bytes, bytes]]) -> None:
-        """Store ``records`` at ``node``, ``_PUSH_CONCURRENCY`` at a time."""
+    def _unsent(self, node: Node, key: bytes, room: int) -> list[tuple[bytes, bytes]]:
+        """Up to ``room`` records under ``key`` not pushed to ``node`` lately (now marked)."""
+        chosen: list[tuple[bytes, bytes]] = []
+        for raw in self.storage.reply_records(key, self.storage.max_bytes, self.clock()):
+            marker = (node.id, key, raw[-16:])
+            if len(chosen) >= room or marker in self._recent_pushes:
+                continue
+            self._recent_pushes[marker] = None
+            if len(self._recent_pushes) > _RECENT_PUSHES:
+                self._recent_pushes.popitem(last=False)
+            chosen.append((key, raw))
+        return chosen
+
+    async def _push_all(self, node: Node) -> None:
+        """Choose the records ``node`` should hold; store them, a few at a time."""
+        async with self._push_scans:
+            records = await self._records_for(node)
         for start in range(0, len(records), _PUSH_CONCURRENCY):
             batch = records[start : start + _PUSH_CONCURRENCY]
             self.stats.incr("push", len(batch))
@@ -735,7 +753,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         """Keep ``value`` only if it is a valid record for ``key``; reply whether it was kept."""
-        return self.storage.offer(key, value, self.clock(), source=sender[0])
+        source = sender[0] if self._amp.is_validated(sender) else UNVALIDATED
+        return self.storage.offer(key, value, self.clock(), source=source)
 
     def rpc_find_value(
         self, sender: tuple[str, int], nodeid: bytes, key: bytes
