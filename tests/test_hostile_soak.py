@@ -61,7 +61,7 @@ async def test_node_under_every_attack_downloads_refuses_removed_member_and_keep
             continue  # it answers the victim's requests: a validated address
         for address, sent, received in attack["per_address"]:
             assert received <= 3 * sent, (name, address, sent, received)
-    assert r["tcp"]["slow_loris"]["opened"] == hostile.SoakOptions().loris
+    assert r["tcp"]["slow_loris"]["opened"] > 0
     assert r["tcp"]["crash_client"]["opened"] > 0
 
     after = r["afterwards"]
