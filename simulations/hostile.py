@@ -464,7 +464,7 @@ async def _crash_client(
             tally.count("garbage after handshake")
             transport.write(os.urandom(300))
         elif mode == 2:
-            tally.count("1 MiB frame header, then vanish")
+            tally.count("1 MiB frame header, 999 bytes, silence")
             transport.write(struct.pack(">IB", 1 << 20, 4) + b"\0" * 999)
         else:
             tally.count("request, then vanish mid-piece")
