@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -104,7 +105,7 @@ async def test_store_flood_from_one_address_leaves_room_for_an_honest_share(
         mine = join_request(os.urandom(32), time.time())
         assert await honest.put(mine) >= 1
         for node in net.nodes:
-            assert node.storage.total_bytes <= NODE_BYTES // 8  # the flood took its share only
+            assert node.storage.total_bytes <= NODE_BYTES // 4  # the flood took its shares only
             held, _prefix = node.storage.usage(ATTACKER_HOST)
             assert held.bytes <= node.storage.address_cap.bytes
             assert held.records <= node.storage.address_cap.records
@@ -136,6 +137,41 @@ async def test_join_request_flood_from_one_address_does_not_push_out_a_genuine_r
         assert alice.public in {m.key for m in view.members}
         for node in net.nodes:
             assert node.storage.count(key) <= node.storage.max_per_key
+
+
+async def test_a_store_from_an_address_not_validated_spends_only_the_shared_quota() -> None:
+    """A datagram's source is a claim: until it answers us, it is charged to one shared pool."""
+    from dhtshare.dht.protocol import packb
+    from dhtshare.dht.sources import UNVALIDATED  # a new name: the module still loads on old code
+
+    storing, sender = DhtNode(), DhtNode()
+    await storing.listen(0, "127.90.0.1")
+    await sender.listen(0, "127.91.0.1")
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        raw.bind(("127.92.0.1", 0))
+        raw.setblocking(False)
+        rec = join_request(os.urandom(32), time.time())
+        body = packb(["store", [os.urandom(20), rec.dht_key, rec.encode()]])
+        raw.sendto(b"\x00" + os.urandom(20) + body, storing.address)
+        async with asyncio.timeout(5):
+            await asyncio.get_running_loop().sock_recv(raw, 9000)  # the store's reply
+        assert storing.storage.count(rec.dht_key) == 1
+        assert storing.storage.usage("127.92.0.1")[0].records == 0
+        assert storing.storage.usage(UNVALIDATED)[0].records == 1
+        proto = storing.protocol
+        assert proto is not None
+        answered, _ = await proto.ping(sender.address, storing.node.id)  # validates sender
+        assert answered
+        other = join_request(os.urandom(32), time.time())
+        assert await sender.protocol.store(
+            storing.address, sender.node.id, other.dht_key, other.encode()
+        ) == (True, True)  # type: ignore[union-attr]
+        assert storing.storage.usage("127.91.0.1")[0].records == 1
+    finally:
+        raw.close()
+        await sender.aclose()
+        await storing.aclose()
 
 
 # ---- unit tests ----------------------------------------------------------------------------

@@ -17,13 +17,17 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-__all__ = ["PREFIX_V4", "PREFIX_V6", "Ledger", "Source", "Usage", "source_of"]
+__all__ = ["PREFIX_V4", "PREFIX_V6", "UNVALIDATED", "Ledger", "Source", "Usage", "source_of"]
 
 #: Bits of an IPv4 address that name the network one party is assumed to control.
 PREFIX_V4 = 24
 #: The same for IPv6 (a typical site allocation).
 PREFIX_V6 = 48
 _CACHE = 4096
+#: The one sender every address not yet validated counts as. A datagram's source address
+#: is a claim until the address answers one of our requests, so a spoofer can spend this
+#: shared quota but never a real address's.
+UNVALIDATED = "unvalidated"
 
 
 @dataclass(frozen=True, slots=True)
