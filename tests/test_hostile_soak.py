@@ -36,10 +36,10 @@ _spec.loader.exec_module(hostile)
 
 PEAK_RSS_MB = 96.0
 """The victim idles at about 32 MB (interpreter, node, one small share) and peaked at
-39-42 MB in every run of this scenario on the fixed code (docs/security.md, "the hostile
-soak"). The bound leaves room for a slower machine (more in flight at once) but not for
-any per-attacker cost that grows: before the fixes the 50 slow-loris connections that
-announce a 1 MiB frame alone cost the victim 50 MiB of buffers."""
+39-43 MB in every run of this scenario on the fixed code (simulations/README.md, "Under
+attack"). The bound, about twice that, leaves room for a slower machine (more in flight at
+once) but not for a cost per attacker that grows: on the code before the fixes the same
+run peaked at 143 MB (the slow-loris connections that announce a 1 MiB frame)."""
 
 
 async def test_node_under_every_attack_downloads_refuses_removed_member_and_keeps_serving(
