@@ -425,3 +425,19 @@ def test_unicast_and_loopback_addresses_are_contacts(host: str) -> None:
     assert parse_contact([bytes(20), host, 0]) is None
     assert parse_contact([bytes(19), host, 4000]) is None
     assert parse_contact([bytes(20), host, True]) is None
+
+
+@pytest.mark.parametrize(
+    "source", [("224.0.0.1", 4000), ("255.255.255.255", 4000), ("10.0.0.1", 0), ("0.0.0.0", 9)]
+)
+async def test_datagram_from_a_source_no_reply_may_go_to_is_dropped(
+    pair: tuple[DhtNode, DhtNode], source: Address
+) -> None:
+    a, b = pair
+    assert a.protocol is not None and b.protocol is not None
+    ping = b"\x00" + os.urandom(20) + umsgpack.packb(["ping", [os.urandom(20)]])
+    pings = a.stats["rpc_in.ping"]
+    a.protocol.datagram_received(ping, source)
+    assert a.stats["drop.bad_source"] == 1
+    assert a.stats["rpc_in.ping"] == pings
+    assert (await b.protocol.ping(a.address, b.node.id))[0]

@@ -11,6 +11,7 @@ not theirs). Loopback stays valid. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import NamedTuple
 
@@ -43,6 +44,11 @@ def parse_host(value: object) -> str | None:
     """``value`` if it is a canonical, unicast IP address text, else None."""
     if not isinstance(value, str) or not 0 < len(value) <= _MAX_HOST_LEN:
         return None
+    return _checked(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked(value: str) -> str | None:
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:

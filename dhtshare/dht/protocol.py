@@ -300,6 +300,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def _intake(self, data: bytes, addr: tuple[str, int]) -> None:
         if self._closed:
             return
+        if _address(addr) is None:  # a spoofed broadcast, multicast or port-0 source
+            self.stats.incr("drop.bad_source")
+            return
         self._amp.received(addr, len(data))
         if len(data) < 1 + MSG_ID_LEN + 1:
             self.stats.incr("drop.short")
