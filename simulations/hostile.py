@@ -992,25 +992,17 @@ async def _afterwards(w: _World, victim: Victim) -> dict[str, Any]:
     }
 
 
-def _contacts_by_attacker(home: Path) -> dict[str, int]:
-    """Contacts in the victim's saved routing table, per attacker address (ip)."""
+def _routing_table(home: Path) -> dict[str, Any]:
+    """The victim's saved routing table (``dht.json``, written when it stops): how many
+    contacts, and how many of them at each attacker address."""
     try:
         doc = json.loads((home / "dht.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    counts: dict[str, int] = {}
+        contacts = [str(row[1]) for row in doc["contacts"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {"saved": False}
     attackers = {GARBAGE, FLOOD, RESPONDER, *SPOOFED}
-    for row in doc.get("contacts", []):
-        ip = str(row[1])
-        if ip in attackers:
-            key = (
-                "spoofed"
-                if ip in SPOOFED
-                else {GARBAGE: "garbage", FLOOD: "flood"}.get(ip, "responder")
-            )
-            counts[key] = counts.get(key, 0) + 1
-    counts["total"] = len(doc.get("contacts", []))
-    return counts
+    by_address = Counter(ip for ip in contacts if ip in attackers)
+    return {"saved": True, "contacts": len(contacts), "attacker_contacts": dict(by_address)}
 
 
 def _summarise(attacks: list[_Attack]) -> dict[str, Any]:
@@ -1105,7 +1097,7 @@ async def run_soak(
     problems, tracebacks = victim.log_problems()
     report["log_problems"] = problems[:20]
     report["log_tracebacks"] = tracebacks
-    report["contacts_by_attacker"] = _contacts_by_attacker(victim.home)
+    report["routing_table"] = _routing_table(victim.home)
     report["seconds"] = round(time.monotonic() - w.t0, 1)
     return report
 
@@ -1158,7 +1150,11 @@ def render(r: dict[str, Any]) -> str:
     for part, counts in (status.get("counters") or {}).items():
         shown = {k: v for k, v in counts.items() if not k.startswith(("rpc_", "push"))}
         lines.append(f"victim's {part} counters: {json.dumps(shown)}")
-    lines.append(f"routing-table contacts from attackers: {r.get('contacts_by_attacker')}")
+    table = r.get("routing_table", {})
+    lines.append(
+        f"victim's routing table: {table.get('contacts')} contacts, at attacker addresses: "
+        f"{table.get('attacker_contacts')}"
+    )
     lines.append(
         f"log problems: {len(r.get('log_problems', []))}, tracebacks: {r.get('log_tracebacks')}"
     )

@@ -18,7 +18,8 @@ The assertions are the targets of the issue that one run can check:
   exception in a callback (remote input never raised out of the event loop), and no
   traceback at all; the last-resort guards of the DHT and the peer server counted nothing
   (every bad input was refused where it entered, as a typed error);
-- its peak RSS stays under ``PEAK_RSS_MB`` (see there for why that bound).
+- its peak RSS stays under ``PEAK_RSS_MB`` (see there for why that bound);
+- no attacker address holds more than ``PER_ADDRESS`` contacts of its routing table.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ PEAK_RSS_MB = 96.0
 attack"). The bound, about twice that, leaves room for a slower machine (more in flight at
 once) but not for a cost per attacker that grows: on the code before the fixes the same
 run peaked at 143 MB (the slow-loris connections that announce a 1 MiB frame)."""
+
+PER_ADDRESS = 3
+"""At most a few node ids per address in the routing table (issue #13, item 13); the flood
+alone sends a new node id in every datagram from one address."""
 
 
 async def test_node_under_every_attack_downloads_refuses_removed_member_and_keeps_serving(
@@ -77,3 +82,7 @@ async def test_node_under_every_attack_downloads_refuses_removed_member_and_keep
     assert caught == {}, caught  # the DHT's last-resort guards caught nothing
     assert counters["peers"].get("drop.bug", 0) == 0, counters["peers"]
     assert 0 < r["peak_rss_mb"] < PEAK_RSS_MB, r["peak_rss_mb"]
+
+    table = r["routing_table"]
+    assert table["saved"], table
+    assert max(table["attacker_contacts"].values(), default=0) <= PER_ADDRESS, table
