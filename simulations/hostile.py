@@ -730,12 +730,11 @@ async def _form_group(w: _World) -> None:
 async def _victim_joins(w: _World, victim: Victim) -> None:
     owner = w.nodes["owner"]
     await victim.must("group", "join", w.gid.hex(), "--message", "victim here")
-    pending = await owner.groups.requests(w.gid)
-    if not pending:
-        raise RuntimeError("the victim's join request did not reach the owner")
-    for request in pending:
-        await owner.groups.accept(w.gid, request.requester)
-        w.victim_key = request.requester
+    mine = [r for r in await owner.groups.requests(w.gid) if r.name == "victim"]
+    if len(mine) != 1:
+        raise RuntimeError(f"the owner sees {len(mine)} join requests from the victim")
+    w.victim_key = mine[0].requester
+    await owner.groups.accept(w.gid, w.victim_key)
     for node in w.nodes.values():
         await node.groups.refresh(w.gid)
 
