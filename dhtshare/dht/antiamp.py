@@ -1,4 +1,4 @@
-"""Anti-amplification bookkeeping for the DHT port (the rule QUIC uses, RFC 9000 8.1).
+"""Anti-amplification bookkeeping for the DHT port (the rule QUIC uses).
 
 A UDP source address is only a claim. Until an address has proved that it receives our
 datagrams, by answering one of our requests (each carries a random 20-byte message id
