@@ -660,16 +660,16 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._pushed_to[address] = None
         if len(self._pushed_to) > _PUSHED_ADDRESSES:
             self._pushed_to.popitem(last=False)
-        self._spawn(self._push_all(node))
+        # The contacts as they are now, before ``node`` joins them.
+        contacts = (n.id for b in self.router.buckets for n in b.nodes.values())
+        self._spawn(self._push_all(node, PushFilter(self.source_node.id, contacts, self.ksize)))
 
-    async def _records_for(self, node: Node) -> list[tuple[bytes, bytes]]:
+    async def _records_for(self, node: Node, wanted: PushFilter) -> list[tuple[bytes, bytes]]:
         """Up to ``_MAX_PUSHES_PER_NODE`` records ``node`` should hold and was not sent.
 
         Examines ``_PUSH_SCAN_CHUNK`` stored keys per event-loop step, so no single
         step stalls the loop however many records the node holds.
         """
-        contacts = (n.id for b in self.router.buckets for n in b.nodes.values())
-        wanted = PushFilter(self.source_node.id, contacts, self.ksize)
         keys = self.storage.stored_keys()
         chosen: list[tuple[bytes, bytes]] = []
         for start in range(0, len(keys), _PUSH_SCAN_CHUNK):
@@ -695,10 +695,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             chosen.append((key, raw))
         return chosen
 
-    async def _push_all(self, node: Node) -> None:
+    async def _push_all(self, node: Node, wanted: PushFilter) -> None:
         """Choose the records ``node`` should hold; store them, a few at a time."""
         async with self._push_scans:
-            records = await self._records_for(node)
+            records = await self._records_for(node, wanted)
         for start in range(0, len(records), _PUSH_CONCURRENCY):
             batch = records[start : start + _PUSH_CONCURRENCY]
             self.stats.incr("push", len(batch))
