@@ -195,3 +195,12 @@ async def test_slow_loris_is_closed_after_the_handshake_deadline(tmp_path: Path)
             assert server.handshake_timeout == DEADLINE
         finally:
             await flood.close()
+
+
+def test_per_address_cap_counts_an_ipv6_64_as_one_address() -> None:
+    from dhtshare.transfer.serve import source_of  # new in this change
+
+    assert source_of("2001:db8::1") == source_of("2001:db8::ffff:1") == "2001:db8::/64"
+    assert source_of("2001:db8:0:1::1") != source_of("2001:db8::1")
+    assert source_of("::ffff:10.0.0.1") == source_of("10.0.0.1") == "10.0.0.1"
+    assert source_of("127.0.0.1") != source_of("127.0.0.2")

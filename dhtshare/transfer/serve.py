@@ -24,8 +24,9 @@ per peer key. Every task belongs to ``serve()``'s ``TaskGroup``.
 Connections that have not finished the handshake cost little and are few: the wire
 lets them hold a few hundred bytes (``MAX_HANDSHAKE_FRAME``); at most
 ``max_handshakes`` of them exist at once (a new one closes the oldest) and at most
-``max_handshakes_per_ip`` per source address (a new one past that is refused); and
-each must finish within ``handshake_timeout`` seconds.
+``max_handshakes_per_ip`` per source address (an IPv6 /64 counts as one address; a
+new one past that is refused); and each must finish within ``handshake_timeout``
+seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import ipaddress
 import logging
 import math
 import random
@@ -81,6 +83,7 @@ __all__ = [
     "Share",
     "ShareRegistry",
     "SuperSeed",
+    "source_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -537,7 +540,7 @@ class PeerServer:
             transport.close()
             return
         peer = transport.get_extra_info("peername")
-        source = str(peer[0]) if peer else "?"
+        source = source_of(str(peer[0])) if peer else "?"
         if self._handshakes_from[source] >= self.max_handshakes_per_ip:
             self.stats.incr("refuse.handshakes_per_ip")
             transport.abort()
@@ -628,6 +631,20 @@ class PeerServer:
             self._seeds.pop(share, None)
         elif len(rest) == 1 and rest[0].seed is seed:
             rest[0].advertise(seed.flush(rest[0]))
+
+
+def source_of(host: str) -> str:
+    """What ``max_handshakes_per_ip`` counts by: the IPv4 address, or the /64 network of
+    an IPv6 address (one host is commonly handed a whole /64)."""
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
 
 
 def _session_ending(exc: BaseException) -> bool:
