@@ -39,6 +39,9 @@ PURE = frozenset(
         "dhtshare.transfer.ratelimit",
         "dhtshare.dht.storage",
         "dhtshare.dht.sources",
+        "dhtshare.dht.contacts",
+        "dhtshare.dht.antiamp",
+        "dhtshare.dht.closeness",
     }
 )
 PURE_PACKAGES = ("dhtshare.wire",)  # every module in these packages is pure
