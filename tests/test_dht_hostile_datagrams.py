@@ -21,8 +21,6 @@ from hypothesis import strategies as st
 from kademlia.node import Node
 
 from dhtshare.dht import DhtNode
-from dhtshare.dht.closeness import PushFilter
-from dhtshare.dht.contacts import parse_contact, parse_host
 from dhtshare.identity import Identity
 from dhtshare.records import JoinRequest, SignedRecord, sign_record
 
@@ -369,64 +367,6 @@ async def test_first_request_to_a_node_gets_its_records(holder: tuple[DhtNode, b
         await fresh.aclose()
 
 
-def _brute_wants(me: bytes, contacts: list[bytes], k: int, new: bytes, key: bytes) -> bool:
-    """The rule as kademlia states it, over the k nearest contacts found by sorting."""
-    target = int.from_bytes(key, "big")
-    distances = sorted(int.from_bytes(c, "big") ^ target for c in contacts)
-    if distances and int.from_bytes(me, "big") ^ target >= distances[0]:
-        return False
-    theirs = int.from_bytes(new, "big") ^ target
-    return sum(1 for d in distances if d < theirs) < k
-
-
-def _near(base: bytes) -> st.SearchStrategy[bytes]:
-    """Ids sharing a random-length prefix with ``base`` (as a real table's contacts do)."""
-
-    def build(shared: int, rest: bytes) -> bytes:
-        keep = ((1 << 160) - 1) ^ ((1 << (160 - shared)) - 1)
-        mixed = (int.from_bytes(base, "big") & keep) | (int.from_bytes(rest, "big") & ~keep)
-        return (mixed & ((1 << 160) - 1)).to_bytes(20, "big")
-
-    return st.builds(build, st.integers(0, 40), st.binary(min_size=20, max_size=20))
-
-
-ME = bytes.fromhex("5a" * 20)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    st.lists(_near(ME), max_size=60, unique=True),
-    st.sampled_from([1, 3, 20]),
-    st.lists(st.tuples(_near(ME), _near(ME)), min_size=1, max_size=20),
-)
-def test_push_filter_matches_the_k_nearest_rule(
-    contacts: list[bytes], k: int, probes: list[tuple[bytes, bytes]]
-) -> None:
-    contacts = [c for c in contacts if c != ME]
-    wanted = PushFilter(ME, contacts, k)
-    for new, key in probes:
-        if new in contacts or new == ME:
-            continue
-        assert wanted.wants(new, key) == _brute_wants(ME, contacts, k, new, key)
-
-
-@pytest.mark.parametrize("host", [*HOSTILE_HOSTS, "1.2.3", "::ffff:1.2.3.4x", 7, None])
-def test_hosts_that_are_not_canonical_unicast_addresses_are_refused(host: object) -> None:
-    if host == "::1":
-        assert parse_host(host) == "::1"  # valid; refused later as the other family
-        return
-    assert parse_host(host) is None
-    assert parse_contact([bytes(20), host, 4000]) is None
-
-
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.1", "10.0.0.7", "2001:db8::1"])
-def test_unicast_and_loopback_addresses_are_contacts(host: str) -> None:
-    assert parse_contact([bytes(20), host, 4000]) == (bytes(20), host, 4000)
-    assert parse_contact([bytes(20), host, 0]) is None
-    assert parse_contact([bytes(19), host, 4000]) is None
-    assert parse_contact([bytes(20), host, True]) is None
-
-
 @pytest.mark.parametrize(
     "source", [("224.0.0.1", 4000), ("255.255.255.255", 4000), ("10.0.0.1", 0), ("0.0.0.0", 9)]
 )
@@ -441,3 +381,18 @@ async def test_datagram_from_a_source_no_reply_may_go_to_is_dropped(
     assert a.stats["drop.bad_source"] == 1
     assert a.stats["rpc_in.ping"] == pings
     assert (await b.protocol.ping(a.address, b.node.id))[0]
+
+
+async def test_a_claimed_node_id_joins_the_table_only_if_its_address_answers_with_it(
+    pair: tuple[DhtNode, DhtNode], raw: Callable[..., Any]
+) -> None:
+    a, _b = pair
+    peer: RawPeer = await raw(answer=True)  # answers pings with peer.id
+    claimed = os.urandom(20)
+    async with asyncio.timeout(10):
+        await peer.request("find_node", [claimed, os.urandom(20)], a.address)
+        assert await peer.barrier(a.address)  # a's ping-back was answered before this
+    ids = {n.id for n in a.contacts()}
+    assert claimed not in ids
+    assert peer.id in ids
+    assert a.stats["validate.ping"] >= 1
