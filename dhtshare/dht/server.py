@@ -34,6 +34,7 @@ from kademlia.node import Node
 
 from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
+from dhtshare.dht.sources import source_of
 from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.errors import DhtError, RecordError
 from dhtshare.records import SignedRecord, decode_record, verify_record
@@ -82,13 +83,14 @@ class _Candidates:
     ``NodeHeap`` scans every entry on each push and takes failed nodes back.)
     """
 
-    __slots__ = ("_endpoints", "_nodes", "_order", "failed", "k", "target")
+    __slots__ = ("_endpoints", "_nodes", "_order", "_prefix", "failed", "k", "target")
 
     def __init__(self, target: Node, k: int) -> None:
         self.target: int = target.long_id
         self.k = k
         self._order: list[tuple[int, bytes]] = []
         self._nodes: dict[bytes, Node] = {}
+        self._prefix: dict[bytes, str] = {}
         self._endpoints: dict[Address, bytes] = {}
         self.failed: set[bytes] = set()
 
@@ -100,14 +102,19 @@ class _Candidates:
             if self._endpoints.setdefault(endpoint, node.id) != node.id:
                 continue
             self._nodes[node.id] = node
+            self._prefix[node.id] = source_of(endpoint[0]).prefix
             bisect.insort(self._order, (node.long_id ^ self.target, node.id))
 
     def drop(self, node: Node) -> None:
         self.failed.add(node.id)
+        self._prefix.pop(node.id, None)
         if self._nodes.pop(node.id, None) is not None:
             del self._order[bisect.bisect_left(self._order, (node.long_id ^ self.target, node.id))]
 
     def nearest(self) -> list[Node]:
+        first = [node_id for _d, node_id in self._order[: self.k]]
+        if len({self._prefix[node_id] for node_id in first}) == len(first):
+            return [self._nodes[node_id] for node_id in first]  # one per prefix: within limits
         return pick_diverse((self._nodes[node_id] for _d, node_id in self._order), self.k)
 
 
