@@ -266,7 +266,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
         self._amp = AntiAmplification()
-        self._validating: set[tuple[str, int]] = set()
+        self._validating: dict[tuple[str, int], asyncio.Future[Reply]] = {}
         self._pushed_to: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._push_scans = asyncio.Semaphore(_PUSH_SCANS)
         self._family: int | None = None
@@ -572,7 +572,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         """Welcome a node that answered; evict one after ``max_failures`` failures in a row."""
         if result[0]:
             self._failures.pop(node.id, None)
-            self.welcome_if_new(node)
+            self._welcome_answered(node)
             return result
         failures = self._failures.get(node.id, 0) + 1
         if failures >= self.max_failures:
@@ -609,6 +609,29 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             return False
         return True
 
+    async def validations(self) -> None:
+        """Wait for the ping-backs in flight (each ends within one RPC timeout)."""
+        pending = list(self._validating.values())
+        if pending:
+            await asyncio.wait(pending)
+
+    def _welcome_answered(self, node: Node) -> None:
+        """``node``'s address answered one of our requests: welcome it under a vouched id.
+
+        The id of a contact we asked came from a third party's reply, and a find_node or
+        find_value answer does not say whose it is. Any address answers under any id
+        it is asked by, so trusting that id would let one hostile reply bind an honest
+        address to an id of its choosing, which then holds that address's place in the
+        table (one id per endpoint) and keeps its real id out. So the id joins only
+        if the address answered a ping with it; otherwise the address is pinged and the
+        id it answers with is welcomed (``_pinged_back``).
+        """
+        address = (node.ip, node.port)
+        if self._amp.answered_as(address) == node.id:
+            self.welcome_if_new(node)
+        elif self._welcome_sender(node):
+            self._ping_back(node)
+
     def _ping_back(self, node: Node) -> None:
         """Ping a new sender's address (charged to its budget); welcome whoever answers."""
         address = (node.ip, node.port)
@@ -616,15 +639,14 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.incr("validate.no_budget")
             return
         self.stats.incr("validate.ping")
-        self._validating.add(address)
-        self.ping(address, self.source_node.id).add_done_callback(
-            functools.partial(self._pinged_back, address)
-        )
+        future = self.ping(address, self.source_node.id)
+        self._validating[address] = future
+        future.add_done_callback(functools.partial(self._pinged_back, address))
 
     def _pinged_back(self, address: tuple[str, int], future: asyncio.Future[Reply]) -> None:
         """Done callback of a ping-back: the id that answered is the one welcomed."""
         try:
-            self._validating.discard(address)
+            self._validating.pop(address, None)
             if future.cancelled() or self._closed:
                 return
             answered, their_id = future.result()

@@ -291,6 +291,8 @@ class DhtNode(Server):  # type: ignore[misc]
             if crawl.answered:
                 await self._fill_far_buckets(crawl)
                 break
+        # contacts found by the crawl join the table once they answer a ping with their id
+        await self._proto().validations()
         return self.contact_count()
 
     async def _fill_far_buckets(self, own: _Crawl) -> None:

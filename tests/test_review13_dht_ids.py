@@ -1,0 +1,69 @@
+"""Review of issue #13, item 13: a hostile reply cannot bind an honest address to an id.
+
+A find_node reply names contacts ``[id, host, port]``; the node then asks each of them,
+and an address answers a find_node whatever id it is asked under. Before this fix the
+node took the id the hostile reply named as that address's id; with one id per endpoint
+in the routing table, the honest node's real id could then never join. Real nodes on
+their own loopback addresses and a raw UDP socket as the hostile peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+import umsgpack
+
+from dhtshare.dht import DhtNode
+
+pytestmark = pytest.mark.timeout(60)
+
+Address = tuple[str, int]
+
+
+class LyingPeer(asyncio.DatagramProtocol):
+    """Answers pings with its own id and every find_node with ``contacts``."""
+
+    def __init__(self, contacts: list[list[Any]]) -> None:
+        self.id = os.urandom(20)
+        self.contacts = contacts
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        if data[:1] != b"\x00" or self.transport is None:
+            return
+        name = umsgpack.unpackb(data[21:])[0]
+        reply: Any = self.id if name == "ping" else True if name == "store" else self.contacts
+        self.transport.sendto(b"\x01" + data[1:21] + umsgpack.packb(reply), addr)
+
+
+async def test_an_id_named_by_a_hostile_reply_does_not_take_an_honest_address() -> None:
+    victim, honest = DhtNode(), DhtNode()
+    await victim.listen(interface="127.0.0.1")
+    await honest.listen(interface="127.0.0.2")
+    fake = os.urandom(20)
+    loop = asyncio.get_running_loop()
+    transport, liar = await loop.create_datagram_endpoint(
+        lambda: LyingPeer([[fake, *honest.address]]), local_addr=("127.0.0.3", 0)
+    )
+    try:
+        async with asyncio.timeout(20):
+            await victim.bootstrap([transport.get_extra_info("sockname")[:2]])
+            await honest.bootstrap([victim.address])
+            for _ in range(40):  # the victim's ping-back of the honest node, at most 4 s
+                if honest.node.id in {n.id for n in victim.contacts()}:
+                    break
+                await asyncio.sleep(0.1)
+        table = {n.id: (n.ip, n.port) for n in victim.contacts()}
+        assert fake not in table
+        assert table.get(honest.node.id) == honest.address
+        assert table.get(liar.id) is not None
+    finally:
+        transport.close()
+        await victim.aclose()
+        await honest.aclose()
