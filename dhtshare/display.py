@@ -31,6 +31,7 @@ __all__ = [
     "fields",
     "format_rate",
     "format_size",
+    "plural",
     "table",
 ]
 
@@ -93,6 +94,11 @@ def format_size(n: float) -> str:
 
 def format_rate(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e6:.1f} MB/s"
+
+
+def plural(count: int, noun: str, nouns: str = "") -> str:
+    """``1 peer``, ``2 peers``, ``0 peers`` (``nouns``: an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
