@@ -67,3 +67,24 @@ async def test_an_id_named_by_a_hostile_reply_does_not_take_an_honest_address() 
         transport.close()
         await victim.aclose()
         await honest.aclose()
+
+
+def test_a_far_id_named_first_does_not_hide_an_endpoint_from_a_lookup() -> None:
+    """A reply that names an honest endpoint under a far id before anyone names its real
+    (near) id must not keep the honest node out of the lookup's k nearest."""
+    from kademlia.node import Node
+
+    from dhtshare.dht.server import _Candidates
+
+    target = Node(bytes(20))
+    candidates = _Candidates(target, k=3)
+    endpoint = ("127.0.0.2", 4000)
+    far, near = b"\xff" * 20, b"\x00" * 19 + b"\x01"
+    others = [Node(bytes([0x80 + i]) + bytes(19), f"127.0.1.{i}", 4000) for i in range(1, 4)]
+    candidates.push([Node(far, *endpoint), *others])
+    candidates.push([Node(near, *endpoint)])
+    nearest = candidates.nearest()
+    assert nearest[0].id == near
+    assert far not in {n.id for n in nearest}
+    candidates.push([Node(b"\xfe" * 20, *endpoint)])  # a farther id again changes nothing
+    assert candidates.nearest()[0].id == near

@@ -76,7 +76,7 @@ class _Candidates:
     """The nodes a lookup knows of, nearest to its target first.
 
     Only the k nearest count, chosen within the routing table's per-address limits
-    (``routing.pick_diverse``): one id per endpoint (the first one heard of), a few
+    (``routing.pick_diverse``): one id per endpoint (the nearest one heard of), a few
     per address and per prefix, so a reply naming many ids at one address cannot take
     the k places. A node that failed is dropped and never taken back, so a dead node
     another reply mentions again cannot hold one of the k places. (kademlia's
@@ -95,18 +95,33 @@ class _Candidates:
         self.failed: set[bytes] = set()
 
     def push(self, nodes: Iterable[Node]) -> None:
+        """Add ``nodes``; an endpoint keeps the id nearest to the target it was named with.
+
+        Not the first one: a reply could otherwise name an honest node's endpoint under
+        a far id before anyone names its real one, and hide it from the lookup. (A
+        nearer false id only gets the honest node asked; an endpoint that failed stays
+        out.)
+        """
         for node in nodes:
             if node.id in self._nodes or node.id in self.failed:
                 continue
             endpoint = (str(node.ip), int(node.port))
-            if self._endpoints.setdefault(endpoint, node.id) != node.id:
-                continue
+            held_id = self._endpoints.get(endpoint)
+            if held_id is not None:
+                held = self._nodes.get(held_id)
+                if held is None or held.long_id ^ self.target <= node.long_id ^ self.target:
+                    continue
+                self._remove(held)
+            self._endpoints[endpoint] = node.id
             self._nodes[node.id] = node
             self._prefix[node.id] = source_of(endpoint[0]).prefix
             bisect.insort(self._order, (node.long_id ^ self.target, node.id))
 
     def drop(self, node: Node) -> None:
         self.failed.add(node.id)
+        self._remove(node)
+
+    def _remove(self, node: Node) -> None:
         self._prefix.pop(node.id, None)
         if self._nodes.pop(node.id, None) is not None:
             del self._order[bisect.bisect_left(self._order, (node.long_id ^ self.target, node.id))]
