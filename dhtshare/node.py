@@ -187,12 +187,13 @@ class Node:
 
     def is_member(self, group_id: bytes, key: bytes) -> bool:
         """Membership from the cached roster (no for everyone once it is stale: see
-        ``STALE_ROUNDS``). A miss, or a hit on a roster older than one maintenance interval,
-        refreshes that roster in the background (at most every few seconds), so a member
-        accepted a moment ago is served on retry and a removed one is refused soon."""
+        ``STALE_ROUNDS``). A miss, or a hit on a roster older than half a maintenance
+        interval, refreshes that roster in the background (at most every few seconds), so a
+        member accepted a moment ago is served on retry and a removed one that keeps asking is
+        refused within one interval of its removal (half an interval of age, plus a lookup)."""
         member = self.groups.is_member(group_id, key)
         age = self.groups.age(group_id)
-        due = not member or age is None or age >= self.config.maintenance_interval
+        due = not member or age is None or age >= self.config.maintenance_interval / 2
         if due and group_id in self.groups.state.groups:
             now = time.monotonic()
             if now - self._refreshed.get(group_id, -MISS_REFRESH) >= MISS_REFRESH:
