@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from . import control
+from . import control, hints
 from .display import (
     LOG_FORMAT,
     CleanFormatter,
@@ -109,7 +109,8 @@ class Cli(click.Group):
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "dhtshare"
-            fail(exc.format_message().replace("\n", " "), f"see: {where} --help", code=2)
+            hint = with_home(exc.ctx, f"see: {where} --help")
+            fail(exc.format_message().replace("\n", " "), hint, code=2)
         except click.ClickException as exc:
             fail(exc.format_message().replace("\n", " "), code=exc.exit_code)
         except click.exceptions.Abort:
@@ -122,7 +123,7 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except DhtshareError as exc:
-            fail(exc.message, exc.hint)
+            fail(with_home(ctx, exc.message), with_home(ctx, exc.hint))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
@@ -141,6 +142,21 @@ def home_of(ctx: click.Context) -> Path:
 
 
 def node_call(
+def with_home(ctx: click.Context | None, text: str) -> str:
+    """``text`` with the user's ``--home`` (or ``DHTSHARE_HOME``) in every command it
+    names (``hints.with_home``): copying a hint acts on the same node."""
+    if ctx is None:
+        return text
+    root = ctx.find_root()
+    home = root.params.get("home")
+    commands = {  # a group that runs without a subcommand counts as a plain command
+        name: [] if getattr(command, "invoke_without_command", False) else list(subs)
+        for name, command in getattr(root.command, "commands", {}).items()
+        for subs in [getattr(command, "commands", {})]
+    }
+    return hints.with_home(text, str(Path(home).expanduser()) if home else None, commands)
+
+
     ctx: click.Context,
     cmd: str,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -272,7 +288,12 @@ def node() -> None:
 
 
 @node.command("start", context_settings=CONTEXT)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="0.0.0.0",
+    show_default=True,
+    help="Address to listen on (default: every interface).",
+)
 @click.option(
     "--port",
     default=0,
@@ -287,21 +308,25 @@ def node() -> None:
 @click.option(
     "--advertise",
     metavar="HOST",
-    help="Address peers should connect to (needed with --host 0.0.0.0). Default: --host.",
+    help="Address peers should connect to. Default: --host, or for every interface the"
+    " local address toward the bootstrap node.",
 )
 @click.option(
     "--upload-limit",
     type=click.FloatRange(min=0),
-    default=0,
     metavar="MB/S",
-    help="Cap on all uploads together, in MB/s (0: no limit).",
+    help="Cap on all uploads together, in MB/s (0: no limit). Kept for later starts.",
 )
 @click.option(
     "--download-limit",
     type=click.FloatRange(min=0),
-    default=0,
     metavar="MB/S",
-    help="Cap on all downloads together, in MB/s (0: no limit).",
+    help="Cap on all downloads together, in MB/s (0: no limit). Kept for later starts.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    help="What DIR/node.log keeps (default info). Kept for later starts.",
 )
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
@@ -323,40 +348,65 @@ def node_start(
     ready_fd: int | None,
     provider_timeout: float,
     advertise: str | None,
-    upload_limit: float,
-    download_limit: float,
+    upload_limit: float | None,
+    download_limit: float | None,
+    log_level: str | None,
 ) -> None:
-    """Start your node: DHT on UDP and the peer server on TCP, both on PORT.
+    """Start your node: DHT on UDP and the peer server on TCP, both on PORT, on every
+    interface. Rate limits and the log level not given are those of the last start.
 
     Example: dhtshare node start --port 4001 --bootstrap boot.example.org:4000 --detach
     """
     from .daemon import NodeConfig, run_detached, run_foreground
+    from . import settings
 
     config = NodeConfig(
-        home=home_of(ctx),
+    home = home_of(ctx)
+    kept = settings.merge(
+        settings.load(home),
+        upload_limit=None if upload_limit is None else upload_limit * 1e6,
+        download_limit=None if download_limit is None else download_limit * 1e6,
+        log_level=log_level,
+    )
+        home=home,
         host=host,
         port=port,
         bootstrap=tuple(parse_hostport(b) for b in bootstraps),
         passphrase=read_passphrase(passphrase_file),
         provider_timeout=provider_timeout,
         advertise=advertise,
-        upload_limit=upload_limit * 1e6 or None,
-        download_limit=download_limit * 1e6 or None,
+        upload_limit=kept["upload_limit"],
+        download_limit=kept["download_limit"],
+        log_level=kept["log_level"],
     )
-    if host in ("0.0.0.0", "::") and not advertise:
-        raise click.BadParameter(
-            "peers cannot connect to a wildcard address: add --advertise HOST",
-            param_hint="--host",
-        )
     if detach:
-        info = Reply(run_detached(config, sys.argv[0], passphrase_file), "node start")
+        verbose = bool(ctx.find_root().params.get("verbose"))
+        info = Reply(run_detached(config, sys.argv[0], passphrase_file, verbose), "node start")
         host, port, pid = info.text("host"), info.integer("port"), info.integer("pid")
-        click.echo(f"node running at {clean(host)}:{port} (pid {pid})")
+        where = info.text("advertised", f"{host}:{port}")
+        click.echo(f"node running at {clean(where)} (pid {pid}), listening on {clean(host)}")
+        if info.integer("dht_contacts", 1) == 0:
+            warn_alone(ctx, where)
         return
     run_foreground(config, ready_fd)
 
 
 @node.command("stop", context_settings=CONTEXT)
+def warn_alone(ctx: click.Context, where: str) -> None:
+    """The node knows no other node: say so now, not at the first failing command."""
+    click.secho(
+        "warning: not connected to any node (no --bootstrap given, and no saved contact"
+        " answered); publishing fails until one is",
+        fg="yellow",
+        err=True,
+    )
+    hint = (
+        f"others can join through this node with --bootstrap {where}; to join a network:"
+        " dhtshare node stop, then dhtshare node start --bootstrap HOST:PORT --detach"
+    )
+    click.echo(f"hint: {clean(with_home(ctx, hint))}", err=True)
+
+
 @click.pass_context
 def node_stop(ctx: click.Context) -> None:
     """Stop your node; all sharing stops until it starts again.
@@ -799,6 +849,39 @@ def simulate(
     from .sim.runner import run_simulation
 
     ok = run_simulation(
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="[GROUP]", required=False)
+@json_option
+@click.pass_context
+def shares(ctx: click.Context, group_ref: str | None, as_json: bool) -> None:
+    """Files your node shares (in GROUP, or in all your groups): how many peers it served
+    each one to, and how much of it it uploaded.
+
+    Example: dhtshare shares climbers
+    """
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "shares")
+        if not rs:
+            return "no shares"
+        return table(
+            [
+                (
+                    r.text("name"),
+                    r.text("group", "") or r.text("group_id")[:16],
+                    format_size(r.integer("size")),
+                    r.text("content_id")[:16],
+                    r.integer("peers"),
+                    format_size(r.integer("uploaded")),
+                )
+                for r in rs
+            ],
+            ["NAME", "GROUP", "SIZE", "CONTENT", "PEERS", "UPLOADED"],
+        )
+
+    emit(ctx, node_call(ctx, "shares", group=group_ref), render)
+
+
         scenario, {k: v for k, v in options.items() if v is not None}, as_json, plot
     )
     sys.exit(0 if ok else 1)

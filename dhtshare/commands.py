@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .control import Progress
-from .errors import FileShareError, GroupError, IdentityError, NodeError
+from . import eventlog
+from .errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
 from .files.service import FileInfo
 from .groups.rules import StaleRosterError
 from .identity import format_id, parse_id
@@ -47,7 +48,13 @@ class Commands:
         method = getattr(self, "cmd_" + cmd.replace(".", "_"), None)
         if method is None:
             raise NodeError(f"unknown command {cmd!r}", "is the CLI the same version as the node?")
-        return await method(progress=progress, **args)
+        try:
+            result = await method(progress=progress, **args)
+        except DhtshareError as exc:
+            eventlog.command_failed(cmd, args, exc.message)
+            raise
+        eventlog.command_done(cmd, args, result, self.node.group_label)
+        return result
 
     # ---- resolving names ---------------------------------------------------------
 
@@ -182,7 +189,11 @@ class Commands:
             "counters": {"dht": node.dht.stats.snapshot(), "peers": node.server.stats.snapshot()},
         }
 
+            "advertised": "{}:{}".format(*node.advertised),
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
+            "upload_limit": node.config.upload_limit,
+            "download_limit": node.config.download_limit,
+            "log_level": node.config.log_level,
         self.node.request_stop()
         return {"stopping": True, "pid": os.getpid()}
 
@@ -336,7 +347,7 @@ class Commands:
             for (g, _), s in self.node.shares.items()
             if g == gid and (s.name == file or s.content_id.hex().startswith(file.lower()))
         ]
-        shared = _unique(mine, "shared file", file, "list your shares with: dhtshare node status")
+        shared = _unique(mine, "shared file", file, "list your shares with: dhtshare shares")
         await self.node.unshare(gid, shared.content_id)
         return {"content_id": shared.content_id.hex(), "name": shared.name}
 
@@ -365,3 +376,30 @@ def _stale_groups(stale: dict[bytes, float]) -> str:
         )
         or "none"
     )
+    async def cmd_shares(
+        self, progress: Progress, group: str | None = None
+    ) -> list[dict[str, Any]]:
+        """What this node serves (in one group, or in all), with what it uploaded of each."""
+        node = self.node
+        gid = await self.group(group) if group else None
+        out = []
+        for (g, cid), shared in sorted(
+            node.shares.items(), key=lambda kv: (node.groups.state.name_of(kv[0][0]), kv[1].name)
+        ):
+            if gid is not None and g != gid:
+                continue
+            uploaded, peers = node.upload_stats(g, cid)
+            out.append(
+                {
+                    "name": shared.name,
+                    "group_id": g.hex(),
+                    "group": node.groups.state.name_of(g),
+                    "size": shared.size,
+                    "content_id": cid.hex(),
+                    "path": str(shared.path),
+                    "peers": peers,
+                    "uploaded": uploaded,
+                }
+            )
+        return out
+

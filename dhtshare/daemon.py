@@ -47,8 +47,9 @@ def _write_ready(fd: int | None, doc: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _log_to(home: Path) -> None:
-    """INFO and up into ``home/node.log``; the terminal keeps the level the CLI chose."""
+def _log_to(home: Path, level: str = "info") -> None:
+    """``level`` and up into ``home/node.log`` (names and messages cleaned); the terminal
+    keeps the level the CLI chose. Below debug, kademlia's line per lookup stays out."""
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     root = logging.getLogger()
     for existing in root.handlers:
@@ -56,13 +57,17 @@ def _log_to(home: Path) -> None:
             existing.setLevel(root.level)
     handler = logging.FileHandler(home / "node.log")
     handler.setFormatter(CleanFormatter(LOG_FORMAT))
+    number = logging.getLevelName(level.upper())
+    handler.setLevel(number)
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(min(number, root.level))
+    if number > logging.DEBUG:
+        logging.getLogger("kademlia").setLevel(logging.WARNING)
 
 
 def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
     """Run the node until SIGINT or SIGTERM; report readiness on ``ready_fd`` if given."""
-    _log_to(config.home)
+    _log_to(config.home, config.log_level)
     tune_allocator()
 
     async def main() -> None:
@@ -74,7 +79,9 @@ def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
             _write_ready(ready_fd, {"ok": True, **info, "pid": os.getpid()})
             if ready_fd is None:
                 print(
-                    f"node {node.identity.id} running at {info['host']}:{info['port']}", flush=True
+                    f"node {node.identity.id} running at {info['advertised']}"
+                    f" (listening on {info['host']}:{info['port']})",
+                    flush=True,
                 )
             stopped = asyncio.ensure_future(node.stopped.wait())
             signalled = asyncio.ensure_future(stop.wait())
@@ -94,10 +101,16 @@ def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
         raise
 
 
-def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) -> dict[str, Any]:
-    """Start ``dhtshare node start`` in the background; return once it is up and bootstrapped."""
+def run_detached(
+    config: NodeConfig, argv0: str, passphrase_file: str | None, verbose: bool = False
+) -> dict[str, Any]:
+    """Start ``dhtshare node start`` in the background; return once it is up and bootstrapped.
+
+    Every setting goes to the child explicitly (``-v`` too), so it runs as this command
+    was told, whatever its environment."""
     read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "dhtshare", "--home", str(config.home.resolve()), "node", "start"]
+    cmd = [sys.executable, "-m", "dhtshare", *(["-v"] if verbose else [])]
+    cmd += ["--home", str(config.home.resolve()), "node", "start"]
     cmd += ["--host", config.host, "--port", str(config.port), "--ready-fd", str(write_fd)]
     for host, port in config.bootstrap:
         cmd += ["--bootstrap", f"{host}:{port}"]
@@ -106,10 +119,9 @@ def run_detached(config: NodeConfig, argv0: str, passphrase_file: str | None) ->
     cmd += ["--provider-timeout", repr(config.provider_timeout)]
     if config.advertise:
         cmd += ["--advertise", config.advertise]
-    if config.upload_limit:
-        cmd += ["--upload-limit", repr(config.upload_limit / 1e6)]
-    if config.download_limit:
-        cmd += ["--download-limit", repr(config.download_limit / 1e6)]
+    cmd += ["--upload-limit", repr((config.upload_limit or 0) / 1e6)]
+    cmd += ["--download-limit", repr((config.download_limit or 0) / 1e6)]
+    cmd += ["--log-level", config.log_level]
     config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(config.home / "node.out", "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import settings
 from .dht.server import DhtNode
+from .display import plural
 from .downloads import DownloadManager
 from .errors import DhtError, DhtshareError, NodeError, StoreError
 from .files.content import FileLayout
@@ -29,6 +31,7 @@ from .files.service import FileService, SharedFile
 from .groups.service import GroupService, GroupState
 from .identity import Identity
 from .store.atomic import read_hashes, write_atomic, write_hashes
+from .netaddr import choose_advertised, local_address_toward
 from .transfer.download import DownloadOptions
 from .transfer.serve import PeerServer, Share, ShareRegistry
 
@@ -37,6 +40,7 @@ __all__ = ["Node", "NodeConfig"]
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 20
 MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a membership check
+ADVERTISE_PROBES = 3  # DHT contacts tried for the local address to advertise
 STALE_ROUNDS = 1.5
 """A group's membership goes stale (and the node serves nobody in it) when its roster was
 last read in full more than this many maintenance intervals ago. Every round refreshes it,
@@ -63,6 +67,7 @@ class NodeConfig:
     control: bool = True  # serve the control socket
     ksize: int = 20
     extra: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
     clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
 
@@ -120,6 +125,8 @@ class Node:
 
     # ---- start and stop ----------------------------------------------------------
 
+        self._routes: dict[str, str | None] = {}  # host -> our local address toward it
+        self._members_seen: dict[bytes, dict[bytes, str]] = {}  # what the log last said
     @classmethod
     async def start(cls, config: NodeConfig) -> Node:
         """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
@@ -138,7 +145,7 @@ class Node:
         registry = ShareRegistry(lambda gid, key: node.is_member(gid, key))
         dht, server = await _bind(config, identity, registry)
         node = cls(config, identity, dht, server)
-        if config.control:  # the next start tries this port first
+        if config.control:  # the next start tries this port first, with these settings
             with contextlib.suppress(OSError):
                 write_json(config.home / "address.json", node.address_info())
         try:
@@ -147,6 +154,7 @@ class Node:
             await node._resume()
             node._spawn(node.server.serve(), "peer server")
             node._spawn(node._maintain_forever(), "maintenance")
+            node._members_seen = node._membership()
             if config.control:
                 from . import control
                 from .commands import Commands
@@ -157,11 +165,37 @@ class Node:
         except BaseException:
             await node.close()
             raise
+                with contextlib.suppress(OSError):
+                    settings.save(config.home, node.settings())
         return node
 
     async def _join(self) -> None:
+        node._log_started()
         dht_state = self.home / "dht.json"
         saved: list[tuple[str, int]] = []
+    def settings(self) -> settings.Settings:
+        """What the next ``node start`` reuses when not told otherwise."""
+        c = self.config
+        return {"upload_limit": c.upload_limit, "download_limit": c.download_limit,
+                "log_level": c.log_level}  # fmt: skip
+
+    def _log_started(self) -> None:
+        host, port = self.address
+        log.info(
+            "node %s (%s) started: listening on %s:%d, advertising %s:%d; %s, %d groups,"
+            " %d shares, %d downloads; log level %s",
+            self.identity.id,
+            self.identity.name,
+            host,
+            port,
+            *self.advertised,
+            plural(self.dht.contact_count(), "DHT contact"),
+            len(self.groups.state.groups),
+            len(self.shares),
+            len(self.downloads.statuses()),
+            self.config.log_level,
+        )
+
         if dht_state.exists():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 saved = [
@@ -172,6 +206,7 @@ class Node:
         if seeds:
             found = await self.dht.bootstrap(seeds)
             if found == 0 and self.config.bootstrap:
+        found = 0
                 where = ", ".join(f"{h}:{p}" for h, p in self.config.bootstrap)
                 raise NodeError(
                     f"no bootstrap node answered at {where}",
@@ -180,6 +215,12 @@ class Node:
 
     async def _refresh_groups(self) -> None:
         """Fetch every roster once, so membership checks answer right after a restart."""
+        if found == 0 and self.dht.contact_count() == 0:
+            log.warning(
+                "not connected to any node: %s; others can join through this node, but"
+                " publishing fails until one does (start with --bootstrap HOST:PORT)",
+                "no saved contact answered" if seeds else "no --bootstrap and no saved contacts",
+            )
         state = self.groups.state
         for gid in sorted(set(state.groups) | set(state.drafts)):
             with contextlib.suppress(DhtshareError):
@@ -270,13 +311,35 @@ class Node:
 
     @property
     def advertised(self) -> tuple[str, int]:
-        """Where peers reach our peer server: ``--advertise`` or the listening address."""
-        host, port = self.address
-        return self.config.advertise or host, port
+        """Where peers reach our peer server: ``--advertise``, a specific ``--host``, or
+        (listening on every interface) the local address toward the bootstrap node or a
+        DHT contact (``netaddr.choose_advertised``)."""
+        _host, port = self.address
+        contacts = [(str(n.ip), int(n.port)) for n in self.dht.contacts()[:ADVERTISE_PROBES]]
+        host = choose_advertised(
+            self.config.host,
+            self.config.advertise,
+            [*self.config.bootstrap, *contacts],
+            self._local_toward,
+        )
+        return host, port
+
+    def _local_toward(self, host: str, port: int) -> str | None:
+        if host not in self._routes:
+            if len(self._routes) >= 64:
+                self._routes.clear()
+            self._routes[host] = local_address_toward(host, port)
+        return self._routes[host]
 
     def address_info(self) -> dict[str, Any]:
         host, port = self.address
-        return {"host": host, "port": port, "id": self.identity.id}
+        return {
+            "host": host,
+            "port": port,
+            "advertised": "{}:{}".format(*self.advertised),
+            "id": self.identity.id,
+            "dht_contacts": self.dht.contact_count(),
+        }
 
     def _load_group_state(self) -> GroupState:
         doc = read_json(self.home / "groups.json", None)
@@ -288,7 +351,11 @@ class Node:
             return  # simulated nodes keep nothing
         try:
             write_json(self.home / "groups.json", self.groups.state.to_json())
-            write_json(self.home / "shares.json", [_share_doc(s) for s in self.shares.values()])
+            write_json(
+                self.home / "shares.json",
+                [_share_doc(s, self.registry.get(s.group_id, s.content_id))
+                 for s in self.shares.values()],
+            )  # fmt: skip
             self.downloads.save()
             self.dht.save_state(self.home / "dht.json")
         except OSError as exc:
@@ -299,7 +366,7 @@ class Node:
         for doc in read_json(self.home / "shares.json", []):
             try:
                 shared = _shared_from(doc, self.home)
-                self._serve(shared)
+                self._serve(shared, doc)
                 self._spawn(self._announce(shared), "re-announce")
             except (KeyError, ValueError, OSError, DhtshareError) as exc:
                 log.warning("cannot resume share %s: %s", doc.get("name"), exc)
@@ -338,20 +405,57 @@ class Node:
         self._spawn(self._announce(shared), "announce completed download")
         self.save_state()
 
-    def _serve(self, shared: SharedFile) -> None:
+    def _serve(self, shared: SharedFile, doc: dict[str, Any] | None = None) -> None:
+        """Serve ``shared``, keeping what was uploaded of it so far (from the share it
+        replaces, e.g. the download that just completed, or from its saved ``doc``)."""
         self.shares[shared.group_id, shared.content_id] = shared
-        self.registry.add(
+        old = self.registry.get(shared.group_id, shared.content_id)
+        share = self.registry.add(
             Share(shared.group_id, shared.content_id, shared.path, shared.layout, shared.hashes)
         )
 
     async def share(
+        self._log_membership()
         self,
         group_id: bytes,
         path: Path,
+    def _membership(self) -> dict[bytes, dict[bytes, str]]:
+        """My groups and their members (key -> name), as last read."""
+        return {
+            gid: {m.key: m.name for m in self.groups.members(gid)}
+            for gid in self.groups.state.groups
+        }
+
+    def _log_membership(self) -> None:
+        """Log the groups I joined or left, and who joined or left them, since last time."""
+        before, after = self._members_seen, self._membership()
+        self._members_seen = after
+        for gid in after.keys() - before.keys():
+            log.info("joined group %s: %d members", self.group_label(gid), len(after[gid]))
+        for gid in before.keys() - after.keys():
+            log.info("no longer a member of group %s", self.group_label(gid))
+        for gid in after.keys() & before.keys():
+            old, new = before[gid], after[gid]
+            for key in new.keys() - old.keys():
+                log.info("%s (%s) joined group %s", new[key], key.hex()[:16], self.group_label(gid))
+            for key in old.keys() - new.keys():
+                log.info("%s (%s) left group %s", old[key], key.hex()[:16], self.group_label(gid))
+
         progress: Callable[[int, int], Awaitable[None] | None] | None = None,
     ) -> SharedFile:
+    def group_label(self, group_id: bytes) -> str:
+        """``name (id prefix)`` of a group, for the log (the formatter cleans the name)."""
+        return f"{self.groups.state.name_of(group_id) or '?'} ({group_id.hex()[:16]})"
+
         """Hash ``path`` and share it with the group; it is served at once."""
         self.require_member(group_id)
+        log.info(
+            "download of %s (%s) in group %s complete and verified: %s",
+            shared.name,
+            shared.content_id.hex()[:16],
+            self.group_label(shared.group_id),
+            shared.path,
+        )
         shared = await self.files.share(group_id, path, progress)
         _save_hashes(self.home, shared.content_id, shared.hashes)
         self._serve(shared)
@@ -359,9 +463,18 @@ class Node:
         return shared
 
     async def unshare(self, group_id: bytes, content_id: bytes) -> None:
-        self.shares.pop((group_id, content_id), None)
+        shared = self.shares.pop((group_id, content_id), None)
         self.registry.remove(group_id, content_id)
         await self.files.unshare(group_id, content_id)
+        if old is not None:
+            share.uploaded, share.served_to = old.uploaded, set(old.served_to)
+        elif doc is not None:
+            share.uploaded, share.served_to = _upload_stats(doc)
+
+    def upload_stats(self, group_id: bytes, content_id: bytes) -> tuple[int, int]:
+        """Bytes of a share uploaded, and to how many peers, since it was first shared."""
+        share = self.registry.get(group_id, content_id)
+        return (share.uploaded, len(share.served_to)) if share is not None else (0, 0)
         self.save_state()
 
     def require_member(self, group_id: bytes) -> None:
@@ -375,6 +488,14 @@ class Node:
                     "check the node's DHT contacts with: dhtshare node status; then retry",
                 )
             raise GroupError(
+        log.info(
+            "sharing %s (%s, %d bytes) in group %s from %s",
+            shared.name,
+            shared.content_id.hex()[:16],
+            shared.size,
+            self.group_label(group_id),
+            shared.path,
+        )
                 "you are not a member of this group", "ask its owner: dhtshare group join GROUP"
             )
 
@@ -382,6 +503,12 @@ class Node:
 async def _bind(
     config: NodeConfig, identity: Identity, registry: ShareRegistry
 ) -> tuple[DhtNode, PeerServer]:
+        log.info(
+            "stopped sharing %s (%s) in group %s",
+            shared.name if shared else "?",
+            content_id.hex()[:16],
+            self.group_label(group_id),
+        )
     """UDP and TCP on the same port. Without ``--port``, the port of the last run comes
     first (peers and routing tables still know it); else retry port 0 until one is free
     for both."""
@@ -434,9 +561,29 @@ def _new_dht(config: NodeConfig) -> DhtNode:
     return DhtNode(config.ksize, node_id=node_id if node_id and len(node_id) == 20 else None)
 
 
-def _share_doc(s: SharedFile) -> dict[str, Any]:
-    return {"group_id": s.group_id.hex(), "content_id": s.content_id.hex(), "name": s.name,
-            "path": str(s.path), "size": s.size, "piece_size": s.piece_size}  # fmt: skip
+def _share_doc(s: SharedFile, served: Share | None) -> dict[str, Any]:
+    doc = {"group_id": s.group_id.hex(), "content_id": s.content_id.hex(), "name": s.name,
+           "path": str(s.path), "size": s.size, "piece_size": s.piece_size}  # fmt: skip
+    if served is not None:
+        doc["uploaded"] = served.uploaded
+        doc["served_to"] = sorted(k.hex() for k in served.served_to)
+    return doc
+
+
+def _upload_stats(doc: dict[str, Any]) -> tuple[int, set[bytes]]:
+    """What a saved share says was uploaded; anything malformed counts as nothing."""
+    uploaded = doc.get("uploaded", 0)
+    peers = doc.get("served_to", [])
+    if not isinstance(uploaded, int) or isinstance(uploaded, bool) or uploaded < 0:
+        uploaded = 0
+    keys: set[bytes] = set()
+    if isinstance(peers, list):
+        for text in peers:
+            with contextlib.suppress(TypeError, ValueError):
+                key = bytes.fromhex(text)
+                if len(key) == 32:
+                    keys.add(key)
+    return uploaded, keys
 
 
 def _save_hashes(home: Path, content_id: bytes, hashes: tuple[bytes, ...]) -> None:

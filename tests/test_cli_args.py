@@ -111,7 +111,7 @@ def test_no_node_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert result.output.splitlines() == [
         "error: no node is running",
-        "hint: start one with: dhtshare node start --detach",
+        f"hint: start one with: dhtshare --home {tmp_path} node start --detach",
     ]
 
 

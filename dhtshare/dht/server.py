@@ -475,6 +475,12 @@ class DhtNode(Server):  # type: ignore[misc]
         replies = await asyncio.gather(*(proto.call_store(n, key, raw) for n in nodes))
         stored = sum(1 for ok, kept in replies if ok and kept is True)
         self.stats.incr("put")
+        if stored == 0 and self.contact_count() == 0:
+            raise DhtError(
+                "not connected to any node: this node knows no other DHT node",
+                hint="restart it with a bootstrap node: dhtshare node stop, then"
+                " dhtshare node start --bootstrap HOST:PORT --detach",
+            )
         if stored == 0:
             raise DhtError(
                 "no DHT node stored the record",

@@ -141,6 +141,8 @@ class Share:
         if any(not 0 <= i < count for i in self.have):
             raise ValueError("have holds a piece index out of range")
         self._listeners: list[Callable[[int], None]] = []
+        self.uploaded = 0  # bytes of this file sent to peers
+        self.served_to: set[bytes] = set()  # the peers (keys) that got at least one block
 
     @property
     def complete(self) -> bool:
@@ -843,6 +845,9 @@ class _Session:
                 await self._throttle(len(data))
                 await self.stream.send(Piece(req.index, req.begin, data))
                 self.server.uploaded[self.peer] += len(data)
+                if self.share is not None:
+                    self.share.uploaded += len(data)
+                    self.share.served_to.add(self.peer)
                 if self.seed is not None:
                     self.seed.served(self, self.server.clock())
         finally:

@@ -1,0 +1,59 @@
+"""Node settings kept across restarts (``home/settings.json``): rate limits and log level.
+
+``node start`` options that are not given take the value of the last start; options that
+are given replace it. The node writes the file once it is up, so a start that fails does
+not change what the next one uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from .store.atomic import write_atomic
+
+__all__ = ["LOG_LEVELS", "Settings", "load", "merge", "save"]
+
+SETTINGS_FILE = "settings.json"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_LOG_LEVEL = "info"
+Settings = dict[str, Any]
+"""``upload_limit`` and ``download_limit`` (bytes/s, ``None``: no limit), ``log_level``."""
+
+
+def _limit(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e15:
+        return float(value)
+    return None
+
+
+def load(home: Path) -> Settings:
+    """The saved settings, each checked; a missing or damaged file gives the defaults."""
+    doc: Any = {}
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads((home / SETTINGS_FILE).read_text(encoding="utf-8"))
+    if not isinstance(doc, dict):
+        doc = {}
+    level = doc.get("log_level")
+    return {
+        "upload_limit": _limit(doc.get("upload_limit")),
+        "download_limit": _limit(doc.get("download_limit")),
+        "log_level": level if level in LOG_LEVELS else DEFAULT_LOG_LEVEL,
+    }
+
+
+def merge(saved: Settings, **given: Any) -> Settings:
+    """``saved`` with every value in ``given`` that is not ``None`` (a limit of 0 given
+    on the command line means no limit, and is kept as such)."""
+    out = dict(saved)
+    for key, value in given.items():
+        if value is not None:
+            out[key] = _limit(value) if key.endswith("_limit") else value
+    return out
+
+
+def save(home: Path, settings: Settings) -> None:
+    """Write ``settings`` atomically."""
+    write_atomic(home / SETTINGS_FILE, json.dumps(settings, indent=1).encode("utf-8"))
