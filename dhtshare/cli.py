@@ -35,7 +35,7 @@ from .display import (
     table,
 )
 from .errors import DhtshareError, IdentityError, NodeError
-from .replies import Reply, rows
+from .replies import MalformedReply, Reply, rows
 
 __all__ = ["main"]
 
@@ -141,7 +141,6 @@ def home_of(ctx: click.Context) -> Path:
     return Path(ctx.find_root().params["home"] or default_home()).expanduser()
 
 
-def node_call(
 def with_home(ctx: click.Context | None, text: str) -> str:
     """``text`` with the user's ``--home`` (or ``DHTSHARE_HOME``) in every command it
     names (``hints.with_home``): copying a hint acts on the same node."""
@@ -157,6 +156,7 @@ def with_home(ctx: click.Context | None, text: str) -> str:
     return hints.with_home(text, str(Path(home).expanduser()) if home else None, commands)
 
 
+def node_call(
     ctx: click.Context,
     cmd: str,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
@@ -357,10 +357,9 @@ def node_start(
 
     Example: dhtshare node start --port 4001 --bootstrap boot.example.org:4000 --detach
     """
-    from .daemon import NodeConfig, run_detached, run_foreground
     from . import settings
+    from .daemon import NodeConfig, run_detached, run_foreground
 
-    config = NodeConfig(
     home = home_of(ctx)
     kept = settings.merge(
         settings.load(home),
@@ -368,6 +367,7 @@ def node_start(
         download_limit=None if download_limit is None else download_limit * 1e6,
         log_level=log_level,
     )
+    config = NodeConfig(
         home=home,
         host=host,
         port=port,
@@ -391,7 +391,6 @@ def node_start(
     run_foreground(config, ready_fd)
 
 
-@node.command("stop", context_settings=CONTEXT)
 def warn_alone(ctx: click.Context, where: str) -> None:
     """The node knows no other node: say so now, not at the first failing command."""
     click.secho(
@@ -407,6 +406,7 @@ def warn_alone(ctx: click.Context, where: str) -> None:
     click.echo(f"hint: {clean(with_home(ctx, hint))}", err=True)
 
 
+@node.command("stop", context_settings=CONTEXT)
 @click.pass_context
 def node_stop(ctx: click.Context) -> None:
     """Stop your node; all sharing stops until it starts again.
@@ -500,14 +500,46 @@ def group_join(ctx: click.Context, group_ref: str, message: str) -> None:
 @click.argument("group_ref", metavar="GROUP")
 @click.pass_context
 def group_leave(ctx: click.Context, group_ref: str) -> None:
-    """Leave a group; an owner hands the group to its longest-standing member.
+    """Leave a group (or cancel your request to join it); your shares in it stop.
+
+    An owner hands the group to its longest-standing member.
 
     Example: dhtshare group leave climbers
     """
-    heir = Reply(node_call(ctx, "group.leave", group=group_ref), "group leave").text(
-        "new_owner", ""
-    )
-    click.echo(f"left the group{'; new owner ' + clean(heir) if heir else ''}")
+    done = Reply(node_call(ctx, "group.leave", group=group_ref), "group leave")
+    if done.text("outcome", "left") == "cancelled":
+        click.echo("cancelled your request to join")
+    else:
+        heir = done.text("new_owner_name", "") or done.text("new_owner", "")[:12]
+        click.echo(f"left the group{'; new owner ' + clean(heir) if heir else ''}")
+    echo_stopped(done)
+
+
+def echo_stopped(done: Reply) -> None:
+    """Say which shares a leave or forget stopped."""
+    names = done.doc.get("stopped_shares") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MalformedReply(done.what, "field 'stopped_shares' is not a list of text")
+    names = [clean(n) for n in names]
+    if names:
+        files = "file" if len(names) == 1 else "files"
+        click.echo(f"stopped sharing {len(names)} {files}: {', '.join(names)}")
+
+
+@group.command("forget", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.pass_context
+def group_forget(ctx: click.Context, group_ref: str) -> None:
+    """Drop a group or request from your list without telling anyone; your shares in it stop.
+
+    For a group that no longer exists, or a request you no longer care about. A group
+    you own must be left instead (that hands it on).
+
+    Example: dhtshare group forget 3f2a91c0e1b2
+    """
+    done = Reply(node_call(ctx, "group.forget", group=group_ref), "group forget")
+    click.echo(f"forgot {clean(done.text('name', '') or done.text('group_id')[:12])}")
+    echo_stopped(done)
 
 
 @group.command("requests", context_settings=CONTEXT)
@@ -663,9 +695,10 @@ def files(ctx: click.Context, group_ref: str, as_json: bool) -> None:
                     r.text("sharer_name", "") or r.text("sharer")[:12],
                     r.integer("providers"),
                 )
+                    r.integer("online", 0),
                 for r in rs
             ],
-            ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS"],
+            ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS", "ONLINE"],
         )
 
     emit(ctx, node_call(ctx, "files", group=group_ref), render)
@@ -762,6 +795,39 @@ def unshare(ctx: click.Context, group_ref: str, file_ref: str) -> None:
     click.echo(f"stopped sharing {clean(result.text('name'))}")
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("group_ref", metavar="[GROUP]", required=False)
+@json_option
+@click.pass_context
+def shares(ctx: click.Context, group_ref: str | None, as_json: bool) -> None:
+    """Files your node shares (in GROUP, or in all your groups): how many peers it served
+    each one to, and how much of it it uploaded.
+
+    Example: dhtshare shares climbers
+    """
+
+    def render(doc: Any) -> str:
+        rs = rows(doc, "shares")
+        if not rs:
+            return "no shares"
+        return table(
+            [
+                (
+                    r.text("name"),
+                    r.text("group", "") or r.text("group_id")[:16],
+                    format_size(r.integer("size")),
+                    r.text("content_id")[:16],
+                    r.integer("peers"),
+                    format_size(r.integer("uploaded")),
+                )
+                for r in rs
+            ],
+            ["NAME", "GROUP", "SIZE", "CONTENT", "PEERS", "UPLOADED"],
+        )
+
+    emit(ctx, node_call(ctx, "shares", group=group_ref), render)
+
+
 # ------------------------------------------------------------------------ network tools
 
 
@@ -849,39 +915,6 @@ def simulate(
     from .sim.runner import run_simulation
 
     ok = run_simulation(
-@main.command(context_settings=CONTEXT)
-@click.argument("group_ref", metavar="[GROUP]", required=False)
-@json_option
-@click.pass_context
-def shares(ctx: click.Context, group_ref: str | None, as_json: bool) -> None:
-    """Files your node shares (in GROUP, or in all your groups): how many peers it served
-    each one to, and how much of it it uploaded.
-
-    Example: dhtshare shares climbers
-    """
-
-    def render(doc: Any) -> str:
-        rs = rows(doc, "shares")
-        if not rs:
-            return "no shares"
-        return table(
-            [
-                (
-                    r.text("name"),
-                    r.text("group", "") or r.text("group_id")[:16],
-                    format_size(r.integer("size")),
-                    r.text("content_id")[:16],
-                    r.integer("peers"),
-                    format_size(r.integer("uploaded")),
-                )
-                for r in rs
-            ],
-            ["NAME", "GROUP", "SIZE", "CONTENT", "PEERS", "UPLOADED"],
-        )
-
-    emit(ctx, node_call(ctx, "shares", group=group_ref), render)
-
-
         scenario, {k: v for k, v in options.items() if v is not None}, as_json, plot
     )
     sys.exit(0 if ok else 1)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .control import Progress
 from . import eventlog
+from .control import Progress
 from .errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
 from .files.service import FileInfo
 from .groups.rules import StaleRosterError
@@ -30,11 +31,18 @@ def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def _unique(matches: list[Any], what: str, ref: str, hint: str) -> Any:
+def _unique(
+    matches: list[Any], what: str, ref: str, hint: str, ids: Callable[[Any], str] | None = None
+) -> Any:
+    """The one match; else ``GroupError`` (for several, naming each by ``ids`` if given)."""
     if not matches:
         raise GroupError(f"unknown {what}: {ref}", hint)
     if len(matches) > 1:
-        raise GroupError(f"{what} {ref!r} is ambiguous ({len(matches)} match)", "use the full id")
+        which = f": {', '.join(sorted(ids(m) for m in matches))}" if ids else ""
+        raise GroupError(
+            f"{what} {ref!r} is ambiguous ({len(matches)} match){which}",
+            "use the id (or a unique prefix of it)" if ids else "use the full id",
+        )
     return matches[0]
 
 
@@ -119,7 +127,7 @@ class Commands:
                 pass
         by_name = [g for g in known if state.name_of(g) == ref]
         if by_name:
-            return bytes(_unique(by_name, "group", ref, ""))
+            return bytes(_unique(by_name, "group", ref, "", lambda g: g.hex()[:12]))
         by_prefix = [g for g in known if len(text) >= 6 and g.hex().startswith(text)]
         return bytes(_unique(by_prefix, "group", ref, "list yours with: dhtshare group list"))
 
@@ -152,7 +160,9 @@ class Commands:
         except IdentityError:
             pass
         named = list({k: n for k, n in people if n == ref}.items())
-        return tuple(_unique(named, "member", ref, "list them with: dhtshare group members GROUP"))
+        where = "group requests" if pending else "group members"
+        listed = f"list them with: dhtshare {where} GROUP"
+        return tuple(_unique(named, "member", ref, listed, lambda m: format_id(m[0])[:12]))
 
     async def file(self, gid: bytes, ref: str) -> FileInfo:
         files = await self.node.files.list_files(gid, self.node.groups.is_member)
@@ -179,7 +189,11 @@ class Commands:
             "name": node.identity.name,
             "pid": os.getpid(),
             "address": f"{host}:{port}",
+            "advertised": "{}:{}".format(*node.advertised),
             "uptime_s": round(time.time() - node.started_at),
+            "upload_limit": node.config.upload_limit,
+            "download_limit": node.config.download_limit,
+            "log_level": node.config.log_level,
             "dht_contacts": node.dht.contact_count(),
             "groups": len(node.groups.state.groups),
             "shares": len(node.shares),
@@ -189,11 +203,7 @@ class Commands:
             "counters": {"dht": node.dht.stats.snapshot(), "peers": node.server.stats.snapshot()},
         }
 
-            "advertised": "{}:{}".format(*node.advertised),
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
-            "upload_limit": node.config.upload_limit,
-            "download_limit": node.config.download_limit,
-            "log_level": node.config.log_level,
         self.node.request_stop()
         return {"stopping": True, "pid": os.getpid()}
 
@@ -227,17 +237,45 @@ class Commands:
             return bytes(_unique(listed, "group", ref, "give the group id the owner sent you"))
 
     async def cmd_group_leave(self, progress: Progress, group: str) -> dict[str, Any]:
-        gid = await self.group(group)
-        view = await self.node.groups.refresh(gid)
-        await self.node.groups.leave(gid)
+        """Leave (or cancel a request); my shares in the group stop, and stay stopped."""
+        gid = self._lookup(group)
+        name = self.node.groups.state.name_of(gid)
+        gone = await self.node.groups.leave(gid)
+        stopped = await self._stop_shares(gid)
         self.node.save_state()
-        heir = ""
-        if view.owner == self.node.identity.public:
-            from .groups import rules
+        heir = gone.heir
+        return {
+            "group_id": gid.hex(),
+            "name": name,
+            "outcome": gone.outcome,
+            "new_owner": format_id(heir.key) if heir else "",
+            "new_owner_name": heir.name if heir else "",
+            "stopped_shares": stopped,
+        }
 
-            member = rules.heir_of(view.members, view.owner)
-            heir = format_id(member.key) if member else ""
-        return {"group_id": gid.hex(), "new_owner": heir}
+    async def cmd_group_forget(self, progress: Progress, group: str) -> dict[str, Any]:
+        """Drop a group or request from my list without telling anyone (e.g. a group that
+        no longer exists); my shares in it stop. A group I own must be left instead."""
+        gid, state = self._lookup(group), self.node.groups.state
+        if gid in state.drafts and gid in state.groups:
+            raise GroupError(
+                "you own this group: leaving it hands it on",
+                "leave it with: dhtshare group leave GROUP",
+            )
+        if gid not in state.groups and gid not in state.requested:
+            raise GroupError(f"unknown group: {group}", "list yours with: dhtshare group list")
+        name = state.name_of(gid)
+        self.node.groups.forget(gid)
+        stopped = await self._stop_shares(gid)
+        self.node.save_state()
+        return {"group_id": gid.hex(), "name": name, "stopped_shares": stopped}
+
+    async def _stop_shares(self, gid: bytes) -> list[str]:
+        """Unshare everything I serve in ``gid``; the names, sorted."""
+        mine = [s for (g, _), s in list(self.node.shares.items()) if g == gid]
+        for shared in mine:
+            await self.node.unshare(gid, shared.content_id)
+        return sorted(s.name for s in mine)
 
     async def cmd_group_requests(self, progress: Progress, group: str) -> list[dict[str, Any]]:
         gid = await self.group(group)
@@ -327,6 +365,8 @@ class Commands:
         gid = await self.group(group)
         await self.require_member(gid)
         names = {m.key: m.name for m in self.node.groups.members(gid)}
+        found = await self.node.files.list_files(gid, self.node.groups.is_member)
+        live = await self.node.liveness.answered(a for f in found for a in f.addresses)
         return [
             {
                 "content_id": f.entry.content_id.hex(),
@@ -335,9 +375,10 @@ class Commands:
                 "sharer": format_id(f.sharer),
                 "sharer_name": names.get(f.sharer, ""),
                 "providers": f.providers,
+                "online": sum(1 for a in f.addresses if a in live),
                 "shared": _when(f.shared_at),
             }
-            for f in await self.node.files.list_files(gid, self.node.groups.is_member)
+            for f in found
         ]
 
     async def cmd_unshare(self, progress: Progress, group: str, file: str) -> dict[str, Any]:
@@ -351,31 +392,6 @@ class Commands:
         await self.node.unshare(gid, shared.content_id)
         return {"content_id": shared.content_id.hex(), "name": shared.name}
 
-    async def cmd_get(
-        self, progress: Progress, group: str, file: str, out: str, wait: bool = True
-    ) -> dict[str, Any]:
-        gid = await self.group(group)
-        await self.require_member(gid)
-        info = await self.file(gid, file)
-        handle = await self.node.downloads.start(gid, info.entry, Path(out))
-        if not wait:
-            return handle.status().to_json()
-        status = await self.node.downloads.wait(handle, lambda s: progress(s.to_json()))
-        return status.to_json()
-
-    async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
-        return [s.to_json() for s in self.node.downloads.statuses()]
-
-
-def _stale_groups(stale: dict[bytes, float]) -> str:
-    """Groups the node serves nobody in because their roster could not be read lately."""
-    return (
-        "; ".join(
-            f"{gid.hex()[:16]} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}"
-            for gid, at in sorted(stale.items())
-        )
-        or "none"
-    )
     async def cmd_shares(
         self, progress: Progress, group: str | None = None
     ) -> list[dict[str, Any]]:
@@ -403,3 +419,28 @@ def _stale_groups(stale: dict[bytes, float]) -> str:
             )
         return out
 
+    async def cmd_get(
+        self, progress: Progress, group: str, file: str, out: str, wait: bool = True
+    ) -> dict[str, Any]:
+        gid = await self.group(group)
+        await self.require_member(gid)
+        info = await self.file(gid, file)
+        handle = await self.node.downloads.start(gid, info.entry, Path(out))
+        if not wait:
+            return handle.status().to_json()
+        status = await self.node.downloads.wait(handle, lambda s: progress(s.to_json()))
+        return status.to_json()
+
+    async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
+        return [s.to_json() for s in self.node.downloads.statuses()]
+
+
+def _stale_groups(stale: dict[bytes, float]) -> str:
+    """Groups the node serves nobody in because their roster could not be read lately."""
+    return (
+        "; ".join(
+            f"{gid.hex()[:16]} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}"
+            for gid, at in sorted(stale.items())
+        )
+        or "none"
+    )

@@ -27,11 +27,12 @@ from .display import plural
 from .downloads import DownloadManager
 from .errors import DhtError, DhtshareError, NodeError, StoreError
 from .files.content import FileLayout
+from .files.liveness import Liveness
 from .files.service import FileService, SharedFile
 from .groups.service import GroupService, GroupState
 from .identity import Identity
-from .store.atomic import read_hashes, write_atomic, write_hashes
 from .netaddr import choose_advertised, local_address_toward
+from .store.atomic import read_hashes, write_atomic, write_hashes
 from .transfer.download import DownloadOptions
 from .transfer.serve import PeerServer, Share, ShareRegistry
 
@@ -39,8 +40,9 @@ __all__ = ["Node", "NodeConfig"]
 
 log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 20
-MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a membership check
 ADVERTISE_PROBES = 3  # DHT contacts tried for the local address to advertise
+MISS_REFRESH = 3.0  # seconds between roster refreshes caused by a membership check
+WITHDRAW_TIMEOUT = 5.0  # seconds a clean stop spends withdrawing its provider records
 STALE_ROUNDS = 1.5
 """A group's membership goes stale (and the node serves nobody in it) when its roster was
 last read in full more than this many maintenance intervals ago. Every round refreshes it,
@@ -65,9 +67,9 @@ class NodeConfig:
     provider_timeout: float = 60.0  # a download fails after this long with nobody serving it
     advertise: str | None = None  # the host peers should connect to, if not ``host``
     control: bool = True  # serve the control socket
+    log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
     ksize: int = 20
     extra: dict[str, Any] = field(default_factory=dict)
-    log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
     clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
 
@@ -102,6 +104,7 @@ class Node:
             max_age=STALE_ROUNDS * config.maintenance_interval,
         )
         self.files = FileService(dht, identity, lambda: self.advertised)
+        self.liveness = Liveness(self._answers, lambda: self.advertised)
         self.downloads = DownloadManager(
             self.home,
             identity,
@@ -122,11 +125,11 @@ class Node:
         self._control: asyncio.Server | None = None
         self._refreshed: dict[bytes, float] = {}  # gid -> monotonic time of a miss refresh
         self._reported_stale: set[bytes] = set()  # groups whose staleness was logged
+        self._routes: dict[str, str | None] = {}  # host -> our local address toward it
+        self._members_seen: dict[bytes, dict[bytes, str]] = {}  # what the log last said
 
     # ---- start and stop ----------------------------------------------------------
 
-        self._routes: dict[str, str | None] = {}  # host -> our local address toward it
-        self._members_seen: dict[bytes, dict[bytes, str]] = {}  # what the log last said
     @classmethod
     async def start(cls, config: NodeConfig) -> Node:
         """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
@@ -151,10 +154,10 @@ class Node:
         try:
             await node._join()
             await node._refresh_groups()
+            node._members_seen = node._membership()
             await node._resume()
             node._spawn(node.server.serve(), "peer server")
             node._spawn(node._maintain_forever(), "maintenance")
-            node._members_seen = node._membership()
             if config.control:
                 from . import control
                 from .commands import Commands
@@ -162,17 +165,14 @@ class Node:
                 node._control = await control.serve(
                     control.prepare_socket(config.home), Commands(node).handle
                 )
+                with contextlib.suppress(OSError):
+                    settings.save(config.home, node.settings())
         except BaseException:
             await node.close()
             raise
-                with contextlib.suppress(OSError):
-                    settings.save(config.home, node.settings())
+        node._log_started()
         return node
 
-    async def _join(self) -> None:
-        node._log_started()
-        dht_state = self.home / "dht.json"
-        saved: list[tuple[str, int]] = []
     def settings(self) -> settings.Settings:
         """What the next ``node start`` reuses when not told otherwise."""
         c = self.config
@@ -196,6 +196,9 @@ class Node:
             self.config.log_level,
         )
 
+    async def _join(self) -> None:
+        dht_state = self.home / "dht.json"
+        saved: list[tuple[str, int]] = []
         if dht_state.exists():
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 saved = [
@@ -203,24 +206,24 @@ class Node:
                     for _id, ip, port in json.loads(dht_state.read_text())["contacts"]
                 ]
         seeds = list(self.config.bootstrap) + [a for a in saved if a != self.address]
+        found = 0
         if seeds:
             found = await self.dht.bootstrap(seeds)
             if found == 0 and self.config.bootstrap:
-        found = 0
                 where = ", ".join(f"{h}:{p}" for h, p in self.config.bootstrap)
                 raise NodeError(
                     f"no bootstrap node answered at {where}",
                     "check the address and that its UDP port is open: dhtshare ping HOST:PORT",
                 )
-
-    async def _refresh_groups(self) -> None:
-        """Fetch every roster once, so membership checks answer right after a restart."""
         if found == 0 and self.dht.contact_count() == 0:
             log.warning(
                 "not connected to any node: %s; others can join through this node, but"
                 " publishing fails until one does (start with --bootstrap HOST:PORT)",
                 "no saved contact answered" if seeds else "no --bootstrap and no saved contacts",
             )
+
+    async def _refresh_groups(self) -> None:
+        """Fetch every roster once, so membership checks answer right after a restart."""
         state = self.groups.state
         for gid in sorted(set(state.groups) | set(state.drafts)):
             with contextlib.suppress(DhtshareError):
@@ -283,10 +286,12 @@ class Node:
         task.add_done_callback(done)
 
     async def close(self) -> None:
-        """Stop everything: sharing stops, downloads pause, state is saved."""
+        """Stop everything: sharing stops (provider records withdrawn), downloads pause,
+        state is saved."""
         if self._control is not None:
             self._control.close()
         await self.downloads.pause_all()
+        await self._withdraw_providers()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -298,6 +303,20 @@ class Node:
 
             control.remove_socket(self.home)
         self.stopped.set()
+
+    async def _withdraw_providers(self) -> None:
+        """Tell the DHT this node serves nothing any more, so ``files`` stops counting it
+        (bounded: a stop never waits on the DHT for long; ``_resume`` re-announces)."""
+        with contextlib.suppress(TimeoutError, DhtshareError):
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                await self.files.withdraw_providers()
+
+    async def _answers(self, address: tuple[str, int]) -> bool:
+        """Whether ``address`` answers a DHT ping (the DHT's RPC timeout bounds it)."""
+        if not self.dht.running:
+            return False
+        answered, _ = await self.dht._proto().ping(address, self.dht.node.id)
+        return bool(answered)
 
     def request_stop(self) -> None:
         """Ask the process running this node to stop it (the control ``stop`` command)."""
@@ -393,32 +412,10 @@ class Node:
             await self.dht.republish()
         except DhtshareError as exc:
             log.warning("maintenance: %s", exc)
+        self._log_membership()
         self._report_stale()
         self.save_state()
 
-    # ---- sharing -----------------------------------------------------------------
-
-    def _completed(self, shared: SharedFile) -> None:
-        """A download finished: keep serving it as a complete share and say so in the DHT."""
-        _save_hashes(self.home, shared.content_id, shared.hashes)
-        self._serve(shared)
-        self._spawn(self._announce(shared), "announce completed download")
-        self.save_state()
-
-    def _serve(self, shared: SharedFile, doc: dict[str, Any] | None = None) -> None:
-        """Serve ``shared``, keeping what was uploaded of it so far (from the share it
-        replaces, e.g. the download that just completed, or from its saved ``doc``)."""
-        self.shares[shared.group_id, shared.content_id] = shared
-        old = self.registry.get(shared.group_id, shared.content_id)
-        share = self.registry.add(
-            Share(shared.group_id, shared.content_id, shared.path, shared.layout, shared.hashes)
-        )
-
-    async def share(
-        self._log_membership()
-        self,
-        group_id: bytes,
-        path: Path,
     def _membership(self) -> dict[bytes, dict[bytes, str]]:
         """My groups and their members (key -> name), as last read."""
         return {
@@ -441,14 +438,14 @@ class Node:
             for key in old.keys() - new.keys():
                 log.info("%s (%s) left group %s", old[key], key.hex()[:16], self.group_label(gid))
 
-        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
-    ) -> SharedFile:
+    # ---- sharing -----------------------------------------------------------------
+
     def group_label(self, group_id: bytes) -> str:
         """``name (id prefix)`` of a group, for the log (the formatter cleans the name)."""
         return f"{self.groups.state.name_of(group_id) or '?'} ({group_id.hex()[:16]})"
 
-        """Hash ``path`` and share it with the group; it is served at once."""
-        self.require_member(group_id)
+    def _completed(self, shared: SharedFile) -> None:
+        """A download finished: keep serving it as a complete share and say so in the DHT."""
         log.info(
             "download of %s (%s) in group %s complete and verified: %s",
             shared.name,
@@ -456,16 +453,19 @@ class Node:
             self.group_label(shared.group_id),
             shared.path,
         )
-        shared = await self.files.share(group_id, path, progress)
         _save_hashes(self.home, shared.content_id, shared.hashes)
         self._serve(shared)
+        self._spawn(self._announce(shared), "announce completed download")
         self.save_state()
-        return shared
 
-    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
-        shared = self.shares.pop((group_id, content_id), None)
-        self.registry.remove(group_id, content_id)
-        await self.files.unshare(group_id, content_id)
+    def _serve(self, shared: SharedFile, doc: dict[str, Any] | None = None) -> None:
+        """Serve ``shared``, keeping what was uploaded of it so far (from the share it
+        replaces, e.g. the download that just completed, or from its saved ``doc``)."""
+        self.shares[shared.group_id, shared.content_id] = shared
+        old = self.registry.get(shared.group_id, shared.content_id)
+        share = self.registry.add(
+            Share(shared.group_id, shared.content_id, shared.path, shared.layout, shared.hashes)
+        )
         if old is not None:
             share.uploaded, share.served_to = old.uploaded, set(old.served_to)
         elif doc is not None:
@@ -475,7 +475,40 @@ class Node:
         """Bytes of a share uploaded, and to how many peers, since it was first shared."""
         share = self.registry.get(group_id, content_id)
         return (share.uploaded, len(share.served_to)) if share is not None else (0, 0)
+
+    async def share(
+        self,
+        group_id: bytes,
+        path: Path,
+        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
+    ) -> SharedFile:
+        """Hash ``path`` and share it with the group; it is served at once."""
+        self.require_member(group_id)
+        shared = await self.files.share(group_id, path, progress)
+        _save_hashes(self.home, shared.content_id, shared.hashes)
+        self._serve(shared)
         self.save_state()
+        log.info(
+            "sharing %s (%s, %d bytes) in group %s from %s",
+            shared.name,
+            shared.content_id.hex()[:16],
+            shared.size,
+            self.group_label(group_id),
+            shared.path,
+        )
+        return shared
+
+    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
+        shared = self.shares.pop((group_id, content_id), None)
+        self.registry.remove(group_id, content_id)
+        await self.files.unshare(group_id, content_id)
+        self.save_state()
+        log.info(
+            "stopped sharing %s (%s) in group %s",
+            shared.name if shared else "?",
+            content_id.hex()[:16],
+            self.group_label(group_id),
+        )
 
     def require_member(self, group_id: bytes) -> None:
         from .errors import GroupError
@@ -488,14 +521,6 @@ class Node:
                     "check the node's DHT contacts with: dhtshare node status; then retry",
                 )
             raise GroupError(
-        log.info(
-            "sharing %s (%s, %d bytes) in group %s from %s",
-            shared.name,
-            shared.content_id.hex()[:16],
-            shared.size,
-            self.group_label(group_id),
-            shared.path,
-        )
                 "you are not a member of this group", "ask its owner: dhtshare group join GROUP"
             )
 
@@ -503,12 +528,6 @@ class Node:
 async def _bind(
     config: NodeConfig, identity: Identity, registry: ShareRegistry
 ) -> tuple[DhtNode, PeerServer]:
-        log.info(
-            "stopped sharing %s (%s) in group %s",
-            shared.name if shared else "?",
-            content_id.hex()[:16],
-            self.group_label(group_id),
-        )
     """UDP and TCP on the same port. Without ``--port``, the port of the last run comes
     first (peers and routing tables still know it); else retry port 0 until one is free
     for both."""

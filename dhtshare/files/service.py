@@ -4,6 +4,11 @@
 then publishes the group's file entry and this node's provider record; both are republished
 while the node runs. Readers keep only entries and providers whose signer the caller says is
 a current member (``is_member``): a storing node cannot know the roster, a reader can.
+
+An entry keeps the ``issued`` time of this signer's first entry for the content id across
+re-announcements (a restart) and renewals, so the listing's sharer, the first to share,
+does not drift to whoever re-signed last. A clean stop withdraws every provider record of
+the node (``withdraw_providers``); a restart announces them again.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from ..records import (
 )
 from .content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 
-__all__ = ["FileInfo", "FileService", "SharedFile", "pick_entry", "shared_at"]
+__all__ = ["FileInfo", "FileService", "SharedFile", "pick_entry", "shared_at", "signed_since"]
 
 ENTRY_TTL = 24 * 3600.0
 PROVIDER_TTL = 3600.0
@@ -65,6 +70,7 @@ class FileInfo:
     sharer: bytes
     shared_at: int
     providers: int
+    addresses: tuple[tuple[str, int], ...] = ()  # where the providers say they serve it
 
 
 class FileService:
@@ -74,15 +80,18 @@ class FileService:
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.dht, self.identity, self.address, self.clock = dht, identity, address, clock
 
-    def _sign(self, body: FileEntry | Provider, ttl: float) -> SignedRecord:
+    def _sign(
+        self, body: FileEntry | Provider, ttl: float, since: float | None = None
+    ) -> SignedRecord:
+        """Sign ``body`` valid until now + ``ttl``; an entry may keep an earlier ``since``."""
         now = self.clock()
-        return sign_record(self.identity, body, seq=time_seq(now), now=now, ttl=ttl)
+        return signed_since(self.identity, body, now=now, ttl=ttl, since=since)
 
     def _renew(self, ttl: float) -> Callable[[SignedRecord], SignedRecord]:
         def renew(old: SignedRecord) -> SignedRecord:
             body = old.payload()
             assert isinstance(body, FileEntry | Provider)
-            return self._sign(body, ttl)
+            return self._sign(body, ttl, old.issued if isinstance(body, FileEntry) else None)
 
         return renew
 
@@ -130,8 +139,24 @@ class FileService:
         entry = FileEntry(
             shared.group_id, shared.content_id, shared.name, shared.size, shared.piece_size
         )
-        await self._publish(self._sign(entry, ENTRY_TTL), ENTRY_TTL)
+        since = await self._first_issued(shared.group_id, shared.content_id)
+        await self._publish(self._sign(entry, ENTRY_TTL, since), ENTRY_TTL)
         await self.announce_provider(shared.group_id, shared.content_id, complete)
+
+    async def _first_issued(self, group_id: bytes, content_id: bytes) -> float | None:
+        """When my live entry for ``content_id`` says it was shared, if the DHT still has
+        one (kept across a restart); ``None`` when I have not shared it lately."""
+        try:
+            mine = [
+                r.issued
+                for r in await self._entries(group_id)
+                if r.signer == self.identity.public
+                and not _entry(r).withdrawn
+                and _entry(r).content_id == content_id
+            ]
+        except DhtError:
+            return None
+        return min(mine, default=None)
 
     async def announce_provider(self, group_id: bytes, content_id: bytes, complete: bool) -> None:
         host, port = self.address()
@@ -144,13 +169,31 @@ class FileService:
         except DhtError as exc:
             raise DhtError(f"could not announce in the DHT: {exc.message}", exc.hint) from exc
 
-    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
-        """Withdraw our provider record (a signed tombstone) and, if we shared it, the entry."""
+    def _tombstone(self, group_id: bytes, content_id: bytes) -> SignedRecord:
+        """A withdrawn provider record (higher seq than ours), no longer republished."""
         host, port = self.address()
         tombstone = self._sign(
             Provider(group_id, content_id, host, port, False, withdrawn=True), PROVIDER_TTL
         )
         self.dht.withdraw(tombstone.dht_key, tombstone.slot)
+        return tombstone
+
+    async def withdraw_providers(self) -> int:
+        """Replace every provider record this node publishes (shares and partial downloads)
+        with a tombstone, as a clean stop does; return how many. The entries stay: the
+        file is still the group's, only nobody serves it from here until a restart."""
+        mine = [
+            _provider(r)
+            for r in self.dht.published
+            if r.kind == Kind.PROVIDER and r.signer == self.identity.public
+        ]
+        stones = [self._tombstone(p.group_id, p.content_id) for p in mine if not p.withdrawn]
+        await asyncio.gather(*(_put_quietly(self.dht, rec) for rec in stones))
+        return len(stones)
+
+    async def unshare(self, group_id: bytes, content_id: bytes) -> None:
+        """Withdraw our provider record (a signed tombstone) and, if we shared it, the entry."""
+        tombstone = self._tombstone(group_id, content_id)
         for entry in await self._entries(group_id):
             if entry.signer == self.identity.public and _entry(entry).content_id == content_id:
                 old = _entry(entry)
@@ -188,7 +231,7 @@ class FileService:
             by_cid.setdefault(entry.content_id, []).append(rec)
         live = {cid: pick_entry(recs) for cid, recs in by_cid.items()}
         counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
-        infos = [FileInfo(_entry(rec), rec.signer, shared_at(rec), len(provs))
+        infos = [FileInfo(_entry(rec), rec.signer, shared_at(rec), len(provs), _addresses(provs))
                  for rec, provs in zip(live.values(), counts, strict=True)]  # fmt: skip
         return sorted(infos, key=lambda i: (i.entry.name, i.entry.content_id))
 
@@ -202,6 +245,19 @@ def shared_at(rec: SignedRecord) -> int:
     honestly have been signed: an entry that claims ``issued = 1`` counts as signed then.
     """
     return max(rec.issued, rec.expires - MAX_TTL)
+
+
+def signed_since(
+    identity: Identity, body: FileEntry | Provider, *, now: float, ttl: float, since: float | None
+) -> SignedRecord:
+    """Sign ``body`` to expire at ``now + ttl``, issued at ``since`` when given (an entry
+    keeps its first sharing time), but no earlier than ``expires - MAX_TTL``: the earliest
+    a reader counts anyway (``shared_at``), and the longest life ``sign_record`` allows."""
+    seq = time_seq(now)
+    if since is None or since >= now:
+        return sign_record(identity, body, seq=seq, now=now, ttl=ttl)
+    start = max(float(int(since)), now + ttl - MAX_TTL)
+    return sign_record(identity, body, seq=seq, now=start, ttl=now + ttl - start)
 
 
 def pick_entry(records: list[SignedRecord]) -> SignedRecord:
@@ -236,6 +292,16 @@ def _entry(rec: SignedRecord) -> FileEntry:
     body = rec.payload()
     assert isinstance(body, FileEntry)
     return body
+
+
+def _provider(rec: SignedRecord) -> Provider:
+    body = rec.payload()
+    assert isinstance(body, Provider)
+    return body
+
+
+def _addresses(records: list[SignedRecord]) -> tuple[tuple[str, int], ...]:
+    return tuple((_provider(r).host, _provider(r).port) for r in records)
 
 
 def _serves(rec: SignedRecord, group_id: bytes, content_id: bytes) -> bool:

@@ -429,11 +429,26 @@ def pending_requests(
         body = rec.payload()
         if not isinstance(body, JoinRequest) or body.group_id != roster.group_id:
             continue
-        decided = max(rejected.get(rec.signer, (-1, ""))[0], leaves.get(rec.signer, -1))
-        if rec.signer in current or decided >= rec.issued:
+        if rec.signer in current or _decided(rec.signer, rejected, leaves) >= rec.issued:
             continue
         out[rec.signer] = PendingRequest(rec.signer, body.name, body.message, rec.issued)
     return sorted(out.values(), key=lambda p: (p.issued, p.requester))
+
+
+def _decided(
+    key: bytes, rejected: Mapping[bytes, tuple[int, str]], leaves: Mapping[bytes, int]
+) -> int:
+    return max(rejected.get(key, (-1, ""))[0], leaves.get(key, -1))
+
+
+def request_not_before(
+    me: bytes, roster: Roster, decisions: Iterable[SignedRecord], leaves: Mapping[bytes, int]
+) -> int:
+    """The earliest ``issued`` my next join request may carry to count as pending: one
+    second after the owner's last rejection of me and my last leave (``pending_requests``
+    compares whole seconds, so a request in the same second would count as decided)."""
+    rejected = _rejections(decisions, roster.group_id, roster.owner)
+    return _decided(me, rejected, leaves) + 1
 
 
 def join_status(

@@ -30,11 +30,13 @@ from ..codec import Reader
 from ..errors import DhtshareError, GroupError
 from ..identity import Identity
 from ..records import (
+    CLOCK_SKEW,
     MAX_PAGES,
     MAX_TTL,
     Body,
     Decision,
     DirectoryEntry,
+    Handover,
     JoinRequest,
     Kind,
     Leave,
@@ -52,6 +54,7 @@ from .rules import JoinStatus, Known, PendingRequest, RosterView
 __all__ = [
     "DIRECTORY_TTL",
     "ROSTER_TTL",
+    "Departure",
     "Draft",
     "GroupDht",
     "GroupService",
@@ -89,6 +92,15 @@ class MyGroup:
     role: Role
     members: int
     reason: str = ""  # the owner's reason, when my request was rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Departure:
+    """What ``leave`` did: ``left`` (with the heir, if I owned it) or ``cancelled`` (a
+    request withdrawn)."""
+
+    outcome: Literal["left", "cancelled"]
+    heir: Member | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,13 +219,15 @@ class GroupService:
     def _sign(self, body: Body, *, seq: int, ttl: float) -> SignedRecord:
         return sign_record(self._me, body, seq=seq, now=self._clock(), ttl=ttl)
 
-    def _sign_note(self, body: Body, ttl: float) -> SignedRecord:
-        """Sign a record whose seq comes from the clock, always above my last one in its slot."""
-        draft = self._sign(body, seq=0, ttl=ttl)
+    def _sign_note(self, body: Body, ttl: float, not_before: float = 0.0) -> SignedRecord:
+        """Sign a record whose seq comes from the clock, always above my last one in its slot,
+        issued no earlier than ``not_before`` (at most ``CLOCK_SKEW`` ahead of the clock)."""
+        now = min(max(self._clock(), not_before), self._clock() + CLOCK_SKEW / 2)
+        draft = sign_record(self._me, body, seq=0, now=now, ttl=ttl)
         where = (draft.dht_key, draft.slot)
-        seq = max(time_seq(self._clock()), self._last_seq.get(where, 0) + 1)
+        seq = max(time_seq(now), self._last_seq.get(where, 0) + 1)
         self._last_seq[where] = seq
-        return self._sign(body, seq=seq, ttl=ttl)
+        return sign_record(self._me, body, seq=seq, now=now, ttl=ttl)
 
     def _renewer(self, ttl: float) -> Renew:
         def renew(old: SignedRecord) -> SignedRecord:
@@ -343,11 +357,22 @@ class GroupService:
         base, members = rules.found_group(
             self._me, name, now=now, nonce=os.urandom(16), public=public
         )
+        owned = self.owned_named(base.genesis.name)
+        if owned:
+            raise GroupError(
+                f"you already own a group named {base.genesis.name!r} ({owned[0].hex()[:12]})",
+                "choose another name, or use that group by its name",
+            )
         gid = base.group_id
         self.state.groups[gid] = base.genesis.name
         self._leaves[gid] = {}
         await self._publish_roster(base, members, 1)
         return gid
+
+    def owned_named(self, name: str) -> list[bytes]:
+        """My groups that I own (as far as my drafts say) and that are called ``name``."""
+        state = self.state
+        return sorted(g for g, n in state.groups.items() if n == name and g in state.drafts)
 
     async def _publish_roster(
         self, base: Roster, members: tuple[Member, ...], seq: int
@@ -408,12 +433,19 @@ class GroupService:
         name is taken from its roster when the DHT has one, so I can name it from then on."""
         rules.check_text(message, "join message")
         view = await self._try_refresh(group_id)
-        now = self._clock()
+        if view is None:
+            raise GroupError(
+                f"no group {group_id.hex()[:16]}… was found in the DHT",
+                "check the id the owner sent you (see also: dhtshare node status)",
+            )
+        me = self._me.public
+        decisions = await self._dht.get(key_for(Kind.DECISION, group_id, me))
+        after = rules.request_not_before(me, view.roster, decisions, self._leave_times(group_id))
         body = JoinRequest(group_id, self._me.name, message)
-        await self._dht.publish(self._sign_note(body, NOTE_TTL))
-        self.state.requested[group_id] = int(now)
-        if view is not None:
-            self.state.request_names[group_id] = view.name
+        rec = self._sign_note(body, NOTE_TTL, not_before=after)
+        await self._dht.publish(rec)
+        self.state.requested[group_id] = rec.issued
+        self.state.request_names[group_id] = view.name
 
     async def requests(self, group_id: bytes) -> list[PendingRequest]:
         """Join requests the owner has not decided yet, oldest first."""
@@ -435,10 +467,15 @@ class GroupService:
         """Add a pending requester to the roster (a new version, seq + 1)."""
         draft = await self._as_owner(group_id)
         pending = {p.requester: p for p in await self._pending(group_id, draft)}
+        current = rules.apply_leaves(draft.members, self._leave_times(group_id))
         if requester not in pending:
+            for m in current:
+                if m.key == requester:
+                    raise GroupError(
+                        f"{m.name or 'that member'} is already a member", "nothing to accept"
+                    )
             raise GroupError("no pending join request from that member", "list the requests")
         left = self._leave_times(group_id).get(requester)
-        current = rules.apply_leaves(draft.members, self._leave_times(group_id))
         name, now = pending[requester].name, self._clock()
         members = rules.accept_member(current, requester, name, now, left)
         return await self._next_roster(draft, members)
@@ -463,23 +500,48 @@ class GroupService:
 
     # ---- leaving and removing ------------------------------------------------------
 
-    async def leave(self, group_id: bytes) -> None:
-        """Leave; an owner hands the group to its longest-standing other member."""
+    async def leave(self, group_id: bytes) -> Departure:
+        """Leave; an owner hands the group to its longest-standing other member. For a
+        group I only asked to join, the request is withdrawn (``cancelled``), and a group
+        the DHT has no roster for is just forgotten. ``GroupError`` if the group is not one
+        of mine."""
+        state = self.state
+        if group_id not in state.groups and group_id not in state.requested:
+            raise GroupError(
+                "you are not a member of this group", "list yours with: dhtshare group list"
+            )
+        if group_id in state.requested:
+            view = await self._try_refresh(group_id)  # an accepted request becomes a group
+            if group_id in state.requested:
+                if view is not None:  # the owner stops seeing the request
+                    await self._publish_leave(group_id, None)
+                self.forget(group_id)
+                return Departure("cancelled")
         view = await self.refresh(group_id)
-        handover = None
+        handover, heir = None, None
         if view.owner == self._me.public:
             heir = rules.heir_of(self.members(group_id), self._me.public)
             if heir is None:
                 self._withdraw_owned(group_id)  # the last member: the group ends
             else:
                 handover = rules.sign_handover(self._me, view.roster, heir.key, self._clock())
+        await self._publish_leave(group_id, handover)
+        self.forget(group_id)
+        return Departure("left", heir)
+
+    async def _publish_leave(self, group_id: bytes, handover: Handover | None) -> None:
         rec = self._sign_note(Leave(group_id, handover), NOTE_TTL)
         await self._dht.publish(rec)
+        self._leaves.setdefault(group_id, {})[self._me.public] = rec
+
+    def forget(self, group_id: bytes) -> None:
+        """Drop ``group_id`` from my groups and requests, and stop republishing my join
+        request; nothing is published (``leave`` tells the group). A group I own keeps its
+        drafts until its heir takes over (``maintain``)."""
         self._dht.withdraw(key_for(Kind.JOIN_REQUEST, group_id), self._me.public)
         self.state.groups.pop(group_id, None)
         self.state.requested.pop(group_id, None)
         self.state.request_names.pop(group_id, None)
-        self._leaves.setdefault(group_id, {})[self._me.public] = rec
 
     async def remove(self, group_id: bytes, member: bytes) -> RosterView:
         """Publish a roster without ``member`` (revoked), and a rejection of its old request."""

@@ -1,0 +1,92 @@
+"""Group messages and rules as people meet them (issue #14 items 5, 6, 7 and 9), on a real
+loopback DHT, with a fixed clock so that things happen in the same second."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dhtshare.commands import Commands
+from dhtshare.errors import GroupError
+from dhtshare.groups.service import GroupService
+from dhtshare.identity import Identity
+from dhtshare.sim import Network
+
+
+class FrozenClock:
+    """Wall time that does not move: every step happens in the same second."""
+
+    def __init__(self) -> None:
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeNode:
+    """What ``Commands`` needs for group commands (no shares on this node)."""
+
+    def __init__(self, groups: GroupService) -> None:
+        self.groups, self.identity, self.shares = groups, groups._me, {}
+
+    def save_state(self) -> None:
+        pass
+
+
+def commands(service: GroupService) -> Commands:
+    return Commands(FakeNode(service))  # type: ignore[arg-type]
+
+
+async def test_accept_twice_says_already_a_member_and_unknown_name_hints_requests() -> None:
+    owner, bob = Identity.generate("owner"), Identity.generate("bob")
+    async with Network.start(6) as net:
+        so, sb = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], bob)
+        gid = await so.create("climbers")
+        await sb.request_join(gid)
+        await so.accept(gid, bob.public)
+        with pytest.raises(GroupError, match=r"^bob is already a member$"):
+            await so.accept(gid, bob.public)
+        with pytest.raises(GroupError, match="unknown member: zed") as caught:
+            await commands(so).member(gid, "zed", pending=True)
+        assert "group requests" in caught.value.hint
+
+
+async def test_rejoin_in_the_same_second_as_the_leave_is_pending_and_accepted() -> None:
+    owner, bob = Identity.generate("owner"), Identity.generate("bob")
+    clock = FrozenClock()
+    async with Network.start(6) as net:
+        so = GroupService(net.nodes[1], owner, clock=clock)
+        sb = GroupService(net.nodes[2], bob, clock=clock)
+        gid = await so.create("climbers")
+        await sb.request_join(gid)
+        await so.accept(gid, bob.public)
+        assert (await sb.leave(gid)).outcome == "left"
+        await sb.request_join(gid)  # same second as the leave
+        assert [p.requester for p in await so.requests(gid)] == [bob.public]
+        await so.accept(gid, bob.public)
+        await sb.refresh(gid)
+        assert sb.is_member(gid, bob.public)
+
+
+async def test_join_unknown_group_leave_never_joined_and_duplicate_names() -> None:
+    owner, carol = Identity.generate("owner"), Identity.generate("carol")
+    async with Network.start(6) as net:
+        so, sc = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], carol)
+        with pytest.raises(GroupError, match="no group 0000000000000000… was found"):
+            await sc.request_join(bytes(32))
+        assert sc.state.requested == {} and sc.state.request_names == {}
+        gid = await so.create("climbers")
+        with pytest.raises(GroupError, match="not a member"):
+            await sc.leave(gid)
+        assert not net.nodes[2].published  # no Leave record was published
+        with pytest.raises(GroupError, match="already own a group named 'climbers'"):
+            await so.create(" climbers ")
+        assert list(so.state.groups) == [gid]
+        other = await so.create("hikers")
+        so.state.groups[other] = "climbers"  # e.g. two groups named alike before this check
+        with pytest.raises(GroupError, match="ambiguous") as caught:
+            commands(so)._lookup("climbers")
+        assert gid.hex()[:12] in caught.value.message and other.hex()[:12] in caught.value.message
+        await so.leave(other)
+        assert commands(so)._lookup("climbers") == gid
