@@ -572,13 +572,22 @@ class PeerServer:
             protocol.transport.abort()  # nothing worth a FIN: it never authenticated
 
     async def _run_session(self, protocol: PeerProtocol) -> None:
-        """One connection, start to end; nothing it does can take the server down."""
+        """One connection, start to end; nothing it does can take the server down.
+
+        A peer refused at once (not a member, or a file we do not share) is rejected
+        while it still counts as a handshake (per-address cap, global cap, oldest
+        closed first): a handshake costs any key nothing, so a refused peer must never
+        hold one of the ``max_connections`` session places while its Reject lingers.
+        """
         try:
             stream = await accept_peer(
                 protocol,
                 handshake_timeout=self.handshake_timeout,
                 read_timeout=self.idle_timeout,
             )
+            session = _Session(self, stream)
+            if await session._refuse_if_needed():
+                return
         except (ProtocolError, OSError, TimeoutError) as exc:
             self.stats.incr("drop.handshake")
             log.debug("handshake failed: %s", exc)
@@ -591,7 +600,6 @@ class PeerServer:
             return
         finally:
             self._handshake_ended(protocol)
-        session = _Session(self, stream)
         self._sessions.add(session)
         try:
             await session.run()
