@@ -398,9 +398,15 @@ class Node:
             log.warning("could not announce %s yet: %s", shared.name, exc.message)
 
     async def _maintain_forever(self) -> None:
+        """One maintenance round per interval; a round that fails (even on a bug that a
+        hostile record reached) is logged and the next one runs, since membership goes
+        stale, and the node stops serving, without rounds."""
         while True:
             await asyncio.sleep(self.config.maintenance_interval)
-            await self.maintain()
+            try:
+                await self.maintain()
+            except Exception:
+                log.exception("maintenance round failed; the next one runs as usual")
 
     async def maintain(self) -> None:
         """Apply leaves, take over handed groups, refresh rosters, save state."""
