@@ -57,7 +57,7 @@ from dhtshare.files.content import (
 )
 from dhtshare.identity import Identity, format_id
 from dhtshare.store.atomic import read_hashes, write_hashes
-from dhtshare.store.partial import PartialFile, safe_name
+from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.peer import READ_TIMEOUT, PeerStream, open_peer
 from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
@@ -393,9 +393,11 @@ class Download:
     def _stalled(self) -> DhtshareError | None:
         """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
         now = self.clock()
-        if any(s.useful(now) for s in self._sessions.values()):
-            self._progress_at = now
+        if any(s.ready and s.useful(now) for s in self._sessions.values()):
+            self._progress_at = now  # a connected peer with pieces we lack, delivering
             return None
+        if any(s.useful(now) for s in self._sessions.values()):
+            return None  # still connecting: hope, but the stall clock keeps running
         candidates = [k for k in self._known if k not in self.banned]
         if candidates and not self._sessions and all(k in self.refused for k in candidates):
             text = self.refused[candidates[0]]
@@ -697,6 +699,21 @@ class Download:
             log.warning("could not save the resume state: %s", exc)
         if self._partial is not None:
             await self._partial.close()
+
+    async def discard(self) -> None:
+        """Delete what an ended (cancelled, paused or failed) download left: its
+        ``.part`` file, only if the owner record says this download created it (a
+        file of the same name that is not ours is left alone), and its resume state,
+        piece hashes and owner record. Call it once ``run()`` has returned."""
+
+        def remove() -> None:
+            if owns(read_owner(self.owner_path), self.part_path):
+                self.part_path.unlink(missing_ok=True)
+            for leftover in (self.state_path, self.hashes_path, self.owner_path):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+
+        await asyncio.to_thread(remove)
 
     async def _finish(self) -> Path:
         assert self._partial is not None and self.hashes is not None
