@@ -32,7 +32,9 @@ from .display import (
     fields,
     format_rate,
     format_size,
+    plural,
     table,
+    table_with_notes,
 )
 from .errors import DhtshareError, IdentityError, NodeError
 from .replies import MalformedReply, Reply, rows
@@ -694,8 +696,8 @@ def files(ctx: click.Context, group_ref: str, as_json: bool) -> None:
                     r.text("content_id")[:16],
                     r.text("sharer_name", "") or r.text("sharer")[:12],
                     r.integer("providers"),
-                )
                     r.integer("online", 0),
+                )
                 for r in rs
             ],
             ["NAME", "SIZE", "CONTENT", "SHARER", "PROVIDERS", "ONLINE"],
@@ -719,8 +721,23 @@ def files(ctx: click.Context, group_ref: str, as_json: bool) -> None:
 def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bool) -> None:
     """Download a file from a group, in parallel from many peers, verifying every piece.
 
+    Ctrl-C asks whether to keep downloading in the background or cancel (it cancels
+    when stdin is not a terminal).
+
     Example: dhtshare get climbers route.mp4 --out ~/Downloads
     """
+    args: dict[str, Any] = {
+        "group": group_ref,
+        "file": file_ref,
+        "out": str(Path(out).expanduser().resolve()),
+        "wait": not no_wait,
+    }
+    if no_wait:
+        started = Reply(node_call(ctx, "get", **args), "get")
+        click.echo(f"downloading {clean(started.text('name'))} into {clean(started.text('path'))}")
+        return
+    from .interrupt import Interrupted, get_or_interrupt
+
     bar = ProgressLine("downloading", 1)
 
     def progress(doc: Any) -> None:
@@ -728,58 +745,96 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
         bar.total = max(p.integer("size", 1), 1)
         bar.update(
             p.integer("bytes_done", 0),
-            f"{format_rate(p.number('rate', 0.0))} from {p.integer('peers', 0)} peers",
+            f"{format_rate(p.number('rate', 0.0))} from {plural(p.integer('peers', 0), 'peer')}",
         )
 
+    def keep(name: str) -> bool:
+        bar.finish()
+        if not sys.stdin.isatty():
+            return False
+        question = f"keep downloading {clean(name)} in the background? (no: cancel it)"
+        return click.confirm(question, default=False, err=True)
+
+    path = control.socket_path(home_of(ctx))
     try:
-        result = node_call(
-            ctx,
-            "get",
-            None if no_wait else progress,
-            group=group_ref,
-            file=file_ref,
-            out=str(Path(out).expanduser().resolve()),
-            wait=not no_wait,
-        )
+        result = asyncio.run(get_or_interrupt(path, args, progress, keep))
     finally:
         bar.finish()
+    if isinstance(result, Interrupted):
+        if result.kept:
+            fail(
+                f"interrupted: {result.name} goes on downloading in the background",
+                with_home(ctx, "watch it with: dhtshare downloads"),
+                code=130,
+            )
+        fail(f"interrupted: the download of {result.name} was cancelled", code=130)
     done = Reply(result, "get")
-    if no_wait:
-        click.echo(f"downloading {clean(done.text('name'))} into {clean(done.text('path'))}")
-    else:
-        size = format_size(done.integer("size"))
-        click.echo(f"{clean(done.text('path'))}: complete and verified ({size})")
+    size = format_size(done.integer("size"))
+    click.echo(f"{clean(done.text('path'))}: complete and verified ({size})")
 
 
-@main.command(context_settings=CONTEXT)
+@main.group(context_settings=CONTEXT, invoke_without_command=True)
 @json_option
 @click.pass_context
 def downloads(ctx: click.Context, as_json: bool) -> None:
-    """Downloads in progress and done.
+    """Downloads in progress and done (with a failed one's error); cancel or clear them.
 
     Example: dhtshare downloads --json
     """
+    if ctx.invoked_subcommand is None:
+        emit(ctx, node_call(ctx, "downloads"), downloads_table)
 
-    def render(doc: Any) -> str:
-        rs = rows(doc, "downloads")
-        if not rs:
-            return "no downloads"
-        return table(
-            [
-                (
-                    r.text("name"),
-                    r.text("state"),
-                    f"{min(100, 100 * r.integer('bytes_done') // max(r.integer('size'), 1))}%",
-                    format_size(r.integer("size")),
-                    r.count("sources"),
-                    r.text("path"),
-                )
-                for r in rs
-            ],
-            ["NAME", "STATE", "DONE", "SIZE", "PEERS", "PATH"],
+
+def downloads_table(doc: Any) -> str:
+    """One row per download; a failed one is followed by its error and hint."""
+    rs = rows(doc, "downloads")
+    if not rs:
+        return "no downloads"
+    cells = [
+        (
+            r.text("name"),
+            r.text("group", "") or r.text("group_id", "")[:16],
+            r.text("state"),
+            f"{min(100, 100 * r.integer('bytes_done') // max(r.integer('size'), 1))}%",
+            format_size(r.integer("size")),
+            r.count("sources"),
+            r.text("path"),
         )
+        for r in rs
+    ]
+    notes = [
+        [f"error: {r.text('error', '')}", f"hint: {r.text('hint', '')}"]
+        if r.text("state") == "failed"
+        else []
+        for r in rs
+    ]
+    headers = ["NAME", "GROUP", "STATE", "DONE", "SIZE", "PEERS", "PATH"]
+    return table_with_notes(cells, headers, notes)
 
-    emit(ctx, node_call(ctx, "downloads"), render)
+
+@downloads.command("cancel", context_settings=CONTEXT)
+@click.argument("file_ref", metavar="FILE")
+@click.pass_context
+def downloads_cancel(ctx: click.Context, file_ref: str) -> None:
+    """Cancel a download and delete its partial file (FILE: its name or content id).
+
+    A cancelled download is not resumed when the node starts again.
+
+    Example: dhtshare downloads cancel route.mp4
+    """
+    done = Reply(node_call(ctx, "downloads.cancel", file=file_ref), "downloads cancel")
+    click.echo(f"cancelled {clean(done.text('name'))}")
+
+
+@downloads.command("clear", context_settings=CONTEXT)
+@click.pass_context
+def downloads_clear(ctx: click.Context) -> None:
+    """Forget complete and failed downloads (their files stay where they are).
+
+    Example: dhtshare downloads clear
+    """
+    gone = rows(node_call(ctx, "downloads.clear"), "downloads clear")
+    click.echo(f"cleared {len(gone)} download{'' if len(gone) == 1 else 's'}")
 
 
 @main.command(context_settings=CONTEXT)

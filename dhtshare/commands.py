@@ -425,14 +425,37 @@ class Commands:
         gid = await self.group(group)
         await self.require_member(gid)
         info = await self.file(gid, file)
-        handle = await self.node.downloads.start(gid, info.entry, Path(out))
+        handle = await self.node.downloads.start(gid, info.entry, Path(out), keep=not wait)
         if not wait:
-            return handle.status().to_json()
-        status = await self.node.downloads.wait(handle, lambda s: progress(s.to_json()))
-        return status.to_json()
+            return self._download_row(handle.report())
+        await self.node.downloads.wait(handle, lambda h: progress(self._download_row(h.report())))
+        return self._download_row(handle.report())
+
+    def _download_row(self, report: dict[str, Any]) -> dict[str, Any]:
+        """A download's report with its group's name (``""`` if this node forgot it)."""
+        gid = bytes.fromhex(report["group_id"])
+        return {**report, "group": self.node.groups.state.name_of(gid) or ""}
 
     async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
-        return [s.to_json() for s in self.node.downloads.statuses()]
+        return [self._download_row(r) for r in self.node.downloads.reports()]
+
+    async def cmd_downloads_cancel(self, progress: Progress, file: str) -> dict[str, Any]:
+        """Cancel one download (FILE: its name or a content id prefix of 6+ digits)."""
+        matches = self.node.downloads.find(file)
+        if not matches:
+            raise FileShareError(f"no download {file!r}", "list them with: dhtshare downloads")
+        if len(matches) > 1:
+            raise FileShareError(
+                f"download {file!r} is ambiguous ({len(matches)} match)",
+                "use its content id, from: dhtshare downloads --json",
+            )
+        row = self._download_row(matches[0].report())
+        await self.node.downloads.cancel(matches[0].info.content_id)
+        return row
+
+    async def cmd_downloads_clear(self, progress: Progress) -> list[dict[str, Any]]:
+        """Forget every complete and failed download; no file is deleted."""
+        return [self._download_row(h.report()) for h in self.node.downloads.clear()]
 
 
 def _stale_groups(stale: dict[bytes, float]) -> str:

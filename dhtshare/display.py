@@ -33,6 +33,7 @@ __all__ = [
     "format_size",
     "plural",
     "table",
+    "table_with_notes",
 ]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -122,6 +123,18 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
     head = click.style(line(list(headers)), bold=True)
     return "\n".join([head, *(line(r) for r in cells)])
+
+
+def table_with_notes(
+    rows: Sequence[Sequence[Any]], headers: Sequence[str], notes: Sequence[Sequence[str]]
+) -> str:
+    """``table``, each row followed by its notes (``notes[i]`` for ``rows[i]``), each an
+    indented line of its own, cleaned like every cell."""
+    lines = table(rows, headers).split("\n")
+    out = lines[:1]
+    for line, extra in zip(lines[1:], notes, strict=True):
+        out += [line, *(f"  {clean(n)}" for n in extra)]
+    return "\n".join(out)
 
 
 class ProgressLine:

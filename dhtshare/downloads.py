@@ -38,15 +38,37 @@ PROGRESS_EVERY = 0.5
 
 @dataclass
 class Handle:
-    """One download this node knows: its description, the worker, and its task."""
+    """One download this node knows: its description, the worker, and its task.
+
+    ``kept``: it runs in the background (started with ``--no-wait``, kept after a
+    Ctrl-C, or resumed after a restart), so it goes on when a waiting ``get`` goes
+    away; ``waiters`` counts the ``get`` commands waiting on it now; ``cancelled``:
+    ``DownloadManager.cancel`` stopped it.
+    """
 
     info: FileInfo
     out_dir: Path
     download: Download
     task: asyncio.Task[Path] | None = None
+    kept: bool = False
+    waiters: int = 0
+    cancelled: bool = False
+    announced: bool = False  # a partial provider record was published
 
     def status(self) -> DownloadStatus:
         return self.download.status()
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def report(self) -> dict[str, Any]:
+        """The status as ``downloads --json`` shows it, with the file's group and content id."""
+        return {
+            **self.status().to_json(),
+            "group_id": self.info.group_id.hex(),
+            "content_id": self.info.content_id.hex(),
+        }
 
     def to_json(self) -> dict[str, Any]:
         i = self.info
@@ -105,6 +127,9 @@ class DownloadManager:
 
     def _announce(self, info: FileInfo) -> Callable[[bytes], None]:
         def first_piece(_cid: bytes) -> None:
+            handle = self.handles.get(info.content_id)
+            if handle is not None:
+                handle.announced = True
             task = asyncio.ensure_future(self._announce_partial(info))
             self._announcing.add(task)
             task.add_done_callback(self._announced)
@@ -139,10 +164,18 @@ class DownloadManager:
         )
         return Handle(info, out_dir, download)
 
-    async def start(self, group_id: bytes, entry: FileEntry, out_dir: Path) -> Handle:
-        """Start (or return the running) download of ``entry`` into ``out_dir``."""
-        running = self.handles.get(entry.content_id)
-        if running is not None and running.task is not None and not running.task.done():
+    async def start(
+        self, group_id: bytes, entry: FileEntry, out_dir: Path, *, keep: bool = False
+    ) -> Handle:
+        """Start (or return the running) download of ``entry`` into ``out_dir``.
+
+        A download of the same file already running into another directory is not
+        moved nor doubled: ``FileShareError`` says where it goes. ``keep``: it goes on
+        in the background when no ``get`` waits for it (see ``wait``).
+        """
+        running = self._running(entry.content_id, out_dir)
+        if running is not None:
+            running.kept |= keep
             return running
         held = self.registry.get(group_id, entry.content_id)
         if held is not None and held.complete:
@@ -159,10 +192,29 @@ class DownloadManager:
         handle = await self._claim(info, out_dir)
         if not await aiofiles.os.path.exists(handle.download.part_path):
             await _check_free_space(out_dir, info.size)
+        running = self._running(entry.content_id, out_dir)  # started while we waited
+        if running is not None:
+            running.kept |= keep
+            return running
+        handle.kept = keep
         self.handles[info.content_id] = handle
         self._finished.pop(info.content_id, None)
         self._run(handle)
         self.save()
+        return handle
+
+    def _running(self, content_id: bytes, out_dir: Path) -> Handle | None:
+        """The running download of ``content_id``, if it goes into ``out_dir``."""
+        handle = self.handles.get(content_id)
+        if handle is None or not handle.running:
+            return None
+        if Path(out_dir) != handle.out_dir:
+            name, where = handle.download.final_path.name, handle.out_dir
+            raise FileShareError(
+                f"{name} is already downloading into {where}",
+                f"wait for it there with: dhtshare get GROUP FILE --out {where}; or cancel it"
+                f" with: dhtshare downloads cancel {handle.info.content_id.hex()[:16]}",
+            )
         return handle
 
     async def _claim(self, info: FileInfo, out_dir: Path) -> Handle:
@@ -213,24 +265,108 @@ class DownloadManager:
         self.save()
 
     async def wait(
-        self, handle: Handle, progress: Callable[[DownloadStatus], Awaitable[None]]
+        self, handle: Handle, progress: Callable[[Handle], Awaitable[None]]
     ) -> DownloadStatus:
-        """Report progress until the download ends; its error if it failed."""
+        """Report progress until the download ends; its error if it failed.
+
+        If ``progress`` fails because the waiting client went away (a ``get`` killed
+        or interrupted without asking to keep the download), the download is
+        cancelled unless it is ``kept`` or another ``get`` still waits for it: a
+        download nobody asked for never runs on silently. A download cancelled or
+        paused while we wait is a ``FileShareError`` saying so.
+        """
         assert handle.task is not None
-        while not handle.task.done():
-            await progress(handle.status())
-            await asyncio.wait([handle.task], timeout=PROGRESS_EVERY)
+        handle.waiters += 1
+        try:
+            while not handle.task.done():
+                await progress(handle)
+                await asyncio.wait([handle.task], timeout=PROGRESS_EVERY)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            if handle.waiters == 1 and not handle.kept:
+                log.info("the get of %s went away: cancelling it", handle.info.name)
+                await self.cancel(handle.info.content_id)
+            raise
+        finally:
+            handle.waiters -= 1
+        name = handle.download.final_path.name
+        if handle.cancelled:
+            raise FileShareError(f"the download of {name} was cancelled")
         if handle.task.cancelled():
-            return handle.status()
+            raise FileShareError(
+                f"the download of {name} paused: the node is stopping",
+                "it resumes when the node starts again",
+            )
         exc = handle.task.exception()
         if exc is not None:
             raise exc
         return handle.status()
 
+    # ---- cancelling, clearing ----------------------------------------------------
+
+    def find(self, ref: str) -> list[Handle]:
+        """Downloads whose name, file name or content id (a prefix of 6+ digits) is ``ref``."""
+        text = ref.strip().lower()
+        named = [
+            h for h in self.handles.values() if ref in (h.info.name, h.download.final_path.name)
+        ]
+        if named:
+            return named
+        return [
+            h
+            for h in self.handles.values()
+            if len(text) >= 6 and h.info.content_id.hex().startswith(text)
+        ]
+
+    async def cancel(self, content_id: bytes) -> Handle:
+        """Stop the download of ``content_id`` and forget it: its ``.part`` file and
+        resume state are deleted, it is no longer served or announced, and a restart
+        does not resume it. A complete download is refused (its file is a share)."""
+        handle = self.handles.get(content_id)
+        if handle is None:
+            raise FileShareError("no such download", "list them with: dhtshare downloads")
+        if handle.status().state == "complete":
+            raise FileShareError(
+                f"{handle.download.final_path.name} is complete, there is nothing to cancel",
+                "remove the row with: dhtshare downloads clear; stop serving it with:"
+                " dhtshare unshare GROUP FILE",
+            )
+        handle.cancelled = True
+        del self.handles[content_id]
+        if handle.task is not None and not handle.task.done():
+            handle.task.cancel()
+            await asyncio.gather(handle.task, return_exceptions=True)
+        self.save()
+        share = handle.download.share
+        info = handle.info
+        if share is not None and self.registry.get(info.group_id, content_id) is share:
+            self.registry.remove(info.group_id, content_id)
+        await handle.download.discard()
+        if handle.announced:
+            try:
+                await self.files.unshare(info.group_id, content_id)
+            except DhtshareError as exc:  # the record expires by itself
+                log.warning("could not withdraw the partial %s: %s", info.name, exc.message)
+        log.info("cancelled the download of %s", info.name)
+        return handle
+
+    def clear(self) -> list[Handle]:
+        """Forget every complete and failed download (rows only: no file is deleted;
+        a failed download's ``.part`` stays, so ``get`` again resumes it)."""
+        ended = [h for h in self.handles.values() if h.status().state in ("complete", "failed")]
+        for handle in ended:
+            del self.handles[handle.info.content_id]
+        if ended:
+            self.save()
+        return ended
+
     # ---- listing, persistence ----------------------------------------------------
 
     def statuses(self) -> list[DownloadStatus]:
         return [h.status() for h in self.handles.values()]
+
+    def reports(self) -> list[dict[str, Any]]:
+        """Every download as ``downloads --json`` shows it (without the group's name)."""
+        return [h.report() for h in self.handles.values()]
 
     def save(self) -> None:
         docs = [h.to_json() for h in self.handles.values()]
@@ -265,6 +401,7 @@ class DownloadManager:
                 continue
             self.handles[info.content_id] = handle
             if handle.download._final is None:
+                handle.kept = True  # nobody waits for a resumed download
                 self._run(handle)
 
     async def pause_all(self) -> None:
