@@ -202,15 +202,18 @@ async def run_dht_scenario(
         log(f"published {len(targets)} records")
         by_churn: list[dict[str, Any]] = []
         everything: list[_Outcome] = []
+        stopped = 0
         for level in scenario.levels:
-            stopped = await _churn(net, pool, level, rng)
+            step = await _churn(net, pool, level, rng)
+            stopped += step
             outcomes = await _run_lookups(
                 net.nodes, targets, scenario.lookups, rng, concurrency, LOOKUP_TIMEOUT
             )
             everything += outcomes
             report = _report(outcomes)
             log(
-                f"churn {level:.0%} ({stopped} stopped): {report.success_rate:.1%} found,"
+                f"churn {level:.0%} ({stopped} of {scenario.nodes} nodes stopped, {step} in"
+                f" this step): {report.success_rate:.1%} found,"
                 f" p50 {report.p50_ms:.0f} ms, p95 {report.p95_ms:.0f} ms,"
                 f" {report.rpcs_per_lookup:.0f} RPCs"
             )

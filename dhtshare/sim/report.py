@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-from ..display import format_size, table
+from ..display import format_size, plural, table
 from ..errors import DhtshareError
 
 __all__ = ["latency_summary", "render_summary", "write_plot"]
@@ -77,7 +77,14 @@ def render_summary(doc: dict[str, Any]) -> str:
     events = [f"  t={e['t']:6.2f}s  {e['event']}" for e in doc.get("churn_events", [])]
     if events:
         parts.append("events:\n" + "\n".join(events))
-    parts.append("result: " + ("OK, every download verified" if doc["ok"] else "FAILED"))
+    if not doc["ok"]:
+        result = "FAILED"
+    elif doc.get("downloads"):
+        result = f"OK, every download verified ({plural(len(doc['downloads']), 'download')})"
+    else:
+        worst = min(lv["success_rate"] for lv in lookups.get("by_churn") or [lookups])
+        result = f"OK, DHT only (no downloads): lookups found {worst:.1%} or more at every level"
+    parts.append(f"result: {result}")
     return "\n\n".join(parts)
 
 

@@ -2,10 +2,11 @@
 
 With ``size > 0`` (the default) the run is the product end to end: DHT-only nodes plus full
 nodes (an owner, seeders and downloaders, each a real ``Node`` with UDP and TCP sockets on
-its own loopback address, ``network.loopback_host``), a group formed by join requests the owner accepts, seeders sharing one file,
-downloaders fetching it in parallel, one seeder leaving half-way and optional churn of the
-DHT-only nodes. With ``size == 0`` only the DHT is measured (``dhtsim``), at scale.
-Everything random comes from ``--seed``: the same seed plays the same scenario.
+its own loopback address, ``network.loopback_host``), a group formed by join requests the
+owner accepts, seeders sharing one file, downloaders fetching it in parallel, one seeder
+leaving half-way and optional churn of the DHT-only nodes. With ``size == 0`` only the
+DHT is measured (``dhtsim``), at scale. Everything random comes from ``--seed``: the same
+seed plays the same scenario.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nacl.signing import SigningKey
 
 from ..allocator import tune_allocator
 from ..dht.server import DhtNode
-from ..display import format_size
+from ..display import format_size, plural
 from ..errors import DhtshareError
 from ..identity import Identity
 from ..node import Node, NodeConfig
@@ -198,7 +199,10 @@ async def _form_group(run: _Run, nodes: list[Node], log: _Log) -> bytes:
     await asyncio.gather(*(m.groups.maintain() for m in members))
     await asyncio.gather(*(m.groups.refresh(gid) for m in members))
     joined = sum(m.groups.is_member(gid, m.identity.public) for m in members)
-    run.event(f"group formed: {len(pending)} requests, {joined} members accepted", log.line)
+    run.event(
+        f"group formed: {plural(len(pending), 'request')}, {plural(joined, 'member')} accepted",
+        log.line,
+    )
     if joined != len(members):
         raise DhtshareError("not every member could join the simulated group", "see the log above")
     return gid
@@ -216,8 +220,8 @@ async def _play(
     )
     shared = await asyncio.gather(*(s.share(gid, source) for s in seeders))
     run.event(
-        f"{len(seeders)} seeders share {format_size(sc.size)}"
-        f" ({shared[0].layout.piece_count} pieces)",
+        f"{plural(len(seeders), 'seeder')} share{'s' if len(seeders) == 1 else ''}"
+        f" {format_size(sc.size)} ({plural(shared[0].layout.piece_count, 'piece')})",
         log.line,
     )
     files = await downloaders[0].files.list_files(gid, downloaders[0].groups.is_member)

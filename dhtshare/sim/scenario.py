@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..display import plural
 from ..errors import DhtshareError
 
 __all__ = ["Scenario", "load_scenario", "parse_size"]
@@ -55,8 +56,8 @@ class Scenario:
         members = self.seeders + self.downloaders + 2  # + bootstrap + owner
         if self.size > 0 and self.nodes < members:
             raise ScenarioError(
-                f"{self.nodes} nodes cannot hold {self.seeders} seeders"
-                f" and {self.downloaders} downloaders",
+                f"{self.nodes} nodes cannot hold {plural(self.seeders, 'seeder')}"
+                f" and {plural(self.downloaders, 'downloader')}",
                 f"use --nodes {members} or more",
             )
         if self.size > 0 and (self.seeders < 1 or self.downloaders < 1):
