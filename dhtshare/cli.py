@@ -218,7 +218,7 @@ def main(home: str | None, verbose: bool) -> None:
     \b
     Example:
       dhtshare id create --name alice
-      dhtshare node start --bootstrap boot.example.org:4000 --detach
+      dhtshare node start --bootstrap 203.0.113.7:4000 --detach
       dhtshare group create climbers
     """
     handler = logging.StreamHandler()
@@ -357,7 +357,7 @@ def node_start(
     """Start your node: DHT on UDP and the peer server on TCP, both on PORT, on every
     interface. Rate limits and the log level not given are those of the last start.
 
-    Example: dhtshare node start --port 4001 --bootstrap boot.example.org:4000 --detach
+    Example: dhtshare node start --port 4001 --bootstrap 203.0.113.7:4000 --detach
     """
     from . import settings
     from .daemon import NodeConfig, run_detached, run_foreground
@@ -919,7 +919,7 @@ def bootstrap(
 def ping(address: str, timeout: float) -> None:
     """Check that a dhtshare node answers at HOST:PORT (exit 0) or not (exit 1).
 
-    Example: dhtshare ping boot.example.org:4000
+    Example: dhtshare ping 203.0.113.7:4000
     """
     from .daemon import ping_node
 
