@@ -86,7 +86,7 @@ def commands(tmp: Path) -> list[list[str]]:
         ["group", "list", "--json"], ["group", "members", "g"], ["share", "g", str(shared)],
         ["files", "g"], ["files", "g", "--json"], ["get", "g", "f", "--out", out],
         ["get", "g", "f", "--out", out, "--no-wait"], ["downloads"], ["downloads", "--json"],
-        ["unshare", "g", "f"],
+        ["unshare", "g", "f"], ["shares"], ["shares", "g", "--json"],
     ]  # fmt: skip
 
 
@@ -191,10 +191,10 @@ def test_each_command_renders_a_well_formed_reply(tmp_path: Path) -> None:
            "role": "owner", "members": 2, "since": "s", "size": 10, "content_id": "c" * 64,
            "sharer": "s" * 20, "sharer_name": "", "providers": 1, "state": "complete",
            "bytes_done": 10, "sources": {"a": 1}, "path": "/p", "status": "pending",
-           "new_owner": "", "pid": 0}  # fmt: skip
+           "new_owner": "", "pid": 0, "group": "g", "peers": 1, "uploaded": 5}  # fmt: skip
     with fake_node(home) as node:
         for args in commands(tmp_path):
-            listing = args[0] in ("files", "downloads") or args[1] in ("requests", "list",
+            listing = args[0] in ("files", "downloads", "shares") or args[1] in ("requests", "list",
                                                                        "members")  # fmt: skip
             node.reply = line({"ok": True, "result": [row] if listing else row})
             result = CliRunner().invoke(cli.main, ["--home", str(home), *args])
