@@ -48,9 +48,19 @@ def _message(cmd: str, args: dict[str, Any], result: Any, label: GroupLabel) -> 
             return f"created group {group}"
         case "group.join":
             return f"asked to join group {group}: {r.get('status', '?')}"
-        case "group.leave":
-            heir = r.get("new_owner")
-            return f"left group {group}" + (f"; new owner {heir}" if heir else "")
+        case "group.leave" | "group.forget":
+            gid = str(r.get("group_id", ""))[:16]
+            named = f"{r.get('name') or '?'} ({gid})" if gid else group
+            verb = {"cancelled": "cancelled the request to join"}.get(
+                str(r.get("outcome")), "left" if cmd == "group.leave" else "forgot"
+            )
+            heir = r.get("new_owner_name") or r.get("new_owner")
+            stopped = r.get("stopped_shares") or []
+            return (
+                f"{verb} group {named}"
+                + (f"; new owner {heir}" if heir else "")
+                + (f"; stopped sharing {', '.join(map(str, stopped))}" if stopped else "")
+            )
         case "group.accept":
             return f"accepted {who} into group {args.get('group', '?')!r}"
         case "group.reject":

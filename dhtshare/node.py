@@ -298,6 +298,7 @@ class Node:
         self.server.close()
         self.save_state()
         await self.dht.aclose()
+        log.info("node %s stopped; state saved", self.identity.id)
         with contextlib.suppress(Exception):
             from . import control
 

@@ -36,6 +36,8 @@ def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> N
     u.run("bob", "get", gid[:12], cid, "--out", str(u.root / "dl"))
     u.run("alice", "unshare", gid[:12], "nope.bin", check=False)
     u.run("alice", "unshare", gid[:12], cid)
+    u.run("bob", "group", "leave", gid[:12])
+    u.run("bob", "node", "stop")
 
     alice, bob = log_of(u, "alice"), log_of(u, "bob")
     label = f"climbers ({gid[:16]})"
@@ -49,6 +51,8 @@ def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> N
     assert f"asked to join group {label}: pending" in bob
     assert f"download of {shown} ({cid[:16]}) in group {label} complete and verified" in bob
     assert " started: listening on 0.0.0.0:" in bob
+    assert f"left group {label}; stopped sharing {shown}" in bob
+    assert "stopped; state saved" in bob
     assert " DEBUG " not in alice  # the default level is info
 
 
