@@ -7,6 +7,11 @@ port), all at once, each bounded by the DHT's own RPC timeout (at most 2 s), and
 the ones that answered. Nothing is cached: a holder that just crashed is not counted, one
 that just started is. A clean stop withdraws the records instead
 (``FileService.withdraw_providers``), so a stopped holder is not even listed.
+
+The addresses come from provider records of current members only (IP literals, never
+multicast, broadcast or unspecified: ``records.check_peer_address``), and a listing sends
+one ping datagram to each of at most ``MAX_PINGS`` of them: a member can make a reader
+ping an address of its choice once per listing, no more.
 """
 
 from __future__ import annotations
