@@ -90,3 +90,34 @@ async def test_join_unknown_group_leave_never_joined_and_duplicate_names() -> No
         assert gid.hex()[:12] in caught.value.message and other.hex()[:12] in caught.value.message
         await so.leave(other)
         assert commands(so)._lookup("climbers") == gid
+
+
+class EmptyDht:
+    """A DHT that has lost every record (e.g. a group whose roster expired)."""
+
+    def __init__(self, node: object) -> None:
+        self.node = node
+
+    async def get(self, key: bytes) -> list[object]:
+        return []
+
+    def withdraw(self, key: bytes, slot: bytes) -> None:
+        self.node.withdraw(key, slot)  # type: ignore[attr-defined]
+
+
+async def test_a_group_without_roster_cannot_be_left_but_can_be_forgotten() -> None:
+    owner, bob = Identity.generate("owner"), Identity.generate("bob")
+    async with Network.start(6) as net:
+        so, sb = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], bob)
+        gid = await so.create("climbers")
+        await sb.request_join(gid)
+        await so.accept(gid, bob.public)
+        await sb.refresh(gid)
+        assert [g.role for g in await sb.my_groups()] == ["member"]
+        sb._dht = EmptyDht(net.nodes[2])  # type: ignore[assignment]
+        with pytest.raises(GroupError, match="no roster") as caught:
+            await sb.leave(gid)
+        assert "group forget" in caught.value.hint
+        done = await commands(sb).cmd_group_forget(None, "climbers")  # type: ignore[arg-type]
+        assert done == {"group_id": gid.hex(), "name": "climbers", "stopped_shares": []}
+        assert sb.state.groups == {} and await sb.my_groups() == []

@@ -517,7 +517,12 @@ class GroupService:
                     await self._publish_leave(group_id, None)
                 self.forget(group_id)
                 return Departure("cancelled")
-        view = await self.refresh(group_id)
+        view = await self._try_refresh(group_id)
+        if view is None:
+            raise GroupError(
+                "no roster of this group can be read, so the group cannot be told you leave",
+                "drop it from your list with: dhtshare group forget GROUP",
+            )
         handover, heir = None, None
         if view.owner == self._me.public:
             heir = rules.heir_of(self.members(group_id), self._me.public)
