@@ -83,7 +83,7 @@ def render_summary(doc: dict[str, Any]) -> str:
         result = f"OK, every download verified ({plural(len(doc['downloads']), 'download')})"
     else:
         worst = min(lv["success_rate"] for lv in lookups.get("by_churn") or [lookups])
-        result = f"OK, DHT only (no downloads): lookups found {worst:.1%} or more at every level"
+        result = f"OK, DHT only (no downloads): the worst churn level found {worst:.1%}"
     parts.append(f"result: {result}")
     return "\n\n".join(parts)
 
