@@ -5,7 +5,9 @@ names, file names, paths, error messages that quote them) reaches the terminal
 through ``clean``: control characters (C0 with tab and newline, DEL, C1 with CSI),
 format characters (bidi overrides and isolates, zero-width joiners and spaces, the
 byte-order mark), lone surrogates and line or paragraph separators are shown as a
-visible escape (``\\x1b``, ``\\u202e``) instead of being written. So no escape
+visible escape (``\\x1b``, ``\\u202e``) instead of being written, and a backslash
+is doubled (``\\\\``), so a name holding the four characters ``\\x1b`` shows as
+``\\\\x1b`` and never looks like an escaped ESC. So no escape
 sequence (a clipboard write, a screen clear, a cursor move) and no line break (a
 forged table row) from a remote peer reaches the terminal. ``table``, ``fields``
 and ``ProgressLine`` clean every value they print; ``--json`` output is JSON with
@@ -53,9 +55,17 @@ def _escape(char: str) -> str:
 def clean(value: object) -> str:
     """``value`` as one line of text that is safe to print on a terminal."""
     text = value if isinstance(value, str) else str(value)
-    if text.isascii() and text.isprintable():
+    if text.isascii() and text.isprintable() and "\\" not in text:
         return text
-    return "".join(_escape(c) if unicodedata.category(c) in _UNSAFE else c for c in text)
+    return "".join(_shown(c) for c in text)
+
+
+def _shown(char: str) -> str:
+    """One character as ``clean`` prints it: a backslash doubled (so a literal ``\\x1b``
+    cannot pass for an escaped ESC), an unsafe character escaped, any other as it is."""
+    if char == "\\":
+        return "\\\\"
+    return _escape(char) if unicodedata.category(char) in _UNSAFE else char
 
 
 class CleanFormatter(logging.Formatter):

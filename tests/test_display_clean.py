@@ -40,6 +40,7 @@ def unsafe_chars(text: str) -> list[str]:
         ("line\u2028sep", "line\\u2028sep"),
         ("lone \ud800", "lone \\ud800"),
         ("\ufeffbom", "\\ufeffbom"),
+        ("C:\\dir", "C:\\\\dir"),
         (42, "42"),
     ],
 )
@@ -47,12 +48,39 @@ def test_clean_examples(raw: object, shown: str) -> None:
     assert clean(raw) == shown
 
 
+def test_literal_backslash_escape_text_cannot_pass_for_an_escaped_control() -> None:
+    """A name holding the four characters ``\\x1b`` must not print like a real ESC."""
+    literal, real = "a\\x1bb", "a\x1bb"
+    assert clean(literal) != clean(real)
+    assert clean(literal) == "a\\\\x1bb"
+
+
+def unescape(shown: str) -> str:
+    """The inverse of ``clean``'s escaping (test oracle): every escape read back."""
+    out, i = [], 0
+    while i < len(shown):
+        if shown[i] != "\\":
+            out.append(shown[i])
+            i += 1
+            continue
+        kind = shown[i + 1]
+        if kind == "\\":
+            out.append("\\")
+            i += 2
+            continue
+        width = {"x": 2, "u": 4, "U": 8}[kind]
+        out.append(chr(int(shown[i + 2 : i + 2 + width], 16)))
+        i += 2 + width
+    return "".join(out)
+
+
 @given(st.text(max_size=200))
 def test_clean_leaves_no_unsafe_character_and_keeps_safe_text(text: str) -> None:
     shown = clean(text)
     assert not unsafe_chars(shown) and "\n" not in shown
     shown.encode("utf-8")  # printable on any UTF-8 terminal (no lone surrogate)
-    if not any(unicodedata.category(c) in UNSAFE for c in text):
+    assert unescape(shown) == text  # two different texts never look the same
+    if not any(unicodedata.category(c) in UNSAFE for c in text) and "\\" not in text:
         assert shown == text
 
 
