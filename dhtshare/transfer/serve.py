@@ -23,10 +23,18 @@ per peer key. Every task belongs to ``serve()``'s ``TaskGroup``.
 
 Connections that have not finished the handshake cost little and are few: the wire
 lets them hold a few hundred bytes (``MAX_HANDSHAKE_FRAME``); at most
-``max_handshakes`` of them exist at once (a new one closes the oldest) and at most
-``max_handshakes_per_ip`` per source address (an IPv6 /64 counts as one address; a
-new one past that is refused); and each must finish within ``handshake_timeout``
-seconds.
+``max_handshakes`` of them exist at once (a new one closes the oldest handshake of
+the source address holding the most, so a few busy addresses cannot push out everyone
+else's) and at most ``max_handshakes_per_ip`` per source address (an IPv6 /64 counts as
+one address; a new one past that is refused); and each must finish within
+``handshake_timeout`` seconds.
+
+Authenticated sessions are shared out the same way: at most ``max_sessions_per_key``
+per member key and ``max_sessions_per_ip`` per source address (a newcomer past either
+is refused ``BUSY``), and once all ``max_connections`` places are taken a newcomer
+closes the oldest session of the key or address holding the most (if that holds at
+least two more than the newcomer's), else is refused ``BUSY``. So one member, whatever
+it opens, cannot keep another member's download out.
 """
 
 from __future__ import annotations
@@ -77,6 +85,8 @@ __all__ = [
     "KEEPALIVE_INTERVAL",
     "MAX_HANDSHAKES",
     "MAX_HANDSHAKES_PER_IP",
+    "MAX_SESSIONS_PER_IP",
+    "MAX_SESSIONS_PER_KEY",
     "SERVER_HANDSHAKE_TIMEOUT",
     "MemberCheck",
     "PeerServer",
@@ -95,9 +105,14 @@ SERVER_HANDSHAKE_TIMEOUT = 5.0
 """A client that has not authenticated this long after connecting is closed (slow-loris):
 a handshake is three small frames, a second and a half of round trips."""
 MAX_HANDSHAKES = 64
-"""Connections still in the handshake at once; a new one past this closes the oldest."""
+"""Connections still in the handshake at once; a new one past this closes the oldest of
+the source address holding the most."""
 MAX_HANDSHAKES_PER_IP = 8
 """Connections still in the handshake from one source address; more are refused."""
+MAX_SESSIONS_PER_KEY = 8
+"""Authenticated sessions of one member key at once (one per file it downloads from us)."""
+MAX_SESSIONS_PER_IP = 16
+"""Authenticated sessions from one source address at once (members behind one NAT)."""
 KEEPALIVE_INTERVAL = 20.0
 """An idle server session sends a Keepalive this often (well under READ_TIMEOUT)."""
 NOTSENT_LOWAT = 256 * 1024
@@ -427,7 +442,8 @@ class PeerServer:
     sessions at once (see ``SuperSeed``); ``superseed_idle`` is its ``idle_after``
     (and a quarter of its ``patience``). ``max_handshakes``, ``max_handshakes_per_ip``
     and ``handshake_timeout`` bound the connections that have not authenticated yet
-    (the module doc); ``max_connections`` bounds the authenticated ones.
+    (the module doc); ``max_connections`` bounds the authenticated ones, shared out by
+    ``max_sessions_per_key`` and ``max_sessions_per_ip`` (the module doc).
     """
 
     def __init__(
@@ -439,6 +455,8 @@ class PeerServer:
         shares: ShareRegistry,
         upload_rate: float | None = None,
         max_connections: int = 128,
+        max_sessions_per_key: int = MAX_SESSIONS_PER_KEY,
+        max_sessions_per_ip: int = MAX_SESSIONS_PER_IP,
         max_queued: int = 128,
         max_handshakes: int = MAX_HANDSHAKES,
         max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP,
@@ -455,6 +473,8 @@ class PeerServer:
         self.rng = rng or random.Random()
         self.shares = shares
         self.max_connections = max_connections
+        self.max_sessions_per_key = max_sessions_per_key
+        self.max_sessions_per_ip = max_sessions_per_ip
         self.max_queued = max_queued
         self.max_handshakes = max_handshakes
         self.max_handshakes_per_ip = max_handshakes_per_ip
@@ -469,6 +489,7 @@ class PeerServer:
         self._server: asyncio.Server | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._sessions: set[_Session] = set()
+        self._admitted = 0  # sessions admitted so far: their order (oldest first)
         self._handshaking: dict[PeerProtocol, str] = {}  # -> source address, oldest first
         self._handshakes_from: Counter[str] = Counter()
         self.serving = asyncio.Event()  # set once connections are accepted
@@ -537,7 +558,7 @@ class PeerServer:
     def _on_accept(self, protocol: PeerProtocol) -> None:
         transport = protocol.transport
         assert transport is not None
-        if self._tg is None or len(self._sessions) >= self.max_connections:
+        if self._tg is None:
             self.stats.incr("refuse.busy")
             transport.close()
             return
@@ -549,7 +570,7 @@ class PeerServer:
             return
         while self._handshaking and len(self._handshaking) >= self.max_handshakes:
             self.stats.incr("evict.handshake")
-            self._handshake_ended(next(iter(self._handshaking)), close=True)
+            self._handshake_ended(self._handshake_to_evict(), close=True)
         sock = transport.get_extra_info("socket")
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             with contextlib.suppress(OSError):
@@ -560,6 +581,12 @@ class PeerServer:
             self._tg.create_task(self._run_session(protocol))
         except RuntimeError:  # the TaskGroup is shutting down: nobody would serve it
             self._handshake_ended(protocol, close=True)
+
+    def _handshake_to_evict(self) -> PeerProtocol:
+        """The oldest handshake of the source address holding the most (handshakes cost
+        nothing, so the heaviest source pays for a newcomer, not whoever came first)."""
+        most = max(self._handshakes_from.values())
+        return next(p for p, src in self._handshaking.items() if self._handshakes_from[src] == most)
 
     def _handshake_ended(self, protocol: PeerProtocol, *, close: bool = False) -> None:
         """``protocol`` no longer counts as a handshake in progress (``close``: end it)."""
@@ -574,10 +601,11 @@ class PeerServer:
     async def _run_session(self, protocol: PeerProtocol) -> None:
         """One connection, start to end; nothing it does can take the server down.
 
-        A peer refused at once (not a member, or a file we do not share) is rejected
-        while it still counts as a handshake (per-address cap, global cap, oldest
-        closed first): a handshake costs any key nothing, so a refused peer must never
-        hold one of the ``max_connections`` session places while its Reject lingers.
+        A peer refused at once (not a member, a file we do not share, or no session
+        place for it: ``_admit``) is rejected while it still counts as a handshake
+        (per-address cap, global cap): a handshake costs any key nothing, so a refused
+        peer must never hold one of the ``max_connections`` session places while its
+        Reject lingers.
         """
         try:
             stream = await accept_peer(
@@ -586,7 +614,7 @@ class PeerServer:
                 read_timeout=self.idle_timeout,
             )
             session = _Session(self, stream)
-            if await session._refuse_if_needed():
+            if await session._refuse_if_needed() or not await self._admit(session):
                 return
         except (ProtocolError, OSError, TimeoutError) as exc:
             self.stats.incr("drop.handshake")
@@ -600,7 +628,6 @@ class PeerServer:
             return
         finally:
             self._handshake_ended(protocol)
-        self._sessions.add(session)
         try:
             await session.run()
         except Exception as exc:  # never the server's: one connection ends, nothing more
@@ -614,6 +641,44 @@ class PeerServer:
             self._sessions.discard(session)
             self._session_left(session)
             await session.close()
+
+    async def _admit(self, session: _Session) -> bool:
+        """Give ``session`` a place (True) or refuse it ``BUSY`` (False): see the module doc.
+
+        The check and the taking of the place happen with no await in between.
+        """
+        refusal = self._no_place_for(session)
+        if refusal is None:
+            self._admitted += 1
+            session.order = self._admitted
+            self._sessions.add(session)
+            return True
+        self.stats.incr(f"refuse.{refusal}")
+        await session.stream.reject(Reason.BUSY, "busy: too many connections, try again later")
+        return False
+
+    def _no_place_for(self, session: _Session) -> str | None:
+        """Why ``session`` gets no place (a stats name), or ``None`` once it has one
+        (closing the oldest session of the heaviest key or address if the server is full)."""
+        keys = Counter(s.peer for s in self._sessions)
+        sources = Counter(s.source for s in self._sessions)
+        if keys[session.peer] >= self.max_sessions_per_key:
+            return "sessions_per_key"
+        if sources[session.source] >= self.max_sessions_per_ip:
+            return "sessions_per_ip"
+        if len(self._sessions) < self.max_connections:
+            return None
+
+        def load(s: _Session) -> int:
+            return max(keys[s.peer], sources[s.source])
+
+        victim = max(self._sessions, key=lambda s: (load(s), -s.order))
+        if load(victim) < load(session) + 2:  # nobody holds clearly more than the newcomer
+            return "busy"
+        self.stats.incr("evict.session")
+        self._sessions.discard(victim)
+        victim.stream.abort(Reason.BUSY, "busy: this place went to another member")
+        return None
 
     def _seed_for(self, share: Share) -> SuperSeed | None:
         """The super-seeding state of a complete share (``None``: not super-seeding)."""
@@ -675,6 +740,8 @@ class _Session:
         assert stream.peer is not None
         self.group_id = stream.peer.group_id
         self.content_id = stream.peer.content_id
+        self.source = source_of(stream.remote_address[0])
+        self.order = 0  # when admitted (PeerServer._admit)
         self.share: Share | None = None
         self.queue: deque[Request] = deque()
         self.wake = asyncio.Event()
