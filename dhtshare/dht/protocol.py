@@ -569,8 +569,18 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             rtt.update(sample)
 
     def handle_call_response(self, result: Reply, node: Node) -> Reply:
-        """Welcome a node that answered; evict one after ``max_failures`` failures in a row."""
-        if result[0]:
+        """Welcome a node that answered; evict one after ``max_failures`` failures in a row.
+
+        A ping that ``node``'s address answers with another id means a new node lives
+        there (restarted with a new id): the new id, which just proved its address,
+        replaces ``node`` in the table (``welcome_if_new``).
+        """
+        answered, body = result
+        if answered and _is_id(body) and body != node.id:
+            self._failures.pop(node.id, None)
+            self.welcome_if_new(Node(body, node.ip, node.port))
+            return result
+        if answered:
             self._failures.pop(node.id, None)
             self._welcome_answered(node)
             return result
@@ -665,12 +675,16 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         among the k closest known to the key and we the closest (``PushFilter``); an
         address is given records once (a new id there gets none), at most
         ``_MAX_PUSHES_PER_NODE``; and the same record is never pushed to the same node
-        twice (bounded memory of recent pushes).
+        twice (bounded memory of recent pushes). If the address's latest ping answer
+        was ``node.id``, a contact held there under another id is dropped first (a node
+        restarted with a new id; the old id no longer answers there).
         """
         if node.id == self.source_node.id or self.is_known(node):
             return
         if self._unusable((node.ip, node.port)):
             return
+        if self._amp.answered_as((node.ip, node.port)) == node.id and self.router.replace_at(node):
+            self.stats.incr("contact_replaced")  # the address answers as a new id now
         self._push_records(node)
         self.router.add_contact(node)
 

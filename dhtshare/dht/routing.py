@@ -5,7 +5,8 @@ every new id as a new contact. ``DiverseRoutingTable`` keeps the library's bucke
 splitting and replacement caches, and adds, in the spirit of BEP 42:
 
 - one node id per ``(ip, port)``: a new id from an address already in the table does
-  not add a second contact (the first one stays until it stops answering);
+  not add a second contact (the first one stays until it stops answering, or until
+  the address answers a ping with another id: ``replace_at``, a restarted node);
 - at most ``MAX_PER_ADDRESS`` contacts per IP address in the table;
 - at most ``MAX_PER_PREFIX_IN_BUCKET`` contacts per prefix (/24, /48; ``sources.py``)
   in one bucket and ``MAX_PER_PREFIX`` in the table.
@@ -163,6 +164,24 @@ class DiverseRoutingTable(RoutingTable):  # type: ignore[misc]
         """Add ``node`` unless a limit refuses it (then nothing changes)."""
         if self.admits(node):
             super().add_contact(node)
+
+    def id_at(self, ip: str, port: int) -> bytes | None:
+        """The id of the contact at ``(ip, port)``, if one is in the table."""
+        return self.index.endpoints.get((str(ip), int(port)))
+
+    def replace_at(self, node: Node) -> bool:
+        """``node``'s endpoint now answers as ``node.id``: drop the contact held there
+        under another id (a node restarted with a new id; the old one is gone), so that
+        ``node`` may take its place. True if a contact was dropped.
+
+        Only for an id the endpoint itself proved (it answered a ping with it): a claim
+        by anyone else must not push a contact out.
+        """
+        held = self.id_at(node.ip, node.port)
+        if held is None or held == node.id:
+            return False
+        self.remove_contact(Node(held, node.ip, node.port))
+        return True
 
 
 def pick_diverse(nodes: Iterable[Node], k: int) -> list[Node]:
