@@ -64,6 +64,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             c.run(user, "group", "join", gid)
             c.run("alice", "group", "accept", "crag", user)
         c.facts["gid"] = gid
+        # every file is shared while all holders are up: the tests are about getting them
+        c.facts["big_cid"] = share(c, "alice", "big.bin", BIG)[1]
+        c.facts["small"] = share(c, "alice", "small.bin", 100_000)
+        c.facts["stopped_cid"] = share(c, "bob", "stopped.bin", 300_000)[1]
+        c.facts["crashed_cid"] = share(c, "dave", "crashed.bin", 300_000)[1]
         yield c
     finally:
         c.teardown()
@@ -112,9 +117,7 @@ def restart(c: Cluster, user: str) -> None:
 
 
 def big_file(c: Cluster) -> str:
-    """alice shares ``big.bin`` (once); its content id."""
-    if "big_cid" not in c.facts:
-        c.facts["big_cid"] = share(c, "alice", "big.bin", BIG)[1]
+    """The content id of ``big.bin``, which alice serves at 1 MB/s."""
     return str(c.facts["big_cid"])
 
 
@@ -134,8 +137,7 @@ def test_get_from_holders_gone_ends_with_no_providers_at_the_default_timeout(
     a file. carol's ``get`` of each ends with docs/cli.md's error at the default 60 s,
     and ``downloads`` shows the failure with its group, error and hint."""
     c = cluster
-    _, stopped_cid = share(c, "bob", "stopped.bin", 300_000)
-    _, crashed_cid = share(c, "dave", "crashed.bin", 300_000)
+    stopped_cid, crashed_cid = c.facts["stopped_cid"], c.facts["crashed_cid"]
     listed = {f["name"] for f in c.json("carol", "files", "crag")}
     assert {"stopped.bin", "crashed.bin"} <= listed
     assert "node stopped" in c.run("bob", "node", "stop").stdout
@@ -191,7 +193,7 @@ def test_ctrl_c_on_get_without_a_terminal_cancels_the_download(cluster: Cluster)
     proc = get_proc(c, "carol", "big.bin", out)
     watcher = LineWatcher(proc)
     try:
-        watcher.wait_for(PROGRESS_LINE)  # it runs: pieces arrive
+        watcher.wait_for(PROGRESS_LINE, timeout=2 * TIMEOUT)  # it runs: pieces arrive
         assert (out / "big.bin.part").exists()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT) == 130
@@ -227,7 +229,8 @@ def test_ctrl_c_on_a_terminal_can_keep_the_download_and_cancel_deletes_it(
         proc = get_proc(c, "carol", "big.bin", out, stdin=slave)
         watcher = LineWatcher(proc)
         try:
-            watcher.wait_for(PROGRESS_LINE)  # stderr is no terminal: plain progress lines
+            # stderr is no terminal: plain progress lines
+            watcher.wait_for(PROGRESS_LINE, timeout=2 * TIMEOUT)
             os.write(master, b"y\n")  # the answer waits in the terminal's input
             proc.send_signal(signal.SIGINT)
             assert proc.wait(TIMEOUT) == 130
@@ -270,7 +273,7 @@ def test_downloads_clear_forgets_complete_and_failed_rows_and_keeps_files(
     """Item 3: ``[C] [group] file`` rows, a completed download cannot be cancelled, and
     ``downloads clear`` forgets complete and failed rows without deleting a file."""
     c = cluster
-    data, _ = share(c, "alice", "small.bin", 100_000)
+    data, _ = c.facts["small"]
     got = c.run("carol", "get", "crag", "small.bin", "--out", str(c.root / "carol-small"))
     assert "complete and verified" in got.stdout
     text = c.run("carol", "downloads").stdout
