@@ -182,17 +182,17 @@ class Node:
     def _log_started(self) -> None:
         host, port = self.address
         log.info(
-            "node %s (%s) started: listening on %s:%d, advertising %s:%d; %s, %d groups,"
-            " %d shares, %d downloads; log level %s",
+            "node %s (%s) started: listening on %s:%d, advertising %s:%d; %s, %s, %s, %s;"
+            " log level %s",
             self.identity.id,
             self.identity.name,
             host,
             port,
             *self.advertised,
             plural(self.dht.contact_count(), "DHT contact"),
-            len(self.groups.state.groups),
-            len(self.shares),
-            len(self.downloads.statuses()),
+            plural(len(self.groups.state.groups), "group"),
+            plural(len(self.shares), "share"),
+            plural(len(self.downloads.statuses()), "download"),
             self.config.log_level,
         )
 
@@ -435,7 +435,8 @@ class Node:
         before, after = self._members_seen, self._membership()
         self._members_seen = after
         for gid in after.keys() - before.keys():
-            log.info("joined group %s: %d members", self.group_label(gid), len(after[gid]))
+            count = plural(len(after[gid]), "member")
+            log.info("joined group %s: %s", self.group_label(gid), count)
         for gid in before.keys() - after.keys():
             log.info("no longer a member of group %s", self.group_label(gid))
         for gid in after.keys() & before.keys():

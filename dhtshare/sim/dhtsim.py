@@ -32,6 +32,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from dhtshare.dht.server import DhtNode, LookupStats
+from dhtshare.display import plural
 from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
 from dhtshare.records import PeerInfo, SignedRecord, sign_record
@@ -199,7 +200,7 @@ async def run_dht_scenario(
         startup = time.monotonic() - started
         log(f"{scenario.nodes} nodes joined in {startup:.1f} s")
         targets = await _publish(net.nodes, scenario.records, rng)
-        log(f"published {len(targets)} records")
+        log(f"published {plural(len(targets), 'record')}")
         by_churn: list[dict[str, Any]] = []
         everything: list[_Outcome] = []
         stopped = 0
