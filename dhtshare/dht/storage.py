@@ -72,7 +72,7 @@ class Quotas:
 
     ``address`` and ``prefix``: of ``max_bytes`` and of ``max_records``, for one source
     address and for one prefix (/24, /48). ``key``: of ``max_per_key``, the slots one
-    prefix may hold under one key.
+    prefix may hold under one key once the key is full (free slots are for anyone).
     """
 
     address: float = 1 / 16
@@ -217,7 +217,8 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]
         if _exceeds(self._by_prefix[src.prefix], _extra(raw, held, same_prefix), self.prefix_cap):
             return "prefix_quota"
         slots = self._data.get(key, {})
-        if not same_prefix and _count(slots, src.prefix) >= self.key_cap:
+        full = len(slots) >= self.max_per_key
+        if full and not same_prefix and _count(slots, src.prefix) >= self.key_cap:
             return "key_quota"
         return None
 
