@@ -101,6 +101,7 @@ class DownloadManager:
         self.home, self.identity, self.files = home, identity, files
         self.is_member, self.registry, self.on_complete = is_member, registry, on_complete
         self.options = options or DownloadOptions()
+        self._starting = asyncio.Lock()  # claims of output names, one at a time
         self.handles: dict[bytes, Handle] = {}
         self._finished: dict[bytes, dict[str, Any]] = {}
         self._announcing: set[asyncio.Task[None]] = set()
@@ -171,8 +172,13 @@ class DownloadManager:
 
         A download of the same file already running into another directory is not
         moved nor doubled: ``FileShareError`` says where it goes. ``keep``: it goes on
-        in the background when no ``get`` waits for it (see ``wait``).
+        in the background when no ``get`` waits for it (see ``wait``). One start at a
+        time: two ``get``s of different files with one name then pick two names.
         """
+        async with self._starting:
+            return await self._start(group_id, entry, out_dir, keep)
+
+    async def _start(self, group_id: bytes, entry: FileEntry, out_dir: Path, keep: bool) -> Handle:
         running = self._running(entry.content_id, out_dir)
         if running is not None:
             running.kept |= keep

@@ -101,6 +101,25 @@ async def test_two_downloads_with_the_same_name_each_end_with_their_own_bytes(
     assert sorted(p.name for p in out.iterdir()) == ["x (1).bin", "x.bin"]
 
 
+async def test_two_downloads_started_at_once_with_the_same_name_pick_two_names(
+    cluster: Cluster,
+) -> None:
+    """Two ``get``s of different files with one name, started in the same instant."""
+    owner, fetcher, gid = await two_members(cluster)
+    first, second = os.urandom(SIZE), os.urandom(SIZE)
+    e1 = await shared(owner, gid, cluster.tmp / "a" / "x.bin", first)
+    e2 = await shared(owner, gid, cluster.tmp / "b" / "x.bin", second)
+    out = cluster.tmp / "out"
+    h1, h2 = await asyncio.gather(
+        fetcher.downloads.start(gid, e1, out), fetcher.downloads.start(gid, e2, out)
+    )
+    async with asyncio.timeout(60):
+        paths = await asyncio.gather(task(h1), task(h2))
+    assert {p.name for p in paths} == {"x.bin", "x (1).bin"}
+    assert sha(paths[0].read_bytes()) == sha(first)
+    assert sha(paths[1].read_bytes()) == sha(second)
+
+
 async def test_a_users_own_part_file_is_never_truncated_or_renamed(cluster: Cluster) -> None:
     owner, fetcher, gid = await two_members(cluster)
     data = os.urandom(SIZE)
