@@ -22,7 +22,9 @@
    every piece is verified.
 
 It fails with ``FileShareError`` when no provider serves the file within
-``provider_timeout`` seconds (or every provider refused us, with their reason),
+``provider_timeout`` seconds (or every provider refused us twice, ``retry_after``
+apart, with their reason: a provider's cached roster may not list a member accepted
+a moment ago until its next read),
 and with ``StoreError`` on disk trouble (the ``.part`` file is kept). Every task
 belongs to the ``TaskGroup`` inside ``run()``; cancelling ``run()`` pauses.
 """
@@ -228,7 +230,8 @@ class Download:
         self.sources: Counter[bytes] = Counter()
         self.bytes_received = 0
         self.banned: set[bytes] = set()
-        self.refused: dict[bytes, str] = {}
+        self.refused: dict[bytes, str] = {}  # provider -> its reason, once it refused twice
+        self._refused_once: dict[bytes, str] = {}  # refused once: tried again after retry_after
         self._partial: PartialFile | None = None
         self._state = ResumeState(info.content_id, self.layout.piece_count)
         self._sessions: dict[bytes, _Client] = {}
@@ -389,6 +392,14 @@ class Download:
                 async with asyncio.timeout(self._repoll_gap()):
                     await self._wake.wait()
         return None
+
+    def note_refusal(self, peer: bytes, why: str) -> None:
+        """A provider refused us: the first time it is tried again after ``retry_after``
+        (its roster may be a moment old), the second time it is refused for this download."""
+        if self._refused_once.pop(peer, None) is not None:
+            self.refused[peer] = why
+        else:
+            self._refused_once[peer] = why
 
     def _stalled(self) -> DhtshareError | None:
         """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
@@ -887,7 +898,7 @@ class _Client:
     def _on_reject(self, reason: int, text: str) -> None:
         self.error = text or f"rejected (reason {reason})"
         if reason in (Reason.NOT_MEMBER, Reason.UNKNOWN_CONTENT):
-            self.dl.refused[self.addr.peer_key] = self.error
+            self.dl.note_refusal(self.addr.peer_key, self.error)
 
     @property
     def idle(self) -> bool:
