@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .errors import DhtshareError
-from .identity import Identity
+from dhtshare.errors import DhtshareError
+from dhtshare.identity import Identity
 
 __all__ = ["DhtshareError", "Identity", "__version__"]
 

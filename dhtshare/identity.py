@@ -20,9 +20,9 @@ import nacl.secret
 import nacl.utils
 from nacl.signing import SigningKey
 
-from . import crypto
-from .errors import IdentityError
-from .store.atomic import write_atomic
+from dhtshare import crypto
+from dhtshare.atomic import write_atomic
+from dhtshare.errors import IdentityError
 
 __all__ = [
     "Identity",

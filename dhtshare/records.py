@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from . import crypto
-from .codec import DecodeError, Reader, Writer
-from .errors import RecordError
-from .files.content import check_layout
+from dhtshare import crypto
+from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.errors import RecordError
+from dhtshare.files.content import check_layout
 
 if TYPE_CHECKING:
-    from .identity import Identity
+    from dhtshare.identity import Identity
 
 __all__ = [
     "CLOCK_SKEW",

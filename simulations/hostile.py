@@ -67,7 +67,7 @@ from dhtshare.errors import DhtshareError
 from dhtshare.files.content import FileLayout
 from dhtshare.groups.service import GroupService, GroupState
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import (
     MAX_BODY,
     VERSION,
@@ -79,7 +79,7 @@ from dhtshare.records import (
     sign_record,
     time_seq,
 )
-from dhtshare.transfer.peer import PeerProtocol, PeerStream, accept_peer, server_protocol
+from dhtshare.transfer.aio.peer import PeerProtocol, PeerStream, accept_peer, server_protocol
 from dhtshare.wire import (
     Bitfield,
     ConnectionClosed,

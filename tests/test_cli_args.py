@@ -15,8 +15,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from dhtshare import cli, control
+from dhtshare.cli import main as cli
 from dhtshare.errors import FileShareError
+from dhtshare.node import control
 
 
 def all_commands(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from dhtshare import cli
+from dhtshare.cli import main as cli
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 

@@ -91,8 +91,8 @@ def test_every_hint_that_names_a_command_carries_the_users_home(users: Users) ->
 def test_every_command_named_in_the_code_gets_the_home() -> None:
     """Collect every string (and f-string part) in dhtshare/ that names a command, and
     check that ``with_home`` gives each named command the ``--home``."""
-    from dhtshare.cli import main
-    from dhtshare.hints import with_home
+    from dhtshare.cli.hints import with_home
+    from dhtshare.cli.main import main
 
     assert set(main.commands) == set(COMMANDS), "update COMMANDS"
     tree = {

@@ -25,7 +25,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dhtshare import cli, control
+from dhtshare.cli import main as cli
+from dhtshare.node import control
 
 UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 PROGRESS = re.compile(r"^(downloading|hashing): \d+% ")

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from dhtshare import control
 from dhtshare.errors import GroupError, NodeError
+from dhtshare.node import control
 
 
 async def handler(cmd: str, args: dict[str, Any], progress: control.Progress) -> Any:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dhtshare.display import CleanFormatter, ProgressLine, clean, fields, table
+from dhtshare.cli.display import CleanFormatter, ProgressLine, clean, fields, table
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
 CLEAR = "\x1b[2J\x1b[H"

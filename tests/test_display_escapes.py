@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from dhtshare import cli
+from dhtshare.cli import main as cli
 from dhtshare.dht.server import DhtNode
 from dhtshare.groups import rules
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node.service import Node, NodeConfig
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"  # "set the clipboard to: rm -rf ~"
 CLEAR = "\x1b[2J\x1b[H"

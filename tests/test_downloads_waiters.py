@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from dhtshare.dht.server import DhtNode
-from dhtshare.downloads import Handle
 from dhtshare.errors import FileShareError
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node.downloads import Handle
+from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import FileEntry
 
 SIZE = 4 * 1024 * 1024

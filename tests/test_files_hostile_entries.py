@@ -30,7 +30,7 @@ from dhtshare.records import (
     sign_record,
 )
 from dhtshare.sim.network import Network
-from dhtshare.transfer.download import Download, FileInfo
+from dhtshare.transfer.aio.download import Download, FileInfo
 
 GID = os.urandom(32)
 

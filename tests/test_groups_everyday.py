@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from dhtshare.commands import Commands
 from dhtshare.errors import GroupError
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
+from dhtshare.node.commands import Commands
 from dhtshare.sim import Network
 
 

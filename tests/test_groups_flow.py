@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 
 from dhtshare import crypto
-from dhtshare.commands import Commands
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError
 from dhtshare.groups import rules
 from dhtshare.groups.service import Draft, GroupService, GroupState
 from dhtshare.identity import Identity, format_id
+from dhtshare.node.commands import Commands
 from dhtshare.records import (
     Handover,
     Kind,

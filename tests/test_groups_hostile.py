@@ -27,7 +27,7 @@ from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError
 from dhtshare.groups.service import Draft, GroupService
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import (
     PAGE_MEMBERS,
     Decision,

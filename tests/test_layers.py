@@ -60,11 +60,11 @@ ALLOWED_IN_PURE = frozenset(
     }
 )
 
-NODE_IMPORTERS = frozenset({"dhtshare.daemon", "dhtshare.sim.runner"})
-NODE_TYPE_ONLY_IMPORTERS = frozenset({"dhtshare.commands"})
-DAEMON_IMPORTERS = frozenset({"dhtshare.cli"})
+NODE_IMPORTERS = frozenset({"dhtshare.cli.daemon", "dhtshare.sim.runner"})
+NODE_TYPE_ONLY_IMPORTERS = frozenset({"dhtshare.node.commands"})
+DAEMON_IMPORTERS = frozenset({"dhtshare.cli.main"})
 CLI_IMPORTERS = frozenset({"dhtshare.__main__"})
-SIM_LAZY_IMPORTERS = frozenset({"dhtshare.cli"})
+SIM_LAZY_IMPORTERS = frozenset({"dhtshare.cli.main"})
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,14 @@ def violations(imports: list[Import]) -> list[str]:
             _under(imp.target, "dhtshare.dht") or _under(imp.target, "dhtshare.groups")
         ):
             out.append(f"{where}: transfer imports {imp.target}")
-        if _under(imp.target, "dhtshare.cli") and imp.importer not in CLI_IMPORTERS:
+        if _under(imp.target, "dhtshare.cli.main") and imp.importer not in CLI_IMPORTERS:
             out.append(f"{where}: imports the cli")
-        if _under(imp.target, "dhtshare.node") and not (
+        if _under(imp.target, "dhtshare.node.service") and not (
             imp.importer in NODE_IMPORTERS
             or (imp.importer in NODE_TYPE_ONLY_IMPORTERS and imp.type_checking)
         ):
             out.append(f"{where}: imports node")
-        if _under(imp.target, "dhtshare.daemon") and imp.importer not in DAEMON_IMPORTERS:
+        if _under(imp.target, "dhtshare.cli.daemon") and imp.importer not in DAEMON_IMPORTERS:
             out.append(f"{where}: imports daemon")
         if (
             _under(imp.target, "dhtshare.sim")
@@ -245,16 +245,16 @@ def _check(module: str, source: str, is_package: bool = False) -> list[str]:
         ("dhtshare.transfer.picker", "import aiofiles\n", "pure module imports aiofiles"),
         ("dhtshare.groups.rules", "def f():\n    import click\n", "pure module imports click"),
         ("dhtshare.dht.storage", "from kademlia.network import Server\n", "kademlia.network"),
-        ("dhtshare.files.content", "from dhtshare.downloads import X\n", "impure"),
+        ("dhtshare.files.content", "from dhtshare.node.downloads import X\n", "impure"),
         ("dhtshare.groups.rules", "from ..groups import service\n", "impure"),
-        ("dhtshare.transfer.download", "from dhtshare.dht.server import DhtNode\n", "transfer"),
-        ("dhtshare.transfer.serve", "from ..groups.rules import heir_of\n", "transfer"),
-        ("dhtshare.downloads", "from . import cli\n", "imports the cli"),
-        ("dhtshare.downloads", "from .node import Node\n", "imports node"),
-        ("dhtshare.commands", "from .node import Node\n", "imports node"),
+        ("dhtshare.transfer.aio.download", "from dhtshare.dht.server import DhtNode\n", "transfer"),
+        ("dhtshare.transfer.aio.serve", "from ..groups.rules import heir_of\n", "transfer"),
+        ("dhtshare.node.downloads", "from . import cli\n", "imports the cli"),
+        ("dhtshare.node.downloads", "from .node import Node\n", "imports node"),
+        ("dhtshare.node.commands", "from .node import Node\n", "imports node"),
         ("dhtshare.files.service", "from ..daemon import run_foreground\n", "imports daemon"),
-        ("dhtshare.node", "from .sim.network import Network\n", "imports sim"),
-        ("dhtshare.cli", "from .sim.runner import run_simulation\n", "imports sim"),
+        ("dhtshare.node.service", "from .sim.network import Network\n", "imports sim"),
+        ("dhtshare.cli.main", "from .sim.runner import run_simulation\n", "imports sim"),
     ],
 )
 def test_a_bad_import_is_caught(module: str, source: str, expected: str) -> None:
@@ -266,10 +266,10 @@ def test_a_bad_import_is_caught(module: str, source: str, expected: str) -> None
     ("module", "source"),
     [
         (
-            "dhtshare.commands",
+            "dhtshare.node.commands",
             "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .node import Node\n",
         ),
-        ("dhtshare.cli", "def f():\n    from .sim.runner import run_simulation\n"),
+        ("dhtshare.cli.main", "def f():\n    from .sim.runner import run_simulation\n"),
         ("dhtshare.sim.report", "from .scenario import Scenario\n"),
         ("dhtshare.dht.storage", "from kademlia.storage import IStorage\n"),
         ("dhtshare.wire", "from dhtshare.wire.frames import MAX_FRAME\n"),

@@ -27,9 +27,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from dhtshare import cli, control
+from dhtshare.cli import main as cli
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node import control
+from dhtshare.node.service import Node, NodeConfig
 
 NOBODY = 65534
 FORGED = {"ok": True, "result": {"content_id": "f" * 64, "name": "x", "size": 1}}

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from dhtshare.dht.server import DhtNode
-from dhtshare.downloads import Handle
 from dhtshare.errors import DhtshareError, FileShareError, NodeError
 from dhtshare.identity import Identity
-from dhtshare.node import Node, NodeConfig
+from dhtshare.node.downloads import Handle
+from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import FileEntry
 from dhtshare.sim.network import loopback_host
 

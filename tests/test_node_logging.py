@@ -86,11 +86,11 @@ def test_verbose_reaches_a_detached_node(users: Users) -> None:  # noqa: F811
     u.new_user("dave")
     u.run("dave", "-v", "node", "start", "--detach", "--bootstrap", f"127.0.0.1:{u.boot.port}")
     out = (u.home("dave") / "node.out").read_text()
-    assert " INFO dhtshare.node: node " in out and " started: " in out, out
+    assert " INFO dhtshare.node.service: node " in out and " started: " in out, out
 
 
 def test_damaged_settings_give_the_defaults(tmp_path: Path) -> None:
-    from dhtshare import settings
+    from dhtshare.node import settings
 
     (tmp_path / "settings.json").write_text('{"upload_limit": "fast", "log_level": "loud"')
     assert settings.load(tmp_path) == {

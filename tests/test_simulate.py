@@ -7,7 +7,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from dhtshare.cli import main
+from dhtshare.cli.main import main
 
 
 def simulate(*args: str) -> dict[str, Any]:

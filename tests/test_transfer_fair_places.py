@@ -20,9 +20,9 @@ import pytest
 from dhtshare.errors import ProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.peer import PeerProtocol, PeerStream
-from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.peer import PeerProtocol, PeerStream
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 from dhtshare.wire import (
     Bitfield,
     HandshakeComplete,

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from dhtshare.errors import FileShareError, ProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.picker import PickerConfig
-from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Failed
 from dhtshare.wire import (
     MAX_BLOCK,

@@ -21,8 +21,8 @@ import pytest
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 from dhtshare.wire import FrameType, PeerConnection, Reason, Role, State
 
 GROUP = bytes(range(32))
@@ -198,7 +198,7 @@ async def test_slow_loris_is_closed_after_the_handshake_deadline(tmp_path: Path)
 
 
 def test_per_address_cap_counts_an_ipv6_64_as_one_address() -> None:
-    from dhtshare.transfer.serve import source_of  # new in this change
+    from dhtshare.transfer.aio.serve import source_of  # new in this change
 
     assert source_of("2001:db8::1") == source_of("2001:db8::ffff:1") == "2001:db8::/64"
     assert source_of("2001:db8:0:1::1") != source_of("2001:db8::1")

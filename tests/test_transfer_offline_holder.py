@@ -22,7 +22,7 @@ import pytest
 from dhtshare.errors import FileShareError
 from dhtshare.files.content import FileLayout
 from dhtshare.identity import Identity
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 
 GROUP = b"\x07" * 32
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from dhtshare.identity import Identity
-from dhtshare.transfer.peer import (
+from dhtshare.transfer.aio.peer import (
     LINGER,
     STREAM_LIMIT,
     PeerProtocol,

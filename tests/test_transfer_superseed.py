@@ -10,9 +10,9 @@ from pathlib import Path
 
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.peer import PeerStream, open_peer
-from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry, SuperSeed
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.peer import PeerStream, open_peer
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry, SuperSeed
 from dhtshare.wire import Bitfield, Event, GetHashes, HashList, Have, Piece, Request
 
 PIECE = 256 * 1024

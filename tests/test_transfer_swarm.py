@@ -18,15 +18,15 @@ from dhtshare.errors import FileShareError, StoreError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
-from dhtshare.transfer.download import (
+from dhtshare.transfer.aio.download import (
     Download,
     DownloadOptions,
     FileInfo,
     ProviderAddr,
     refill_due,
 )
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.picker import Block
-from dhtshare.transfer.serve import PeerServer, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
 
 MiB = 1024 * 1024

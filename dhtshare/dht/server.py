@@ -32,6 +32,7 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
+from dhtshare.atomic import write_atomic
 from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.sources import source_of
@@ -39,7 +40,6 @@ from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.errors import DhtError, RecordError
 from dhtshare.records import SignedRecord, decode_record, verify_record
 from dhtshare.stats import Counters
-from dhtshare.store.atomic import write_atomic
 
 __all__ = ["DhtNode", "LookupStats"]
 

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import aiofiles.os
 
-from ..dht.server import DhtNode
-from ..errors import DhtError, FileShareError
-from ..identity import Identity
-from ..records import (
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import DhtError, FileShareError
+from dhtshare.files.content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
+from dhtshare.identity import Identity
+from dhtshare.records import (
     MAX_TTL,
     FileEntry,
     Kind,
@@ -35,7 +36,6 @@ from ..records import (
     sign_record,
     time_seq,
 )
-from .content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 
 __all__ = ["FileInfo", "FileService", "SharedFile", "pick_entry", "shared_at", "signed_since"]
 

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from .. import crypto
-from ..errors import GroupError, RecordError
-from ..identity import Identity
-from ..records import (
+from dhtshare import crypto
+from dhtshare.errors import GroupError, RecordError
+from dhtshare.identity import Identity
+from dhtshare.records import (
     INLINE_MEMBERS,
     MAX_HANDOVERS,
     MAX_NAME,

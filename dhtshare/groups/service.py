@@ -26,10 +26,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..codec import Reader
-from ..errors import DhtshareError, GroupError
-from ..identity import Identity
-from ..records import (
+from dhtshare.codec import Reader
+from dhtshare.errors import DhtshareError, GroupError
+from dhtshare.groups import rules
+from dhtshare.groups.rules import JoinStatus, Known, PendingRequest, RosterView
+from dhtshare.identity import Identity
+from dhtshare.records import (
     CLOCK_SKEW,
     MAX_PAGES,
     MAX_TTL,
@@ -48,8 +50,6 @@ from ..records import (
     sign_record,
     time_seq,
 )
-from . import rules
-from .rules import JoinStatus, Known, PendingRequest, RosterView
 
 __all__ = [
     "DIRECTORY_TTL",

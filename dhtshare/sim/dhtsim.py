@@ -31,8 +31,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from dhtshare.cli.display import plural
 from dhtshare.dht.server import DhtNode, LookupStats
-from dhtshare.display import plural
 from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
 from dhtshare.records import PeerInfo, SignedRecord, sign_record

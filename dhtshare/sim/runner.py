@@ -27,17 +27,17 @@ from typing import Any
 import click
 from nacl.signing import SigningKey
 
-from ..allocator import tune_allocator
-from ..dht.server import DhtNode
-from ..display import format_size, plural
-from ..errors import DhtshareError
-from ..identity import Identity
-from ..node import Node, NodeConfig
-from ..records import Kind, key_for
-from .dhtsim import LookupReport, measure_lookups
-from .network import Network, loopback_host
-from .report import latency_summary, render_summary, write_plot
-from .scenario import Scenario, load_scenario
+from dhtshare.cli.allocator import tune_allocator
+from dhtshare.cli.display import format_size, plural
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import DhtshareError
+from dhtshare.identity import Identity
+from dhtshare.node.service import Node, NodeConfig
+from dhtshare.records import Kind, key_for
+from dhtshare.sim.dhtsim import LookupReport, measure_lookups
+from dhtshare.sim.network import Network, loopback_host
+from dhtshare.sim.report import latency_summary, render_summary, write_plot
+from dhtshare.sim.scenario import Scenario, load_scenario
 
 __all__ = ["run_simulation", "run_transfer_scenario"]
 
@@ -61,7 +61,7 @@ def run_simulation(
     tune_allocator()  # this process runs every full node of the scenario
     log = _Log(quiet=False)
     if scenario.size == 0:
-        from .dhtsim import run_dht_scenario
+        from dhtshare.sim.dhtsim import run_dht_scenario
 
         doc = asyncio.run(run_dht_scenario(scenario, log.line))
         doc.setdefault("downloads", [])

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..display import plural
-from ..errors import DhtshareError
+from dhtshare.cli.display import plural
+from dhtshare.errors import DhtshareError
 
 __all__ = ["Scenario", "load_scenario", "parse_size"]
 

@@ -37,8 +37,8 @@ from typing import TypeAlias, TypeVar
 
 import aiofiles.os
 
+from dhtshare.atomic import fsync_dir, write_atomic
 from dhtshare.errors import StoreError
-from dhtshare.store.atomic import fsync_dir, write_atomic
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 T = TypeVar("T")

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dhtshare.atomic import write_atomic
 from dhtshare.errors import StoreError
-from dhtshare.store.atomic import write_atomic
 
 __all__ = ["STATE_VERSION", "ResumeState", "load_or_new", "read_state"]
 

@@ -42,6 +42,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dhtshare.atomic import read_hashes, write_hashes
 from dhtshare.errors import (
     DhtshareError,
     FileShareError,
@@ -58,13 +59,12 @@ from dhtshare.files.content import (
     verify_piece,
 )
 from dhtshare.identity import Identity, format_id
-from dhtshare.store.atomic import read_hashes, write_hashes
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
-from dhtshare.transfer.peer import READ_TIMEOUT, PeerStream, open_peer
+from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
+from dhtshare.transfer.aio.serve import KEEPALIVE_INTERVAL, MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
 from dhtshare.transfer.ratelimit import TokenBucket
-from dhtshare.transfer.serve import KEEPALIVE_INTERVAL, MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
 from dhtshare.wire import (
     MAX_BLOCK,

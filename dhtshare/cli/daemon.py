@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .allocator import tune_allocator
-from .dht.server import DhtNode
-from .display import LOG_FORMAT, CleanFormatter
-from .errors import DhtshareError, NodeError
-from .node import Node, NodeConfig
+from dhtshare.cli.allocator import tune_allocator
+from dhtshare.cli.display import LOG_FORMAT, CleanFormatter
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import DhtshareError, NodeError
+from dhtshare.node.service import Node, NodeConfig
 
 __all__ = ["NodeConfig", "ping_node", "run_bootstrap", "run_detached", "run_foreground"]
 

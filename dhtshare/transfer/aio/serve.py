@@ -58,7 +58,7 @@ from dhtshare.files.content import FileLayout, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.stats import Counters
 from dhtshare.store.partial import BlockReader
-from dhtshare.transfer.peer import (
+from dhtshare.transfer.aio.peer import (
     READ_TIMEOUT,
     PeerProtocol,
     PeerStream,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import NodeError
+from dhtshare.errors import NodeError
 
 __all__ = ["MAX_INT", "MalformedReply", "Reply", "rows"]
 

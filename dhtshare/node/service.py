@@ -21,20 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import settings
-from .dht.server import DhtNode
-from .display import plural
-from .downloads import DownloadManager
-from .errors import DhtError, DhtshareError, NodeError, StoreError
-from .files.content import FileLayout
-from .files.liveness import Liveness
-from .files.service import FileService, SharedFile
-from .groups.service import GroupService, GroupState
-from .identity import Identity
-from .netaddr import choose_advertised, local_address_toward
-from .store.atomic import read_hashes, write_atomic, write_hashes
-from .transfer.download import DownloadOptions
-from .transfer.serve import PeerServer, Share, ShareRegistry
+from dhtshare.atomic import read_hashes, write_atomic, write_hashes
+from dhtshare.cli.display import plural
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import DhtError, DhtshareError, NodeError, StoreError
+from dhtshare.files.content import FileLayout
+from dhtshare.files.liveness import Liveness
+from dhtshare.files.service import FileService, SharedFile
+from dhtshare.groups.service import GroupService, GroupState
+from dhtshare.identity import Identity
+from dhtshare.node import settings
+from dhtshare.node.downloads import DownloadManager
+from dhtshare.node.netaddr import choose_advertised, local_address_toward
+from dhtshare.transfer.aio.download import DownloadOptions
+from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 
 __all__ = ["Node", "NodeConfig"]
 
@@ -135,7 +135,7 @@ class Node:
         """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
         config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         if config.control:
-            from . import control
+            from dhtshare.node import control
 
             if await control.answering(control.socket_path(config.home)):
                 raise NodeError(
@@ -159,8 +159,8 @@ class Node:
             node._spawn(node.server.serve(), "peer server")
             node._spawn(node._maintain_forever(), "maintenance")
             if config.control:
-                from . import control
-                from .commands import Commands
+                from dhtshare.node import control
+                from dhtshare.node.commands import Commands
 
                 node._control = await control.serve(
                     control.prepare_socket(config.home), Commands(node).handle
@@ -300,7 +300,7 @@ class Node:
         await self.dht.aclose()
         log.info("node %s stopped; state saved", self.identity.id)
         with contextlib.suppress(Exception):
-            from . import control
+            from dhtshare.node import control
 
             control.remove_socket(self.home)
         self.stopped.set()
@@ -519,7 +519,7 @@ class Node:
         )
 
     def require_member(self, group_id: bytes) -> None:
-        from .errors import GroupError
+        from dhtshare.errors import GroupError
 
         if not self.groups.is_member(group_id, self.identity.public):
             if group_id in self.stale_groups():

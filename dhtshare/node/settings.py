@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .store.atomic import write_atomic
+from dhtshare.atomic import write_atomic
 
 __all__ = ["LOG_LEVELS", "Settings", "load", "merge", "save"]
 

@@ -23,8 +23,8 @@ from typing import Any, NoReturn
 
 import click
 
-from . import control, hints
-from .display import (
+from dhtshare.cli import hints
+from dhtshare.cli.display import (
     LOG_FORMAT,
     CleanFormatter,
     ProgressLine,
@@ -36,8 +36,9 @@ from .display import (
     table,
     table_with_notes,
 )
-from .errors import DhtshareError, IdentityError, NodeError
-from .replies import MalformedReply, Reply, rows
+from dhtshare.cli.replies import MalformedReply, Reply, rows
+from dhtshare.errors import DhtshareError, IdentityError, NodeError
+from dhtshare.node import control
 
 __all__ = ["main"]
 
@@ -247,7 +248,7 @@ def id_create(ctx: click.Context, name: str, passphrase_file: str | None) -> Non
 
     Example: dhtshare id create --name alice
     """
-    from .identity import Identity
+    from dhtshare.identity import Identity
 
     path = home_of(ctx) / "identity.json"
     if path.exists():
@@ -267,7 +268,7 @@ def id_show(ctx: click.Context, as_json: bool) -> None:
 
     Example: dhtshare id show
     """
-    from .identity import describe_key_file
+    from dhtshare.identity import describe_key_file
 
     info = describe_key_file(home_of(ctx) / "identity.json")
     emit(ctx, info, status_fields)
@@ -359,8 +360,8 @@ def node_start(
 
     Example: dhtshare node start --port 4001 --bootstrap 203.0.113.7:4000 --detach
     """
-    from . import settings
-    from .daemon import NodeConfig, run_detached, run_foreground
+    from dhtshare.cli.daemon import NodeConfig, run_detached, run_foreground
+    from dhtshare.node import settings
 
     home = home_of(ctx)
     kept = settings.merge(
@@ -736,7 +737,7 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
         started = Reply(node_call(ctx, "get", **args), "get")
         click.echo(f"downloading {clean(started.text('name'))} into {clean(started.text('path'))}")
         return
-    from .interrupt import Interrupted, get_or_interrupt
+    from dhtshare.cli.interrupt import Interrupted, get_or_interrupt
 
     bar = ProgressLine("downloading", 1)
 
@@ -903,7 +904,7 @@ def bootstrap(
 
     Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare
     """
-    from .daemon import run_bootstrap
+    from dhtshare.cli.daemon import run_bootstrap
 
     run_bootstrap(
         Path(state).expanduser() if state else home_of(ctx),
@@ -921,7 +922,7 @@ def ping(address: str, timeout: float) -> None:
 
     Example: dhtshare ping 203.0.113.7:4000
     """
-    from .daemon import ping_node
+    from dhtshare.cli.daemon import ping_node
 
     host, port = parse_hostport(address)
     rtt = asyncio.run(ping_node(host, port, timeout))
@@ -967,7 +968,7 @@ def simulate(
       dhtshare simulate
       dhtshare simulate --nodes 1000 --size 0 --churn 0.2 --procs 2 --json
     """
-    from .sim.runner import run_simulation
+    from dhtshare.sim.runner import run_simulation
 
     ok = run_simulation(
         scenario, {k: v for k, v in options.items() if v is not None}, as_json, plot

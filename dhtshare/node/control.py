@@ -33,9 +33,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from . import errors
-from .errors import DhtshareError, NodeError
-from .store.atomic import write_atomic
+from dhtshare import errors
+from dhtshare.atomic import write_atomic
+from dhtshare.errors import DhtshareError, NodeError
 
 __all__ = ["Progress", "answering", "call", "check_socket", "prepare_socket", "remove_socket",
            "serve", "socket_path"]  # fmt: skip

@@ -18,17 +18,17 @@ from typing import Any
 
 import aiofiles.os
 
-from .errors import DhtError, DhtshareError, FileShareError, StoreError
-from .files.service import FileService, SharedFile
-from .identity import Identity
-from .records import FileEntry, Provider
-from .store.atomic import write_atomic
-from .store.partial import free_name, read_owner
-from .transfer.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from .transfer.ratelimit import TokenBucket
-from .transfer.serve import MemberCheck, ShareRegistry
-from .transfer.status import DownloadStatus, Paused
-from .wire import MAX_BLOCK
+from dhtshare.atomic import write_atomic
+from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
+from dhtshare.files.service import FileService, SharedFile
+from dhtshare.identity import Identity
+from dhtshare.records import FileEntry, Provider
+from dhtshare.store.partial import free_name, read_owner
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.serve import MemberCheck, ShareRegistry
+from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.status import DownloadStatus, Paused
+from dhtshare.wire import MAX_BLOCK
 
 __all__ = ["DownloadManager", "Handle"]
 
@@ -434,7 +434,7 @@ async def _check_free_space(folder: Path, size: int) -> None:
 
 def _restored(doc: dict[str, Any]) -> DownloadStatus:
     """The saved final status of a download that ended before the restart."""
-    from .transfer.status import Complete, Failed
+    from dhtshare.transfer.status import Complete, Failed
 
     final = doc.get("final") or {}
     base = (

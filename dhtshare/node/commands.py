@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import eventlog
-from .control import Progress
-from .errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
-from .files.service import FileInfo
-from .groups.rules import StaleRosterError
-from .identity import format_id, parse_id
+from dhtshare.errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
+from dhtshare.files.service import FileInfo
+from dhtshare.groups.rules import StaleRosterError
+from dhtshare.identity import format_id, parse_id
+from dhtshare.node import eventlog
+from dhtshare.node.control import Progress
 
 if TYPE_CHECKING:
-    from .node import Node
+    from dhtshare.node.service import Node
 
 __all__ = ["Commands"]
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import control
-from .errors import FileShareError
-from .replies import Reply
+from dhtshare.cli.replies import Reply
+from dhtshare.errors import FileShareError
+from dhtshare.node import control
 
 __all__ = ["Interrupted", "get_or_interrupt"]
 
