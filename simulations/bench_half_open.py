@@ -51,7 +51,7 @@ MODES = {
 def serve(lift_caps: bool) -> None:
     """Run one PeerServer until stdin closes (or 300 s pass); print its port first."""
     import dhtshare  # the server process only
-    from dhtshare.cli.allocator import tune_allocator
+    from dhtshare.allocator import tune_allocator
     from dhtshare.files.content import FileLayout, hash_file, merkle_root
     from dhtshare.identity import Identity
     from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry

@@ -36,7 +36,7 @@ from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
 
-from dhtshare.cli.allocator import tune_allocator
+from dhtshare.allocator import tune_allocator
 from dhtshare.files.content import FileLayout, hash_file, merkle_root, piece_size_for
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr

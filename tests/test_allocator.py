@@ -14,7 +14,7 @@ import pytest
 # heap's top is trimmed each time and faulted in again (about 48,000 faults here).
 BURSTS = """
 import resource, sys
-from dhtshare.cli.allocator import tune_allocator
+from dhtshare.allocator import tune_allocator
 tuned = tune_allocator() if sys.argv[1] == "tune" else False
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dhtshare.cli.display import CleanFormatter, ProgressLine, clean, fields, table
+from dhtshare.cli.display import CleanFormatter, ProgressLine
+from dhtshare.text import clean, fields, table
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
 CLEAR = "\x1b[2J\x1b[H"

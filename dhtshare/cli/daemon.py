@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dhtshare.cli.allocator import tune_allocator
+from dhtshare.allocator import tune_allocator
 from dhtshare.cli.display import LOG_FORMAT, CleanFormatter
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError, NodeError

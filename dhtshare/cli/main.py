@@ -24,21 +24,11 @@ from typing import Any, NoReturn
 import click
 
 from dhtshare.cli import hints
-from dhtshare.cli.display import (
-    LOG_FORMAT,
-    CleanFormatter,
-    ProgressLine,
-    clean,
-    fields,
-    format_rate,
-    format_size,
-    plural,
-    table,
-    table_with_notes,
-)
+from dhtshare.cli.display import LOG_FORMAT, CleanFormatter, ProgressLine
 from dhtshare.cli.replies import MalformedReply, Reply, rows
 from dhtshare.errors import DhtshareError, IdentityError, NodeError
 from dhtshare.node import control
+from dhtshare.text import clean, fields, format_rate, format_size, plural, table, table_with_notes
 
 __all__ = ["main"]
 

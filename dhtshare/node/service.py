@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from dhtshare.atomic import read_hashes, write_atomic, write_hashes
-from dhtshare.cli.display import plural
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError, NodeError, StoreError
 from dhtshare.files.content import FileLayout
@@ -33,6 +32,7 @@ from dhtshare.identity import Identity
 from dhtshare.node import settings
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
+from dhtshare.text import plural
 from dhtshare.transfer.aio.download import DownloadOptions
 from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
 

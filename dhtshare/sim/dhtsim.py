@@ -31,7 +31,6 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from dhtshare.cli.display import plural
 from dhtshare.dht.server import DhtNode, LookupStats
 from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
@@ -39,6 +38,7 @@ from dhtshare.records import PeerInfo, SignedRecord, sign_record
 from dhtshare.sim.network import Network
 from dhtshare.sim.scenario import Scenario
 from dhtshare.sim.workers import WorkerPool, WorkerSpec, peak_rss_kb
+from dhtshare.text import plural
 
 __all__ = ["LookupReport", "measure_lookups", "run_dht_scenario"]
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any
 
-from dhtshare.cli.display import format_size, plural, table
 from dhtshare.errors import DhtshareError
+from dhtshare.text import format_size, plural, table
 
 __all__ = ["latency_summary", "render_summary", "write_plot"]
 

@@ -27,8 +27,7 @@ from typing import Any
 import click
 from nacl.signing import SigningKey
 
-from dhtshare.cli.allocator import tune_allocator
-from dhtshare.cli.display import format_size, plural
+from dhtshare.allocator import tune_allocator
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
@@ -38,6 +37,7 @@ from dhtshare.sim.dhtsim import LookupReport, measure_lookups
 from dhtshare.sim.network import Network, loopback_host
 from dhtshare.sim.report import latency_summary, render_summary, write_plot
 from dhtshare.sim.scenario import Scenario, load_scenario
+from dhtshare.text import format_size, plural
 
 __all__ = ["run_simulation", "run_transfer_scenario"]
 

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dhtshare.cli.display import plural
 from dhtshare.errors import DhtshareError
+from dhtshare.text import plural
 
 __all__ = ["Scenario", "load_scenario", "parse_size"]
 
