@@ -13,9 +13,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["HASH_SIZE", "fsync_dir", "read_hashes", "write_atomic", "write_hashes"]
+from dhtshare.crypto import HASH_SIZE
 
-HASH_SIZE = 32
+__all__ = ["fsync_dir", "read_hashes", "write_atomic", "write_hashes"]
 
 
 def fsync_dir(path: Path) -> None:

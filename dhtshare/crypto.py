@@ -14,6 +14,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 __all__ = [
     "DHT_KEY_SIZE",
+    "HASH_SIZE",
     "PUBLIC_KEY_SIZE",
     "SIGNATURE_SIZE",
     "dht_key",
@@ -25,6 +26,8 @@ __all__ = [
 PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 DHT_KEY_SIZE = 20
+HASH_SIZE = 32
+"""A SHA-256 hash: a piece hash, and a content id (the root of a file's hash tree)."""
 _PREFIX = b"dhtshare/v1/"
 
 

@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dhtshare.crypto import HASH_SIZE
 from dhtshare.errors import FileShareError
 
 __all__ = [
     "CHUNK_SIZE",
-    "HASH_SIZE",
     "MAX_FILE_PIECES",
     "MAX_FILE_SIZE",
     "MAX_PIECE_SIZE",
@@ -44,7 +44,6 @@ __all__ = [
     "verify_piece",
 ]
 
-HASH_SIZE = 32
 MIN_PIECE_SIZE = 256 * 1024
 MAX_PIECE_SIZE = 16 * 1024 * 1024
 TARGET_PIECES = 2048

@@ -25,7 +25,6 @@ from dhtshare.wire.frames import (
 )
 from dhtshare.wire.handshake import MAGIC, VERSION
 from dhtshare.wire.messages import (
-    HASH_SIZE,
     MAX_BLOCK,
     MAX_HASHES,
     MAX_PIECES,
@@ -46,7 +45,6 @@ from dhtshare.wire.messages import (
 )
 
 __all__ = [
-    "HASH_SIZE",
     "MAGIC",
     "MAX_BLOCK",
     "MAX_FRAME",

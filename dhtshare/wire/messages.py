@@ -15,11 +15,11 @@ from enum import IntEnum
 from typing import TypeAlias
 
 from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.crypto import HASH_SIZE
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.wire.frames import Reason
 
 __all__ = [
-    "HASH_SIZE",
     "MAX_BLOCK",
     "MAX_HASHES",
     "MAX_PIECES",
@@ -41,8 +41,6 @@ __all__ = [
 
 MAX_BLOCK = 256 * 1024
 """Largest block a Request may ask for and a Piece may carry."""
-HASH_SIZE = 32
-"""SHA-256 piece hash size."""
 MAX_HASHES = 8192
 """Most piece hashes in one GetHashes / HashList (256 KiB of hashes)."""
 MAX_PIECES = 1 << 23
