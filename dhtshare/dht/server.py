@@ -202,9 +202,13 @@ class DhtNode(Server):  # type: ignore[misc]
 
     def _create_protocol(self) -> DhtProtocol:
         proto = DhtProtocol(
-            self.node, self.storage, self.ksize, clock=self.clock, stats=self.stats,
+            self.node,
+            self.storage,
+            self.ksize,
+            clock=self.clock,
+            stats=self.stats,
             timeouts=self.timeouts,
-        )  # fmt: skip
+        )
         proto.router = DiverseRoutingTable(proto, self.ksize, self.node)
         return proto
 

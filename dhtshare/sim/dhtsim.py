@@ -31,7 +31,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from dhtshare.dht.server import DhtNode, LookupStats
+from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
 from dhtshare.records import PeerInfo, SignedRecord, sign_record
@@ -144,15 +144,6 @@ def _percentile(sorted_values: Sequence[float], q: float) -> float:
         return 0.0
     rank = max(1, math.ceil(q * len(sorted_values)))
     return sorted_values[rank - 1]
-
-
-def summarize(stats: Sequence[LookupStats]) -> dict[str, float]:
-    """Median RPCs, failures and latency of some ``DhtNode.lookups`` entries."""
-    return {
-        "rpcs": _percentile(sorted(float(s.rpcs) for s in stats), 0.5),
-        "failures": _percentile(sorted(float(s.failures) for s in stats), 0.5),
-        "ms": _percentile(sorted(s.seconds * 1000 for s in stats), 0.5),
-    }
 
 
 # ---- the scenario ---------------------------------------------------------------------

@@ -90,7 +90,7 @@ def render_summary(doc: dict[str, Any]) -> str:
 
 def write_plot(doc: dict[str, Any], path: str) -> None:
     """Throughput over time per download and a lookup-latency CDF, as one PNG."""
-    try:
+    try:  # imported here: matplotlib is an optional extra, and slow to import
         import matplotlib
 
         matplotlib.use("Agg")

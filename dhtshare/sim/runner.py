@@ -33,7 +33,7 @@ from dhtshare.errors import DhtshareError
 from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import Kind, key_for
-from dhtshare.sim.dhtsim import LookupReport, measure_lookups
+from dhtshare.sim.dhtsim import LookupReport, measure_lookups, run_dht_scenario
 from dhtshare.sim.network import Network, loopback_host
 from dhtshare.sim.report import latency_summary, render_summary, write_plot
 from dhtshare.sim.scenario import Scenario, load_scenario
@@ -61,8 +61,6 @@ def run_simulation(
     tune_allocator()  # this process runs every full node of the scenario
     log = _Log(quiet=False)
     if scenario.size == 0:
-        from dhtshare.sim.dhtsim import run_dht_scenario
-
         doc = asyncio.run(run_dht_scenario(scenario, log.line))
         doc.setdefault("downloads", [])
         doc.setdefault("seeders", {})

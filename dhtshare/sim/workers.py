@@ -22,22 +22,18 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from dhtshare.errors import DhtshareError
+from dhtshare.errors import WorkerError
 from dhtshare.sim.network import ADDRESSES_PER_PROCESS, Network
 
-__all__ = ["WorkerError", "WorkerPool", "WorkerSpec", "peak_rss_kb"]
+__all__ = ["WorkerPool", "WorkerSpec", "peak_rss_kb"]
 
 Address = tuple[str, int]
 _PARENT_CHECK = 1.0  # seconds between checks that the parent is still there
-
-
-class WorkerError(DhtshareError):
-    """A worker process failed, answered wrongly or did not answer in time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +76,9 @@ def worker_main(conn: Connection, spec: WorkerSpec) -> None:
 
 
 async def _serve(conn: Connection, spec: WorkerSpec) -> None:
-    net = Network.build(
-        spec.nodes, ksize=spec.ksize, alpha=spec.alpha, rng=random.Random(spec.seed),
-        first=spec.index * ADDRESSES_PER_PROCESS,
-    )  # fmt: skip
+    rng = random.Random(spec.seed)
+    first = spec.index * ADDRESSES_PER_PROCESS
+    net = Network.build(spec.nodes, ksize=spec.ksize, alpha=spec.alpha, rng=rng, first=first)
     try:
         started = time.monotonic()
         async with asyncio.timeout(spec.join_timeout):
@@ -169,11 +164,9 @@ class WorkerPool:
         workers = []
         for spec in specs:
             parent_end, child_end = ctx.Pipe()
-            spec = _with_parent(spec)
-            proc = ctx.Process(
-                target=worker_main, args=(child_end, spec), name=f"dht-worker-{spec.index}",
-                daemon=True,
-            )  # fmt: skip
+            spec = replace(spec, parent_pid=os.getpid())
+            name = f"dht-worker-{spec.index}"
+            proc = ctx.Process(target=worker_main, args=(child_end, spec), name=name, daemon=True)
             proc.start()
             child_end.close()
             workers.append(_Worker(spec, proc, parent_end))
@@ -242,13 +235,6 @@ class WorkerPool:
         if not (isinstance(message, tuple) and len(message) == 2 and message[0] == expected):
             raise WorkerError(f"{name} answered {message!r}, expected {expected}")
         return message[1]
-
-
-def _with_parent(spec: WorkerSpec) -> WorkerSpec:
-    return WorkerSpec(
-        spec.index, spec.nodes, spec.bootstrap, spec.seed, spec.ksize, spec.alpha,
-        spec.join_concurrency, spec.join_timeout, os.getpid(),
-    )  # fmt: skip
 
 
 def _reap(process: BaseProcess, timeout: float) -> None:

@@ -97,9 +97,16 @@ class Aead:
                 return
             written = _ffi.new("unsigned long long *")
             rc = c_encrypt(
-                _ffi.from_buffer(dst, require_writable=True), written,
-                _ffi.from_buffer(src), len(src), ad, len(ad), _ffi.NULL, nonce, key,
-            )  # fmt: skip
+                _ffi.from_buffer(dst, require_writable=True),
+                written,
+                _ffi.from_buffer(src),
+                len(src),
+                ad,
+                len(ad),
+                _ffi.NULL,
+                nonce,
+                key,
+            )
         if rc != 0:
             raise ValueError("libsodium refused to seal the message")
 
@@ -116,9 +123,16 @@ class Aead:
             out = bytearray(len(src) - self.tag_size)
             written = _ffi.new("unsigned long long *")
             rc = c_decrypt(
-                _ffi.from_buffer(out, require_writable=True), written, _ffi.NULL,
-                _ffi.from_buffer(src), len(src), ad, len(ad), nonce, key,
-            )  # fmt: skip
+                _ffi.from_buffer(out, require_writable=True),
+                written,
+                _ffi.NULL,
+                _ffi.from_buffer(src),
+                len(src),
+                ad,
+                len(ad),
+                nonce,
+                key,
+            )
         if rc != 0:
             raise nacl.exceptions.CryptoError("Decryption failed.")
         return out
