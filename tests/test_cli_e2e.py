@@ -7,10 +7,13 @@ restart that resumes its share, a bootstrap restart that keeps its id, and every
 user can cause, each of which must be one ``error:`` line (plus an optional ``hint:``), a
 non-zero exit and no traceback.
 
-The tests share one network (a module fixture) and run in file order: later tests use the
-group and files that earlier ones made. Waits are on processes (``node start --detach``
-returns once its node is up; a ``get`` returns when the file is verified) or on a log line;
-every process is stopped in the fixture's ``finally``.
+Each test asks for what it needs from module fixtures, built once on first use: ``cluster``
+(the bootstrap node and five identities), ``nodes`` (four running nodes), ``climbers`` (the
+group and its decisions) and ``solo`` (a file only alice shares). So any one test passes
+alone, and the module passes whole; a test may change that state only in ways no other test
+relies on. Waits are on processes (``node start --detach`` returns once its node is up; a
+``get`` returns when the file is verified) or on a log line; every process is stopped in
+the ``cluster`` fixture's ``finally``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -34,7 +38,7 @@ import pytest
 DHTSHARE = Path(sys.executable).parent / "dhtshare"
 TIMEOUT = 30.0  # seconds for any one command
 PROVIDER_TIMEOUT = "2"  # seconds a download waits for a provider (DHTSHARE_PROVIDER_TIMEOUT)
-USERS = ("alice", "bob", "carol", "dave")
+USERS = ("alice", "bob", "carol", "dave")  # the four with a running node
 PASSPHRASE = "correct horse battery staple"
 PROGRESS = re.compile(r"^(downloading|hashing): \d+%")
 
@@ -133,7 +137,7 @@ class Cluster:
     env: dict[str, str]
     boot: Bootstrap
     pids: set[int] = field(default_factory=set)
-    facts: dict[str, Any] = field(default_factory=dict)  # what earlier tests made
+    facts: dict[str, Any] = field(default_factory=dict)  # what the module fixture made
 
     def home(self, user: str) -> Path:
         return self.root / user
@@ -189,7 +193,6 @@ class Cluster:
 
     def start_node_limited(self, user: str, max_file: int) -> subprocess.Popen[str]:
         """``start_node`` whose node may write no file beyond ``max_file`` bytes."""
-        import resource
 
         def limit() -> None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (max_file, max_file))
@@ -233,6 +236,7 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *words: str) ->
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The bootstrap node and the identities of USERS and of eve (who never runs a node)."""
     root = tmp_path_factory.mktemp("e2e")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DHTSHARE_")}
     env["DHTSHARE_PROVIDER_TIMEOUT"] = PROVIDER_TIMEOUT
@@ -242,33 +246,77 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.facts["boot_id"] = c.boot.start(env)
         for user in USERS:
             c.run(user, "id", "create", "--name", user, *c.passphrase_args(user))
+        c.run("eve", "id", "create", "--name", "eve", *c.passphrase_args("alice"))
         yield c
     finally:
         c.teardown()
 
 
+@pytest.fixture(scope="module")
+def nodes(cluster: Cluster) -> Cluster:
+    """``cluster`` with the four USERS' nodes up and bootstrapped."""
+    procs = {u: cluster.start_node(u, *cluster.passphrase_args(u)) for u in USERS}
+    for proc in procs.values():
+        cluster.started(proc)
+    return cluster
+
+
+@dataclass(frozen=True)
+class Climbers:
+    """alice's public group ``climbers``, and what each step of making it printed."""
+
+    gid: str
+    joined: dict[str, str]  # user -> stdout of their `group join`
+    requests: list[dict[str, Any]]  # alice's pending requests, before any decision
+    accepted_bob: str  # stdout of `group accept climbers bob`
+
+
+@pytest.fixture(scope="module")
+def climbers(nodes: Cluster) -> Climbers:
+    """bob, carol and dave ask to join; alice accepts bob and carol and rejects dave."""
+    c = nodes
+    gid = c.run("alice", "group", "create", "climbers", "--public").stdout.strip()
+    joined = {
+        user: c.run(user, "group", "join", gid, "--message", f"hi, {user} here").stdout
+        for user in ("bob", "carol", "dave")
+    }
+    requests = c.json("alice", "group", "requests", "climbers")
+    accepted_bob = c.run("alice", "group", "accept", "climbers", "bob").stdout
+    c.run("alice", "group", "accept", "climbers", "carol")
+    c.run("alice", "group", "reject", "climbers", "dave", "--reason", "not this time")
+    return Climbers(gid, joined, requests, accepted_bob)
+
+
+@pytest.fixture(scope="module")
+def solo(nodes: Cluster, climbers: Climbers) -> bytes:
+    """``solo.bin``, shared in climbers by alice alone; its content."""
+    data = os.urandom(1024 * 1024 + 7)
+    (nodes.root / "solo.bin").write_bytes(data)
+    nodes.run("alice", "share", "climbers", str(nodes.root / "solo.bin"))
+    return data
+
+
 # ---------------------------------------------------------------------------------- tests
 
 
-def test_start_errors_then_four_nodes(cluster: Cluster) -> None:
+def test_start_errors(cluster: Cluster) -> None:
     c = cluster
     # no identity
     assert_clean_error(c.start_node_result("nobody"), "no identity")
     # wrong passphrase
     (c.root / "wrong").write_text("not it\n")
     assert_clean_error(
-        c.start_node_result("alice", "--passphrase-file", str(c.root / "wrong")), "passphrase"
+        c.start_node_result("eve", "--passphrase-file", str(c.root / "wrong")), "passphrase"
     )
     # node not running
-    assert_clean_error(c.run("alice", "node", "status", check=False), "no node is running")
+    assert_clean_error(c.run("eve", "node", "status", check=False), "no node is running")
     # port in use: the bootstrap node holds this UDP port
-    c.run("eve", "id", "create", "--name", "eve")
-    busy = c.start_node_result("eve", "--port", str(c.boot.port))
+    busy = c.start_node_result("eve", *c.passphrase_args("alice"), "--port", str(c.boot.port))
     assert_clean_error(busy, "cannot listen", "in use")
 
-    procs = {u: c.start_node(u, *c.passphrase_args(u)) for u in USERS}
-    for proc in procs.values():
-        c.started(proc)
+
+def test_four_nodes_up_and_one_per_home(nodes: Cluster) -> None:
+    c = nodes
     for user in USERS:
         status = c.json(user, "node", "status")
         assert status["name"] == user and status["dht_contacts"] >= 1
@@ -276,19 +324,12 @@ def test_start_errors_then_four_nodes(cluster: Cluster) -> None:
     assert_clean_error(c.start_node_result("bob"), "already running")
 
 
-def test_group_flow_share_download_unshare(cluster: Cluster) -> None:
-    c = cluster
-    gid = c.run("alice", "group", "create", "climbers", "--public").stdout.strip()
+def test_group_flow_share_download_unshare(nodes: Cluster, climbers: Climbers) -> None:
+    c, gid = nodes, climbers.gid
     assert re.fullmatch(r"[0-9a-f]{64}", gid)
-    c.facts["gid"] = gid
-    for user in ("bob", "carol", "dave"):
-        out = c.run(user, "group", "join", gid, "--message", f"hi, {user} here").stdout
-        assert "pending" in out
-    requests = c.json("alice", "group", "requests", "climbers")
-    assert sorted(r["name"] for r in requests) == ["bob", "carol", "dave"]
-    assert c.run("alice", "group", "accept", "climbers", "bob").stdout.startswith("accepted bob")
-    c.run("alice", "group", "accept", "climbers", "carol")
-    c.run("alice", "group", "reject", "climbers", "dave", "--reason", "not this time")
+    assert all("pending" in out for out in climbers.joined.values()), climbers.joined
+    assert sorted(r["name"] for r in climbers.requests) == ["bob", "carol", "dave"]
+    assert climbers.accepted_bob.startswith("accepted bob")
     assert c.json("alice", "group", "requests", "climbers") == []
     members = c.json("bob", "group", "members", "climbers")
     assert sorted(m["name"] for m in members) == ["alice", "bob", "carol"]
@@ -299,36 +340,40 @@ def test_group_flow_share_download_unshare(cluster: Cluster) -> None:
     (c.root / "route.bin").write_bytes(data)
     cid = c.run("alice", "share", "climbers", str(c.root / "route.bin")).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{64}", cid)
-    listed = c.json("bob", "files", "climbers")
-    assert [(f["name"], f["size"], f["content_id"]) for f in listed] == [
-        ("route.bin", len(data), cid)
-    ]
+    listed = [f for f in c.json("bob", "files", "climbers") if f["name"] == "route.bin"]
+    assert [(f["size"], f["content_id"]) for f in listed] == [(len(data), cid)]
 
     got = c.run("bob", "get", "climbers", "route.bin", "--out", str(c.root / "bob-dl"))
     assert "complete and verified" in got.stdout
     assert (c.root / "bob-dl" / "route.bin").read_bytes() == data
     c.run("carol", "get", "climbers", cid[:12], "--out", str(c.root / "carol-dl"))
     assert (c.root / "carol-dl" / "route.bin").read_bytes() == data
-    [done] = c.json("carol", "downloads")
+    [done] = [d for d in c.json("carol", "downloads") if d["name"] == "route.bin"]
     assert done["state"] == "complete" and done["bytes_done"] == len(data)
     assert done["path"] == str(c.root / "carol-dl" / "route.bin")
     assert len(done["sources"]) >= 2, done["sources"]  # alice and bob both served pieces
 
     # the rejected user cannot download, and is told why
-    refused = c.run("dave", "get", gid, "route.bin", "--out", str(c.root / "dave-dl"),
-                    check=False)  # fmt: skip
+    dave_dl = c.root / "dave-dl"
+    refused = c.run("dave", "get", gid, "route.bin", "--out", str(dave_dl), check=False)
     assert_clean_error(refused, "rejected")
-    assert not (c.root / "dave-dl" / "route.bin").exists()
+    assert not (dave_dl / "route.bin").exists()
 
-    assert c.json("bob", "files", "climbers")[0]["providers"] == 3
+    assert providers(c, "bob", "route.bin") == 3
+    shares = c.json("alice", "node", "status")["shares"]
     assert "stopped sharing route.bin" in c.run("alice", "unshare", "climbers", cid).stdout
-    assert c.json("alice", "node", "status")["shares"] == 0
-    assert c.json("bob", "files", "climbers")[0]["providers"] == 2  # bob and carol still do
-    c.facts["cid"] = cid
+    assert c.json("alice", "node", "status")["shares"] == shares - 1
+    assert providers(c, "bob", "route.bin") == 2  # bob and carol still do
 
 
-def test_every_group_and_file_error(cluster: Cluster) -> None:
-    c, gid = cluster, cluster.facts["gid"]
+def providers(c: Cluster, user: str, name: str) -> int:
+    """How many providers ``user`` sees for the file ``name`` in climbers."""
+    [entry] = [f for f in c.json(user, "files", "climbers") if f["name"] == name]
+    return int(entry["providers"])
+
+
+def test_every_group_and_file_error(nodes: Cluster, climbers: Climbers) -> None:
+    c, gid = nodes, climbers.gid
     assert_clean_error(c.run("bob", "files", "no-such-group", check=False), "unknown group")
     assert_clean_error(c.run("bob", "get", "climbers", "nope.bin", check=False), "no file")
     assert_clean_error(c.run("dave", "files", gid, check=False), "rejected")
@@ -342,29 +387,27 @@ def test_every_group_and_file_error(cluster: Cluster) -> None:
     assert_clean_error(c.run("alice", "unshare", "climbers", "route.bin", check=False), "unknown")
 
 
-def test_restart_resumes_share_and_no_providers_meanwhile(cluster: Cluster) -> None:
-    c = cluster
-    solo = os.urandom(1024 * 1024 + 7)
-    (c.root / "solo.bin").write_bytes(solo)
-    c.run("alice", "share", "climbers", str(c.root / "solo.bin"))
+def test_restart_resumes_share_and_no_providers_meanwhile(nodes: Cluster, solo: bytes) -> None:
+    c = nodes
+    shares = c.json("alice", "node", "status")["shares"]
     assert "node stopped" in c.run("alice", "node", "stop").stdout
 
     # alice held the only copy: the download fails after the provider timeout
-    gone = c.run("carol", "get", "climbers", "solo.bin", "--out", str(c.root / "carol-solo"),
-                 check=False)  # fmt: skip
+    carol_solo = c.root / "carol-solo"
+    gone = c.run("carol", "get", "climbers", "solo.bin", "--out", str(carol_solo), check=False)
     assert_clean_error(gone, "no providers")
-    assert not (c.root / "carol-solo" / "solo.bin").exists()
+    assert not (carol_solo / "solo.bin").exists()
     failed = [d for d in c.json("carol", "downloads") if d["name"] == "solo.bin"]
     assert failed[0]["state"] == "failed"
 
     c.started(c.start_node("alice", *c.passphrase_args("alice")))
-    assert c.json("alice", "node", "status")["shares"] == 1  # resumed by itself
+    assert c.json("alice", "node", "status")["shares"] == shares  # resumed by itself
     c.run("bob", "get", "climbers", "solo.bin", "--out", str(c.root / "bob-solo"))
     assert (c.root / "bob-solo" / "solo.bin").read_bytes() == solo
 
 
-def test_disk_full(cluster: Cluster) -> None:
-    c = cluster
+def test_disk_full(nodes: Cluster, solo: bytes) -> None:
+    c = nodes
     small = c.root / "small"
     small.mkdir()
     with tiny_place(c, small) as restore:
@@ -407,8 +450,8 @@ def tiny_place(c: Cluster, folder: Path) -> Iterator[Callable[[], None]]:
         restore()
 
 
-def test_listings_print_one_json_document(cluster: Cluster) -> None:
-    c = cluster
+def test_listings_print_one_json_document(nodes: Cluster, climbers: Climbers) -> None:
+    c = nodes
     assert c.json("alice", "id", "show")["name"] == "alice"
     for args in (
         ("node", "status"),
@@ -439,7 +482,7 @@ def test_bootstrap_restart_keeps_its_id(cluster: Cluster) -> None:
 def test_ping_answers_exit_0_or_1(cluster: Cluster) -> None:
     ok = cluster.run(None, "ping", f"127.0.0.1:{cluster.boot.port}")
     assert "answered" in ok.stdout
-    silent = cluster.run(None, "ping", f"127.0.0.1:{free_udp_port()}", "--timeout", "0.3",
-                         check=False)  # fmt: skip
+    silent_port = f"127.0.0.1:{free_udp_port()}"
+    silent = cluster.run(None, "ping", silent_port, "--timeout", "0.3", check=False)
     assert silent.returncode == 1
     assert_clean_error(silent, "no answer")
