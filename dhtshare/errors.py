@@ -1,35 +1,53 @@
 """Every failure dhtshare reports, as one tree.
 
-    DhtshareError                 a failure a user can see: ``message`` plus a ``hint``
-     ├── IdentityError            no identity, wrong passphrase, damaged key file
-     ├── RecordError              a record that does not decode or does not verify
-     ├── DhtError                 the DHT could not store or find something
-     ├── GroupError               unknown group, not a member, not the owner
-     ├── FileShareError           missing path, unknown file, no providers
-     ├── StoreError               disk full, target exists, partial file damaged
-     ├── NodeError                node not running, port in use, control socket trouble
-     └── ProtocolError            a peer connection broke its rules
-          ├── LocalProtocolError  we tried something the protocol forbids (our bug)
-          └── RemoteProtocolError the peer did; carries a ``reason`` code sent in a Reject
+    DhtshareError                   a failure a user can see: ``message`` plus a ``hint``
+     ├── IdentityError              no identity, wrong passphrase, damaged key file
+     ├── RecordError                a record that does not decode or does not verify
+     ├── DhtError                   the DHT could not store or find something
+     ├── GroupError                 unknown group, not a member, not the owner
+     │    ├── StaleRosterError      the DHT offered only a roster older than one we verified
+     │    └── OwnershipForkError    two rosters whose hand-over chains fork undecidably
+     ├── FileShareError             missing path, unknown file, no providers
+     ├── StoreError                 disk full, target exists, partial file damaged
+     ├── NodeError                  node not running, port in use, control socket trouble
+     │    └── MalformedReply        a control reply that does not have the expected shape
+     ├── ProtocolError              a peer connection broke its rules
+     │    ├── LocalProtocolError    we tried something the protocol forbids (our bug)
+     │    └── RemoteProtocolError   the peer did; carries a ``reason`` code sent in a Reject
+     ├── ScenarioError              a simulation scenario or option that makes no sense
+     └── WorkerError                a simulation worker failed or did not answer in time
 
-``codec.DecodeError`` is deliberately *not* in this tree: it is internal, and each
-boundary (records, wire) turns it into ``RecordError`` or ``RemoteProtocolError``.
+Rule 1: every exception class of dhtshare is defined here, nowhere else.
+Rule 2: ``BY_NAME`` is the tree by class name: the control socket sends an error's name
+and the CLI raises the same class again (an unknown name becomes a ``NodeError``).
+Rule 3: ``codec.DecodeError`` is deliberately *not* in this tree: it is internal, and each
+boundary (records, wire) turns it into its own error with one ``Malformed`` guard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType, TracebackType
+
 __all__ = [
+    "BY_NAME",
     "DhtError",
     "DhtshareError",
     "FileShareError",
     "GroupError",
     "IdentityError",
     "LocalProtocolError",
+    "Malformed",
+    "MalformedReply",
     "NodeError",
+    "OwnershipForkError",
     "ProtocolError",
     "RecordError",
     "RemoteProtocolError",
+    "ScenarioError",
+    "StaleRosterError",
     "StoreError",
+    "WorkerError",
 ]
 
 
@@ -61,6 +79,14 @@ class GroupError(DhtshareError):
     """Unknown group, not a member, not the owner, or an invalid roster."""
 
 
+class StaleRosterError(GroupError):
+    """The DHT offered only a roster older than one this node already verified."""
+
+
+class OwnershipForkError(GroupError):
+    """Two valid rosters whose hand-over chains fork at a link this node cannot decide."""
+
+
 class FileShareError(DhtshareError):
     """A path that does not exist, an unknown file, or no providers for it."""
 
@@ -71,6 +97,10 @@ class StoreError(DhtshareError):
 
 class NodeError(DhtshareError):
     """The node is not running, its port is taken, or its control socket failed."""
+
+
+class MalformedReply(NodeError):
+    """The node's control reply does not have the shape the command expects."""
 
 
 class ProtocolError(DhtshareError):
@@ -87,3 +117,49 @@ class RemoteProtocolError(ProtocolError):
     def __init__(self, message: str, reason: int = 1) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class ScenarioError(DhtshareError):
+    """A simulation scenario file or option that does not make sense."""
+
+
+class WorkerError(DhtshareError):
+    """A simulation worker process failed, answered wrongly or did not answer in time."""
+
+
+def _tree(cls: type[DhtshareError]) -> Iterator[type[DhtshareError]]:
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _tree(sub)
+
+
+BY_NAME: Mapping[str, type[DhtshareError]] = MappingProxyType(
+    {cls.__name__: cls for cls in _tree(DhtshareError)}
+)
+"""Every class above by its name (built here, once, so later subclasses are not in it)."""
+
+
+class Malformed:
+    """The one boundary from ``codec.DecodeError`` to a typed error, as a context manager.
+
+    Built once per boundary (``Malformed("record", RecordError)``): a ``ValueError`` raised
+    inside the ``with`` block (``DecodeError`` is one; so is a field's own check) leaves it
+    as ``error("malformed <what>: <why>")``, chained to the cause. Other errors pass.
+    """
+
+    __slots__ = ("error", "what")
+
+    def __init__(self, what: str, error: Callable[[str], Exception]) -> None:
+        self.what, self.error = what, error
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, ValueError):
+            raise self.error(f"malformed {self.what}: {exc}") from exc

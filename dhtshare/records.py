@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from dhtshare import crypto
 from dhtshare.codec import DecodeError, Reader, Writer
-from dhtshare.errors import RecordError
+from dhtshare.errors import Malformed, RecordError
 from dhtshare.files.content import check_layout
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ _ID = 32
 _SIG = crypto.SIGNATURE_SIZE
 _HEADER = 1 + 1 + 32 + 8 + 8 + 8 + 2
 MAX_BODY = MAX_RECORD_SIZE - _HEADER - _SIG
+_MALFORMED = Malformed("record", RecordError)
 
 
 class Kind(IntEnum):
@@ -705,7 +706,7 @@ def decode_record(data: bytes) -> SignedRecord:
     """Parse an encoded record strictly (signature not yet checked); ``RecordError`` if bad."""
     if len(data) > MAX_RECORD_SIZE:
         raise RecordError(f"record of {len(data)} bytes exceeds {MAX_RECORD_SIZE}")
-    try:
+    with _MALFORMED:
         r = Reader(data)
         if r.pull_u8() != VERSION:
             raise RecordError("unknown record version")
@@ -717,8 +718,6 @@ def decode_record(data: bytes) -> SignedRecord:
         body_reader = Reader(body)
         payload = _SPEC_BY_KIND[kind].decode(body_reader)
         body_reader.finish()
-    except (DecodeError, ValueError) as exc:
-        raise RecordError(f"malformed record: {exc}") from exc
     return SignedRecord(kind, signer, seq, issued, expires, body, signature, payload)
 
 

@@ -25,7 +25,7 @@ import click
 
 from dhtshare.cli import hints
 from dhtshare.cli.display import LOG_FORMAT, CleanFormatter, ProgressLine
-from dhtshare.cli.replies import MalformedReply, Reply, rows
+from dhtshare.cli.replies import Reply, malformed, rows
 from dhtshare.errors import DhtshareError, IdentityError, NodeError
 from dhtshare.node import control
 from dhtshare.text import clean, fields, format_rate, format_size, plural, table, table_with_notes
@@ -512,7 +512,7 @@ def echo_stopped(done: Reply) -> None:
     """Say which shares a leave or forget stopped."""
     names = done.doc.get("stopped_shares") or []
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise MalformedReply(done.what, "field 'stopped_shares' is not a list of text")
+        raise malformed(done.what, "field 'stopped_shares' is not a list of text")
     names = [clean(n) for n in names]
     if names:
         files = "file" if len(names) == 1 else "files"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from dhtshare.errors import NodeError
+from dhtshare.errors import MalformedReply
 
-__all__ = ["MAX_INT", "MalformedReply", "Reply", "rows"]
+__all__ = ["MAX_INT", "Reply", "malformed", "rows"]
 
 MAX_INT = 2**63 - 1
 """Integers in a reply (sizes, counts, pids) lie in 0..MAX_INT."""
@@ -23,14 +23,12 @@ MAX_INT = 2**63 - 1
 _MISSING = object()
 
 
-class MalformedReply(NodeError):
-    """The node's reply does not have the shape the command expects."""
-
-    def __init__(self, what: str, detail: str) -> None:
-        super().__init__(
-            f"malformed reply from the node to {what}: {detail}",
-            "is the CLI the same version as the node? see node.log",
-        )
+def malformed(what: str, detail: str) -> MalformedReply:
+    """The error for a reply to command ``what`` that is wrong as ``detail`` says."""
+    return MalformedReply(
+        f"malformed reply from the node to {what}: {detail}",
+        "is the CLI the same version as the node? see node.log",
+    )
 
 
 class Reply:
@@ -38,7 +36,7 @@ class Reply:
 
     def __init__(self, doc: Any, what: str) -> None:
         if not isinstance(doc, dict):
-            raise MalformedReply(what, f"expected an object, got {_kind(doc)}")
+            raise malformed(what, f"expected an object, got {_kind(doc)}")
         self.doc: dict[str, Any] = doc
         self.what = what
 
@@ -46,53 +44,53 @@ class Reply:
         value = self.doc.get(key, _MISSING)
         if value is _MISSING or (value is None and default is not _MISSING):
             if default is _MISSING:
-                raise MalformedReply(self.what, f"field {key!r} is missing")
+                raise malformed(self.what, f"field {key!r} is missing")
             return default
         return value
 
     def text(self, key: str, default: Any = _MISSING) -> str:
         value = self._get(key, default)
         if not isinstance(value, str):
-            raise MalformedReply(self.what, f"field {key!r} is {_kind(value)}, not text")
+            raise malformed(self.what, f"field {key!r} is {_kind(value)}, not text")
         return value
 
     def integer(self, key: str, default: Any = _MISSING) -> int:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise MalformedReply(self.what, f"field {key!r} is {_kind(value)}, not an integer")
+            raise malformed(self.what, f"field {key!r} is {_kind(value)}, not an integer")
         if not 0 <= value <= MAX_INT:
-            raise MalformedReply(self.what, f"field {key!r} is out of range")
+            raise malformed(self.what, f"field {key!r} is out of range")
         return value
 
     def number(self, key: str, default: Any = _MISSING) -> float:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise MalformedReply(self.what, f"field {key!r} is {_kind(value)}, not a number")
+            raise malformed(self.what, f"field {key!r} is {_kind(value)}, not a number")
         if isinstance(value, int) and not 0 <= value <= MAX_INT:
-            raise MalformedReply(self.what, f"field {key!r} is out of range")
+            raise malformed(self.what, f"field {key!r} is out of range")
         number = float(value)
         if not math.isfinite(number) or number < 0:
-            raise MalformedReply(self.what, f"field {key!r} is out of range")
+            raise malformed(self.what, f"field {key!r} is out of range")
         return number
 
     def flag(self, key: str, default: Any = _MISSING) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
-            raise MalformedReply(self.what, f"field {key!r} is {_kind(value)}, not true/false")
+            raise malformed(self.what, f"field {key!r} is {_kind(value)}, not true/false")
         return value
 
     def count(self, key: str, default: Any = _MISSING) -> int:
         """The number of entries of an object or list field."""
         value = self._get(key, default)
         if not isinstance(value, dict | list):
-            raise MalformedReply(self.what, f"field {key!r} is {_kind(value)}, not a collection")
+            raise malformed(self.what, f"field {key!r} is {_kind(value)}, not a collection")
         return len(value)
 
 
 def rows(doc: Any, what: str) -> list[Reply]:
     """A listing: a JSON list of objects."""
     if not isinstance(doc, list):
-        raise MalformedReply(what, f"expected a list, got {_kind(doc)}")
+        raise malformed(what, f"expected a list, got {_kind(doc)}")
     return [Reply(item, what) for item in doc]
 
 

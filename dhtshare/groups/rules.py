@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from dhtshare import crypto
-from dhtshare.errors import GroupError, RecordError
+from dhtshare.errors import GroupError, OwnershipForkError, RecordError, StaleRosterError
 from dhtshare.identity import Identity
 from dhtshare.records import (
     INLINE_MEMBERS,
@@ -42,10 +42,8 @@ __all__ = [
     "MAX_MEMBERS",
     "JoinStatus",
     "Known",
-    "OwnershipForkError",
     "PendingRequest",
     "RosterView",
-    "StaleRosterError",
     "accept_member",
     "apply_leaves",
     "chain_digest",
@@ -70,14 +68,6 @@ __all__ = [
 
 MAX_MEMBERS = INLINE_MEMBERS + MAX_PAGES * PAGE_MEMBERS
 JoinStatus = Literal["none", "pending", "accepted", "rejected"]
-
-
-class StaleRosterError(GroupError):
-    """The DHT offered only a roster older than one this node already verified."""
-
-
-class OwnershipForkError(GroupError):
-    """Two valid rosters whose hand-over chains fork at a link this node cannot decide."""
 
 
 @dataclass(frozen=True, slots=True)

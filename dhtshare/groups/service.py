@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from dhtshare.codec import Reader
-from dhtshare.errors import DhtshareError, GroupError
+from dhtshare.errors import DhtshareError, GroupError, StaleRosterError
 from dhtshare.groups import rules
 from dhtshare.groups.rules import JoinStatus, Known, PendingRequest, RosterView
 from dhtshare.identity import Identity
@@ -296,7 +296,7 @@ class GroupService:
         """``refresh``, or ``None`` without a readable roster (a rollback still raises)."""
         try:
             return await self.refresh(group_id)
-        except rules.StaleRosterError:
+        except StaleRosterError:
             raise
         except GroupError:
             return None

@@ -8,17 +8,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from dhtshare.errors import DhtshareError
+from dhtshare.errors import ScenarioError
 from dhtshare.text import plural
 
 __all__ = ["Scenario", "load_scenario", "parse_size"]
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)(?:i?[bB])?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-class ScenarioError(DhtshareError):
-    """A scenario file or option that does not make sense."""
 
 
 def parse_size(text: str | int) -> int:

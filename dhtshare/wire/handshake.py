@@ -29,8 +29,8 @@ import nacl.exceptions
 import nacl.signing
 
 from dhtshare import crypto
-from dhtshare.codec import DecodeError, Reader, Writer
-from dhtshare.errors import LocalProtocolError, RemoteProtocolError
+from dhtshare.codec import Reader, Writer
+from dhtshare.errors import LocalProtocolError, Malformed, RemoteProtocolError
 from dhtshare.wire.frames import FRAME_HEADER_SIZE, MAX_FRAME, FrameType, Reason, frame_header
 from dhtshare.wire.suites import AEADS, Buffer, Suite, choose, local_suites, mask_of, session_key
 
@@ -72,8 +72,12 @@ def _fixed(value: bytes, size: int, name: str) -> None:
         raise ValueError(f"{name} must be {size} bytes, not {len(value)}")
 
 
-def _decode_error(what: str, exc: Exception) -> RemoteProtocolError:
-    return RemoteProtocolError(f"malformed {what}: {exc}", Reason.PROTOCOL)
+def _protocol_error(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message, Reason.PROTOCOL)
+
+
+_MALFORMED_CLIENT_HELLO = Malformed("ClientHello", _protocol_error)
+_MALFORMED_SERVER_HELLO = Malformed("ServerHello", _protocol_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +106,7 @@ class ClientHello:
 
     @classmethod
     def decode(cls, data: bytes) -> ClientHello:
-        try:
+        with _MALFORMED_CLIENT_HELLO:
             r = Reader(data)
             if r.pull_bytes(len(MAGIC)) != MAGIC:
                 raise RemoteProtocolError("not a dhtshare peer (bad magic)", Reason.BAD_MAGIC)
@@ -121,8 +125,6 @@ class ClientHello:
                 version=version,
             )
             r.finish()
-        except DecodeError as exc:
-            raise _decode_error("ClientHello", exc) from exc
         return hello
 
 
@@ -146,7 +148,7 @@ class ServerHello:
 
     @classmethod
     def decode(cls, data: bytes) -> ServerHello:
-        try:
+        with _MALFORMED_SERVER_HELLO:
             r = Reader(data)
             hello = cls(
                 r.pull_bytes(KEY_SIZE),
@@ -155,8 +157,6 @@ class ServerHello:
                 r.pull_bytes(SIGNATURE_SIZE),
             )
             r.finish()
-        except DecodeError as exc:
-            raise _decode_error("ServerHello", exc) from exc
         return hello
 
 

@@ -16,7 +16,7 @@ from typing import TypeAlias
 
 from dhtshare.codec import DecodeError, Reader, Writer
 from dhtshare.crypto import HASH_SIZE
-from dhtshare.errors import RemoteProtocolError
+from dhtshare.errors import Malformed, RemoteProtocolError
 from dhtshare.wire.frames import Reason
 
 __all__ = [
@@ -51,6 +51,7 @@ MAX_REJECT_TEXT = 256
 _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
 _PIECE_HEAD = struct.Struct(">BII")
+_MALFORMED = Malformed("message", lambda text: RemoteProtocolError(text, Reason.PROTOCOL))
 
 
 class MessageType(IntEnum):
@@ -252,7 +253,7 @@ def _push_block(kind: MessageType, index: int, begin: int, length: int) -> Write
 
 def decode_message(data: bytes | bytearray) -> Message:
     """Parse one sealed-frame plaintext; anything malformed is a RemoteProtocolError."""
-    try:
+    with _MALFORMED:
         r = Reader(data)
         kind = r.pull_u8()
         if kind == MessageType.PIECE:
@@ -262,8 +263,6 @@ def decode_message(data: bytes | bytearray) -> Message:
         msg = _decode_body(kind, r)
         r.finish()
         return msg
-    except (DecodeError, ValueError) as exc:
-        raise RemoteProtocolError(f"malformed message: {exc}", Reason.PROTOCOL) from exc
 
 
 def _decode_body(kind: int, r: Reader) -> Message:
