@@ -54,7 +54,8 @@ def serve(lift_caps: bool) -> None:
     from dhtshare.allocator import tune_allocator
     from dhtshare.files.content import FileLayout, hash_file, merkle_root
     from dhtshare.identity import Identity
-    from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+    from dhtshare.transfer.aio.serve import PeerServer
+    from dhtshare.transfer.share import Share, ShareRegistry
 
     tune_allocator()  # as a node does before it starts
 

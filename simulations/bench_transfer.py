@@ -40,7 +40,8 @@ from dhtshare.allocator import tune_allocator
 from dhtshare.files.content import FileLayout, hash_file, merkle_root, piece_size_for
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
 
 MB = 1_000_000
 GROUP = bytes(32)

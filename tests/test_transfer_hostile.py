@@ -27,8 +27,9 @@ from dhtshare.errors import FileShareError, ProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import PickerConfig
+from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Failed
 from dhtshare.wire import (
     MAX_BLOCK,

@@ -22,7 +22,8 @@ from dhtshare.errors import RemoteProtocolError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.wire import FrameType, PeerConnection, Reason, Role, State
 
 GROUP = bytes(range(32))

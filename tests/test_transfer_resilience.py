@@ -12,7 +12,8 @@ from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio import serve
 from dhtshare.transfer.aio.peer import open_peer
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.wire import Bitfield
 
 PIECE = 256 * 1024

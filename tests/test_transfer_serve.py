@@ -13,7 +13,8 @@ from dhtshare.errors import NodeError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity, format_id
 from dhtshare.transfer.aio.peer import PeerStream, open_peer
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
 from dhtshare.wire import (
     Bitfield,

@@ -12,7 +12,9 @@ from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.peer import PeerStream, open_peer
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry, SuperSeed
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.superseed import SuperSeed
 from dhtshare.wire import Bitfield, Event, GetHashes, HashList, Have, Piece, Request
 
 PIECE = 256 * 1024

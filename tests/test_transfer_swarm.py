@@ -25,8 +25,9 @@ from dhtshare.transfer.aio.download import (
     ProviderAddr,
     refill_due,
 )
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import Block
+from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
 
 MiB = 1024 * 1024

@@ -17,7 +17,7 @@ import asyncio
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiofiles.os
@@ -36,34 +36,17 @@ from dhtshare.records import (
     sign_record,
     time_seq,
 )
+from dhtshare.transfer.share import MemberCheck, Share
 
-__all__ = ["FileInfo", "FileService", "SharedFile", "pick_entry", "shared_at", "signed_since"]
+__all__ = ["FileService", "ListedFile", "pick_entry", "shared_at", "signed_since"]
 
 ENTRY_TTL = 24 * 3600.0
 PROVIDER_TTL = 3600.0
 Progress = Callable[[int, int], Awaitable[None] | None]
-IsMember = Callable[[bytes, bytes], bool]  # (group_id, key) -> bool
 
 
 @dataclass(frozen=True)
-class SharedFile:
-    """A file this node serves: where it is and what its pieces hash to."""
-
-    group_id: bytes
-    content_id: bytes
-    name: str
-    path: Path
-    size: int
-    piece_size: int
-    hashes: tuple[bytes, ...] = field(repr=False)
-
-    @property
-    def layout(self) -> FileLayout:
-        return FileLayout(self.size, self.piece_size)
-
-
-@dataclass(frozen=True)
-class FileInfo:
+class ListedFile:
     """A file listed in a group: its entry, who shared it, how many members hold it."""
 
     entry: FileEntry
@@ -76,8 +59,13 @@ class FileInfo:
 class FileService:
     """Publishes and reads file entries and provider records of one node."""
 
-    def __init__(self, dht: DhtNode, identity: Identity, address: Callable[[], tuple[str, int]],
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dht: DhtNode,
+        identity: Identity,
+        address: Callable[[], tuple[str, int]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.dht, self.identity, self.address, self.clock = dht, identity, address, clock
 
     def _sign(
@@ -124,17 +112,14 @@ class FileService:
         await asyncio.gather(*pending)
         return layout, hashes
 
-    async def share(
-        self, group_id: bytes, path: Path, progress: Progress | None = None
-    ) -> SharedFile:
+    async def share(self, group_id: bytes, path: Path, progress: Progress | None = None) -> Share:
         """Hash ``path`` and announce it to the group; the file itself is never copied."""
         layout, hashes = await self.hash(path, progress)
-        shared = SharedFile(group_id, merkle_root(hashes), path.name, path, layout.size,
-                            layout.piece_size, tuple(hashes))  # fmt: skip
+        shared = Share(group_id, merkle_root(hashes), path, layout, hashes)
         await self.announce(shared)
         return shared
 
-    async def announce(self, shared: SharedFile, complete: bool = True) -> None:
+    async def announce(self, shared: Share, complete: bool = True) -> None:
         """Publish (and keep republishing) the file entry and our provider record."""
         entry = FileEntry(
             shared.group_id, shared.content_id, shared.name, shared.size, shared.piece_size
@@ -213,7 +198,7 @@ class FileService:
         ]
 
     async def providers(
-        self, group_id: bytes, content_id: bytes, is_member: IsMember
+        self, group_id: bytes, content_id: bytes, is_member: MemberCheck
     ) -> list[SignedRecord]:
         """Current, non-withdrawn provider records of members, newest first."""
         records = await self.dht.get(key_for(Kind.PROVIDER, group_id, content_id))
@@ -221,7 +206,7 @@ class FileService:
             r for r in records if _serves(r, group_id, content_id) and is_member(group_id, r.signer)
         ]
 
-    async def list_files(self, group_id: bytes, is_member: IsMember) -> list[FileInfo]:
+    async def list_files(self, group_id: bytes, is_member: MemberCheck) -> list[ListedFile]:
         """Files shared in the group by current members, with their provider counts."""
         by_cid: dict[bytes, list[SignedRecord]] = {}
         for rec in await self._entries(group_id):
@@ -231,8 +216,10 @@ class FileService:
             by_cid.setdefault(entry.content_id, []).append(rec)
         live = {cid: pick_entry(recs) for cid, recs in by_cid.items()}
         counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
-        infos = [FileInfo(_entry(rec), rec.signer, shared_at(rec), len(provs), _addresses(provs))
-                 for rec, provs in zip(live.values(), counts, strict=True)]  # fmt: skip
+        infos = [
+            ListedFile(_entry(rec), rec.signer, shared_at(rec), len(provs), _addresses(provs))
+            for rec, provs in zip(live.values(), counts, strict=True)
+        ]
         return sorted(infos, key=lambda i: (i.entry.name, i.entry.content_id))
 
 

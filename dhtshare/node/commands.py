@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dhtshare.errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
-from dhtshare.files.service import FileInfo
+from dhtshare.files.service import ListedFile
 from dhtshare.groups.rules import StaleRosterError
 from dhtshare.identity import format_id, parse_id
 from dhtshare.node import eventlog
@@ -164,7 +164,7 @@ class Commands:
         listed = f"list them with: dhtshare {where} GROUP"
         return tuple(_unique(named, "member", ref, listed, lambda m: format_id(m[0])[:12]))
 
-    async def file(self, gid: bytes, ref: str) -> FileInfo:
+    async def file(self, gid: bytes, ref: str) -> ListedFile:
         files = await self.node.files.list_files(gid, self.node.groups.is_member)
         by_name = [f for f in files if f.entry.name == ref]
         if len(by_name) == 1:

@@ -20,13 +20,14 @@ import aiofiles.os
 
 from dhtshare.atomic import write_atomic
 from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
-from dhtshare.files.service import FileService, SharedFile
+from dhtshare.files.content import FileLayout
+from dhtshare.files.service import FileService
 from dhtshare.identity import Identity
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.aio.serve import MemberCheck, ShareRegistry
 from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import DownloadStatus, Paused
 from dhtshare.wire import MAX_BLOCK
 
@@ -94,7 +95,7 @@ class DownloadManager:
         files: FileService,
         is_member: MemberCheck,
         registry: ShareRegistry,
-        on_complete: Callable[[SharedFile], None],
+        on_complete: Callable[[Share], None],
         options: DownloadOptions | None = None,
         download_limit: float | None = None,
     ) -> None:
@@ -256,15 +257,8 @@ class DownloadManager:
             info, path = handle.info, task.result()
             share = self.registry.get(info.group_id, info.content_id)
             hashes = share.hashes if share else handle.download.hashes or ()
-            shared = SharedFile(
-                info.group_id,
-                info.content_id,
-                info.name,
-                path,
-                info.size,
-                info.piece_size,
-                tuple(hashes),
-            )
+            layout = FileLayout(info.size, info.piece_size)
+            shared = Share(info.group_id, info.content_id, path, layout, hashes, name=info.name)
             self.on_complete(shared)
         elif not isinstance(exc, DhtshareError):
             log.error("download of %s crashed", handle.info.name, exc_info=exc)

@@ -26,7 +26,7 @@ from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError, NodeError, StoreError
 from dhtshare.files.content import FileLayout
 from dhtshare.files.liveness import Liveness
-from dhtshare.files.service import FileService, SharedFile
+from dhtshare.files.service import FileService
 from dhtshare.groups.service import GroupService, GroupState
 from dhtshare.identity import Identity
 from dhtshare.node import settings
@@ -34,7 +34,8 @@ from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 from dhtshare.text import plural
 from dhtshare.transfer.aio.download import DownloadOptions
-from dhtshare.transfer.aio.serve import PeerServer, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
 
 __all__ = ["Node", "NodeConfig"]
 
@@ -118,7 +119,7 @@ class Node:
             ),
             download_limit=config.download_limit,
         )
-        self.shares: dict[tuple[bytes, bytes], SharedFile] = {}
+        self.shares: dict[tuple[bytes, bytes], Share] = {}
         self.stopped = asyncio.Event()
         self.started_at = time.time()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -392,7 +393,7 @@ class Node:
                 log.warning("cannot resume share %s: %s", doc.get("name"), exc)
         await self.downloads.resume()
 
-    async def _announce(self, shared: SharedFile) -> None:
+    async def _announce(self, shared: Share) -> None:
         try:
             await self.files.announce(shared)
         except DhtError as exc:  # republishing retries it; say so once
@@ -452,7 +453,7 @@ class Node:
         """``name (id prefix)`` of a group, for the log (the formatter cleans the name)."""
         return f"{self.groups.state.name_of(group_id) or '?'} ({group_id.hex()[:16]})"
 
-    def _completed(self, shared: SharedFile) -> None:
+    def _completed(self, shared: Share) -> None:
         """A download finished: keep serving it as a complete share and say so in the DHT."""
         log.info(
             "download of %s (%s) in group %s complete and verified: %s",
@@ -466,18 +467,15 @@ class Node:
         self._spawn(self._announce(shared), "announce completed download")
         self.save_state()
 
-    def _serve(self, shared: SharedFile, doc: dict[str, Any] | None = None) -> None:
+    def _serve(self, shared: Share, doc: dict[str, Any] | None = None) -> None:
         """Serve ``shared``, keeping what was uploaded of it so far (from the share it
         replaces, e.g. the download that just completed, or from its saved ``doc``)."""
-        self.shares[shared.group_id, shared.content_id] = shared
         old = self.registry.get(shared.group_id, shared.content_id)
-        share = self.registry.add(
-            Share(shared.group_id, shared.content_id, shared.path, shared.layout, shared.hashes)
-        )
+        self.shares[shared.group_id, shared.content_id] = self.registry.add(shared)
         if old is not None:
-            share.uploaded, share.served_to = old.uploaded, set(old.served_to)
+            shared.uploaded, shared.served_to = old.uploaded, set(old.served_to)
         elif doc is not None:
-            share.uploaded, share.served_to = _upload_stats(doc)
+            shared.uploaded, shared.served_to = _upload_stats(doc)
 
     def upload_stats(self, group_id: bytes, content_id: bytes) -> tuple[int, int]:
         """Bytes of a share uploaded, and to how many peers, since it was first shared."""
@@ -489,7 +487,7 @@ class Node:
         group_id: bytes,
         path: Path,
         progress: Callable[[int, int], Awaitable[None] | None] | None = None,
-    ) -> SharedFile:
+    ) -> Share:
         """Hash ``path`` and share it with the group; it is served at once."""
         self.require_member(group_id)
         shared = await self.files.share(group_id, path, progress)
@@ -588,7 +586,7 @@ def _new_dht(config: NodeConfig) -> DhtNode:
     return DhtNode(config.ksize, node_id=node_id if node_id and len(node_id) == 20 else None)
 
 
-def _share_doc(s: SharedFile, served: Share | None) -> dict[str, Any]:
+def _share_doc(s: Share, served: Share | None) -> dict[str, Any]:
     doc = {"group_id": s.group_id.hex(), "content_id": s.content_id.hex(), "name": s.name,
            "path": str(s.path), "size": s.size, "piece_size": s.piece_size}  # fmt: skip
     if served is not None:
@@ -629,11 +627,11 @@ def load_hashes(home: Path, content_id: bytes) -> tuple[bytes, ...]:
     return hashes
 
 
-def _shared_from(doc: dict[str, Any], home: Path) -> SharedFile:
+def _shared_from(doc: dict[str, Any], home: Path) -> Share:
     cid = bytes.fromhex(doc["content_id"])
     path = Path(doc["path"])
     if not path.is_file() or path.stat().st_size != int(doc["size"]):
         raise StoreError(f"{path} is gone or changed", "share it again")
-    FileLayout(int(doc["size"]), int(doc["piece_size"]))
-    return SharedFile(bytes.fromhex(doc["group_id"]), cid, str(doc["name"]), path, int(doc["size"]),
-                      int(doc["piece_size"]), load_hashes(home, cid))  # fmt: skip
+    layout = FileLayout(int(doc["size"]), int(doc["piece_size"]))
+    gid = bytes.fromhex(doc["group_id"])
+    return Share(gid, cid, path, layout, load_hashes(home, cid), name=str(doc["name"]))

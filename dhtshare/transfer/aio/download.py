@@ -62,9 +62,10 @@ from dhtshare.identity import Identity, format_id
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
-from dhtshare.transfer.aio.serve import KEEPALIVE_INTERVAL, MemberCheck, Share, ShareRegistry
+from dhtshare.transfer.aio.serve import KEEPALIVE_INTERVAL
 from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
 from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
 from dhtshare.wire import (
     MAX_BLOCK,
