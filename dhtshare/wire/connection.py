@@ -2,7 +2,7 @@
 
 Bytes in with ``receive_data`` (``b""`` is end of stream), events out with
 ``next_event`` (``None``: needs more data), bytes to write from ``send`` and
-``data_to_send``. No sockets, no clock; ``transfer/peer.py`` drives it.
+``data_to_send``. No sockets, no clock; ``transfer/aio/peer.py`` drives it.
 
 Every state change goes through ``TRANSITIONS``, one table keyed by
 ``(role, state)`` and then by ``Input``. Rules:
