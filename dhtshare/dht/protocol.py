@@ -43,6 +43,7 @@ from dhtshare.dht.sources import UNVALIDATED
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, ValidatingStorage
 from dhtshare.errors import DhtError
 from dhtshare.stats import Counters
+from dhtshare.tasks import spawn_logged
 
 __all__ = ["MAX_DATAGRAM", "DhtProtocol", "RpcTimeouts"]
 
@@ -742,19 +743,14 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run ``coro`` as a task this protocol owns (cancelled by ``close``)."""
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        """Done callback of an owned task: count its error, never raise."""
-        try:
-            self._tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                self.stats.incr("error.task")
-                log.debug("background RPC task failed", exc_info=task.exception())
-        except Exception:
-            self.stats.incr("error.callback")
+        spawn_logged(
+            coro,
+            self._tasks,
+            "background RPC task",
+            logger=log,
+            level=logging.DEBUG,
+            on_error=lambda _exc: self.stats.incr("error.task"),
+        )
 
     # ---- request handlers -------------------------------------------------------
 

@@ -25,6 +25,7 @@ from dhtshare.files.service import FileService
 from dhtshare.identity import Identity
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
+from dhtshare.tasks import spawn_logged
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
@@ -132,16 +133,10 @@ class DownloadManager:
             handle = self.handles.get(info.content_id)
             if handle is not None:
                 handle.announced = True
-            task = asyncio.ensure_future(self._announce_partial(info))
-            self._announcing.add(task)
-            task.add_done_callback(self._announced)
+            what = "announcing a partial download"
+            spawn_logged(self._announce_partial(info), self._announcing, what, logger=log)
 
         return first_piece
-
-    def _announced(self, task: asyncio.Task[None]) -> None:
-        self._announcing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("announcing a partial download failed", exc_info=task.exception())
 
     async def _announce_partial(self, info: FileInfo) -> None:
         try:

@@ -32,6 +32,7 @@ from dhtshare.identity import Identity
 from dhtshare.node import settings
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
+from dhtshare.tasks import spawn_logged
 from dhtshare.text import plural
 from dhtshare.transfer.aio.download import DownloadOptions
 from dhtshare.transfer.aio.serve import PeerServer
@@ -276,15 +277,7 @@ class Node:
             await self.groups.refresh(group_id)
 
     def _spawn(self, coro: Awaitable[Any], what: str) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.error("%s failed", what, exc_info=t.exception())
-
-        task.add_done_callback(done)
+        spawn_logged(coro, self._tasks, what, logger=log)
 
     async def close(self) -> None:
         """Stop everything: sharing stops (provider records withdrawn), downloads pause,
