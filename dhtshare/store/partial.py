@@ -147,12 +147,9 @@ class _CacheRecycler:
     are still dirty. Once ``KEEP_CACHED`` newer bytes have been written it is advised
     again; written back by then, its pages are dropped, and the kernel hands them
     straight back for the next writes instead of filling memory with the whole file.
-    The newest pieces stay cached for the peers that fetch them from us.
-
-    On the bench VM, which charges a host fault for every page it has not touched
-    lately, recycling removed the slow runs: 32 of 32 downloads took 0.19-0.32 s of
-    kernel time, against up to 0.93 s when each new piece was only advised once
-    (docs/performance.md, round 4).
+    The newest pieces stay cached for the peers that fetch them from us. Pages that
+    are reused cost less than fresh ones (measurements:
+    docs/performance-history.md, round 4).
     """
 
     def __init__(self) -> None:

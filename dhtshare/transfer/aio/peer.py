@@ -3,10 +3,8 @@
 Its loop is the one the style guide asks for: wait for input (under
 ``asyncio.timeout``), hand out every event, write whatever the connection queued.
 Input arrives through ``PeerProtocol``, an ``asyncio.BufferedProtocol``: the
-socket is read straight into the frame decoder's buffer, not through a
-``StreamReader`` (which copied every byte twice more: into its buffer and out of
-it; dropping those copies saved about 9 % of the downloader's CPU,
-docs/performance.md, round 4).
+socket is read straight into the frame decoder's buffer, with no copy in between
+(measurements: docs/performance-history.md, round 4).
 Sending is synchronous up to the transport (``send_nowait``) so that frames
 leave in the order their nonces were assigned; ``send`` also waits for the
 transport's buffer to drain (backpressure). This module starts no tasks: the

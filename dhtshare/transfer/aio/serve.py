@@ -110,7 +110,7 @@ KEEPALIVE_INTERVAL = 20.0
 NOTSENT_LOWAT = 256 * 1024
 """Unsent bytes the kernel may queue per connection (``TCP_NOTSENT_LOWAT``), so that
 queued blocks stay where a Cancel can still recall them (measurements:
-docs/performance.md, round 3)."""
+docs/performance-history.md, round 3)."""
 
 
 class PeerServer:
