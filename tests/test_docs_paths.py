@@ -5,7 +5,8 @@ repository's folders (``dhtshare/``, ``tests/``, ``simulations/``, ``docs/``) or
 package of ``dhtshare`` (``transfer/aio/``; ``files/service.pick_entry`` names
 ``files/service.py``), and any dotted ``dhtshare.x.y`` module name.
 A path is looked up relative to the repository, to ``docs/`` (for ``../`` links) and to
-``dhtshare/``; a bare file name (``picker.py``) must name exactly one file of the tree.
+``dhtshare/``; a bare file name (``picker.py``) must name a file somewhere in the tree.
+Patterns (``dhtshare/*.py``, ``<name>.part``) are not paths.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 TOP_FOLDERS = ("dhtshare", "tests", "simulations", "docs")
 
-_WORD = re.compile(r"[A-Za-z0-9_./<>-]+")
+_WORD = re.compile(r"[A-Za-z0-9_./<>*-]+")
 _MODULE = re.compile(r"\bdhtshare(?:\.[a-z_][a-z0-9_]*)+")
 _PREFIX = re.compile(r"dhtshare/v[0-9]")  # a signing purpose (dhtshare/v1/record/...)
 _ATTRIBUTE = re.compile(r"^(.*/[a-z_0-9]+)\.(?!(?:py|md|json|toml)$)[A-Za-z_]\w*$")  # a/b.name
@@ -38,7 +39,7 @@ def cited_paths(text: str, packages: set[str]) -> set[str]:
     found: set[str] = set()
     for raw in _WORD.findall(text):
         word = raw.rstrip(".-").split("#")[0]
-        if "<" in word or ">" in word or "//" in word or _PREFIX.match(word):
+        if any(c in word for c in "<>*") or "//" in word or _PREFIX.match(word):
             continue
         first = word.lstrip("./").split("/")[0]
         if "/" in word and (first in TOP_FOLDERS or first in packages):
@@ -54,7 +55,7 @@ def missing(path: str, files: list[Path]) -> bool:
     if any((base / path).exists() for base in bases):
         return False
     if "/" not in path:
-        return sum(p.name == path for p in files) != 1
+        return not any(p.name == path for p in files)
     return True
 
 
