@@ -6,13 +6,8 @@ import random
 
 import pytest
 
-from dhtshare.transfer.picker import (
-    Block,
-    PickerConfig,
-    PiecePicker,
-    bitfield_from_indices,
-    indices_from_bitfield,
-)
+from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
+from dhtshare.wire import Bitfield
 
 A, B, C, D = b"A", b"B", b"C", b"D"
 
@@ -22,20 +17,18 @@ def make(lengths: list[int], seed: int = 0, **config: float) -> PiecePicker:
     return PiecePicker(lengths, random.Random(seed), cfg)
 
 
-def bits(count: int, *indices: int) -> bytes:
-    return bitfield_from_indices(indices, count)
+def bits(count: int, *indices: int) -> list[int]:
+    """The pieces a peer's Bitfield says it holds, as the download hands them over."""
+    return Bitfield.from_pieces(count, indices).pieces()
 
 
-def test_bitfield_round_trip_msb_first() -> None:
-    assert bitfield_from_indices([0, 9], 10) == b"\x80\x40"
-    assert indices_from_bitfield(b"\x80\x40", 10) == {0, 9}
-    assert indices_from_bitfield(b"", 0) == set()
-    with pytest.raises(ValueError, match="spare"):
-        indices_from_bitfield(b"\x80\x20", 10)
-    with pytest.raises(ValueError, match="bytes"):
-        indices_from_bitfield(b"\x80", 10)
-    with pytest.raises(ValueError, match="range"):
-        bitfield_from_indices([10], 10)
+def test_a_peer_with_a_piece_out_of_range_is_refused() -> None:
+    picker = make([4, 4])
+    with pytest.raises(ValueError, match="out of range"):
+        picker.add_peer(A, [2])
+    with pytest.raises(ValueError, match="out of range"):
+        picker.add_peer(A, [-1])
+    assert picker.add_peer(A, [0, 1]) and picker.availability(1) == 1
 
 
 def test_blocks_of_a_piece() -> None:
@@ -413,7 +406,7 @@ def test_resume_marks_and_bitfield() -> None:
     picker.add_peer(A, bits(4, 0, 1, 2, 3))
     picker.mark_have(0)
     picker.mark_have(2)
-    assert picker.bitfield() == b"\xa0"
+    assert [i for i in range(4) if picker.has(i)] == [0, 2]
     assert picker.verified_count == 2
     assert sorted(b.index for b in picker.next_requests(A, now=0.0)) == [1, 3]
     assert picker.interesting(A)

@@ -18,17 +18,12 @@ from dhtshare.errors import FileShareError, StoreError
 from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
-from dhtshare.transfer.aio.download import (
-    Download,
-    DownloadOptions,
-    FileInfo,
-    ProviderAddr,
-    refill_due,
-)
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import Block
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
+from dhtshare.transfer.swarm import refill_due
 
 MiB = 1024 * 1024
 PIECE = 256 * 1024

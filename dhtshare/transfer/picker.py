@@ -46,8 +46,6 @@ __all__ = [
     "PickerConfig",
     "PiecePicker",
     "Received",
-    "bitfield_from_indices",
-    "indices_from_bitfield",
 ]
 
 BLOCK_SIZE = 128 * 1024
@@ -56,26 +54,6 @@ _BULK_COUNT = 64
 availability index in one pass: the rebuild walks every piece."""
 PeerId = bytes
 PeerBlock = tuple[PeerId, "Block"]
-
-
-def bitfield_from_indices(indices: Iterable[int], count: int) -> bytes:
-    """A BitTorrent-style bitfield: piece 0 is the high bit of byte 0; spare bits zero."""
-    bits = bytearray((count + 7) // 8)
-    for i in indices:
-        if not 0 <= i < count:
-            raise ValueError(f"piece {i} out of range 0..{count - 1}")
-        bits[i >> 3] |= 0x80 >> (i & 7)
-    return bytes(bits)
-
-
-def indices_from_bitfield(bits: bytes, count: int) -> set[int]:
-    """The piece indices set in ``bits``; ``ValueError`` on a wrong length or spare bits set."""
-    if len(bits) != (count + 7) // 8:
-        raise ValueError(f"bitfield of {len(bits)} bytes for {count} pieces")
-    spare = -count % 8
-    if bits and bits[-1] & ((1 << spare) - 1):
-        raise ValueError("bitfield has spare bits set")
-    return {i for i in range(count) if bits[i >> 3] & (0x80 >> (i & 7))}
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -298,10 +276,6 @@ class PiecePicker:
     def complete(self) -> bool:
         return self._verified == self.piece_count
 
-    def bitfield(self) -> bytes:
-        """Our verified pieces as a bitfield (to send to peers)."""
-        return bitfield_from_indices((i for i, h in enumerate(self._have) if h), self.piece_count)
-
     def mark_have(self, index: int) -> list[PeerBlock]:
         """Record piece ``index`` as verified (e.g. from resume state); returns stale requests."""
         self._check_index(index)
@@ -340,15 +314,14 @@ class PiecePicker:
 
     # -- peers ------------------------------------------------------------------
 
-    def add_peer(self, peer: PeerId, have_bits: bytes | None = None) -> bool:
-        """Add (or re-announce) a peer with its bitfield; False for a banned peer.
-
-        ``have_bits=None`` means the peer has nothing yet. A malformed bitfield
-        raises ``ValueError``.
-        """
+    def add_peer(self, peer: PeerId, have: Collection[int] = ()) -> bool:
+        """Add (or re-announce) a peer with the pieces it has (its Bitfield's, and any
+        Haves); False for a banned peer. A piece out of range raises ``ValueError``."""
         if peer in self._banned:
             return False
-        have = set() if have_bits is None else indices_from_bitfield(have_bits, self.piece_count)
+        have = set(have)
+        if have and not (min(have) >= 0 and max(have) < self.piece_count):
+            raise ValueError(f"a piece out of range 0..{self.piece_count - 1}")
         old = self._peers.get(peer)
         if old is not None:
             self._count(old.have, -1)
@@ -463,11 +436,8 @@ class PiecePicker:
 
         ``target_latency`` seconds of its throughput, within ``min_depth..max_depth``,
         and, while other peers deliver too, at most its throughput's share of
-        ``total_depth`` (rounded up). Without the shared
-        budget, four seeders on loopback kept 12-16 MB waiting in our socket buffers
-        where one kept 4-6 MB; a window that full makes each of our reads send, in
-        its ACK's wake, the seeder's queued data on the seeder's behalf (half again
-        as much time in ``recv``; docs/performance.md, round 5).
+        ``total_depth`` (rounded up): what waits for us in socket buffers then does not
+        grow with the number of peers (docs/performance.md: the in-flight budget).
         """
         cfg = self.config
         if self.is_snubbed(peer):

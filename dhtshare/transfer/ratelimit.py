@@ -7,7 +7,15 @@ A rate of ``None`` or ``0`` means unlimited. Time is an argument (``now``).
 
 from __future__ import annotations
 
-__all__ = ["TokenBucket"]
+from dhtshare.wire import MAX_BLOCK
+
+__all__ = ["TokenBucket", "burst_for"]
+
+
+def burst_for(rate: float | None) -> float | None:
+    """The burst for a limit of ``rate`` bytes/s: a quarter second of it, and never less
+    than one block, so a limited transfer still moves whole blocks (``None``: unlimited)."""
+    return max(float(MAX_BLOCK), rate / 4) if rate else None
 
 
 class TokenBucket:

@@ -37,8 +37,8 @@ import functools
 import logging
 import random
 import time
-from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,25 +63,37 @@ from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
 from dhtshare.transfer.aio.serve import KEEPALIVE_INTERVAL
-from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
-from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.picker import PickerConfig, PiecePicker
+from dhtshare.transfer.ratelimit import TokenBucket, burst_for
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
+from dhtshare.transfer.swarm import (
+    Action,
+    Ban,
+    CompletePiece,
+    Connect,
+    ProviderAddr,
+    Save,
+    Send,
+    Swarm,
+    SwarmConfig,
+    Verified,
+    Verify,
+    Violation,
+)
 from dhtshare.wire import (
     MAX_BLOCK,
     MAX_HASHES,
     Bitfield,
-    Cancel,
     ConnectionClosed,
     Event,
     GetHashes,
     HashList,
     Have,
-    Keepalive,
+    Message,
     Piece,
     Reason,
     Reject,
-    Request,
 )
 
 __all__ = [
@@ -98,24 +110,11 @@ log = logging.getLogger(__name__)
 STORE_QUEUE_BYTES = 2 * 1024 * 1024
 """Completed pieces waiting to be hashed and written, at most (at least two pieces);
 the batch being written holds as much again at most (one piece if pieces are bigger).
-
-Short on purpose: a piece is hashed and written while its bytes are still in the
-CPU's cache, and a slow disk stops the reading of sockets early (backpressure).
-In an A/B run (six runs each), four seeders cost the downloader 1.10 s of CPU for
-256 MiB with 16 MiB here, 0.93 s with 2 MiB (docs/performance.md, round 3)."""
+Short, so a piece is hashed while still in the CPU's cache and a slow disk stops the
+reading of sockets early (measured in docs/performance.md: the store queue)."""
 STORE_BATCH = 8
 """Most completed pieces hashed and written in one worker-thread call (and no more
 than STORE_QUEUE_BYTES of them)."""
-RATE_WINDOW = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderAddr:
-    """A peer that holds (some of) the file, and where to reach it."""
-
-    peer_key: bytes
-    host: str
-    port: int
 
 
 ProviderSource = Callable[[], Awaitable[list[ProviderAddr]]]
@@ -165,26 +164,13 @@ class DownloadOptions:
     picker: PickerConfig = field(default_factory=lambda: PickerConfig(block_size=MAX_BLOCK))
 
 
-@dataclass(slots=True)
-class _Assembly:
-    """The blocks of one piece received so far, and who sent each."""
-
-    data: bytes | bytearray | memoryview
-    senders: dict[int, bytes] = field(default_factory=dict)  # begin -> peer
-
-
-@dataclass(slots=True)
-class _Verify:
-    index: int
-    data: bytes | bytearray | memoryview
-    senders: dict[int, bytes]
-
-
 class Download:
     """One file: providers -> peers -> picker -> verified pieces on disk.
 
     Build it, then ``await run()`` (returns the final path). ``status()`` is a
-    snapshot at any time. ``sources`` counts accepted bytes per peer key and
+    snapshot at any time. The bookkeeping is ``swarm`` (``transfer/swarm.py``): this
+    class feeds it the sessions' events and carries out its actions with sockets,
+    the disk and tasks. ``sources`` counts accepted bytes per peer key and
     ``bytes_received`` every block byte that arrived (duplicates included).
     """
 
@@ -217,9 +203,6 @@ class Download:
         self.on_have = on_have
         self.options = options or DownloadOptions()
         self.clock = clock
-        self.picker = PiecePicker(
-            self.layout.piece_lengths(), rng or random.Random(), self.options.picker
-        )
         # A shared ``bucket`` is one limit over several downloads (the node's); else our own.
         self.bucket = bucket or TokenBucket(None, now=clock())
         if bucket is None:
@@ -228,18 +211,28 @@ class Download:
         self._state_path = state_path
         self.hashes: tuple[bytes, ...] | None = None
         self.share: Share | None = None
-        self.sources: Counter[bytes] = Counter()
-        self.bytes_received = 0
-        self.banned: set[bytes] = set()
-        self.refused: dict[bytes, str] = {}  # provider -> its reason, once it refused twice
-        self._refused_once: dict[bytes, str] = {}  # refused once: tried again after retry_after
         self._partial: PartialFile | None = None
-        self._state = ResumeState(info.content_id, self.layout.piece_count)
-        self._sessions: dict[bytes, _Client] = {}
-        self._ended_at: dict[bytes, float] = {}
-        self._assembly: dict[int, _Assembly] = {}
-        self._suspects: dict[int, _Verify] = {}
-        self._store: asyncio.Queue[_Verify] = asyncio.Queue(
+        self._clients: dict[bytes, _Client] = {}
+        opts = self.options
+        config = SwarmConfig(
+            max_peers=opts.max_peers,
+            provider_timeout=opts.provider_timeout,
+            repoll_interval=opts.repoll_interval,
+            retry_after=opts.retry_after,
+            save_interval=opts.save_interval,
+            keepalive_interval=KEEPALIVE_INTERVAL,
+            picker=opts.picker,
+        )
+        self.swarm = Swarm(
+            self.final_path.name,
+            self.layout.piece_lengths(),
+            identity.public,
+            _Links(self._clients),
+            config=config,
+            rng=rng,
+            now=clock(),
+        )
+        self._store: asyncio.Queue[CompletePiece] = asyncio.Queue(
             max(2, STORE_QUEUE_BYTES // max(1, info.piece_size))
         )
         # A batch leaves the queue, which then fills again: at most STORE_QUEUE_BYTES in
@@ -249,17 +242,31 @@ class Download:
         self._wake = asyncio.Event()
         self._fatal: DhtshareError | None = None
         self._tg: asyncio.TaskGroup | None = None
-        self._rate: deque[tuple[float, int]] = deque()
         self._final: DownloadStatus | None = None
-        self._started = clock()
-        self._progress_at = clock()
-        self._polled_at = float("-inf")
-        self._polls = 0
-        self._known: dict[bytes, ProviderAddr] = {}
         self.peer_crashes = 0  # peer sessions ended by an unexpected exception
-        self._connecting_since: dict[bytes, float] = {}  # first try, until it gets ready
 
     # -- public -------------------------------------------------------------------
+
+    @property
+    def picker(self) -> PiecePicker:
+        return self.swarm.picker
+
+    @property
+    def sources(self) -> Counter[bytes]:
+        return self.swarm.sources
+
+    @property
+    def bytes_received(self) -> int:
+        return self.swarm.bytes_received
+
+    @property
+    def banned(self) -> set[bytes]:
+        return self.swarm.banned
+
+    @property
+    def refused(self) -> dict[bytes, str]:
+        """Providers that refused us twice, with their reason."""
+        return self.swarm.refused
 
     @property
     def part_path(self) -> Path:
@@ -280,31 +287,35 @@ class Download:
 
     @property
     def bytes_done(self) -> int:
-        return sum(self.layout.piece_length(i) for i in self._state.verified)
+        return self.swarm.bytes_done
 
     @property
     def peers(self) -> int:
         """Connected peers that finished the handshake."""
-        return sum(1 for s in self._sessions.values() if s.ready)
+        return self.swarm.peers
 
     def set_rate_limit(self, rate: float | None) -> None:
         """Limit this download to ``rate`` bytes/s (``None`` or 0: unlimited)."""
-        burst = max(float(MAX_BLOCK), rate / 4) if rate else None
-        self.bucket.set_rate(rate, burst, self.clock())
+        self.bucket.set_rate(rate, burst_for(rate), self.clock())
 
     def rate(self) -> float:
         """Accepted bytes per second over the last few seconds."""
-        now = self.clock()
-        while self._rate and self._rate[0][0] < now - RATE_WINDOW:
-            self._rate.popleft()
-        span = min(RATE_WINDOW, max(1e-3, now - self._started))
-        return sum(n for _, n in self._rate) / span
+        return self.swarm.rate(self.clock())
 
     def status(self) -> DownloadStatus:
         """A snapshot: ``Downloading`` while running, else how it ended."""
         if self._final is not None:
             return self._final
         return Downloading(*self._status_fields(), rate=self.rate(), peers=self.peers)
+
+    @property
+    def ended(self) -> bool:
+        """``run()`` has returned (or raised), or ``mark_ended`` said how it ended."""
+        return self._final is not None
+
+    def mark_ended(self, status: DownloadStatus) -> None:
+        """This download ended before a restart: report ``status`` without running it."""
+        self._final = status
 
     def _status_fields(self, path: Path | None = None) -> tuple[str, int, int, str, dict[str, int]]:
         """``name, size, bytes_done, path, sources``: the fields every status shares."""
@@ -314,7 +325,7 @@ class Download:
 
     async def run(self) -> Path:
         """Download until complete and return the final path (see the module doc)."""
-        self._started = self._progress_at = self.clock()
+        self.swarm.begin(self.clock())
         try:
             path = await self._run()
         except asyncio.CancelledError:
@@ -327,7 +338,7 @@ class Download:
             text = f"download stopped by an internal error: {type(exc).__name__}"
             self._final = Failed(*self._status_fields(), error=text, hint="see the node's log")
             raise
-        seconds = self.clock() - self._started
+        seconds = self.clock() - self.swarm.started
         self._final = Complete(*self._status_fields(path), seconds=seconds)
         return path
 
@@ -341,7 +352,7 @@ class Download:
         await self._open()
         finished = False
         try:
-            if not self._state.complete or self.hashes is None:
+            if not self.swarm.done:
                 await self._transfer()
             path = await self._finish()
             finished = True
@@ -356,9 +367,10 @@ class Download:
         )
         if not self._partial.created:  # our own .part: resume it
             count = self.layout.piece_count
-            self._state = await asyncio.to_thread(
+            state = await asyncio.to_thread(
                 load_or_new, self.state_path, self.info.content_id, count
             )
+            self.swarm.restore(state.verified)
             hashes = await asyncio.to_thread(read_hashes, self.hashes_path, count)
             if hashes is not None and verify_hash_list(hashes, self.info.content_id, count):
                 await self._set_hashes(hashes, save=False)
@@ -374,107 +386,111 @@ class Download:
                 error = await self._main_loop()
             finally:
                 self._tg = None
-                for task in helpers + [s.task for s in self._sessions.values() if s.task]:
+                for task in helpers + [c.task for c in self._clients.values() if c.task]:
                     task.cancel()
         if error is not None:
             raise error
 
     async def _main_loop(self) -> DhtshareError | None:
         """Keep peers connected until every piece is verified; return what stopped us."""
-        while not (self._state.complete and self.hashes is not None):
+        while not self.swarm.done:
             if self._fatal is not None:
                 return self._fatal
-            await self._connect_providers()
-            stalled = self._stalled()
+            now = self.clock()
+            if self.swarm.poll_due(now):
+                self.swarm.providers_found(await self._poll(), now)
+            self.apply(self.swarm.connect(now))
+            stalled = self.swarm.stalled(self.clock())
             if stalled is not None:
                 return stalled
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._repoll_gap()):
+                async with asyncio.timeout(self.swarm.repoll_gap()):
                     await self._wake.wait()
         return None
 
-    def note_refusal(self, peer: bytes, why: str) -> None:
-        """A provider refused us: the first time it is tried again after ``retry_after``
-        (its roster may be a moment old), the second time it is refused for this download."""
-        if self._refused_once.pop(peer, None) is not None:
-            self.refused[peer] = why
-        else:
-            self._refused_once[peer] = why
-
-    def _stalled(self) -> DhtshareError | None:
-        """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
-        now = self.clock()
-        if any(s.ready and s.useful(now) for s in self._sessions.values()):
-            self._progress_at = now  # a connected peer with pieces we lack, delivering
-            return None
-        if any(s.useful(now) for s in self._sessions.values()):
-            return None  # still connecting: hope, but the stall clock keeps running
-        candidates = [k for k in self._known if k not in self.banned]
-        if candidates and not self._sessions and all(k in self.refused for k in candidates):
-            text = self.refused[candidates[0]]
-            return FileShareError(
-                f"every provider of {self.final_path.name} refused us: {text}",
-                "ask the group's owner to accept you, then download again",
-            )
-        if now - self._progress_at < self.options.provider_timeout:
-            return None
-        dropped = len(self.banned)
-        why = f"; {dropped} dropped for bad data or protocol errors" if dropped else ""
-        return FileShareError(
-            f"no providers for {self.final_path.name} (nobody served it for "
-            f"{self.options.provider_timeout:g} s{why})",
-            "try again later, when a member who holds the file is online",
-        )
-
-    async def _connect_providers(self) -> None:
-        now = self.clock()
-        if now - self._polled_at >= self._repoll_gap() or not self._known:
-            self._polled_at = now
-            self._polls += 1
-            self._known = await self._poll()
-        for key, addr in self._known.items():
-            if len(self._sessions) >= self.options.max_peers:
-                return
-            if key in self._sessions or key in self.banned or key in self.refused:
-                continue
-            if now - self._ended_at.get(key, float("-inf")) < self.options.retry_after:
-                continue
-            self._spawn(addr)
-
-    def _repoll_gap(self) -> float:
-        """Seconds between provider polls: 0.5, 1, 2, ... up to ``repoll_interval``.
-
-        Other downloaders announce themselves after their first piece; polling
-        soon after we start finds them while there is still much to swap.
-        """
-        return min(self.options.repoll_interval, 0.25 * (1 << min(self._polls, 8)))
-
-    async def _poll(self) -> dict[bytes, ProviderAddr]:
+    async def _poll(self) -> list[ProviderAddr] | None:
+        """The providers the node knows now; ``None`` if the lookup failed."""
         try:
             async with asyncio.timeout(self.options.connect_timeout):
-                found = await self.providers()
+                return await self.providers()
         except (DhtshareError, OSError, TimeoutError) as exc:
             log.info("provider lookup failed: %s", exc)
-            return self._known
-        me = self.identity.public
-        return {a.peer_key: a for a in found if a.peer_key != me}
+            return None
+
+    # -- carrying out the swarm's actions ---------------------------------------------
+
+    def apply(self, actions: list[Action]) -> None:
+        """Carry out ``actions`` that need no waiting (every kind but Verify and Save).
+
+        A ``Violation`` raises ``RemoteProtocolError``: it comes from the events of
+        the session that broke the protocol, and ends that session only.
+        """
+        for action in actions:
+            match action:
+                case Send(peer, messages):
+                    self._send(peer, messages)
+                case Ban(peer, why):
+                    log.info("banning %s: %s", format_id(peer)[:12], why)
+                    client = self._clients.get(peer)
+                    if client is not None and client.stream is not None:
+                        client.stream.abort(Reason.BAD_DATA, why)
+                case Violation(_, why):
+                    raise RemoteProtocolError(why, Reason.PROTOCOL)
+                case Verified(index, first, count):
+                    if self.share is not None:
+                        self.share.add_piece(index)
+                    self._notify(first, count)
+                    if self.swarm.complete:
+                        self._wake.set()
+                case Connect(addr):
+                    self._spawn(addr)
+                case Verify() | Save():
+                    raise AssertionError(f"{action} needs waiting for: use _execute")
+
+    async def _execute(self, actions: list[Action]) -> None:
+        """Carry out ``actions``, waiting for room in the store queue and for saves."""
+        for action in actions:
+            match action:
+                case Verify(piece):
+                    await self._store.put(piece)
+                case Save():
+                    await self._checkpoint()
+                case _:
+                    self.apply([action])
+
+    def _send(self, peer: bytes, messages: tuple[Message, ...]) -> None:
+        client = self._clients.get(peer)
+        if client is not None and client.stream is not None and client.stream.open:
+            client.stream.send_many_nowait(messages)
 
     def _spawn(self, addr: ProviderAddr) -> None:
         assert self._tg is not None
         client = _Client(self, addr)
-        self._connecting_since.setdefault(addr.peer_key, self.clock())
-        self._sessions[addr.peer_key] = client
+        self._clients[addr.peer_key] = client
         client.task = self._tg.create_task(client.run())
 
-    def _session_ended(self, client: _Client) -> None:
+    def session_ended(self, client: _Client) -> None:
+        """``client``'s session is over: its requests go to the other peers."""
         key = client.addr.peer_key
-        if self._sessions.get(key) is client:
-            del self._sessions[key]
-        self._ended_at[key] = self.clock()
-        self.picker.remove_peer(key)
-        self._top_up_all()
+        if self._clients.get(key) is client:
+            del self._clients[key]
+        self.apply(self.swarm.session_ended(key, self.clock()))
         self._wake.set()
+
+    def peer_ready(self, client: _Client) -> bool:
+        """``client`` has the file's hashes and its peer's Bitfield: start requesting.
+        False if the peer may not be used (it was banned meanwhile)."""
+        key = client.addr.peer_key
+        self.apply(self.swarm.peer_ready(key, self.clock()))
+        if not self.swarm.is_ready(key):
+            return False
+        self._wake.set()
+        return True
+
+    def ban(self, peer: bytes, why: str) -> None:
+        """Drop ``peer`` and never use it again for this file."""
+        self.apply(self.swarm.ban(peer, why))
 
     # -- hashes -------------------------------------------------------------------
 
@@ -499,11 +515,10 @@ class Download:
         if save:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(write_hashes, self.hashes_path, hashes)
-        if self.options.verify_on_resume and self._state.verified:
+        if self.options.verify_on_resume and self.swarm.verified:
             await self._reverify(hashes)
         self.hashes = hashes
-        for index in sorted(self._state.verified):
-            self.picker.mark_have(index)
+        self.swarm.start_picking()
         if self.shares is not None and self._partial is not None:
             self.share = self.shares.add(
                 Share(
@@ -512,50 +527,32 @@ class Download:
                     self._partial.part_path,
                     self.layout,
                     hashes,
-                    self._state.verified,
+                    self.swarm.verified,
                 )
             )
 
     async def _reverify(self, hashes: tuple[bytes, ...]) -> None:
         assert self._partial is not None
-        for index in sorted(self._state.verified):
+        good = set(self.swarm.verified)
+        for index in sorted(good):
             offset, length = self.layout.piece_offset(index), self.layout.piece_length(index)
             data = await self._partial.read(offset, length)
             if not await asyncio.to_thread(verify_piece, data, hashes[index]):
-                self._state.verified.discard(index)
+                good.discard(index)
+        self.swarm.restore(good)
 
     # -- blocks and pieces ----------------------------------------------------------
 
     async def on_piece(self, client: _Client, msg: Piece) -> None:
-        """A block arrived: account for it, assemble its piece, queue a full piece."""
-        key, size = client.addr.peer_key, len(msg.data)
-        now = self.clock()
-        self.bytes_received += size
-        client.received += size
-        result = self.picker.block_received(key, Block(msg.index, msg.begin, size), now)
-        self._send_cancels(result.cancels)
-        if result.accepted:
-            self.sources[key] += size
-            self._rate.append((now, size))
-            piece = self._assemble(key, msg)
-            if result.piece_complete:
-                del self._assembly[msg.index]
-                await self._store.put(_Verify(msg.index, piece.data, piece.senders))
-        wait = self.bucket.consume(size, now)
+        """A block arrived: the swarm accounts for it; a full piece is queued to be
+        hashed and written; the bytes are paced by the rate limit; then the peer's
+        pipeline is refilled if it drained enough."""
+        key, now = client.addr.peer_key, self.clock()
+        await self._execute(self.swarm.block(key, msg, now))
+        wait = self.bucket.consume(len(msg.data), now)
         if wait > 0:
             await asyncio.sleep(wait)
-
-    def _assemble(self, key: bytes, msg: Piece) -> _Assembly:
-        length = self.layout.piece_length(msg.index)
-        piece = self._assembly.get(msg.index)
-        if piece is None:
-            whole = msg.begin == 0 and len(msg.data) == length
-            piece = _Assembly(msg.data if whole else bytearray(length))
-            self._assembly[msg.index] = piece
-        if isinstance(piece.data, bytearray):
-            piece.data[msg.begin : msg.begin + len(msg.data)] = msg.data
-        piece.senders[msg.begin] = key
-        return piece
+        self.apply(self.swarm.refill(key, self.clock()))
 
     async def _store_loop(self) -> None:
         """Hash completed pieces off the loop and write the good ones, a batch at a time.
@@ -584,121 +581,35 @@ class Download:
                 self._wake.set()
                 return
             for item, good in zip(batch, results, strict=True):
-                if good:
-                    self._piece_verified(item)
-                else:
-                    self._piece_failed(item)
+                self.apply(self.swarm.piece_checked(item, good, self.clock()))
 
-    def _piece_verified(self, item: _Verify) -> None:
-        self._send_cancels(self.picker.piece_verified(item.index))
-        first = not self._state.verified
-        self._state.mark(item.index)
-        self._progress_at = self.clock()
-        self._blame(item)
-        if self.share is not None:
-            self.share.add_piece(item.index)
-        self._tell_servers(item.index)
-        self._notify(first)
-        self._top_up_all(idle_only=True)  # a verified piece may lift the partial-piece cap
-        if self._state.complete:
-            self._wake.set()
-
-    def _tell_servers(self, index: int) -> None:
-        """``Have`` to each provider that lacks some piece: a super-seeding seeder
-        (which looks like such a peer) uses it to offer pieces the swarm lacks."""
-        for client in self._sessions.values():
-            seed = self.picker.is_seed(client.addr.peer_key)
-            if client.ready and client.stream is not None and not seed:
-                client.stream.try_send(Have(index))
-
-    def _notify(self, first: bool) -> None:
+    def _notify(self, first: bool, count: int) -> None:
         try:
             if first and self.on_first_piece is not None:
                 self.on_first_piece(self.info.content_id)
             if self.on_have is not None:
-                self.on_have(self.info.content_id, len(self._state.verified))
+                self.on_have(self.info.content_id, count)
         except Exception:
             log.exception("download progress callback failed")
-
-    def _piece_failed(self, item: _Verify) -> None:
-        """A piece failed its hash: fetch it again; ban its sender if there was one."""
-        senders = set(item.senders.values())
-        self.picker.piece_failed(item.index)
-        if len(senders) == 1:
-            self.ban(senders.pop(), f"piece {item.index} failed its hash check")
-        else:  # several senders: blame the ones whose blocks differ from the good copy
-            self._suspects[item.index] = _Verify(item.index, bytes(item.data), item.senders)
-        self._top_up_all()
-
-    def _blame(self, good: _Verify) -> None:
-        bad = self._suspects.pop(good.index, None)
-        if bad is None:
-            return
-        block = self.picker.config.block_size
-        view, ref = memoryview(bad.data), memoryview(good.data)
-        for begin, peer in bad.senders.items():
-            if view[begin : begin + block] != ref[begin : begin + block]:
-                self.ban(peer, f"a block of piece {good.index} was corrupt")
-
-    def ban(self, peer: bytes, why: str) -> None:
-        """Drop ``peer`` and never use it again for this file."""
-        log.info("banning %s: %s", format_id(peer)[:12], why)
-        self.banned.add(peer)
-        self.picker.ban(peer)
-        client = self._sessions.get(peer)
-        if client is not None and client.stream is not None:
-            client.stream.abort(Reason.BAD_DATA, why)
-
-    def note_arriving(self) -> None:
-        """Tell the picker how much each peer's data already waits in our buffers."""
-        for key, client in self._sessions.items():
-            if client.stream is not None:
-                self.picker.note_arriving(key, client.stream.buffered_in())
-
-    def _send_cancels(self, cancels: Iterable[tuple[bytes, Block]]) -> None:
-        for peer, b in cancels:
-            client = self._sessions.get(peer)
-            if client is not None and client.stream is not None:
-                client.stream.try_send(Cancel(b.index, b.begin, b.length))
-
-    def _top_up_all(self, *, idle_only: bool = False) -> None:
-        if self.picker.in_endgame:
-            self.note_arriving()  # once for all, not once per client
-        for client in list(self._sessions.values()):
-            if not idle_only or client.idle:
-                client.top_up(note_arriving=False)
 
     # -- timers, saving, finishing --------------------------------------------------
 
     async def _timer_loop(self) -> None:
-        """Expire overdue requests, save progress, keep idle connections alive."""
-        saved_at = keepalive_at = self.clock()
-        saved = len(self._state.verified)
+        """Carry out the swarm's timers: expired requests, saves, keepalives.
+
+        It naps at most half a second: an event may bring the next deadline closer.
+        """
         while True:
-            now = self.clock()
-            deadline = self.picker.next_deadline()
-            nap = 0.5 if deadline is None else min(0.5, max(0.01, deadline - now))
-            await asyncio.sleep(nap)
-            now = self.clock()
-            expired = self.picker.expire(now)
-            if expired.timed_out:
-                self._send_cancels(expired.timed_out)
-                self._top_up_all()
-            if now - saved_at >= self.options.save_interval and len(self._state.verified) != saved:
-                saved, saved_at = len(self._state.verified), now
-                await self._checkpoint()
-            if now - keepalive_at >= KEEPALIVE_INTERVAL:
-                keepalive_at = now
-                for client in list(self._sessions.values()):
-                    if client.stream is not None:
-                        client.stream.try_send(Keepalive())
+            nap = self.swarm.next_deadline() - self.clock()
+            await asyncio.sleep(min(0.5, max(0.01, nap)))
+            await self._execute(self.swarm.handle_timer(self.clock()))
 
     async def _checkpoint(self) -> None:
         """fsync the pieces, then save the state that trusts them (atomically)."""
         if self._partial is None or self._partial.closed:
             return
         snapshot = ResumeState(
-            self.info.content_id, self.layout.piece_count, set(self._state.verified)
+            self.info.content_id, self.layout.piece_count, set(self.swarm.verified)
         )
         await self._partial.sync()
         await asyncio.to_thread(snapshot.save, self.state_path)
@@ -729,7 +640,7 @@ class Download:
 
     async def _finish(self) -> Path:
         assert self._partial is not None and self.hashes is not None
-        if merkle_root(self.hashes) != self.info.content_id or not self._state.complete:
+        if merkle_root(self.hashes) != self.info.content_id or not self.swarm.complete:
             raise FileShareError("download incomplete", "resume the download")
         path = await self._partial.finalize()
         for leftover in (self.state_path, self.hashes_path):
@@ -740,43 +651,37 @@ class Download:
         return path
 
 
-def refill_due(drained: int, asked: int) -> bool:
-    """Whether a peer's pipeline (``asked`` requests in flight at the last refill,
-    ``drained`` of them since received, cancelled or expired) has drained enough to
-    send it a new batch of Requests.
+class _Links:
+    """What the swarm may ask about a peer's connection (``swarm.Links``)."""
 
-    A quarter of it, so a deep pipeline never runs low; a shallow one (a peer's share
-    of the picker's ``total_depth``) waits for half of it, or 8 blocks, so that each
-    batch, and the wake-up it costs the peer, still carries several requests.
-    """
-    return drained >= max(asked / 4, min(asked / 2, 8))
+    def __init__(self, clients: dict[bytes, _Client]) -> None:
+        self._clients = clients
+
+    def _stream(self, peer: bytes) -> PeerStream | None:
+        client = self._clients.get(peer)
+        return None if client is None else client.stream
+
+    def writable(self, peer: bytes) -> bool:
+        stream = self._stream(peer)
+        return stream is not None and stream.open
+
+    def arriving(self, peer: bytes) -> int:
+        stream = self._stream(peer)
+        return 0 if stream is None else stream.buffered_in()
 
 
 class _Client:
-    """One provider connection: handshake, bitfield, hashes, then request and receive."""
+    """One provider connection: handshake, bitfield, hashes, then request and receive.
+
+    It feeds what its peer sends to the download's ``swarm`` and has the download
+    carry out the answer (``Download.apply``)."""
 
     def __init__(self, download: Download, addr: ProviderAddr) -> None:
         self.dl = download
         self.addr = addr
         self.stream: PeerStream | None = None
         self.task: asyncio.Task[None] | None = None
-        self.ready = False
-        self.received = 0
         self.error = ""
-        self._early_have: set[int] = set()
-        self._asked = 0  # requests in flight right after the last top-up
-
-    def useful(self, now: float) -> bool:
-        """Still connecting (for at most ``provider_timeout`` since we first tried this
-        peer without it getting ready), or connected with a piece we lack and not
-        snubbed (it delivers what we ask). A peer that claims pieces and never sends
-        them, or never finishes its greeting, stops counting; so does the download."""
-        key = self.addr.peer_key
-        if not self.ready:
-            since = self.dl._connecting_since.get(key, now)
-            return now - since < self.dl.options.provider_timeout
-        picker = self.dl.picker
-        return picker.interesting(key) and not picker.is_snubbed(key)
 
     async def run(self) -> None:
         """Serve the download until this connection ends; whatever ends it ends it alone.
@@ -795,7 +700,7 @@ class _Client:
             self.dl.peer_crashes += 1
             log.exception("provider %s:%d crashed its session", self.addr.host, self.addr.port)
         finally:
-            self.dl._session_ended(self)
+            self.dl.session_ended(self)
             if self.stream is not None:
                 await self.stream.aclose()
 
@@ -803,43 +708,37 @@ class _Client:
         dl, opts = self.dl, self.dl.options
         info = dl.info
         self.stream = await open_peer(
-            dl.identity, self.addr.host, self.addr.port, info.group_id, info.content_id,
-            handshake_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
-        )  # fmt: skip
+            dl.identity,
+            self.addr.host,
+            self.addr.port,
+            info.group_id,
+            info.content_id,
+            handshake_timeout=opts.connect_timeout,
+            read_timeout=opts.read_timeout,
+        )
         key = self.stream.peer_key
         if key != self.addr.peer_key or not dl.is_member(info.group_id, key):
             self.stream.abort(Reason.NOT_MEMBER, "you are not a member of this group")
             raise ProtocolError("provider is not a current member of the group")
-        have = await self._first_bitfield()
-        if have is None:
+        if not await self._first_bitfield():
             return
         await dl.ensure_hashes(self)
-        have |= self._early_have
-        bits = Bitfield.from_pieces(dl.layout.piece_count, have).bits
-        if not dl.picker.add_peer(key, bits):
+        if not dl.peer_ready(self):
             return
-        if len(have) < dl.layout.piece_count and dl._state.verified:
-            # it may be super-seeding: tell it what we hold (then Have per new piece)
-            mine = Bitfield.from_pieces(dl.layout.piece_count, dl._state.verified)
-            self.stream.send_nowait(mine)
-        self.ready = True
-        dl._connecting_since.pop(key, None)
-        dl._wake.set()
-        self.top_up()
         async for event in self.stream:
             if not await self._on_event(event):
                 return
 
-    async def _first_bitfield(self) -> set[int] | None:
+    async def _first_bitfield(self) -> bool:
+        """Handle events until the peer's Bitfield; False if the connection ended first."""
         assert self.stream is not None
         async for event in self.stream:
             if isinstance(event, Bitfield):
-                if event.piece_count != self.dl.layout.piece_count:
-                    raise self._violation("bitfield for a different piece count")
-                return set(event.pieces())
+                self.dl.apply(self.dl.swarm.bitfield(self.addr.peer_key, event))
+                return True
             if not await self._on_event(event):
-                return None
-        return None
+                return False
+        return False
 
     async def fetch_hashes(self, count: int) -> list[bytes]:
         """Ask this peer for all ``count`` piece hashes and collect its answers."""
@@ -860,20 +759,15 @@ class _Client:
 
     async def _on_event(self, event: Event) -> bool:
         """Handle one event; False when the connection is over."""
+        dl, key = self.dl, self.addr.peer_key
         match event:
-            case Piece(index, begin, data):
-                if not self.ready:
-                    raise self._violation("piece before it was requested")
-                if not self.dl.picker.is_block(Block(index, begin, len(data))):
-                    raise self._violation(f"piece {index} at {begin}+{len(data)} is no block")
-                await self.dl.on_piece(self, event)
-                drained = self._asked - self.dl.picker.in_flight(self.addr.peer_key)
-                if refill_due(drained, self._asked):  # received, cancelled or expired
-                    self.top_up()
+            case Piece():
+                await dl.on_piece(self, event)
             case Have(index):
-                self._on_have(index)
+                dl.apply(dl.swarm.have(key, index, dl.clock()))
             case Reject(reason, text):
-                self._on_reject(reason, text)
+                self.error = text or f"rejected (reason {reason})"
+                dl.swarm.rejected(key, reason, self.error)
                 return False
             case ConnectionClosed():
                 return False
@@ -886,39 +780,3 @@ class _Client:
         file (its stream aborted with a Reject), and the error ends its session only."""
         self.dl.ban(self.addr.peer_key, text)
         return RemoteProtocolError(text, Reason.PROTOCOL)
-
-    def _on_have(self, index: int) -> None:
-        if not 0 <= index < self.dl.layout.piece_count:
-            raise self._violation(f"Have for piece {index} out of range")
-        if self.ready:
-            self.dl.picker.peer_has(self.addr.peer_key, index)
-            self.top_up()
-        else:
-            self._early_have.add(index)
-
-    def _on_reject(self, reason: int, text: str) -> None:
-        self.error = text or f"rejected (reason {reason})"
-        if reason in (Reason.NOT_MEMBER, Reason.UNKNOWN_CONTENT):
-            self.dl.note_refusal(self.addr.peer_key, self.error)
-
-    @property
-    def idle(self) -> bool:
-        """Nothing requested from this peer is outstanding (as far as we know)."""
-        return self.dl.picker.in_flight(self.addr.peer_key) == 0
-
-    def top_up(self, *, note_arriving: bool = True) -> None:
-        """Fill this peer's request pipeline from the picker.
-
-        Topping up after every block would cost a picker scan per block; on the
-        block path it is done when ``refill_due`` says so. In the
-        endgame the picker first learns what already waits in our buffers, unless
-        the caller just told it (``note_arriving=False``).
-        """
-        if not self.ready or self.stream is None or not self.stream.open:
-            return
-        key = self.addr.peer_key
-        if note_arriving and self.dl.picker.in_endgame:
-            self.dl.note_arriving()
-        blocks = self.dl.picker.next_requests(key, self.dl.clock())
-        self.stream.send_many_nowait([Request(b.index, b.begin, b.length) for b in blocks])
-        self._asked = self.dl.picker.in_flight(key)
