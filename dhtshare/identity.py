@@ -30,7 +30,6 @@ __all__ = [
     "fingerprint_of",
     "format_id",
     "parse_id",
-    "short_id",
 ]
 
 _FILE_VERSION = 1
@@ -52,11 +51,6 @@ def parse_id(text: str) -> bytes:
         return base64.b32decode(cleaned + "====")
     except binascii.Error as exc:
         raise IdentityError(f"not a member id: {text!r}", "an id is 52 base32 characters") from exc
-
-
-def short_id(public: bytes) -> str:
-    """The first 12 characters of the printable id, for tables."""
-    return format_id(public)[:12]
 
 
 def fingerprint_of(public: bytes) -> str:
