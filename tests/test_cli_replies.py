@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dhtshare.cli import main as cli
+from dhtshare.home import Home
 from dhtshare.node import control
 
 UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
@@ -67,7 +68,7 @@ class FakeNode:
 
 @contextlib.contextmanager
 def fake_node(home: Path) -> Iterator[FakeNode]:
-    node = FakeNode(control.socket_path(home))
+    node = FakeNode(control.socket_path(Home(home)))
     try:
         yield node
     finally:

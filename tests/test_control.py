@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from dhtshare.errors import GroupError, NodeError
+from dhtshare.home import Home
 from dhtshare.node import control
 
 
@@ -29,7 +30,7 @@ async def handler(cmd: str, args: dict[str, Any], progress: control.Progress) ->
 
 @pytest.fixture
 async def sock(tmp_path: Path) -> Any:
-    path = control.socket_path(tmp_path)
+    path = control.socket_path(Home(tmp_path))
     server = await control.serve(path, handler)
     try:
         yield path
@@ -72,7 +73,7 @@ async def test_socket_is_private(sock: Path) -> None:
 
 
 async def test_no_node(tmp_path: Path) -> None:
-    path = control.socket_path(tmp_path)
+    path = control.socket_path(Home(tmp_path))
     assert not await control.answering(path)
     with pytest.raises(NodeError, match="no node is running"):
         await control.call(path, "status")
@@ -81,22 +82,23 @@ async def test_no_node(tmp_path: Path) -> None:
 def test_long_home_puts_the_socket_in_a_private_directory(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
     deep.mkdir()
-    assert control.socket_path(deep) == deep / "control.sock"  # nothing prepared yet
-    path = control.prepare_socket(deep)
+    assert control.socket_path(Home(deep)) == deep / "control.sock"  # nothing prepared yet
+    path = control.prepare_socket(Home(deep))
     assert len(os.fsencode(path)) < 100
-    assert path == control.socket_path(deep) == control.prepare_socket(deep)  # CLI finds it
+    # the CLI finds it
+    assert path == control.socket_path(Home(deep)) == control.prepare_socket(Home(deep))
     st = os.lstat(path.parent)
     assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
     assert stat.S_IMODE(st.st_mode) == 0o700
     other = tmp_path / ("e" * 120)
     other.mkdir()
-    assert control.prepare_socket(other).parent != path.parent
+    assert control.prepare_socket(Home(other)).parent != path.parent
     assert (
-        control.socket_path(tmp_path) == tmp_path / "control.sock"
+        control.socket_path(Home(tmp_path)) == tmp_path / "control.sock"
         or len(os.fsencode(tmp_path / "control.sock")) >= 100
     )
     for home in (deep, other):
-        control.remove_socket(home)  # the node's stop: the directory and its record go
+        control.remove_socket(Home(home))  # the node's stop: the directory and its record go
         assert not (home / "control-dir").exists()
     assert not path.parent.exists()
 
@@ -104,13 +106,13 @@ def test_long_home_puts_the_socket_in_a_private_directory(tmp_path: Path) -> Non
 def test_a_private_directory_that_is_no_longer_private_is_replaced(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
     deep.mkdir()
-    first = control.prepare_socket(deep).parent
+    first = control.prepare_socket(Home(deep)).parent
     first.chmod(0o755)
-    second = control.prepare_socket(deep).parent
+    second = control.prepare_socket(Home(deep)).parent
     assert second != first and stat.S_IMODE(os.lstat(second).st_mode) == 0o700
     second.rmdir()
     second.symlink_to(first)  # e.g. recreated by someone else after a reboot
-    third = control.prepare_socket(deep).parent
+    third = control.prepare_socket(Home(deep)).parent
     assert third not in (first, second)
     for d in (first, third):
         d.rmdir()
@@ -120,14 +122,14 @@ def test_a_private_directory_that_is_no_longer_private_is_replaced(tmp_path: Pat
 async def test_long_home_serves(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 120)
     deep.mkdir()
-    path = control.prepare_socket(deep)
+    path = control.prepare_socket(Home(deep))
     server = await control.serve(path, handler)
     try:
-        assert await control.call(control.socket_path(deep), "echo", {"ok": 1}) == {"ok": 1}
+        assert await control.call(control.socket_path(Home(deep)), "echo", {"ok": 1}) == {"ok": 1}
     finally:
         server.close()
         await server.wait_closed()
-        control.remove_socket(deep)
+        control.remove_socket(Home(deep))
     assert not path.exists() and not path.parent.exists()
 
 
@@ -136,10 +138,10 @@ def test_a_state_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     home.mkdir()
     home.chmod(0o777)
     with pytest.raises(NodeError, match="other users can write") as info:
-        control.prepare_socket(home)
+        control.prepare_socket(Home(home))
     assert "chmod 700" in info.value.hint
     home.chmod(0o700)
-    assert control.prepare_socket(home) == home / "control.sock"
+    assert control.prepare_socket(Home(home)) == home / "control.sock"
 
 
 async def test_replies_nested_too_deep_or_not_objects_are_node_errors(sock: Path) -> None:

@@ -87,11 +87,11 @@ async def test_a_get_that_goes_away_cancels_its_download(
     assert left.is_set()
     assert not part.exists() and list((tmp_path / "out").iterdir()) == []
     assert handle.task is not None and handle.task.done()
-    assert list((fetcher.home / "resume").glob(f"{entry.content_id.hex()}*")) == []
+    assert list(fetcher.home.resume_dir.glob(f"{entry.content_id.hex()}*")) == []
     assert entry.content_id not in fetcher.downloads.handles
     assert fetcher.registry.get(gid, entry.content_id) is None  # no longer served
     assert handle.cancelled
-    saved = json.loads((fetcher.home / "downloads.json").read_text())
+    saved = json.loads(fetcher.home.downloads.read_text())
     assert all(d["content_id"] != entry.content_id.hex() for d in saved)  # not resumed
 
 

@@ -28,6 +28,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from dhtshare.cli import main as cli
+from dhtshare.home import Home
 from dhtshare.identity import Identity
 from dhtshare.node import control
 from dhtshare.node.service import Node, NodeConfig
@@ -133,7 +134,7 @@ async def test_a_node_with_a_deep_home_listens_in_a_private_directory(tmp_path: 
     me = Identity.generate("deep")
     node = await Node.start(NodeConfig(home=deep, identity=me, control=True))
     try:
-        sock = control.socket_path(deep)
+        sock = control.socket_path(Home(deep))
         st = await asyncio.to_thread(os.lstat, sock)
         assert stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()
         parent = await asyncio.to_thread(os.lstat, sock.parent)

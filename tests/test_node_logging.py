@@ -90,16 +90,17 @@ def test_verbose_reaches_a_detached_node(users: Users) -> None:  # noqa: F811
 
 
 def test_damaged_settings_give_the_defaults(tmp_path: Path) -> None:
+    from dhtshare.home import Home
     from dhtshare.node import settings
 
     (tmp_path / "settings.json").write_text('{"upload_limit": "fast", "log_level": "loud"')
-    assert settings.load(tmp_path) == {
+    assert settings.load(Home(tmp_path)) == {
         "upload_limit": None,
         "download_limit": None,
         "log_level": "info",
     }
     (tmp_path / "settings.json").write_text('{"upload_limit": -5, "download_limit": 1e6}')
-    loaded = settings.load(tmp_path)
+    loaded = settings.load(Home(tmp_path))
     assert (loaded["upload_limit"], loaded["download_limit"]) == (None, 1e6)
     merged = settings.merge(loaded, upload_limit=0.0, download_limit=None, log_level="debug")
     assert merged == {"upload_limit": None, "download_limit": 1e6, "log_level": "debug"}

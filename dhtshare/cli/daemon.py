@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from dhtshare.allocator import tune_allocator
 from dhtshare.cli.display import LOG_FORMAT, CleanFormatter
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError, NodeError
+from dhtshare.home import Home
 from dhtshare.node.service import Node, NodeConfig
 
 __all__ = ["NodeConfig", "ping_node", "run_bootstrap", "run_detached", "run_foreground"]
@@ -47,15 +49,15 @@ def _write_ready(fd: int | None, doc: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def _log_to(home: Path, level: str = "info") -> None:
-    """``level`` and up into ``home/node.log`` (names and messages cleaned); the terminal
+def _log_to(home: Home, level: str = "info") -> None:
+    """``level`` and up into ``home.node_log`` (names and messages cleaned); the terminal
     keeps the level the CLI chose. Below debug, kademlia's line per lookup stays out."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     root = logging.getLogger()
     for existing in root.handlers:
         if existing.level == logging.NOTSET:
             existing.setLevel(root.level)
-    handler = logging.FileHandler(home / "node.log")
+    handler = logging.FileHandler(home.node_log)
     handler.setFormatter(CleanFormatter(LOG_FORMAT))
     number = logging.getLevelName(level.upper())
     handler.setLevel(number)
@@ -67,7 +69,7 @@ def _log_to(home: Path, level: str = "info") -> None:
 
 def run_foreground(config: NodeConfig, ready_fd: int | None = None) -> None:
     """Run the node until SIGINT or SIGTERM; report readiness on ``ready_fd`` if given."""
-    _log_to(config.home, config.log_level)
+    _log_to(Home(config.home), config.log_level)
     tune_allocator()
 
     async def main() -> None:
@@ -108,6 +110,7 @@ def run_detached(
 
     Every setting goes to the child explicitly (``-v`` too), so it runs as this command
     was told, whatever its environment."""
+    home = Home(config.home)
     read_fd, write_fd = os.pipe()
     cmd = [sys.executable, "-m", "dhtshare", *(["-v"] if verbose else [])]
     cmd += ["--home", str(config.home.resolve()), "node", "start"]
@@ -122,29 +125,33 @@ def run_detached(
     cmd += ["--upload-limit", repr((config.upload_limit or 0) / 1e6)]
     cmd += ["--download-limit", repr((config.download_limit or 0) / 1e6)]
     cmd += ["--log-level", config.log_level]
-    config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(config.home / "node.out", "ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                pass_fds=(write_fd,), start_new_session=True)  # fmt: skip
+    home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(home.node_out, "ab") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+        )
     os.close(write_fd)
     line = _read_line(read_fd, READY_TIMEOUT)
     if not line:
         proc.poll()
-        raise NodeError("the node did not start", f"see {config.home / 'node.log'}")
+        raise NodeError("the node did not start", f"see {home.node_log}")
     try:
         doc = json.loads(line)
     except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
-        raise NodeError("the node did not report its start", f"see {config.home / 'node.log'}")
+        raise NodeError("the node did not report its start", f"see {home.node_log}")
     if doc.get("ok") is not True:
         raise NodeError(str(doc.get("error")), str(doc.get("hint", "")))
     return doc
 
 
 def _read_line(fd: int, timeout: float) -> bytes:
-    import selectors
-
     deadline = time.monotonic() + timeout
     data = b""
     with selectors.DefaultSelector() as sel, os.fdopen(fd, "rb", buffering=0) as stream:
@@ -159,15 +166,16 @@ def _read_line(fd: int, timeout: float) -> bytes:
     return data.split(b"\n", 1)[0]
 
 
-def run_bootstrap(state: Path, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
-    """A DHT-only node with a stable id and routing table; foreground; logs to stderr."""
+def run_bootstrap(state: Home, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
+    """A DHT-only node with a stable id and routing table (in ``state.bootstrap``);
+    foreground; logs to stderr."""
     handler = logging.StreamHandler()
     handler.setFormatter(CleanFormatter(LOG_FORMAT))
     # force: the CLI already configured WARNING; a server logs INFO
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     logging.getLogger("kademlia").setLevel(logging.WARNING)  # a line per lookup is noise
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    path = state / "bootstrap.json"
+    state.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state.bootstrap
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -218,7 +226,7 @@ async def ping_node(host: str, port: int, wait: float) -> float | None:
     try:
         started = time.monotonic()
         async with asyncio.timeout(wait):
-            ok, _ = await node._proto().ping((host, port), node.node.id)
+            ok = await node.ping((host, port))
         return time.monotonic() - started if ok else None
     except (TimeoutError, OSError):
         return None

@@ -16,6 +16,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,12 @@ import click
 
 from dhtshare.cli import hints
 from dhtshare.cli.display import LOG_FORMAT, CleanFormatter, ProgressLine
+from dhtshare.cli.interrupt import Interrupted, get_or_interrupt
 from dhtshare.cli.replies import Reply, malformed, rows
 from dhtshare.errors import DhtshareError, IdentityError, NodeError
-from dhtshare.node import control
+from dhtshare.home import Home
+from dhtshare.identity import Identity, describe_key_file
+from dhtshare.node import control, settings
 from dhtshare.text import clean, fields, format_rate, format_size, plural, table, table_with_notes
 
 __all__ = ["main"]
@@ -53,15 +57,15 @@ def fail(message: str, hint: str = "", code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def write_crash_log(home: Path | None) -> Path | None:
-    """Append the current traceback to ``home/crash.log`` (0600, no symbolic link
+def write_crash_log(home: Home | None) -> Path | None:
+    """Append the current traceback to ``home.crash_log`` (0600, no symbolic link
     followed) if ``home`` is a directory of ours, else to a new private temp file
     (``mkstemp``: ``O_EXCL``, 0600); never to a fixed name in a shared directory.
     Returns where it went, or ``None`` if it could not be written."""
     text = traceback.format_exc().encode("utf-8", "backslashreplace")
     try:
-        if home is not None and _is_own_dir(home):
-            path = home / "crash.log"
+        if home is not None and _is_own_dir(home.root):
+            path = home.crash_log
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
             st = os.fstat(fd)
@@ -130,8 +134,9 @@ class Cli(click.Group):
             fail(f"unexpected failure: {exc}", f"{where}; please report it", code=2)
 
 
-def home_of(ctx: click.Context) -> Path:
-    return Path(ctx.find_root().params["home"] or default_home()).expanduser()
+def home_of(ctx: click.Context) -> Home:
+    """The state directory: ``--home`` (or ``DHTSHARE_HOME``), else ``default_home()``."""
+    return Home(Path(ctx.find_root().params["home"] or default_home()).expanduser())
 
 
 def with_home(ctx: click.Context | None, text: str) -> str:
@@ -238,9 +243,7 @@ def id_create(ctx: click.Context, name: str, passphrase_file: str | None) -> Non
 
     Example: dhtshare id create --name alice
     """
-    from dhtshare.identity import Identity
-
-    path = home_of(ctx) / "identity.json"
+    path = home_of(ctx).identity
     if path.exists():
         raise IdentityError(
             f"an identity already exists at {path}", "use another --home, or dhtshare id show"
@@ -258,9 +261,7 @@ def id_show(ctx: click.Context, as_json: bool) -> None:
 
     Example: dhtshare id show
     """
-    from dhtshare.identity import describe_key_file
-
-    info = describe_key_file(home_of(ctx) / "identity.json")
+    info = describe_key_file(home_of(ctx).identity)
     emit(ctx, info, status_fields)
 
 
@@ -350,8 +351,8 @@ def node_start(
 
     Example: dhtshare node start --port 4001 --bootstrap 203.0.113.7:4000 --detach
     """
+    # lazy: the running node (kademlia, transfer) loads only for the commands that run one
     from dhtshare.cli.daemon import NodeConfig, run_detached, run_foreground
-    from dhtshare.node import settings
 
     home = home_of(ctx)
     kept = settings.merge(
@@ -361,7 +362,7 @@ def node_start(
         log_level=log_level,
     )
     config = NodeConfig(
-        home=home,
+        home=home.root,
         host=host,
         port=port,
         bootstrap=tuple(parse_hostport(b) for b in bootstraps),
@@ -417,8 +418,6 @@ def node_stop(ctx: click.Context) -> None:
 
 def wait_exit(pid: int, timeout: float) -> bool:
     """Wait until process ``pid`` has exited (or is a zombie); False on timeout."""
-    import time
-
     deadline = time.monotonic() + timeout
     while pid > 0 and time.monotonic() < deadline:
         try:
@@ -727,8 +726,6 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
         started = Reply(node_call(ctx, "get", **args), "get")
         click.echo(f"downloading {clean(started.text('name'))} into {clean(started.text('path'))}")
         return
-    from dhtshare.cli.interrupt import Interrupted, get_or_interrupt
-
     bar = ProgressLine("downloading", 1)
 
     def progress(doc: Any) -> None:
@@ -894,10 +891,10 @@ def bootstrap(
 
     Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare
     """
-    from dhtshare.cli.daemon import run_bootstrap
+    from dhtshare.cli.daemon import run_bootstrap  # lazy: as in node start
 
     run_bootstrap(
-        Path(state).expanduser() if state else home_of(ctx),
+        Home(Path(state).expanduser()) if state else home_of(ctx),
         host,
         port,
         tuple(parse_hostport(b) for b in bootstraps),
@@ -912,7 +909,7 @@ def ping(address: str, timeout: float) -> None:
 
     Example: dhtshare ping 203.0.113.7:4000
     """
-    from dhtshare.cli.daemon import ping_node
+    from dhtshare.cli.daemon import ping_node  # lazy: as in node start
 
     host, port = parse_hostport(address)
     rtt = asyncio.run(ping_node(host, port, timeout))
@@ -958,7 +955,7 @@ def simulate(
       dhtshare simulate
       dhtshare simulate --nodes 1000 --size 0 --churn 0.2 --procs 2 --json
     """
-    from dhtshare.sim.runner import run_simulation
+    from dhtshare.sim.runner import run_simulation  # lazy: the simulator loads only to run
 
     ok = run_simulation(
         scenario, {k: v for k, v in options.items() if v is not None}, as_json, plot

@@ -342,6 +342,11 @@ class DhtNode(Server):  # type: ignore[misc]
             if reply[0] and reply[1] != self.node.id
         ]
 
+    async def ping(self, address: Address) -> bool:
+        """Whether ``address`` answers a DHT ping (the RPC timeout bounds the wait)."""
+        answered, _ = await self._proto().ping(address, self.node.id)
+        return bool(answered)
+
     def contact_count(self) -> int:
         """Contacts in the routing table (not counting replacement caches)."""
         return sum(len(b) for b in self._proto().router.buckets)

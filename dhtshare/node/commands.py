@@ -10,21 +10,95 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
-from dhtshare.errors import DhtshareError, FileShareError, GroupError, IdentityError, NodeError
-from dhtshare.files.service import ListedFile
-from dhtshare.groups.rules import StaleRosterError
-from dhtshare.identity import format_id, parse_id
+from dhtshare.dht.server import DhtNode
+from dhtshare.errors import (
+    DhtshareError,
+    FileShareError,
+    GroupError,
+    IdentityError,
+    NodeError,
+    StaleRosterError,
+)
+from dhtshare.files.liveness import Liveness
+from dhtshare.files.service import FileService, ListedFile
+from dhtshare.groups.service import GroupService
+from dhtshare.identity import Identity, format_id, parse_id
 from dhtshare.node import eventlog
 from dhtshare.node.control import Progress
+from dhtshare.node.downloads import DownloadManager
+from dhtshare.node.settings import Settings
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share
 
-if TYPE_CHECKING:
-    from dhtshare.node.service import Node
+__all__ = ["COMMANDS", "Commands", "NodeApi"]
 
-__all__ = ["Commands"]
+
+class NodeApi(Protocol):
+    """What the commands use of a running node (``node.service.Node`` is one). The node
+    imports this module, never the other way round."""
+
+    identity: Identity
+    dht: DhtNode
+    server: PeerServer
+    groups: GroupService
+    files: FileService
+    liveness: Liveness
+    downloads: DownloadManager
+    shares: dict[tuple[bytes, bytes], Share]
+    started_at: float
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+    @property
+    def advertised(self) -> tuple[str, int]: ...
+
+    def settings(self) -> Settings: ...
+
+    def stale_groups(self) -> dict[bytes, float]: ...
+
+    def group_label(self, group_id: bytes) -> str: ...
+
+    def upload_stats(self, group_id: bytes, content_id: bytes) -> tuple[int, int]: ...
+
+    def require_member(self, group_id: bytes) -> None: ...
+
+    def save_state(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    async def share(
+        self,
+        group_id: bytes,
+        path: Path,
+        progress: Callable[[int, int], Awaitable[None] | None] | None = None,
+    ) -> Share: ...
+
+    async def unshare(self, group_id: bytes, content_id: bytes) -> None: ...
+
+
+Handler = Callable[..., Awaitable[Any]]
+"""A command's method: ``(commands, progress=..., **args)``, its result JSON-able."""
+COMMANDS: dict[str, Handler] = {}
+"""Every control command by the name the CLI sends (``group.create``), filled once by
+``@command`` as the class below is defined."""
+H = TypeVar("H", bound=Handler)
+
+
+def command(name: str) -> Callable[[H], H]:
+    """Register the decorated method as the handler of command ``name``."""
+
+    def register(handler: H) -> H:
+        assert name not in COMMANDS, name
+        COMMANDS[name] = handler
+        return handler
+
+    return register
 
 
 def _when(ts: float) -> str:
@@ -49,15 +123,15 @@ def _unique(
 class Commands:
     """Answers control requests for one node."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeApi) -> None:
         self.node = node
 
     async def handle(self, cmd: str, args: dict[str, Any], progress: Progress) -> Any:
-        method = getattr(self, "cmd_" + cmd.replace(".", "_"), None)
-        if method is None:
+        handler = COMMANDS.get(cmd)
+        if handler is None:
             raise NodeError(f"unknown command {cmd!r}", "is the CLI the same version as the node?")
         try:
-            result = await method(progress=progress, **args)
+            result = await handler(self, progress=progress, **args)
         except DhtshareError as exc:
             eventlog.command_failed(cmd, args, exc.message)
             raise
@@ -181,6 +255,7 @@ class Commands:
 
     # ---- node --------------------------------------------------------------------
 
+    @command("status")
     async def cmd_status(self, progress: Progress) -> dict[str, Any]:
         node = self.node
         host, port = node.address
@@ -191,9 +266,7 @@ class Commands:
             "address": f"{host}:{port}",
             "advertised": "{}:{}".format(*node.advertised),
             "uptime_s": round(time.time() - node.started_at),
-            "upload_limit": node.config.upload_limit,
-            "download_limit": node.config.download_limit,
-            "log_level": node.config.log_level,
+            **node.settings(),  # upload_limit, download_limit, log_level
             "dht_contacts": node.dht.contact_count(),
             "groups": len(node.groups.state.groups),
             "shares": len(node.shares),
@@ -203,12 +276,14 @@ class Commands:
             "counters": {"dht": node.dht.stats.snapshot(), "peers": node.server.stats.snapshot()},
         }
 
+    @command("stop")
     async def cmd_stop(self, progress: Progress) -> dict[str, Any]:
         self.node.request_stop()
         return {"stopping": True, "pid": os.getpid()}
 
     # ---- groups ------------------------------------------------------------------
 
+    @command("group.create")
     async def cmd_group_create(
         self, progress: Progress, name: str, public: bool = False
     ) -> dict[str, Any]:
@@ -216,6 +291,7 @@ class Commands:
         self.node.save_state()
         return {"group_id": gid.hex(), "name": self.node.groups.state.name_of(gid)}
 
+    @command("group.join")
     async def cmd_group_join(
         self, progress: Progress, group: str, message: str = ""
     ) -> dict[str, Any]:
@@ -236,6 +312,7 @@ class Commands:
             ]
             return bytes(_unique(listed, "group", ref, "give the group id the owner sent you"))
 
+    @command("group.leave")
     async def cmd_group_leave(self, progress: Progress, group: str) -> dict[str, Any]:
         """Leave (or cancel a request); my shares in the group stop, and stay stopped."""
         gid = self._lookup(group)
@@ -253,6 +330,7 @@ class Commands:
             "stopped_shares": stopped,
         }
 
+    @command("group.forget")
     async def cmd_group_forget(self, progress: Progress, group: str) -> dict[str, Any]:
         """Drop a group or request from my list without telling anyone (e.g. a group that
         no longer exists); my shares in it stop. A group I own must be left instead."""
@@ -277,6 +355,7 @@ class Commands:
             await self.node.unshare(gid, shared.content_id)
         return sorted(s.name for s in mine)
 
+    @command("group.requests")
     async def cmd_group_requests(self, progress: Progress, group: str) -> list[dict[str, Any]]:
         gid = await self.group(group)
         return [
@@ -290,24 +369,37 @@ class Commands:
             for r in await self.node.groups.requests(gid)
         ]
 
-    async def _decide(self, group: str, member: str, verb: str, **extra: Any) -> dict[str, Any]:
+    async def _decide(
+        self,
+        group: str,
+        member: str,
+        decide: Callable[[bytes, bytes], Awaitable[object]],
+        *,
+        pending: bool,
+    ) -> dict[str, Any]:
+        """Resolve ``member`` (among requesters too if ``pending``) and ``decide`` on it."""
         gid = await self.group(group)
-        key, name = await self.member(gid, member, pending=verb != "remove")
-        await getattr(self.node.groups, verb)(gid, key, **extra)
+        key, name = await self.member(gid, member, pending=pending)
+        await decide(gid, key)
         self.node.save_state()
         return {"id": format_id(key), "name": name}
 
+    @command("group.accept")
     async def cmd_group_accept(self, progress: Progress, group: str, member: str) -> dict[str, Any]:
-        return await self._decide(group, member, "accept")
+        return await self._decide(group, member, self.node.groups.accept, pending=True)
 
+    @command("group.reject")
     async def cmd_group_reject(
         self, progress: Progress, group: str, member: str, reason: str = ""
     ) -> dict[str, Any]:
-        return await self._decide(group, member, "reject", reason=reason)
+        reject = partial(self.node.groups.reject, reason=reason)
+        return await self._decide(group, member, reject, pending=True)
 
+    @command("group.remove")
     async def cmd_group_remove(self, progress: Progress, group: str, member: str) -> dict[str, Any]:
-        return await self._decide(group, member, "remove")
+        return await self._decide(group, member, self.node.groups.remove, pending=False)
 
+    @command("group.list")
     async def cmd_group_list(
         self, progress: Progress, directory: bool = False
     ) -> list[dict[str, Any]]:
@@ -335,6 +427,7 @@ class Commands:
         self._save_if_changed(before)  # a request accepted, a group taken over
         return rows
 
+    @command("group.members")
     async def cmd_group_members(self, progress: Progress, group: str) -> list[dict[str, Any]]:
         gid = await self.group(group)
         view = await self.node.groups.claim(gid)
@@ -351,6 +444,7 @@ class Commands:
 
     # ---- files -------------------------------------------------------------------
 
+    @command("share")
     async def cmd_share(self, progress: Progress, group: str, path: str) -> dict[str, Any]:
         gid = await self.group(group)
         await self.require_member(gid)
@@ -361,6 +455,7 @@ class Commands:
         shared = await self.node.share(gid, Path(path), report)
         return {"content_id": shared.content_id.hex(), "name": shared.name, "size": shared.size}
 
+    @command("files")
     async def cmd_files(self, progress: Progress, group: str) -> list[dict[str, Any]]:
         gid = await self.group(group)
         await self.require_member(gid)
@@ -381,6 +476,7 @@ class Commands:
             for f in found
         ]
 
+    @command("unshare")
     async def cmd_unshare(self, progress: Progress, group: str, file: str) -> dict[str, Any]:
         gid = await self.group(group)
         mine = [
@@ -392,6 +488,7 @@ class Commands:
         await self.node.unshare(gid, shared.content_id)
         return {"content_id": shared.content_id.hex(), "name": shared.name}
 
+    @command("shares")
     async def cmd_shares(
         self, progress: Progress, group: str | None = None
     ) -> list[dict[str, Any]]:
@@ -419,6 +516,7 @@ class Commands:
             )
         return out
 
+    @command("get")
     async def cmd_get(
         self, progress: Progress, group: str, file: str, out: str, wait: bool = True
     ) -> dict[str, Any]:
@@ -436,9 +534,11 @@ class Commands:
         gid = bytes.fromhex(report["group_id"])
         return {**report, "group": self.node.groups.state.name_of(gid) or ""}
 
+    @command("downloads")
     async def cmd_downloads(self, progress: Progress) -> list[dict[str, Any]]:
         return [self._download_row(r) for r in self.node.downloads.reports()]
 
+    @command("downloads.cancel")
     async def cmd_downloads_cancel(self, progress: Progress, file: str) -> dict[str, Any]:
         """Cancel one download (FILE: its name or a content id prefix of 6+ digits)."""
         matches = self.node.downloads.find(file)
@@ -453,6 +553,7 @@ class Commands:
         await self.node.downloads.cancel(matches[0].info.content_id)
         return row
 
+    @command("downloads.clear")
     async def cmd_downloads_clear(self, progress: Progress) -> list[dict[str, Any]]:
         """Forget every complete and failed download; no file is deleted."""
         return [self._download_row(h.report()) for h in self.node.downloads.clear()]

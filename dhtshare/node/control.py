@@ -33,18 +33,23 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from dhtshare import errors
 from dhtshare.atomic import write_atomic
-from dhtshare.errors import DhtshareError, NodeError
+from dhtshare.errors import BY_NAME, DhtshareError, MalformedReply, NodeError
+from dhtshare.home import Home
 
-__all__ = ["Progress", "answering", "call", "check_socket", "prepare_socket", "remove_socket",
-           "serve", "socket_path"]  # fmt: skip
+__all__ = [
+    "Progress",
+    "answering",
+    "call",
+    "check_socket",
+    "prepare_socket",
+    "remove_socket",
+    "serve",
+    "socket_path",
+]
 
 log = logging.getLogger(__name__)
 MAX_LINE = 1 << 20
-SOCKET_NAME = "control.sock"
-POINTER_NAME = "control-dir"
-"""In the state directory: the private directory holding the socket of a deep ``home``."""
 MAX_SOCKET_PATH = 100
 """Bytes; ``sun_path`` holds 108 on Linux and 104 on macOS, terminator included."""
 MAX_DEPTH = 32
@@ -61,16 +66,14 @@ def _raise_from(reply: dict[str, Any]) -> None:
     name, message, hint = reply.get("type"), reply.get("error"), reply.get("hint", "")
     if not isinstance(message, str) or not isinstance(hint, str):
         raise _malformed("an error without a message")
-    cls = getattr(errors, name, None) if isinstance(name, str) else None
-    if not (isinstance(cls, type) and issubclass(cls, DhtshareError)):
-        cls = NodeError
+    cls = BY_NAME.get(name, NodeError) if isinstance(name, str) else NodeError
     exc = cls(message)
     exc.hint = hint
     raise exc
 
 
-def _malformed(what: str) -> NodeError:
-    return NodeError(
+def _malformed(what: str) -> MalformedReply:
+    return MalformedReply(
         f"malformed reply from the node: {what}",
         "is the CLI the same version as the node? see node.log",
     )
@@ -126,20 +129,20 @@ def _fits(path: Path) -> bool:
     return len(os.fsencode(path)) < MAX_SOCKET_PATH
 
 
-def socket_path(home: Path) -> Path:
+def socket_path(home: Home) -> Path:
     """Where the control socket of the node with state directory ``home`` is (no I/O for a
-    short ``home``; for a deep one, the directory ``home/control-dir`` names, which may
+    short ``home``; for a deep one, in the directory ``home/control-dir`` names, which may
     not exist: then connecting says that no node is running)."""
-    path = home / SOCKET_NAME
+    path = home.control_socket
     if _fits(path):
         return path
     private = _read_pointer(home)
-    return (private if private is not None else home) / SOCKET_NAME
+    return (private if private is not None else home.root) / path.name
 
 
-def _read_pointer(home: Path) -> Path | None:
+def _read_pointer(home: Home) -> Path | None:
     try:
-        text = (home / POINTER_NAME).read_text("utf-8").strip()
+        text = home.control_pointer.read_text("utf-8").strip()
     except (OSError, UnicodeDecodeError):
         return None
     if not text or "\0" in text or not os.path.isabs(text):
@@ -156,43 +159,43 @@ def _private_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
-def prepare_socket(home: Path) -> Path:
+def prepare_socket(home: Home) -> Path:
     """The node's side of ``socket_path``: where to listen, making the private directory
     (``mkdtemp``, 0700, random name) for a deep ``home`` unless the one recorded is still
     ours and private. ``NodeError`` if other users can write to ``home``: they could
     replace the socket, and the CLI would refuse it."""
-    path = home / SOCKET_NAME
+    path, root = home.control_socket, home.root
     try:
-        st = os.stat(home)
+        st = os.stat(root)
     except OSError as exc:
-        raise NodeError(f"cannot use the state directory {home}: {exc.strerror}") from exc
+        raise NodeError(f"cannot use the state directory {root}: {exc.strerror}") from exc
     if st.st_mode & 0o022 or st.st_uid != os.geteuid():
         raise NodeError(
-            f"the state directory {home} is not yours alone: other users can write to it",
-            f"make it private: chmod 700 {home}",
+            f"the state directory {root} is not yours alone: other users can write to it",
+            f"make it private: chmod 700 {root}",
         )
     if _fits(path):
         return path
     private = _read_pointer(home)
-    if private is not None and _private_dir(private) and _fits(private / SOCKET_NAME):
-        return private / SOCKET_NAME
+    if private is not None and _private_dir(private) and _fits(private / path.name):
+        return private / path.name
     base = tempfile.gettempdir()
-    if not _fits(Path(base) / "dhtshare-xxxxxxxx" / SOCKET_NAME):
+    if not _fits(Path(base) / "dhtshare-xxxxxxxx" / path.name):
         base = "/tmp"
     private = Path(tempfile.mkdtemp(prefix="dhtshare-", dir=base))
-    write_atomic(home / POINTER_NAME, os.fsencode(private))
-    return private / SOCKET_NAME
+    write_atomic(home.control_pointer, os.fsencode(private))
+    return private / path.name
 
 
-def remove_socket(home: Path) -> None:
+def remove_socket(home: Home) -> None:
     """The node stops: remove its socket and, for a deep ``home``, its private directory."""
     path = socket_path(home)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    if path.parent != home and _private_dir(path.parent):
+    if path.parent != home.root and _private_dir(path.parent):
         with contextlib.suppress(OSError):
             os.rmdir(path.parent)
-            os.unlink(home / POINTER_NAME)
+            os.unlink(home.control_pointer)
 
 
 def check_socket(path: Path) -> None:

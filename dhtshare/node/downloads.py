@@ -22,6 +22,7 @@ from dhtshare.atomic import write_atomic
 from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
 from dhtshare.files.content import FileLayout
 from dhtshare.files.service import FileService
+from dhtshare.home import Home
 from dhtshare.identity import Identity
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
@@ -29,7 +30,7 @@ from dhtshare.tasks import spawn_logged
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
-from dhtshare.transfer.status import DownloadStatus, Paused
+from dhtshare.transfer.status import Complete, DownloadStatus, Failed, Paused
 from dhtshare.wire import MAX_BLOCK
 
 __all__ = ["DownloadManager", "Handle"]
@@ -87,11 +88,11 @@ class Handle:
 
 
 class DownloadManager:
-    """Every download of one node, persisted in ``home/downloads.json``."""
+    """Every download of one node, persisted in ``home.downloads``."""
 
     def __init__(
         self,
-        home: Path,
+        home: Home,
         identity: Identity,
         files: FileService,
         is_member: MemberCheck,
@@ -145,8 +146,7 @@ class DownloadManager:
             log.warning("could not announce %s as a provider yet: %s", info.name, exc.message)
 
     def _build(self, info: FileInfo, out_dir: Path) -> Handle:
-        resume = self.home / "resume"
-        resume.mkdir(parents=True, exist_ok=True)
+        self.home.resume_dir.mkdir(parents=True, exist_ok=True)
         download = Download(
             self.identity,
             info,
@@ -154,7 +154,7 @@ class DownloadManager:
             providers=self._providers(info),
             is_member=self.is_member,
             shares=self.registry,
-            state_path=resume / f"{info.content_id.hex()}.json",
+            state_path=self.home.resume(info.content_id),
             on_first_piece=self._announce(info),
             options=self.options,
             bucket=None if self.bucket.unlimited else self.bucket,
@@ -366,14 +366,14 @@ class DownloadManager:
     def save(self) -> None:
         docs = [h.to_json() for h in self.handles.values()]
         try:
-            write_atomic(self.home / "downloads.json", json.dumps(docs, indent=1).encode("utf-8"))
+            write_atomic(self.home.downloads, json.dumps(docs, indent=1).encode("utf-8"))
         except OSError as exc:
             log.error("cannot save downloads: %s", exc)
 
     async def resume(self) -> None:
         """Restart every download that was running or paused when the node stopped."""
         try:
-            docs = json.loads((self.home / "downloads.json").read_text())
+            docs = json.loads(self.home.downloads.read_text())
         except (OSError, ValueError):
             return
         for doc in docs:
@@ -423,8 +423,6 @@ async def _check_free_space(folder: Path, size: int) -> None:
 
 def _restored(doc: dict[str, Any]) -> DownloadStatus:
     """The saved final status of a download that ended before the restart."""
-    from dhtshare.transfer.status import Complete, Failed
-
     final = doc.get("final") or {}
     base = (
         str(final.get("name", doc["name"])),

@@ -17,8 +17,9 @@ from typing import Any
 __all__ = ["command_done", "command_failed"]
 
 log = logging.getLogger("dhtshare.events")
-QUIET = frozenset({"status", "group.list", "group.members", "group.requests", "files",
-                   "downloads", "shares"})  # fmt: skip
+QUIET = frozenset(
+    {"status", "group.list", "group.members", "group.requests", "files", "downloads", "shares"}
+)
 """Commands that only read: nothing to log when they succeed."""
 
 GroupLabel = Callable[[bytes], str]

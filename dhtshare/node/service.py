@@ -1,12 +1,9 @@
 """The composition root: one node builds every part, owns every task, knows the state dir.
 
 A node is a DHT node (UDP) and a peer server (TCP) on the same port, the group, file and
-transfer services on top, and the state directory that makes a restart resume everything::
-
-    home/identity.json   the key (0600)        home/groups.json     group state
-    home/dht.json        node id + contacts    home/shares.json     what we serve
-    home/hashes/<cid>    piece hashes          home/downloads.json  downloads and their state
-    home/resume/<cid>    verified pieces of an unfinished download
+transfer services on top, and the state directory that makes a restart resume everything
+(``home.Home`` names each of its files: key, DHT contacts, groups, shares and their piece
+hashes, downloads and their resume state, settings, the control socket).
 """
 
 from __future__ import annotations
@@ -17,19 +14,21 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dhtshare.atomic import read_hashes, write_atomic, write_hashes
 from dhtshare.dht.server import DhtNode
-from dhtshare.errors import DhtError, DhtshareError, NodeError, StoreError
+from dhtshare.errors import DhtError, DhtshareError, GroupError, NodeError, StoreError
 from dhtshare.files.content import FileLayout
 from dhtshare.files.liveness import Liveness
 from dhtshare.files.service import FileService
 from dhtshare.groups.service import GroupService, GroupState
+from dhtshare.home import Home
 from dhtshare.identity import Identity
-from dhtshare.node import settings
+from dhtshare.node import control, settings
+from dhtshare.node.commands import Commands
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 from dhtshare.tasks import spawn_logged
@@ -71,7 +70,6 @@ class NodeConfig:
     control: bool = True  # serve the control socket
     log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
     ksize: int = 20
-    extra: dict[str, Any] = field(default_factory=dict)
     clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
 
@@ -95,7 +93,7 @@ class Node:
     def __init__(
         self, config: NodeConfig, identity: Identity, dht: DhtNode, server: PeerServer
     ) -> None:
-        self.config, self.home, self.identity = config, config.home, identity
+        self.config, self.home, self.identity = config, Home(config.home), identity
         self.dht, self.server = dht, server
         self.registry = server.shares
         self.groups = GroupService(
@@ -135,24 +133,20 @@ class Node:
     @classmethod
     async def start(cls, config: NodeConfig) -> Node:
         """Open the state dir, bind UDP+TCP, bootstrap, resume shares and downloads."""
-        config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if config.control:
-            from dhtshare.node import control
-
-            if await control.answering(control.socket_path(config.home)):
-                raise NodeError(
-                    f"a node is already running for {config.home}",
-                    "stop it first with: dhtshare node stop",
-                )
-        identity = config.identity or Identity.load(
-            config.home / "identity.json", config.passphrase
-        )
+        home = Home(config.home)
+        home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if config.control and await control.answering(control.socket_path(home)):
+            raise NodeError(
+                f"a node is already running for {home.root}",
+                "stop it first with: dhtshare node stop",
+            )
+        identity = config.identity or Identity.load(home.identity, config.passphrase)
         registry = ShareRegistry(lambda gid, key: node.is_member(gid, key))
-        dht, server = await _bind(config, identity, registry)
+        dht, server = await _bind(config, home, identity, registry)
         node = cls(config, identity, dht, server)
         if config.control:  # the next start tries this port first, with these settings
             with contextlib.suppress(OSError):
-                write_json(config.home / "address.json", node.address_info())
+                write_json(home.address, node.address_info())
         try:
             await node._join()
             await node._refresh_groups()
@@ -161,14 +155,11 @@ class Node:
             node._spawn(node.server.serve(), "peer server")
             node._spawn(node._maintain_forever(), "maintenance")
             if config.control:
-                from dhtshare.node import control
-                from dhtshare.node.commands import Commands
-
                 node._control = await control.serve(
-                    control.prepare_socket(config.home), Commands(node).handle
+                    control.prepare_socket(home), Commands(node).handle
                 )
                 with contextlib.suppress(OSError):
-                    settings.save(config.home, node.settings())
+                    settings.save(home, node.settings())
         except BaseException:
             await node.close()
             raise
@@ -178,8 +169,11 @@ class Node:
     def settings(self) -> settings.Settings:
         """What the next ``node start`` reuses when not told otherwise."""
         c = self.config
-        return {"upload_limit": c.upload_limit, "download_limit": c.download_limit,
-                "log_level": c.log_level}  # fmt: skip
+        return {
+            "upload_limit": c.upload_limit,
+            "download_limit": c.download_limit,
+            "log_level": c.log_level,
+        }
 
     def _log_started(self) -> None:
         host, port = self.address
@@ -199,14 +193,8 @@ class Node:
         )
 
     async def _join(self) -> None:
-        dht_state = self.home / "dht.json"
-        saved: list[tuple[str, int]] = []
-        if dht_state.exists():
-            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-                saved = [
-                    (str(ip), int(port))
-                    for _id, ip, port in json.loads(dht_state.read_text())["contacts"]
-                ]
+        """Join through ``--bootstrap`` and the saved contacts that answered (``_open_dht``)."""
+        saved = [(str(n.ip), int(n.port)) for n in self.dht.contacts()]
         seeds = list(self.config.bootstrap) + [a for a in saved if a != self.address]
         found = 0
         if seeds:
@@ -218,10 +206,13 @@ class Node:
                     "check the address and that its UDP port is open: dhtshare ping HOST:PORT",
                 )
         if found == 0 and self.dht.contact_count() == 0:
+            why = "no --bootstrap and no saved contacts"
+            if seeds or self.home.dht.exists():
+                why = "no saved contact answered"
             log.warning(
                 "not connected to any node: %s; others can join through this node, but"
                 " publishing fails until one does (start with --bootstrap HOST:PORT)",
-                "no saved contact answered" if seeds else "no --bootstrap and no saved contacts",
+                why,
             )
 
     async def _refresh_groups(self) -> None:
@@ -294,8 +285,6 @@ class Node:
         await self.dht.aclose()
         log.info("node %s stopped; state saved", self.identity.id)
         with contextlib.suppress(Exception):
-            from dhtshare.node import control
-
             control.remove_socket(self.home)
         self.stopped.set()
 
@@ -310,8 +299,7 @@ class Node:
         """Whether ``address`` answers a DHT ping (the DHT's RPC timeout bounds it)."""
         if not self.dht.running:
             return False
-        answered, _ = await self.dht._proto().ping(address, self.dht.node.id)
-        return bool(answered)
+        return await self.dht.ping(address)
 
     def request_stop(self) -> None:
         """Ask the process running this node to stop it (the control ``stop`` command)."""
@@ -356,7 +344,7 @@ class Node:
         }
 
     def _load_group_state(self) -> GroupState:
-        doc = read_json(self.home / "groups.json", None)
+        doc = read_json(self.home.groups, None)
         return GroupState() if doc is None else GroupState.from_json(doc)
 
     def save_state(self) -> None:
@@ -364,20 +352,18 @@ class Node:
         if self.config.identity is not None and not self.config.control:
             return  # simulated nodes keep nothing
         try:
-            write_json(self.home / "groups.json", self.groups.state.to_json())
-            write_json(
-                self.home / "shares.json",
-                [_share_doc(s, self.registry.get(s.group_id, s.content_id))
-                 for s in self.shares.values()],
-            )  # fmt: skip
+            write_json(self.home.groups, self.groups.state.to_json())
+            shares = self.shares.values()
+            served = [_share_doc(s, self.registry.get(s.group_id, s.content_id)) for s in shares]
+            write_json(self.home.shares, served)
             self.downloads.save()
-            self.dht.save_state(self.home / "dht.json")
+            self.dht.save_state(self.home.dht)
         except OSError as exc:
             log.error("could not save node state: %s", exc)
 
     async def _resume(self) -> None:
         """Serve every saved share again and restart unfinished downloads."""
-        for doc in read_json(self.home / "shares.json", []):
+        for doc in read_json(self.home.shares, []):
             try:
                 shared = _shared_from(doc, self.home)
                 self._serve(shared, doc)
@@ -510,8 +496,6 @@ class Node:
         )
 
     def require_member(self, group_id: bytes) -> None:
-        from dhtshare.errors import GroupError
-
         if not self.groups.is_member(group_id, self.identity.public):
             if group_id in self.stale_groups():
                 raise GroupError(
@@ -525,37 +509,35 @@ class Node:
 
 
 async def _bind(
-    config: NodeConfig, identity: Identity, registry: ShareRegistry
+    config: NodeConfig, home: Home, identity: Identity, registry: ShareRegistry
 ) -> tuple[DhtNode, PeerServer]:
     """UDP and TCP on the same port. Without ``--port``, the port of the last run comes
     first (peers and routing tables still know it); else retry port 0 until one is free
     for both."""
-    saved = _saved_port(config.home) if config.port == 0 else 0
+    saved = _saved_port(home) if config.port == 0 else 0
     if saved:
         with contextlib.suppress(NodeError):
-            return await _bind_port(config, saved, identity, registry)
+            return await _bind_port(config, home, saved, identity, registry)
     for _ in range(PORT_ATTEMPTS - 1 if config.port == 0 else 0):
         with contextlib.suppress(NodeError):
-            return await _bind_port(config, 0, identity, registry)  # TCP port taken: again
-    return await _bind_port(config, config.port, identity, registry)
+            return await _bind_port(config, home, 0, identity, registry)  # TCP port taken
+    return await _bind_port(config, home, config.port, identity, registry)
 
 
-def _saved_port(home: Path) -> int:
+def _saved_port(home: Home) -> int:
     try:
-        port = int(read_json(home / "address.json", {}).get("port", 0))
+        port = int(read_json(home.address, {}).get("port", 0))
     except (NodeError, AttributeError, TypeError, ValueError):
         return 0
     return port if 0 < port < 65536 else 0
 
 
 async def _bind_port(
-    config: NodeConfig, port: int, identity: Identity, registry: ShareRegistry
+    config: NodeConfig, home: Home, port: int, identity: Identity, registry: ShareRegistry
 ) -> tuple[DhtNode, PeerServer]:
-    dht = _new_dht(config)
     try:
-        await dht.listen(port, config.host)
+        dht = await _open_dht(config, home, port)
     except OSError as exc:
-        await dht.aclose()
         raise NodeError(
             f"cannot listen on {config.host}:{port} (UDP): {exc.strerror}",
             "choose another --port, or stop the program using it",
@@ -571,17 +553,30 @@ async def _bind_port(
     return dht, server
 
 
-def _new_dht(config: NodeConfig) -> DhtNode:
-    state = config.home / "dht.json"
-    node_id = None
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        node_id = bytes.fromhex(json.loads(state.read_text())["id"])
-    return DhtNode(config.ksize, node_id=node_id if node_id and len(node_id) == 20 else None)
+async def _open_dht(config: NodeConfig, home: Home, port: int) -> DhtNode:
+    """The DHT node, listening on ``port``: the last run's (``DhtNode.load_state``: its id,
+    and its saved contacts that answer a ping) if ``home.dht`` is usable, else a new one."""
+    if home.dht.exists():
+        with contextlib.suppress(DhtError):
+            return await DhtNode.load_state(home.dht, port, config.host)
+    dht = DhtNode(config.ksize)
+    try:
+        await dht.listen(port, config.host)
+    except OSError:
+        await dht.aclose()
+        raise
+    return dht
 
 
 def _share_doc(s: Share, served: Share | None) -> dict[str, Any]:
-    doc = {"group_id": s.group_id.hex(), "content_id": s.content_id.hex(), "name": s.name,
-           "path": str(s.path), "size": s.size, "piece_size": s.piece_size}  # fmt: skip
+    doc = {
+        "group_id": s.group_id.hex(),
+        "content_id": s.content_id.hex(),
+        "name": s.name,
+        "path": str(s.path),
+        "size": s.size,
+        "piece_size": s.piece_size,
+    }
     if served is not None:
         doc["uploaded"] = served.uploaded
         doc["served_to"] = sorted(k.hex() for k in served.served_to)
@@ -604,14 +599,13 @@ def _upload_stats(doc: dict[str, Any]) -> tuple[int, set[bytes]]:
     return uploaded, keys
 
 
-def _save_hashes(home: Path, content_id: bytes, hashes: tuple[bytes, ...]) -> None:
-    folder = home / "hashes"
-    folder.mkdir(exist_ok=True)
-    write_hashes(folder / content_id.hex(), hashes)
+def _save_hashes(home: Home, content_id: bytes, hashes: tuple[bytes, ...]) -> None:
+    home.hashes_dir.mkdir(exist_ok=True)
+    write_hashes(home.hashes(content_id), hashes)
 
 
-def load_hashes(home: Path, content_id: bytes) -> tuple[bytes, ...]:
-    hashes = read_hashes(home / "hashes" / content_id.hex())
+def load_hashes(home: Home, content_id: bytes) -> tuple[bytes, ...]:
+    hashes = read_hashes(home.hashes(content_id))
     if hashes is None:
         raise StoreError(
             f"piece hashes of {content_id.hex()[:16]} are missing or damaged",
@@ -620,7 +614,7 @@ def load_hashes(home: Path, content_id: bytes) -> tuple[bytes, ...]:
     return hashes
 
 
-def _shared_from(doc: dict[str, Any], home: Path) -> Share:
+def _shared_from(doc: dict[str, Any], home: Home) -> Share:
     cid = bytes.fromhex(doc["content_id"])
     path = Path(doc["path"])
     if not path.is_file() or path.stat().st_size != int(doc["size"]):

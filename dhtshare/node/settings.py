@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 from typing import Any
 
 from dhtshare.atomic import write_atomic
+from dhtshare.home import Home
 
 __all__ = ["LOG_LEVELS", "Settings", "load", "merge", "save"]
 
-SETTINGS_FILE = "settings.json"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "info"
 Settings = dict[str, Any]
@@ -29,11 +28,11 @@ def _limit(value: Any) -> float | None:
     return None
 
 
-def load(home: Path) -> Settings:
+def load(home: Home) -> Settings:
     """The saved settings, each checked; a missing or damaged file gives the defaults."""
     doc: Any = {}
     with contextlib.suppress(OSError, ValueError):
-        doc = json.loads((home / SETTINGS_FILE).read_text(encoding="utf-8"))
+        doc = json.loads(home.settings.read_text(encoding="utf-8"))
     if not isinstance(doc, dict):
         doc = {}
     level = doc.get("log_level")
@@ -54,6 +53,6 @@ def merge(saved: Settings, **given: Any) -> Settings:
     return out
 
 
-def save(home: Path, settings: Settings) -> None:
+def save(home: Home, settings: Settings) -> None:
     """Write ``settings`` atomically."""
-    write_atomic(home / SETTINGS_FILE, json.dumps(settings, indent=1).encode("utf-8"))
+    write_atomic(home.settings, json.dumps(settings, indent=1).encode("utf-8"))
