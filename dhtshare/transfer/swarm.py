@@ -480,7 +480,7 @@ class Swarm:
         self._progress_at = now
         actions += self._blame(piece)
         for key, session in self._sessions.items():  # a super-seeder offers what we lack
-            if session.ready and not self.picker.is_seed(key):
+            if session.ready and key not in self.banned and not self.picker.is_seed(key):
                 actions.append(Send(key, (Have(index),)))
         actions.append(Verified(index, first, len(self.verified)))
         # a verified piece may lift the picker's cap on pieces in flight
