@@ -28,10 +28,9 @@ from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.tasks import spawn_logged
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.ratelimit import TokenBucket, burst_for
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, DownloadStatus, Failed, Paused
-from dhtshare.wire import MAX_BLOCK
 
 __all__ = ["DownloadManager", "Handle"]
 
@@ -109,8 +108,7 @@ class DownloadManager:
         self._finished: dict[bytes, dict[str, Any]] = {}
         self._announcing: set[asyncio.Task[None]] = set()
         # One bucket for every download: the limit is the node's, not each download's.
-        burst = max(float(MAX_BLOCK), download_limit / 4) if download_limit else None
-        self.bucket = TokenBucket(download_limit, burst, now=time.monotonic())
+        self.bucket = TokenBucket(download_limit, burst_for(download_limit), now=time.monotonic())
 
     # ---- starting ----------------------------------------------------------------
 
@@ -390,12 +388,12 @@ class DownloadManager:
                     handle = await self._claim(info, out_dir)
                 else:
                     handle = self._build(info, out_dir)
-                    handle.download._final = _restored(doc)
+                    handle.download.mark_ended(_restored(doc))
             except (KeyError, ValueError, TypeError, OSError, DhtshareError) as exc:
                 log.warning("cannot resume a download: %s", exc)
                 continue
             self.handles[info.content_id] = handle
-            if handle.download._final is None:
+            if not handle.download.ended:
                 handle.kept = True  # nobody waits for a resumed download
                 self._run(handle)
 

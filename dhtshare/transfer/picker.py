@@ -437,7 +437,7 @@ class PiecePicker:
         ``target_latency`` seconds of its throughput, within ``min_depth..max_depth``,
         and, while other peers deliver too, at most its throughput's share of
         ``total_depth`` (rounded up): what waits for us in socket buffers then does not
-        grow with the number of peers (docs/performance.md: the in-flight budget).
+        grow with the number of peers (docs/performance-history.md, round 5).
         """
         cfg = self.config
         if self.is_snubbed(peer):

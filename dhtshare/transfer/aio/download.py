@@ -27,6 +27,10 @@ apart, with their reason: a provider's cached roster may not list a member accep
 a moment ago until its next read),
 and with ``StoreError`` on disk trouble (the ``.part`` file is kept). Every task
 belongs to the ``TaskGroup`` inside ``run()``; cancelling ``run()`` pauses.
+
+The decisions (whom to connect, what to request, what to cancel, whom to ban, when
+to give up, save or keep alive) are the pure ``transfer/swarm.py``'s; this module
+feeds it what the peers send and carries out its actions.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ STORE_QUEUE_BYTES = 2 * 1024 * 1024
 """Completed pieces waiting to be hashed and written, at most (at least two pieces);
 the batch being written holds as much again at most (one piece if pieces are bigger).
 Short, so a piece is hashed while still in the CPU's cache and a slow disk stops the
-reading of sockets early (measured in docs/performance.md: the store queue)."""
+reading of sockets early (docs/performance-history.md, round 3)."""
 STORE_BATCH = 8
 """Most completed pieces hashed and written in one worker-thread call (and no more
 than STORE_QUEUE_BYTES of them)."""

@@ -62,11 +62,10 @@ from dhtshare.transfer.aio.peer import (
     accept_peer,
     server_protocol,
 )
-from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.transfer.ratelimit import TokenBucket, burst_for
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.superseed import SuperSeed
 from dhtshare.wire import (
-    MAX_BLOCK,
     Bitfield,
     Cancel,
     ConnectionClosed,
@@ -178,8 +177,7 @@ class PeerServer:
 
     def set_upload_rate(self, rate: float | None) -> None:
         """Change the upload limit (bytes/s; ``None`` or 0: unlimited)."""
-        burst = max(float(MAX_BLOCK), (rate or 0) / 4) if rate else None
-        self.bucket.set_rate(rate, burst, self.clock())
+        self.bucket.set_rate(rate, burst_for(rate), self.clock())
 
     @property
     def address(self) -> tuple[str, int]:
