@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from dhtshare import crypto
 from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.content import check_layout
 from dhtshare.errors import Malformed, RecordError
-from dhtshare.files.content import check_layout
 
 if TYPE_CHECKING:
     from dhtshare.identity import Identity

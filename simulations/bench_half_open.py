@@ -52,7 +52,7 @@ def serve(lift_caps: bool) -> None:
     """Run one PeerServer until stdin closes (or 300 s pass); print its port first."""
     import dhtshare  # the server process only
     from dhtshare.allocator import tune_allocator
-    from dhtshare.files.content import FileLayout, hash_file, merkle_root
+    from dhtshare.content import FileLayout, hash_file, merkle_root
     from dhtshare.identity import Identity
     from dhtshare.transfer.aio.serve import PeerServer
     from dhtshare.transfer.share import Share, ShareRegistry

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dhtshare.allocator import tune_allocator
-from dhtshare.files.content import FileLayout, hash_file, merkle_root, piece_size_for
+from dhtshare.content import FileLayout, hash_file, merkle_root, piece_size_for
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer

@@ -61,10 +61,10 @@ from nacl.signing import SigningKey
 import dhtshare
 from dhtshare import crypto
 from dhtshare.codec import Writer
+from dhtshare.content import FileLayout
 from dhtshare.dht.protocol import packb, unpackb
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError
-from dhtshare.files.content import FileLayout
 from dhtshare.groups.service import GroupService, GroupState
 from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig

@@ -1,4 +1,4 @@
-"""Piece layout, piece hashes and the hash-tree root (files/content.py)."""
+"""Piece layout, piece hashes and the hash-tree root (content.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dhtshare.errors import FileShareError
-from dhtshare.files.content import (
+from dhtshare.content import (
     MAX_PIECE_SIZE,
     MIN_PIECE_SIZE,
     FileLayout,
@@ -22,6 +21,7 @@ from dhtshare.files.content import (
     piece_size_for,
     verify_hash_list,
 )
+from dhtshare.errors import FileShareError
 
 KiB = 1024
 MiB = 1024 * KiB

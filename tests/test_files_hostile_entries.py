@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from dhtshare import crypto
+from dhtshare import content, crypto
 from dhtshare.codec import Writer
+from dhtshare.content import piece_size_for
 from dhtshare.errors import DhtError, FileShareError, RecordError
-from dhtshare.files import content
-from dhtshare.files.content import piece_size_for
 from dhtshare.files.service import FileService
 from dhtshare.identity import Identity
 from dhtshare.records import (

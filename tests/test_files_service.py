@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import hash_file, merkle_root, piece_size_for
 from dhtshare.errors import FileShareError
-from dhtshare.files.content import hash_file, merkle_root, piece_size_for
 from dhtshare.files.service import FileService
 from dhtshare.identity import Identity
 from dhtshare.sim.network import Network

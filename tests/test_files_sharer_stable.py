@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from dhtshare.files.content import piece_size_for
+from dhtshare.content import piece_size_for
 from dhtshare.files.service import ENTRY_TTL, FileService
 from dhtshare.identity import Identity
 from dhtshare.records import MAX_TTL, FileEntry

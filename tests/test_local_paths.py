@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import merkle_root
 from dhtshare.dht.server import DhtNode
-from dhtshare.files.content import merkle_root
 from dhtshare.identity import Identity
 from dhtshare.node.downloads import Handle
 from dhtshare.node.service import Node, NodeConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import FileShareError, ProtocolError
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer

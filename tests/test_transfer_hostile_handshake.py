@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import RemoteProtocolError
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import FileLayout
 from dhtshare.errors import FileShareError
-from dhtshare.files.content import FileLayout
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio import serve
 from dhtshare.transfer.aio.peer import open_peer

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import NodeError
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity, format_id
 from dhtshare.transfer.aio.peer import PeerStream, open_peer
 from dhtshare.transfer.aio.serve import PeerServer

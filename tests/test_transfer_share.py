@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dhtshare.files.content import FileLayout, merkle_root
+from dhtshare.content import FileLayout, merkle_root
 from dhtshare.transfer.share import Share, ShareRegistry
 
 GROUP = bytes(32)

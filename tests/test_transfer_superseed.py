@@ -8,7 +8,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.peer import PeerStream, open_peer

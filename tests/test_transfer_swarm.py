@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import FileShareError, StoreError
-from dhtshare.files.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import aiofiles.os
 
+from dhtshare.content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, FileShareError
-from dhtshare.files.content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_TTL,

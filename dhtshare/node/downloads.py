@@ -19,8 +19,8 @@ from typing import Any
 import aiofiles.os
 
 from dhtshare.atomic import write_atomic
+from dhtshare.content import FileLayout
 from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
-from dhtshare.files.content import FileLayout
 from dhtshare.files.service import FileService
 from dhtshare.home import Home
 from dhtshare.identity import Identity

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from dhtshare.atomic import read_hashes, write_atomic, write_hashes
+from dhtshare.content import FileLayout
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError, GroupError, NodeError, StoreError
-from dhtshare.files.content import FileLayout
 from dhtshare.files.liveness import Liveness
 from dhtshare.files.service import FileService
 from dhtshare.groups.service import GroupService, GroupState

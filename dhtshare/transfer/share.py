@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from dhtshare.files.content import FileLayout, merkle_root
+from dhtshare.content import FileLayout, merkle_root
 from dhtshare.wire import Bitfield
 
 __all__ = ["MemberCheck", "Share", "ShareRegistry"]

@@ -47,20 +47,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dhtshare.atomic import read_hashes, write_hashes
-from dhtshare.errors import (
-    DhtshareError,
-    FileShareError,
-    ProtocolError,
-    RemoteProtocolError,
-    StoreError,
-)
-from dhtshare.files.content import (
+from dhtshare.content import (
     MAX_FILE_PIECES,
     MAX_PIECE_SIZE,
     FileLayout,
     merkle_root,
     verify_hash_list,
     verify_piece,
+)
+from dhtshare.errors import (
+    DhtshareError,
+    FileShareError,
+    ProtocolError,
+    RemoteProtocolError,
+    StoreError,
 )
 from dhtshare.identity import Identity, format_id
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
