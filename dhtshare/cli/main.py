@@ -923,7 +923,10 @@ def ping(address: str, timeout: float) -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.option("--nodes", type=click.IntRange(2, 20000), help="Nodes in the network (default 30).")
-@click.option("--size", help="File size, e.g. 64M; 0 runs the DHT only (default 64M).")
+@click.option(
+    "--size",
+    help="File size in MiB, or with K, M or G (512K, 1G); 0 runs the DHT only (default 64).",
+)
 @click.option(
     "--seeders", type=click.IntRange(0, 1000), help="Members sharing the file (default 3)."
 )

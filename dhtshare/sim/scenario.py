@@ -13,18 +13,17 @@ from dhtshare.text import plural
 
 __all__ = ["Scenario", "load_scenario", "parse_size"]
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)(?:i?[bB])?\s*$")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(?:([kmgKMG])(?:i?[bB])?)?\s*$")
+_UNITS = {"": 1 << 20, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_size(text: str | int) -> int:
-    """``64M`` -> 67108864; plain numbers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
+    """Bytes in ``text``: a plain number is MiB (``128``, as a person reads ``--size 128``);
+    a K, M or G suffix (optionally ``iB`` or ``B``) names KiB, MiB or GiB."""
+    match = None if isinstance(text, bool) else _SIZE.match(str(text))
     if not match:
-        raise ScenarioError(f"not a size: {text!r}", "use a number with an optional K, M or G")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ScenarioError(f"not a size: {text!r}", "a number of MiB, or with K, M or G: 64, 512K")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
 
 
 @dataclass(frozen=True)
