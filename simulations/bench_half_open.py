@@ -35,6 +35,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dhtshare
+from dhtshare.allocator import tune_allocator
+from dhtshare.content import FileLayout, hash_file, merkle_root
+from dhtshare.identity import Identity
+from dhtshare.sim.halfopen import HalfOpen
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
+
 MB = 1_000_000
 HELLO_HEADER = struct.pack(">IB", 154, 1)
 BIG_HEADER = struct.pack(">IB", 1024 * 1024, 1)
@@ -50,13 +58,6 @@ MODES = {
 
 def serve(lift_caps: bool) -> None:
     """Run one PeerServer until stdin closes (or 300 s pass); print its port first."""
-    import dhtshare  # the server process only
-    from dhtshare.allocator import tune_allocator
-    from dhtshare.content import FileLayout, hash_file, merkle_root
-    from dhtshare.identity import Identity
-    from dhtshare.transfer.aio.serve import PeerServer
-    from dhtshare.transfer.share import Share, ShareRegistry
-
     tune_allocator()  # as a node does before it starts
 
     async def main() -> None:
@@ -108,48 +109,23 @@ def sources(count: int, per_source: int) -> list[str]:
     return addrs[:count]
 
 
-class Flood:
-    """Open connections that each send ``first``; counts those the server closed."""
+async def flood(conns: HalfOpen, port: int, count: int, per_source: int, first: bytes) -> int:
+    """Open ``count`` connections that each send ``first``, a hundred at a time; return how
+    many could not be opened."""
+    failed = 0
 
-    def __init__(self) -> None:
-        self.writers: list[asyncio.StreamWriter] = []
-        self.failed = 0
-        self.closed = 0
-        self._watchers: list[asyncio.Task[None]] = []
-
-    async def open(self, port: int, count: int, per_source: int, first: bytes) -> None:
-        addrs = sources(count, per_source)
-        async with asyncio.timeout(60):
-            for start in range(0, count, 100):  # a hundred at a time
-                await asyncio.gather(
-                    *(self._one(port, a, first) for a in addrs[start : start + 100])
-                )
-
-    async def _one(self, port: int, source: str, first: bytes) -> None:
+    async def one(source: str) -> None:
+        nonlocal failed
         try:
-            reader, writer = await asyncio.open_connection(
-                "127.0.0.1", port, local_addr=(source, 0)
-            )
+            await conns.open("127.0.0.1", port, source, first)
         except OSError:
-            self.failed += 1
-            return
-        if first:
-            writer.write(first)
-        self.writers.append(writer)
-        self._watchers.append(asyncio.create_task(self._watch(reader)))
+            failed += 1
 
-    async def _watch(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while await reader.read(4096):
-                pass
-        self.closed += 1
-
-    async def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
+    addrs = sources(count, per_source)
+    async with asyncio.timeout(60):
+        for start in range(0, count, 100):
+            await asyncio.gather(*(one(a) for a in addrs[start : start + 100]))
+    return failed
 
 
 async def measure(mode: str, count: int, per_source: int, lift: bool) -> dict[str, Any]:
@@ -157,7 +133,7 @@ async def measure(mode: str, count: int, per_source: int, lift: bool) -> dict[st
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
-    flood = Flood()
+    conns = HalfOpen()
     try:
         assert proc.stdout is not None and proc.stdin is not None
         async with asyncio.timeout(60):
@@ -165,7 +141,7 @@ async def measure(mode: str, count: int, per_source: int, lift: bool) -> dict[st
         await asyncio.sleep(0.5)  # let the server settle before the baseline
         before = proc_status(proc.pid)
         started = time.perf_counter()
-        await flood.open(ready["port"], count, per_source, MODES[mode])
+        failed = await flood(conns, ready["port"], count, per_source, MODES[mode])
         opened = time.perf_counter() - started
         await asyncio.sleep(1.0)
         after = proc_status(proc.pid)
@@ -173,8 +149,8 @@ async def measure(mode: str, count: int, per_source: int, lift: bool) -> dict[st
             "mode": mode,
             "caps": "lifted" if lift else "default",
             "connections": count,
-            "not_opened": flood.failed,
-            "open_after_1s": len(flood.writers) - flood.closed,
+            "not_opened": failed,
+            "open_after_1s": len(conns.writers) - conns.closed,
             "open_seconds": round(opened, 2),
             "rss_before_mb": round(before["VmRSS"] / MB, 1),
             "rss_after_mb": round(after["VmRSS"] / MB, 1),
@@ -183,7 +159,7 @@ async def measure(mode: str, count: int, per_source: int, lift: bool) -> dict[st
             "code": ready["code"],
         }
     finally:
-        await flood.close()
+        await conns.close()
         if proc.stdin is not None:
             proc.stdin.close()
         try:

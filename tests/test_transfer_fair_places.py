@@ -20,6 +20,7 @@ import pytest
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
+from dhtshare.sim.halfopen import HalfOpen
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.peer import PeerProtocol, PeerStream
 from dhtshare.transfer.aio.serve import PeerServer
@@ -187,40 +188,6 @@ async def test_full_server_gives_the_heaviest_members_place_to_a_newcomer(
                 await stream.aclose()
 
 
-class HalfOpen:
-    """Connections that never send a byte; counts those the server closed."""
-
-    def __init__(self) -> None:
-        self.writers: list[asyncio.StreamWriter] = []
-        self.closed = 0
-        self.changed = asyncio.Event()
-        self._watchers: list[asyncio.Task[None]] = []
-
-    async def open(self, addr: ProviderAddr, source: str) -> None:
-        reader, writer = await asyncio.open_connection(addr.host, addr.port, local_addr=(source, 0))
-        self.writers.append(writer)
-        self._watchers.append(asyncio.create_task(self._watch(reader)))
-
-    async def _watch(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while await reader.read(4096):
-                pass
-        self.closed += 1
-        self.changed.set()
-
-    async def until_closed(self, count: int) -> None:
-        while self.closed < count:
-            self.changed.clear()
-            await self.changed.wait()
-
-    async def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-
-
 async def test_handshake_flood_from_a_few_addresses_does_not_evict_an_honest_handshake(
     tmp_path: Path,
 ) -> None:
@@ -236,7 +203,7 @@ async def test_handshake_flood_from_a_few_addresses_does_not_evict_an_honest_han
             rounds = 2 * cap // len(sources)
             for _ in range(rounds):  # 128 connections, round robin, as fast as accepted
                 for source in sources:
-                    await flood.open(addr, source)
+                    await flood.open(addr.host, addr.port, source)
             async with asyncio.timeout(4):  # before the 5 s handshake deadline
                 await flood.until_closed(rounds * len(sources) - cap)
 

@@ -21,6 +21,7 @@ import pytest
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.identity import Identity
+from dhtshare.sim.halfopen import HalfOpen
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
@@ -88,48 +89,13 @@ async def serving(tmp_path: Path) -> AsyncIterator[tuple[PeerServer, ProviderAdd
             await task
 
 
-class Flood:
-    """Half-open connections from given source addresses; counts those the server ended."""
-
-    def __init__(self) -> None:
-        self.writers: list[asyncio.StreamWriter] = []
-        self.closed = 0
-        self.changed = asyncio.Event()
-        self._watchers: list[asyncio.Task[None]] = []
-
-    async def open(self, addr: ProviderAddr, source: str, first: bytes) -> None:
-        reader, writer = await asyncio.open_connection(addr.host, addr.port, local_addr=(source, 0))
-        writer.write(first)
-        self.writers.append(writer)
-        self._watchers.append(asyncio.create_task(self._watch(reader)))
-
-    async def _watch(self, reader: asyncio.StreamReader) -> None:
-        with contextlib.suppress(OSError):
-            while await reader.read(4096):
-                pass
-        self.closed += 1
-        self.changed.set()
-
-    async def until_closed(self, count: int) -> None:
-        while self.closed < count:
-            self.changed.clear()
-            await self.changed.wait()
-
-    async def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        for task in self._watchers:
-            task.cancel()
-        await asyncio.gather(*self._watchers, return_exceptions=True)
-
-
 async def test_unauthenticated_peer_announcing_a_large_frame_is_closed_at_once(
     tmp_path: Path,
 ) -> None:
     async with serving(tmp_path) as (_, addr, _path, _cid):
-        flood = Flood()
+        flood = HalfOpen()
         try:
-            await flood.open(addr, "127.0.0.1", BIG_HELLO + bytes(4096))
+            await flood.open(addr.host, addr.port, "127.0.0.1", BIG_HELLO + bytes(4096))
             async with asyncio.timeout(2):  # the handshake deadline is 5 s: not waited for
                 await flood.until_closed(1)
         finally:
@@ -142,16 +108,18 @@ async def test_half_open_flood_is_capped_and_an_honest_download_completes(
     sources = [f"127.0.{i}.{j}" for i in (3, 4) for j in range(2, 12)]  # 20 addresses
     per_source = 8
     async with serving(tmp_path) as (server, addr, path, cid):
-        flood = Flood()
+        flood = HalfOpen()
         try:
             for source in sources:  # 160 connections, each 50 bytes into a ClientHello
                 for _ in range(per_source):
-                    await flood.open(addr, source, struct.pack(">IB", 154, 1) + bytes(45))
+                    await flood.open(
+                        addr.host, addr.port, source, struct.pack(">IB", 154, 1) + bytes(45)
+                    )
             # one address past its share is refused
             for _ in range(4):
-                await flood.open(addr, "127.0.5.2", b"")
+                await flood.open(addr.host, addr.port, "127.0.5.2")
             for _ in range(per_source + 4):
-                await flood.open(addr, "127.0.5.3", b"")
+                await flood.open(addr.host, addr.port, "127.0.5.3")
             total = len(sources) * per_source + 4 + per_source + 4
             async with asyncio.timeout(3):  # well before the 5 s handshake deadline
                 await flood.until_closed(total - CAP)
@@ -175,9 +143,9 @@ async def test_half_open_flood_is_capped_and_an_honest_download_completes(
 async def test_slow_loris_is_closed_after_the_handshake_deadline(tmp_path: Path) -> None:
     hello = struct.pack(">IB", 154, 1) + bytes(154)
     async with serving(tmp_path) as (server, addr, _path, _cid):
-        flood = Flood()
+        flood = HalfOpen()
         try:
-            await flood.open(addr, "127.0.0.1", hello[:1])
+            await flood.open(addr.host, addr.port, "127.0.0.1", hello[:1])
             writer = flood.writers[0]
 
             async def drip() -> None:  # one byte every half second: never finishes
