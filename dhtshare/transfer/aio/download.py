@@ -167,6 +167,18 @@ class DownloadOptions:
     verify_on_resume: bool = False  # re-hash pieces the resume state calls verified
     picker: PickerConfig = field(default_factory=lambda: PickerConfig(block_size=MAX_BLOCK))
 
+    def swarm_config(self) -> SwarmConfig:
+        """The part of these options the swarm's bookkeeping uses."""
+        return SwarmConfig(
+            max_peers=self.max_peers,
+            provider_timeout=self.provider_timeout,
+            repoll_interval=self.repoll_interval,
+            retry_after=self.retry_after,
+            save_interval=self.save_interval,
+            keepalive_interval=KEEPALIVE_INTERVAL,
+            picker=self.picker,
+        )
+
 
 class Download:
     """One file: providers -> peers -> picker -> verified pieces on disk.
@@ -217,22 +229,12 @@ class Download:
         self.share: Share | None = None
         self._partial: PartialFile | None = None
         self._clients: dict[bytes, _Client] = {}
-        opts = self.options
-        config = SwarmConfig(
-            max_peers=opts.max_peers,
-            provider_timeout=opts.provider_timeout,
-            repoll_interval=opts.repoll_interval,
-            retry_after=opts.retry_after,
-            save_interval=opts.save_interval,
-            keepalive_interval=KEEPALIVE_INTERVAL,
-            picker=opts.picker,
-        )
         self.swarm = Swarm(
             self.final_path.name,
             self.layout.piece_lengths(),
             identity.public,
             _Links(self._clients),
-            config=config,
+            config=self.options.swarm_config(),
             rng=rng,
             now=clock(),
         )
