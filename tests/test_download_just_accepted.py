@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import os
 
-from tests.test_local_paths import SIZE, Cluster, cluster, sha, shared, task
+from support.nodes import NodeCluster
+
+from tests.test_local_paths import SIZE, cluster, sha, shared, task
 
 __all__ = ["cluster"]
 
 
 async def test_a_member_accepted_a_moment_ago_downloads_from_a_provider_with_an_older_roster(
-    cluster: Cluster,
+    cluster: NodeCluster,
 ) -> None:
     owner, seeder = await cluster.node("owner"), await cluster.node("seeder")
     gid = await owner.groups.create("club")

@@ -19,8 +19,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.nodes import NodeCluster, form_group
 
 from dhtshare import crypto
 from dhtshare.dht.server import DhtNode
@@ -72,45 +74,23 @@ class BrokenDht:
         return list(self.decoys)  # valid rosters, of another group
 
 
-class Cluster:
-    def __init__(self, tmp: Path, boot: DhtNode, clock: Clock) -> None:
-        self.tmp, self.boot, self.clock, self.nodes = tmp, boot, clock, list[Node]()
+class Cluster(NodeCluster):
+    """Nodes whose group services read ``clock``, which the test moves."""
 
-    async def node(self, name: str) -> Node:
-        cfg = NodeConfig(
-            home=self.tmp / name,
-            bootstrap=(self.boot.address,),
-            identity=Identity.generate(name),
-            control=False,
-        )
-        node = await Node.start(cfg)
-        node.groups._clock = self.clock  # the test moves the group service's time
-        self.nodes.append(node)
+    def __init__(self, tmp: Path, boot: DhtNode) -> None:
+        super().__init__(tmp, boot)
+        self.clock = Clock()
+
+    async def node(self, name: str, **settings: Any) -> Node:
+        node = await super().node(name, **settings)
+        node.groups._clock = self.clock
         return node
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    boot = DhtNode()
-    await boot.listen(0)
-    c = Cluster(tmp_path, boot, Clock())
-    try:
+    async with Cluster.running(tmp_path) as c:
         yield c
-    finally:
-        await asyncio.gather(*(n.close() for n in c.nodes if not n.stopped.is_set()))
-        await boot.aclose()
-
-
-async def form_group(owner: Node, members: list[Node]) -> bytes:
-    gid = await owner.groups.create("club")
-    for m in members:
-        await m.groups.request_join(gid)
-    for request in await owner.groups.requests(gid):
-        await owner.groups.accept(gid, request.requester)
-    for n in [owner, *members]:
-        await n.groups.maintain()
-        await n.groups.refresh(gid)
-    return gid
 
 
 # ------------------------------------------------------------------------- item 2

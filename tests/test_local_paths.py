@@ -10,47 +10,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.nodes import NodeCluster
 
 from dhtshare.content import merkle_root
-from dhtshare.dht.server import DhtNode
-from dhtshare.identity import Identity
 from dhtshare.node.downloads import Handle
-from dhtshare.node.service import Node, NodeConfig
+from dhtshare.node.service import Node
 from dhtshare.records import FileEntry
 
 SIZE = 3 * 1024 * 1024 + 12_345
 
 
-class Cluster:
-    def __init__(self, tmp: Path, boot: DhtNode) -> None:
-        self.tmp, self.boot, self.nodes = tmp, boot, list[Node]()
-
-    async def node(self, name: str) -> Node:
-        cfg = NodeConfig(
-            home=self.tmp / name,
-            bootstrap=(self.boot.address,),
-            identity=Identity.generate(name),
-            control=False,
-            provider_timeout=20,
-        )
-        node = await Node.start(cfg)
-        self.nodes.append(node)
-        return node
-
-
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    boot = DhtNode()
-    await boot.listen(0)
-    c = Cluster(tmp_path, boot)
-    try:
+async def cluster(tmp_path: Path) -> AsyncIterator[NodeCluster]:
+    async with NodeCluster.running(tmp_path, provider_timeout=20) as c:
         yield c
-    finally:
-        await asyncio.gather(*(n.close() for n in c.nodes if not n.stopped.is_set()))
-        await boot.aclose()
 
 
-async def two_members(cluster: Cluster) -> tuple[Node, Node, bytes]:
+async def two_members(cluster: NodeCluster) -> tuple[Node, Node, bytes]:
     owner, fetcher = await cluster.node("owner"), await cluster.node("fetcher")
     gid = await owner.groups.create("club")
     await fetcher.groups.request_join(gid)
@@ -77,7 +53,7 @@ def sha(data: bytes) -> bytes:
 
 
 async def test_two_downloads_with_the_same_name_each_end_with_their_own_bytes(
-    cluster: Cluster,
+    cluster: NodeCluster,
 ) -> None:
     owner, fetcher, gid = await two_members(cluster)
     first, second = os.urandom(SIZE), os.urandom(SIZE)
@@ -102,7 +78,7 @@ async def test_two_downloads_with_the_same_name_each_end_with_their_own_bytes(
 
 
 async def test_two_downloads_started_at_once_with_the_same_name_pick_two_names(
-    cluster: Cluster,
+    cluster: NodeCluster,
 ) -> None:
     """Two ``get``s of different files with one name, started in the same instant."""
     owner, fetcher, gid = await two_members(cluster)
@@ -120,7 +96,7 @@ async def test_two_downloads_started_at_once_with_the_same_name_pick_two_names(
     assert sha(paths[1].read_bytes()) == sha(second)
 
 
-async def test_a_users_own_part_file_is_never_truncated_or_renamed(cluster: Cluster) -> None:
+async def test_a_users_own_part_file_is_never_truncated_or_renamed(cluster: NodeCluster) -> None:
     owner, fetcher, gid = await two_members(cluster)
     data = os.urandom(SIZE)
     entry = await shared(owner, gid, cluster.tmp / "src" / "notes.txt", data)
@@ -136,7 +112,7 @@ async def test_a_users_own_part_file_is_never_truncated_or_renamed(cluster: Clus
     assert path.read_bytes() == data
 
 
-async def test_a_paused_download_resumes_its_own_part_and_no_other(cluster: Cluster) -> None:
+async def test_a_paused_download_resumes_its_own_part_and_no_other(cluster: NodeCluster) -> None:
     owner, fetcher, gid = await two_members(cluster)
     data = os.urandom(SIZE)
     entry = await shared(owner, gid, cluster.tmp / "src" / "r.bin", data)

@@ -11,58 +11,21 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.nodes import NodeCluster, form_group
 
-from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError, FileShareError, NodeError
 from dhtshare.identity import Identity
 from dhtshare.node.downloads import Handle
 from dhtshare.node.service import Node, NodeConfig
 from dhtshare.records import FileEntry
-from dhtshare.sim.network import loopback_host
 
 SIZE = 6 * 1024 * 1024
 
 
-class Cluster:
-    def __init__(self, tmp: Path, boot: DhtNode) -> None:
-        self.tmp, self.boot, self.nodes = tmp, boot, list[Node]()
-
-    async def node(self, name: str, download_limit: float | None = None) -> Node:
-        cfg = NodeConfig(
-            home=self.tmp / name,
-            host=loopback_host(len(self.nodes) + 1),  # one address each, as the DHT expects
-            bootstrap=(self.boot.address,),
-            identity=Identity.generate(name),
-            control=False,
-            download_limit=download_limit,
-        )
-        node = await Node.start(cfg)
-        self.nodes.append(node)
-        return node
-
-
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    boot = DhtNode()
-    await boot.listen(0)
-    c = Cluster(tmp_path, boot)
-    try:
+async def cluster(tmp_path: Path) -> AsyncIterator[NodeCluster]:
+    async with NodeCluster.running(tmp_path, own_hosts=True) as c:
         yield c
-    finally:
-        await asyncio.gather(*(n.close() for n in c.nodes if not n.stopped.is_set()))
-        await boot.aclose()
-
-
-async def form_group(owner: Node, members: list[Node]) -> bytes:
-    gid = await owner.groups.create("club")
-    for m in members:
-        await m.groups.request_join(gid)
-    for request in await owner.groups.requests(gid):
-        await owner.groups.accept(gid, request.requester)
-    for m in members:
-        await m.groups.maintain()
-        await m.groups.refresh(gid)
-    return gid
 
 
 async def entry_of(node: Node, gid: bytes) -> FileEntry:
@@ -81,7 +44,7 @@ def digest(path: Path) -> bytes:
 
 
 async def test_share_get_from_several_seeders_and_removed_member_refused(
-    cluster: Cluster,
+    cluster: NodeCluster,
 ) -> None:
     owner = await cluster.node("owner")
     seeders = [await cluster.node(f"seeder{i}") for i in range(3)]
@@ -112,7 +75,7 @@ async def test_share_get_from_several_seeders_and_removed_member_refused(
     assert not (cluster.tmp / "nope" / "movie.bin").exists()
 
 
-async def test_download_limit_is_node_wide(cluster: Cluster) -> None:
+async def test_download_limit_is_node_wide(cluster: NodeCluster) -> None:
     owner = await cluster.node("owner")
     limit = 2_000_000.0
     slow = await cluster.node("slow", download_limit=limit)
