@@ -13,23 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.swarm import GROUP, PIECE, Roster, Source, make_source
 
-from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import FileShareError, ProtocolError
 from dhtshare.identity import Identity
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import PickerConfig
-from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.share import ShareRegistry
 from dhtshare.transfer.status import Complete, Failed
 from dhtshare.wire import (
     MAX_BLOCK,
@@ -49,50 +47,18 @@ from dhtshare.wire import (
     Role,
 )
 
-PIECE = 256 * 1024
-GROUP = bytes(range(32))
 FAST = DownloadOptions(provider_timeout=10.0, repoll_interval=0.2, retry_after=0.2)
-
-
-@dataclass
-class Source:
-    path: Path
-    data: bytes
-    layout: FileLayout
-    hashes: list[bytes]
-
-    @property
-    def content_id(self) -> bytes:
-        return merkle_root(self.hashes)
-
-    def info(self, name: str = "out.bin") -> FileInfo:
-        return FileInfo(GROUP, self.content_id, name, self.layout.size, self.layout.piece_size)
-
-
-def make_source(tmp_path: Path, size: int) -> Source:
-    data = random.Random(size).randbytes(size)
-    path = tmp_path / "src.bin"
-    path.write_bytes(data)
-    return Source(path, data, FileLayout(size, PIECE), hash_file(path, PIECE))
-
-
-@dataclass
-class Members:
-    keys: set[bytes] = field(default_factory=set)
-
-    def __call__(self, group_id: bytes, key: bytes) -> bool:
-        return group_id == GROUP and key in self.keys
 
 
 @asynccontextmanager
 async def seeder(
-    src: Source, members: Members, *, upload_rate: float | None = None
+    src: Source, members: Roster, *, upload_rate: float | None = None
 ) -> AsyncIterator[tuple[PeerServer, ProviderAddr, asyncio.Task[None]]]:
     """An honest member serving ``src`` with the real ``PeerServer``."""
     identity = Identity.generate()
     members.keys.add(identity.public)
     registry = ShareRegistry(members)
-    registry.add(Share(GROUP, src.content_id, src.path, src.layout, src.hashes))
+    registry.add(src.share())
     server = PeerServer(identity, shares=registry, upload_rate=upload_rate)
     host, port = await server.start()
     task = asyncio.create_task(server.serve())
@@ -117,7 +83,7 @@ class ScriptedPeer:
     def __init__(
         self,
         src: Source,
-        members: Members,
+        members: Roster,
         first: Sequence[Message],
         then: Sequence[Message],
         *,
@@ -198,7 +164,7 @@ class ScriptedPeer:
 
 
 def new_download(
-    src: Source, out: Path, members: Members, providers: list[ProviderAddr]
+    src: Source, out: Path, members: Roster, providers: list[ProviderAddr]
 ) -> Download:
     me = Identity.generate()
     members.keys.add(me.public)
@@ -220,7 +186,7 @@ async def finish(dl: Download, src: Source, out: Path) -> None:
 
 async def test_provider_with_non_address_host_costs_that_provider_only(tmp_path: Path) -> None:
     src = make_source(tmp_path, 2 * 1024 * 1024)
-    members = Members()
+    members = Roster()
     bad = Identity.generate()
     members.keys.add(bad.public)
     out = tmp_path / "out"
@@ -236,7 +202,7 @@ async def test_provider_with_non_address_host_costs_that_provider_only(tmp_path:
 
 async def test_piece_with_out_of_range_index_bans_only_that_peer(tmp_path: Path) -> None:
     src = make_source(tmp_path, 4 * 1024 * 1024)
-    members = Members()
+    members = Roster()
     count = src.layout.piece_count
     everything = Bitfield.from_pieces(count, range(count))
     out = tmp_path / "out"
@@ -257,7 +223,7 @@ async def test_piece_with_out_of_range_index_bans_only_that_peer(tmp_path: Path)
 
 async def test_download_that_every_peer_fails_ends_failed(tmp_path: Path) -> None:
     src = make_source(tmp_path, 1024 * 1024)
-    members = Members()
+    members = Roster()
     count = src.layout.piece_count
     everything = Bitfield.from_pieces(count, range(count))
     liar = ScriptedPeer(src, members, [everything], [Have(count)])
@@ -284,7 +250,7 @@ async def test_member_that_claims_every_piece_and_sends_none_ends_the_download(
     tmp_path: Path,
 ) -> None:
     src = make_source(tmp_path, 1024 * 1024)
-    members = Members()
+    members = Roster()
     count = src.layout.piece_count
     everything = Bitfield.from_pieces(count, range(count))
     liar = ScriptedPeer(src, members, [everything], [], patience=30.0, stall=True)
@@ -358,7 +324,7 @@ async def test_arbitrary_messages_from_a_member_cost_that_member_only(
 ) -> None:
     tmp = tmp_path_factory.mktemp("hostile")
     src = make_source(tmp, COUNT * PIECE)
-    members = Members()
+    members = Roster()
     out = tmp / "out"
     # the honest seeder is slowed down so that the hostile peer is asked for blocks
     async with seeder(src, members, upload_rate=1024 * 1024) as (server, honest, serving):
@@ -379,7 +345,7 @@ async def test_arbitrary_messages_from_a_member_cost_that_member_only(
 
 
 async def hostile_client(
-    src: Source, members: Members, addr: ProviderAddr, msgs: Sequence[Message]
+    src: Source, members: Roster, addr: ProviderAddr, msgs: Sequence[Message]
 ) -> None:
     """A member connects to ``addr``, finishes the handshake, sends ``msgs`` and leaves."""
     me = Identity.generate()

@@ -6,56 +6,26 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.swarm import GROUP, PIECE, Roster, Source, make_source
 
-from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import FileShareError, StoreError
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, ProviderAddr
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import Block
-from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.share import ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
 from dhtshare.transfer.swarm import refill_due
 
 MiB = 1024 * 1024
-PIECE = 256 * 1024
-GROUP = bytes(range(32))
 FAST = DownloadOptions(provider_timeout=5.0, repoll_interval=0.2, retry_after=0.2)
-
-
-@dataclass
-class Roster:
-    """The node's membership view, shared by every peer in a test; tests change it."""
-
-    members: set[bytes] = field(default_factory=set)
-
-    def __call__(self, group_id: bytes, peer_key: bytes) -> bool:
-        return group_id == GROUP and peer_key in self.members
-
-
-@dataclass
-class Source:
-    """A file on disk with its layout and hashes."""
-
-    path: Path
-    data: bytes
-    layout: FileLayout
-    hashes: list[bytes]
-
-    @property
-    def content_id(self) -> bytes:
-        return merkle_root(self.hashes)
-
-    def info(self, name: str = "out.bin") -> FileInfo:
-        return FileInfo(GROUP, self.content_id, name, self.layout.size, self.layout.piece_size)
 
 
 @dataclass
@@ -71,14 +41,6 @@ class Peer:
     def addr(self) -> ProviderAddr:
         host, port = self.server.address
         return ProviderAddr(self.identity.public, host, port)
-
-
-def make_source(tmp_path: Path, size: int, seed: int = 1) -> Source:
-    data = random.Random(seed).randbytes(size)
-    path = tmp_path / f"src-{seed}.bin"
-    path.write_bytes(data)
-    layout = FileLayout(size, PIECE)
-    return Source(path, data, layout, hash_file(path, PIECE))
 
 
 def corrupt_copy(src: Source, tmp_path: Path, bad: Callable[[int], bool]) -> Path:
@@ -103,7 +65,7 @@ class Swarm:
     async def peer(self, *, member: bool = True, upload_rate: float | None = None) -> Peer:
         identity = Identity.generate()
         if member:
-            self.roster.members.add(identity.public)
+            self.roster.keys.add(identity.public)
         registry = ShareRegistry(self.roster)
         server = PeerServer(identity, shares=registry, upload_rate=upload_rate)
         await server.start()
@@ -113,7 +75,7 @@ class Swarm:
 
     async def seeder(self, src: Source, path: Path | None = None, **kw: float | None) -> Peer:
         peer = await self.peer(**kw)  # type: ignore[arg-type]
-        peer.registry.add(Share(GROUP, src.content_id, path or src.path, src.layout, src.hashes))
+        peer.registry.add(src.share(path))
         return peer
 
     def stop(self) -> None:
@@ -144,7 +106,7 @@ def downloader(
     sw: Swarm, src: Source, out: Path, peers: Iterable[Peer], **kw: object
 ) -> tuple[Identity, Download]:
     me = Identity.generate()
-    sw.roster.members.add(me.public)
+    sw.roster.keys.add(me.public)
     kw.setdefault("options", FAST)
     dl = Download(
         me,
@@ -245,7 +207,7 @@ async def test_non_member_is_refused(tmp_path: Path) -> None:
     async with swarm() as sw:
         seeder = await sw.seeder(src)
         _, dl = downloader(sw, src, tmp_path / "out", [seeder])
-        sw.roster.members.discard(dl.identity.public)
+        sw.roster.keys.discard(dl.identity.public)
         with pytest.raises(FileShareError, match="not a member"):
             async with asyncio.timeout(10):
                 await dl.run()
@@ -263,11 +225,11 @@ async def test_removed_member_is_cut_off(tmp_path: Path) -> None:
         me = Identity.generate()
 
         def remove_me() -> None:
-            sw.roster.members.discard(me.public)
+            sw.roster.keys.discard(me.public)
             uploaded_at_removal.append(sum(sum(s.server.uploaded.values()) for s in seeders))
 
         slow = DownloadOptions(provider_timeout=5.0, repoll_interval=0.2, rate_limit=8 * MiB)
-        sw.roster.members.add(me.public)
+        sw.roster.keys.add(me.public)
         dl = Download(
             me,
             src.info(),
@@ -360,7 +322,7 @@ async def test_second_downloader_swarms_from_the_first(tmp_path: Path) -> None:
             options=DownloadOptions(repoll_interval=0.2, rate_limit=3 * MiB),
         )
         me2 = Identity.generate()
-        sw.roster.members.add(me2.public)
+        sw.roster.keys.add(me2.public)
 
         def check_overlap(_cid: bytes, _done: int) -> None:
             from_d1 = d2.sources[d1_peer.identity.public]
