@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
+from support.scripts import load_script
 
-_PATH = Path(__file__).resolve().parent.parent / "simulations" / "bench_transfer.py"
-_spec = importlib.util.spec_from_file_location("bench_transfer", _PATH)
-assert _spec is not None and _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-sys.modules["bench_transfer"] = bench
-_spec.loader.exec_module(bench)
+bench = load_script("bench_transfer")
 
 MiB = 1 << 20
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from support.nodes import NodeCluster
 
 from dhtshare.cli import main as cli
-from dhtshare.dht.server import DhtNode
 from dhtshare.groups import rules
 from dhtshare.identity import Identity
-from dhtshare.node.service import Node, NodeConfig
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"  # "set the clipboard to: rm -rf ~"
 CLEAR = "\x1b[2J\x1b[H"
@@ -38,32 +37,10 @@ def unsafe_chars(text: str) -> list[str]:
 # ------------------------------------------------------------- the real CLI, a real node
 
 
-class Net:
-    def __init__(self, tmp: Path, boot: DhtNode) -> None:
-        self.tmp, self.boot, self.nodes = tmp, boot, list[Node]()
-
-    async def node(self, name: str, display: str, control: bool = False) -> Node:
-        cfg = NodeConfig(
-            home=self.tmp / name,
-            bootstrap=(self.boot.address,),
-            identity=Identity.generate(display),
-            control=control,
-        )
-        node = await Node.start(cfg)
-        self.nodes.append(node)
-        return node
-
-
 @pytest.fixture
-async def net(tmp_path: Path) -> AsyncIterator[Net]:
-    boot = DhtNode()
-    await boot.listen(0)
-    n = Net(tmp_path, boot)
-    try:
+async def net(tmp_path: Path) -> AsyncIterator[NodeCluster]:
+    async with NodeCluster.running(tmp_path) as n:
         yield n
-    finally:
-        await asyncio.gather(*(x.close() for x in n.nodes if not x.stopped.is_set()))
-        await boot.aclose()
 
 
 async def cli_run(home: Path, *args: str) -> Result:
@@ -80,10 +57,10 @@ def terminal_safe(result: Result, rows: int) -> list[str]:
 
 
 async def test_hostile_names_and_messages_reach_the_terminal_as_visible_escapes(
-    net: Net,
+    net: NodeCluster,
 ) -> None:
-    owner = await net.node("owner", "owner", control=True)
-    mallory = await net.node("mallory", HOSTILE_NAME)
+    owner = await net.node("owner", control=True)
+    mallory = await net.node("mallory", identity=Identity.generate(HOSTILE_NAME))
     home = net.tmp / "owner"
     gid = await owner.groups.create("club")
 

@@ -24,16 +24,11 @@ The assertions are the targets of the issue that one run can check:
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parent.parent / "simulations" / "hostile.py"
-_spec = importlib.util.spec_from_file_location("hostile_soak", _PATH)
-assert _spec is not None and _spec.loader is not None
-hostile = importlib.util.module_from_spec(_spec)
-sys.modules["hostile_soak"] = hostile
-_spec.loader.exec_module(hostile)
+from support.scripts import load_script
+
+hostile = load_script("hostile")
 
 PEAK_RSS_MB = 96.0
 """The victim idles at about 32 MB (interpreter, node, one small share) and peaked at

@@ -15,10 +15,9 @@ from dhtshare.sim.network import loopback_host
 
 
 class NodeCluster:
-    """Starts nodes (no control socket) that bootstrap from ``boot``, each with a new
-    identity and its home under ``tmp``. ``settings`` are NodeConfig fields every node
-    gets; with ``own_hosts`` each node listens on its own loopback address, as the DHT
-    expects of distinct machines."""
+    """Starts nodes that bootstrap from ``boot``, each with its home under ``tmp``.
+    ``settings`` are NodeConfig fields every node gets; with ``own_hosts`` each node
+    listens on its own loopback address, as the DHT expects of distinct machines."""
 
     def __init__(
         self, tmp: Path, boot: DhtNode, *, own_hosts: bool = False, **settings: Any
@@ -27,15 +26,13 @@ class NodeCluster:
         self.own_hosts, self.settings = own_hosts, settings
 
     async def node(self, name: str, **settings: Any) -> Node:
-        """A started node called ``name``; ``settings`` override the cluster's."""
-        host = {"host": loopback_host(len(self.nodes) + 1)} if self.own_hosts else {}
-        cfg = NodeConfig(
-            home=self.tmp / name,
-            bootstrap=(self.boot.address,),
-            identity=Identity.generate(name),
-            control=False,
-            **{**host, **self.settings, **settings},
-        )
+        """A started node at home ``name``; ``settings`` override the cluster's and these
+        defaults: an identity called ``name``, no control socket."""
+        config: dict[str, Any] = {"identity": Identity.generate(name), "control": False}
+        if self.own_hosts:
+            config["host"] = loopback_host(len(self.nodes) + 1)
+        config |= self.settings | settings
+        cfg = NodeConfig(home=self.tmp / name, bootstrap=(self.boot.address,), **config)
         node = await Node.start(cfg)
         self.nodes.append(node)
         return node
