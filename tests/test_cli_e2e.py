@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +130,23 @@ class Bootstrap:
         if self.proc is not None and self.proc.stderr is not None:
             self.proc.stderr.close()
 
+    def kill(self) -> None:
+        """SIGKILL if it still runs; then release its stderr."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(TIMEOUT)
+        if self.watcher is not None:
+            self.watcher.join()
+        self.close()
+
+
+def kill_all(pids: Iterable[int], boot: Bootstrap) -> None:
+    """SIGKILL the nodes ``node stop`` could not stop, and the bootstrap node."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    boot.kill()
+
 
 @dataclass
 class Cluster:
@@ -211,15 +228,7 @@ class Cluster:
         for user in USERS:
             with contextlib.suppress(Exception):
                 self.run(user, "node", "stop", check=False)
-        for pid in self.pids:  # anything `node stop` could not stop
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.boot.proc is not None and self.boot.proc.poll() is None:
-            self.boot.proc.kill()
-            self.boot.proc.wait(TIMEOUT)
-        if self.boot.watcher is not None:
-            self.boot.watcher.join()
-        self.boot.close()
+        kill_all(self.pids, self.boot)
 
 
 def assert_clean_error(result: subprocess.CompletedProcess[str], *words: str) -> str:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_e2e import DHTSHARE, TIMEOUT, Bootstrap, assert_clean_error, free_udp_port
+from test_cli_e2e import (
+    DHTSHARE,
+    TIMEOUT,
+    Bootstrap,
+    assert_clean_error,
+    free_udp_port,
+    kill_all,
+)
 
 pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")
 
@@ -92,15 +98,7 @@ class Users:
             with contextlib.suppress(Exception):
                 stop = [str(DHTSHARE), "--home", str(home), "node", "stop"]
                 subprocess.run(stop, capture_output=True, timeout=TIMEOUT, env=self.env)
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if self.boot.proc is not None and self.boot.proc.poll() is None:
-            self.boot.proc.kill()
-            self.boot.proc.wait(TIMEOUT)
-        if self.boot.watcher is not None:
-            self.boot.watcher.join()
-        self.boot.close()
+        kill_all(self.pids, self.boot)
 
 
 @contextlib.contextmanager

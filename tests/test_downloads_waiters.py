@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from support.nodes import NodeCluster
 
-from dhtshare.dht.server import DhtNode
 from dhtshare.errors import FileShareError
-from dhtshare.identity import Identity
 from dhtshare.node.downloads import Handle
-from dhtshare.node.service import Node, NodeConfig
+from dhtshare.node.service import Node
 from dhtshare.records import FileEntry
 
 SIZE = 4 * 1024 * 1024
@@ -26,20 +25,9 @@ SIZE = 4 * 1024 * 1024
 
 @pytest.fixture
 async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, bytes, FileEntry]]:
-    boot = DhtNode()
-    await boot.listen(0)
-    nodes: list[Node] = []
-    try:
-        for name, limit in (("owner", 1e6), ("fetcher", None)):
-            cfg = NodeConfig(
-                home=tmp_path / name,
-                bootstrap=(boot.address,),
-                identity=Identity.generate(name),
-                control=False,
-                upload_limit=limit,
-            )
-            nodes.append(await Node.start(cfg))
-        owner, fetcher = nodes
+    async with NodeCluster.running(tmp_path) as cluster:
+        owner = await cluster.node("owner", upload_limit=1e6)
+        fetcher = await cluster.node("fetcher")
         gid = await owner.groups.create("club")
         await fetcher.groups.request_join(gid)
         for request in await owner.groups.requests(gid):
@@ -51,9 +39,6 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, bytes, FileEnt
         s = await owner.share(gid, path)
         entry = FileEntry(gid, s.content_id, s.name, s.size, s.piece_size)
         yield owner, fetcher, gid, entry
-    finally:
-        await asyncio.gather(*(n.close() for n in nodes if not n.stopped.is_set()))
-        await boot.aclose()
 
 
 def task(handle: Handle) -> asyncio.Task[Path]:

@@ -1,2 +1,3 @@
 """Helpers the tests share, each written once: ``nodes`` (whole nodes in one process),
-``swarm`` (files, rosters and seeders for transfer tests)."""
+``swarm`` (a source file and a roster for transfer tests), ``scripts`` (the scripts of
+``simulations/`` as modules)."""
