@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from support.nodes import NodeCluster
+from support.nodes import NodeCluster, admit
 
 from tests.test_local_paths import SIZE, cluster, sha, shared, task
 
@@ -20,18 +20,12 @@ async def test_a_member_accepted_a_moment_ago_downloads_from_a_provider_with_an_
 ) -> None:
     owner, seeder = await cluster.node("owner"), await cluster.node("seeder")
     gid = await owner.groups.create("club")
-    await seeder.groups.request_join(gid)
-    for request in await owner.groups.requests(gid):
-        await owner.groups.accept(gid, request.requester)
-    await seeder.groups.refresh(gid)
+    await admit(owner, gid, seeder)
     data = os.urandom(SIZE)
     entry = await shared(seeder, gid, cluster.tmp / "src" / "f.bin", data)
 
     newcomer = await cluster.node("newcomer")
-    await newcomer.groups.request_join(gid)
-    for request in await owner.groups.requests(gid):
-        await owner.groups.accept(gid, request.requester)
-    await newcomer.groups.refresh(gid)
+    await admit(owner, gid, newcomer)
     # The seeder has not read the roster that lists the newcomer.
     assert not seeder.groups.is_member(gid, newcomer.identity.public)
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from support.nodes import NodeCluster
+from support.nodes import NodeCluster, admit
 
 from dhtshare.errors import FileShareError
 from dhtshare.node.downloads import Handle
@@ -29,10 +29,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, bytes, FileEnt
         owner = await cluster.node("owner", upload_limit=1e6)
         fetcher = await cluster.node("fetcher")
         gid = await owner.groups.create("club")
-        await fetcher.groups.request_join(gid)
-        for request in await owner.groups.requests(gid):
-            await owner.groups.accept(gid, request.requester)
-        await fetcher.groups.refresh(gid)
+        await admit(owner, gid, fetcher)
         path = tmp_path / "src" / "movie.bin"
         path.parent.mkdir()
         path.write_bytes(os.urandom(SIZE))

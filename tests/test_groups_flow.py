@@ -11,6 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from conftest import FakeClock
 
 from dhtshare import crypto
 from dhtshare.dht.server import DhtNode
@@ -31,19 +32,6 @@ from dhtshare.records import (
 from dhtshare.sim import Network
 
 NODES = 8
-
-
-class Clock:
-    """Wall time that a test moves forward in steps (well inside the signature skew)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class LyingDht:
@@ -97,7 +85,7 @@ def people(*names: str) -> list[Identity]:
 
 
 async def grow(
-    owner: GroupService, gid: bytes, joiners: list[GroupService], clock: Clock | None = None
+    owner: GroupService, gid: bytes, joiners: list[GroupService], clock: FakeClock | None = None
 ) -> None:
     """Each joiner requests and the owner accepts it, in order (joins ``clock`` steps apart)."""
     for s in joiners:
@@ -240,7 +228,7 @@ async def test_stale_roster_is_not_accepted() -> None:
 
 async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
     owner, alice, bob, dave = people("owner", "alice", "bob", "dave")
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with Network.start(NODES) as net:
         so, sa, sb, sd = (
             GroupService(net.nodes[i + 1], p, clock=clock)
@@ -352,7 +340,7 @@ def test_state_round_trips_through_json() -> None:
 
 async def test_requester_sees_pending_then_rejected_and_names_the_group() -> None:
     owner, dave = people("owner", "dave")
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with Network.start(NODES) as net:
         so = GroupService(net.nodes[1], owner, clock=clock)
         sd = GroupService(net.nodes[2], dave, clock=clock)
@@ -404,7 +392,7 @@ async def test_requester_sees_pending_then_rejected_and_names_the_group() -> Non
 
 async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
     owner, alice, bob, dave, erin = people("owner", "alice", "bob", "dave", "erin")
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with Network.start(NODES) as net:
         so, sa, sb, sd, se = (
             GroupService(net.nodes[i + 1], p, clock=clock)
@@ -454,7 +442,7 @@ async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
 
 async def test_concurrent_take_overs_publish_one_roster() -> None:
     owner, alice = people("owner", "alice")
-    clock = Clock()
+    clock = FakeClock(time.time())
     async with Network.start(NODES) as net:
         so, sa = (
             GroupService(net.nodes[i + 1], p, clock=clock) for i, p in enumerate((owner, alice))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FakeClock
 from support.nodes import NodeCluster, form_group
 
 from dhtshare import crypto
@@ -46,19 +47,6 @@ from dhtshare.sim import Network
 INTERVAL = NodeConfig(home=Path("unused")).maintenance_interval  # the default, 30 s
 
 
-class Clock:
-    """Wall time that a test moves forward (well inside the records' clock skew)."""
-
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class BrokenDht:
     """What a node's group service sees when its DHT is cut off or lies."""
 
@@ -79,7 +67,7 @@ class Cluster(NodeCluster):
 
     def __init__(self, tmp: Path, boot: DhtNode) -> None:
         super().__init__(tmp, boot)
-        self.clock = Clock()
+        self.clock = FakeClock(time.time())
 
     async def node(self, name: str, **settings: Any) -> Node:
         node = await super().node(name, **settings)

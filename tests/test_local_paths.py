@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from support.nodes import NodeCluster
+from support.nodes import NodeCluster, admit
 
 from dhtshare.content import merkle_root
 from dhtshare.node.downloads import Handle
@@ -29,10 +29,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NodeCluster]:
 async def two_members(cluster: NodeCluster) -> tuple[Node, Node, bytes]:
     owner, fetcher = await cluster.node("owner"), await cluster.node("fetcher")
     gid = await owner.groups.create("club")
-    await fetcher.groups.request_join(gid)
-    for request in await owner.groups.requests(gid):
-        await owner.groups.accept(gid, request.requester)
-    await fetcher.groups.refresh(gid)
+    await admit(owner, gid, fetcher)
     return owner, fetcher, gid
 
 

@@ -51,6 +51,14 @@ class NodeCluster:
             await boot.aclose()
 
 
+async def admit(owner: Node, gid: bytes, member: Node) -> None:
+    """``member`` asks to join ``owner``'s group ``gid``, is accepted, and reads the roster."""
+    await member.groups.request_join(gid)
+    for request in await owner.groups.requests(gid):
+        await owner.groups.accept(gid, request.requester)
+    await member.groups.refresh(gid)
+
+
 async def form_group(owner: Node, members: list[Node]) -> bytes:
     """``owner``'s new group ``club`` with every one of ``members`` accepted; each node
     has run maintenance and read the roster since."""
