@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dhtshare.atomic import read_hashes, write_atomic, write_hashes
+from dhtshare.atomic import read_hashes, read_json, write_hashes, write_json
 from dhtshare.content import FileLayout
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError, GroupError, NodeError, StoreError
@@ -73,14 +72,10 @@ class NodeConfig:
     clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
 
-def write_json(path: Path, doc: Any) -> None:
-    """Atomically replace ``path`` with ``doc`` as JSON."""
-    write_atomic(path, json.dumps(doc, indent=1).encode("utf-8"))
-
-
-def read_json(path: Path, default: Any) -> Any:
+def read_state(path: Path, default: Any) -> Any:
+    """The JSON state file ``path``, ``default`` if it is missing; ``NodeError`` if damaged."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except FileNotFoundError:
         return default
     except (OSError, ValueError) as exc:
@@ -114,7 +109,7 @@ class Node:
             self._completed,
             DownloadOptions(
                 provider_timeout=config.provider_timeout,
-                repoll_interval=min(5.0, config.provider_timeout),
+                repoll_interval=min(DownloadOptions().repoll_interval, config.provider_timeout),
             ),
             download_limit=config.download_limit,
         )
@@ -344,7 +339,7 @@ class Node:
         }
 
     def _load_group_state(self) -> GroupState:
-        doc = read_json(self.home.groups, None)
+        doc = read_state(self.home.groups, None)
         return GroupState() if doc is None else GroupState.from_json(doc)
 
     def save_state(self) -> None:
@@ -363,7 +358,7 @@ class Node:
 
     async def _resume(self) -> None:
         """Serve every saved share again and restart unfinished downloads."""
-        for doc in read_json(self.home.shares, []):
+        for doc in read_state(self.home.shares, []):
             try:
                 shared = _shared_from(doc, self.home)
                 self._serve(shared, doc)
@@ -526,7 +521,7 @@ async def _bind(
 
 def _saved_port(home: Home) -> int:
     try:
-        port = int(read_json(home.address, {}).get("port", 0))
+        port = int(read_state(home.address, {}).get("port", 0))
     except (NodeError, AttributeError, TypeError, ValueError):
         return 0
     return port if 0 < port < 65536 else 0

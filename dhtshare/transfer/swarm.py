@@ -43,6 +43,7 @@ from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
 from dhtshare.wire import Bitfield, Cancel, Have, Keepalive, Message, Piece, Reason, Request
 
 __all__ = [
+    "KEEPALIVE_INTERVAL",
     "RATE_WINDOW",
     "Action",
     "Ban",
@@ -63,6 +64,9 @@ __all__ = [
 PeerId = bytes
 RATE_WINDOW = 5.0
 """Seconds of accepted bytes behind ``Swarm.rate``."""
+KEEPALIVE_INTERVAL = 20.0
+"""An idle session, ours or a server's, sends a Keepalive this often (well under the
+read timeout of ``transfer/aio/peer.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +80,14 @@ class ProviderAddr:
 
 @dataclass(frozen=True, slots=True)
 class SwarmConfig:
-    """The download's timing and limits (``DownloadOptions`` minus the adapter's own)."""
+    """The download's timing and limits; ``DownloadOptions`` adds the adapter's own."""
 
     max_peers: int = 12
-    provider_timeout: float = 60.0
+    provider_timeout: float = 60.0  # fail if nobody serves missing pieces this long
     repoll_interval: float = 5.0
-    retry_after: float = 5.0
+    retry_after: float = 5.0  # before reconnecting to a provider whose connection ended
     save_interval: float = 2.0
-    keepalive_interval: float = 20.0
+    keepalive_interval: float = KEEPALIVE_INTERVAL
     picker: PickerConfig = field(default_factory=PickerConfig)
 
 

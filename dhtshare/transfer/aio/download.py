@@ -66,7 +66,6 @@ from dhtshare.identity import Identity, format_id
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
-from dhtshare.transfer.aio.serve import KEEPALIVE_INTERVAL
 from dhtshare.transfer.picker import PickerConfig, PiecePicker
 from dhtshare.transfer.ratelimit import TokenBucket, burst_for
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
@@ -153,31 +152,15 @@ def check_info(info: FileInfo) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class DownloadOptions:
-    """Tuning; the defaults suit the internet, tests shorten the timeouts."""
+class DownloadOptions(SwarmConfig):
+    """Tuning: the swarm's (``SwarmConfig``, which the ``Swarm`` is given as is) plus
+    the adapter's own. The defaults suit the internet; tests shorten the timeouts."""
 
-    max_peers: int = 12
     rate_limit: float | None = None  # bytes/s for this download; None: unlimited
-    provider_timeout: float = 60.0  # fail if nobody serves missing pieces this long
-    repoll_interval: float = 5.0
-    retry_after: float = 5.0  # before reconnecting to a provider whose connection ended
-    save_interval: float = 2.0
     connect_timeout: float = 10.0
     read_timeout: float = READ_TIMEOUT
     verify_on_resume: bool = False  # re-hash pieces the resume state calls verified
     picker: PickerConfig = field(default_factory=lambda: PickerConfig(block_size=MAX_BLOCK))
-
-    def swarm_config(self) -> SwarmConfig:
-        """The part of these options the swarm's bookkeeping uses."""
-        return SwarmConfig(
-            max_peers=self.max_peers,
-            provider_timeout=self.provider_timeout,
-            repoll_interval=self.repoll_interval,
-            retry_after=self.retry_after,
-            save_interval=self.save_interval,
-            keepalive_interval=KEEPALIVE_INTERVAL,
-            picker=self.picker,
-        )
 
 
 class Download:
@@ -234,7 +217,7 @@ class Download:
             self.layout.piece_lengths(),
             identity.public,
             _Links(self._clients),
-            config=self.options.swarm_config(),
+            config=self.options,
             rng=rng,
             now=clock(),
         )

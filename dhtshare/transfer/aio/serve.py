@@ -65,6 +65,7 @@ from dhtshare.transfer.aio.peer import (
 from dhtshare.transfer.ratelimit import TokenBucket, burst_for
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.superseed import SuperSeed
+from dhtshare.transfer.swarm import KEEPALIVE_INTERVAL
 from dhtshare.wire import (
     Bitfield,
     Cancel,
@@ -80,7 +81,6 @@ from dhtshare.wire import (
 )
 
 __all__ = [
-    "KEEPALIVE_INTERVAL",
     "MAX_HANDSHAKES",
     "MAX_HANDSHAKES_PER_IP",
     "MAX_SESSIONS_PER_IP",
@@ -104,8 +104,6 @@ MAX_SESSIONS_PER_KEY = 8
 """Authenticated sessions of one member key at once (one per file it downloads from us)."""
 MAX_SESSIONS_PER_IP = 16
 """Authenticated sessions from one source address at once (members behind one NAT)."""
-KEEPALIVE_INTERVAL = 20.0
-"""An idle server session sends a Keepalive this often (well under READ_TIMEOUT)."""
 NOTSENT_LOWAT = 256 * 1024
 """Unsent bytes the kernel may queue per connection (``TCP_NOTSENT_LOWAT``), so that
 queued blocks stay where a Cancel can still recall them (measurements:
