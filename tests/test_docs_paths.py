@@ -5,21 +5,27 @@ repository's folders (``dhtshare/``, ``tests/``, ``simulations/``, ``docs/``) or
 package of ``dhtshare`` (``transfer/aio/``; ``files/service.pick_entry`` names
 ``files/service.py``), and any dotted ``dhtshare.x.y`` module name.
 A path is looked up relative to the repository, to ``docs/`` (for ``../`` links) and to
-``dhtshare/``; a bare file name (``picker.py``) must name a file somewhere in the tree.
+``dhtshare/``. A bare file name (``picker.py``) is looked up there and in the folder the
+text last named (``transfer/``); it is cited as ``transfer/picker.py`` when neither has it.
+A dotted name must import, or be an attribute of what its longest importable prefix is
+(``dhtshare.transfer.swarm.Swarm``, ``dhtshare.sim.Network.start``); a folder alone does
+not make ``dhtshare.transfer.download`` a module.
 Patterns (``dhtshare/*.py``, ``<name>.part``) are not paths.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
 TOP_FOLDERS = ("dhtshare", "tests", "simulations", "docs")
+BASES = (ROOT, ROOT / "docs", ROOT / "dhtshare")
 
 _WORD = re.compile(r"[A-Za-z0-9_./<>*-]+")
-_MODULE = re.compile(r"\bdhtshare(?:\.[a-z_][a-z0-9_]*)+")
+_MODULE = re.compile(r"\bdhtshare(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 _PREFIX = re.compile(r"dhtshare/v[0-9]")  # a signing purpose (dhtshare/v1/record/...)
 _ATTRIBUTE = re.compile(r"^(.*/[a-z_0-9]+)\.(?!(?:py|md|json|toml)$)[A-Za-z_]\w*$")  # a/b.name
 
@@ -28,15 +34,14 @@ def _packages() -> set[str]:
     return {p.parent.name for p in (ROOT / "dhtshare").glob("*/__init__.py")}
 
 
-def _tree_files() -> list[Path]:
-    return [p for folder in TOP_FOLDERS for p in (ROOT / folder).rglob("*") if p.is_file()] + [
-        p for p in ROOT.iterdir() if p.is_file()
-    ]
+def _exists(path: str) -> bool:
+    return any((base / path).exists() for base in BASES)
 
 
 def cited_paths(text: str, packages: set[str]) -> set[str]:
     """The file and folder paths a markdown text names (see the module docstring)."""
     found: set[str] = set()
+    folder = ""  # the folder the text last named
     for raw in _WORD.findall(text):
         word = raw.rstrip(".-").split("#")[0]
         if any(c in word for c in "<>*") or "//" in word or _PREFIX.match(word):
@@ -44,43 +49,48 @@ def cited_paths(text: str, packages: set[str]) -> set[str]:
         first = word.lstrip("./").split("/")[0]
         if "/" in word and (first in TOP_FOLDERS or first in packages):
             found.add(_ATTRIBUTE.sub(r"\1.py", word))
+            if word.endswith("/") and _exists(word):
+                folder = word
+        elif "/" not in word and word.endswith(".py") and folder and not _exists(word):
+            found.add(folder + word)
         elif word.endswith((".py", ".md")):
             found.add(word)
     return found
 
 
-def missing(path: str, files: list[Path]) -> bool:
+def missing(path: str) -> bool:
     """True if ``path`` names no file or folder of the repository."""
-    bases = (ROOT, ROOT / "docs", ROOT / "dhtshare")
-    if any((base / path).exists() for base in bases):
-        return False
-    if "/" not in path:
-        return not any(p.name == path for p in files)
-    return True
+    return not _exists(path)
+
+
+def _resolves(name: str) -> bool:
+    """True if ``name`` imports, or is an attribute (chain) of the longest prefix that does."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            value: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            if not hasattr(value, attribute):
+                return False
+            value = getattr(value, attribute)
+        return True
+    return False
 
 
 def missing_modules(text: str) -> set[str]:
-    """The dotted ``dhtshare.x`` names in ``text`` that are neither a module nor an
-    attribute of one."""
-    bad = set()
-    for name in _MODULE.findall(text):
-        parts = name.split(".")
-        candidates = [parts, parts[:-1]] if len(parts) > 2 else [parts]
-        if not any(
-            (ROOT.joinpath(*c).with_suffix(".py")).is_file() or (ROOT.joinpath(*c)).is_dir()
-            for c in candidates
-        ):
-            bad.add(name)
-    return bad
+    """The dotted ``dhtshare.x`` names in ``text`` that name no module, package or attribute
+    of one."""
+    return {name for name in _MODULE.findall(text) if not _resolves(name)}
 
 
 def test_every_path_the_docs_cite_exists() -> None:
-    files = _tree_files()
     packages = _packages()
     stale = {}
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
-        bad = {p for p in cited_paths(text, packages) if missing(p, files)}
+        bad = {p for p in cited_paths(text, packages) if missing(p)}
         bad |= missing_modules(text)
         if bad:
             stale[doc.relative_to(ROOT).as_posix()] = sorted(bad)
@@ -88,14 +98,32 @@ def test_every_path_the_docs_cite_exists() -> None:
 
 
 def test_the_check_finds_a_stale_path() -> None:
-    files = _tree_files()
-    text = "see `transfer/download.py`, `cli.py`, `dhtshare/gone/` and `dhtshare.gone`"
+    text = (
+        "see `transfer/download.py`, `cli.py`, `dhtshare/gone/` and `dhtshare.gone`"
+        "; in `node/`, `daemon.py` and `service.py`; in `transfer/aio/`, `download.py`"
+        " and the base's `content.py`"
+    )
     cited = cited_paths(text, _packages())
-    assert {p for p in cited if missing(p, files)} == {
+    assert {p for p in cited if missing(p)} == {
         "transfer/download.py",
         "cli.py",
         "dhtshare/gone/",
+        "node/daemon.py",  # in cli/, though a file of that name exists in the tree
     }
+    assert {"node/service.py", "transfer/aio/download.py", "content.py"} <= cited
+    assert not missing("transfer/picker.py")
+    assert missing("picker.py")  # a bare name is not looked up anywhere in the tree
     assert missing_modules(text) == {"dhtshare.gone"}
-    assert not missing("transfer/picker.py", files)
-    assert not missing("picker.py", files)
+
+
+def test_a_dotted_name_is_a_module_or_an_attribute_of_one() -> None:
+    text = (
+        "`dhtshare.transfer.download`, `dhtshare.transfer.serve.PeerServer`,"
+        " `dhtshare.transfer.Swarm`, `dhtshare.transfer.aio.serve.PeerServer`,"
+        " `dhtshare.transfer.swarm.Swarm`, `dhtshare.transfer.aio` and `dhtshare.content`"
+    )
+    assert missing_modules(text) == {
+        "dhtshare.transfer.download",
+        "dhtshare.transfer.serve.PeerServer",
+        "dhtshare.transfer.Swarm",
+    }
