@@ -182,7 +182,7 @@ class DownloadManager:
             raise FileShareError(
                 f"you already have {entry.name} at {held.path}", "it is shared from there"
             )
-        info = FileInfo(group_id, entry.content_id, entry.name, entry.size, entry.piece_size)
+        info = FileInfo.of(entry)  # entries come from list_files: entry.group_id == group_id
         try:
             await aiofiles.os.makedirs(out_dir, exist_ok=True)
         except OSError as exc:

@@ -48,9 +48,8 @@ from pathlib import Path
 
 from dhtshare.atomic import read_hashes, write_hashes
 from dhtshare.content import (
-    MAX_FILE_PIECES,
-    MAX_PIECE_SIZE,
     FileLayout,
+    check_layout,
     merkle_root,
     verify_hash_list,
     verify_piece,
@@ -63,6 +62,7 @@ from dhtshare.errors import (
     StoreError,
 )
 from dhtshare.identity import Identity, format_id
+from dhtshare.records import FileEntry
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
@@ -126,7 +126,8 @@ ProviderSource = Callable[[], Awaitable[list[ProviderAddr]]]
 
 @dataclass(frozen=True, slots=True)
 class FileInfo:
-    """What the file entry says about the file to download."""
+    """What the file entry says about the file to download; ``name`` is the output
+    file's name, which may differ from the entry's (another file holds that one)."""
 
     group_id: bytes
     content_id: bytes
@@ -134,21 +135,28 @@ class FileInfo:
     size: int
     piece_size: int
 
+    @classmethod
+    def of(cls, entry: FileEntry) -> FileInfo:
+        """The download of ``entry``, under the entry's own name."""
+        return cls(entry.group_id, entry.content_id, entry.name, entry.size, entry.piece_size)
+
     @property
     def layout(self) -> FileLayout:
         return FileLayout(self.size, self.piece_size)
 
 
 def check_info(info: FileInfo) -> None:
-    """``FileShareError`` unless the layout is one a download can afford: a piece size
-    within ``MAX_PIECE_SIZE`` and at most ``MAX_FILE_PIECES`` pieces (the picker, the
-    resume state and the hash list are sized by the piece count)."""
-    size, piece = info.size, info.piece_size
-    if not (size >= 0 and 0 < piece <= MAX_PIECE_SIZE and -(-size // piece) <= MAX_FILE_PIECES):
+    """``FileShareError`` unless the layout is one a file entry may have
+    (``content.check_layout``), before anything is sized by it: the picker, the resume
+    state and the hash list are sized by the piece count."""
+    try:
+        check_layout(info.size, info.piece_size)
+    except ValueError:
         raise FileShareError(
-            f"{info.name!r}: {size} bytes in pieces of {piece} is not a layout we accept",
+            f"{info.name!r}: {info.size} bytes in pieces of {info.piece_size}"
+            " is not a layout we accept",
             "the file entry is malformed; ask its sharer to share it again",
-        )
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
