@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import FakeClock
@@ -30,7 +29,7 @@ from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, DhtshareError
 from dhtshare.groups.service import Draft, GroupService
 from dhtshare.identity import Identity
-from dhtshare.node.service import Node, NodeConfig
+from dhtshare.node.service import NodeConfig
 from dhtshare.records import (
     PAGE_MEMBERS,
     Decision,
@@ -63,16 +62,11 @@ class BrokenDht:
 
 
 class Cluster(NodeCluster):
-    """Nodes whose group services read ``clock``, which the test moves."""
+    """Nodes whose group services read ``clock`` (``NodeConfig.clock``), which the test moves."""
 
     def __init__(self, tmp: Path, boot: DhtNode) -> None:
-        super().__init__(tmp, boot)
         self.clock = FakeClock(time.time())
-
-    async def node(self, name: str, **settings: Any) -> Node:
-        node = await super().node(name, **settings)
-        node.groups._clock = self.clock
-        return node
+        super().__init__(tmp, boot, clock=self.clock)
 
 
 @pytest.fixture
