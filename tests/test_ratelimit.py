@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dhtshare.transfer.ratelimit import TokenBucket
+from dhtshare.wire import MAX_BLOCK
 
 
 @pytest.mark.parametrize("rate", [None, 0])
@@ -51,10 +52,24 @@ def test_clock_going_backwards_adds_nothing() -> None:
     assert bucket.consume(10, now=1.0) == pytest.approx(1.0)
 
 
-def test_default_burst_is_one_second() -> None:
+def test_default_burst_is_a_quarter_second() -> None:
+    rate = 40 * MAX_BLOCK
+    bucket = TokenBucket(rate, now=0.0)
+    assert bucket.consume(10 * MAX_BLOCK, now=0.0) == 0.0
+    assert bucket.consume(4 * MAX_BLOCK, now=0.0) == pytest.approx(0.1)
+
+
+def test_default_burst_is_at_least_one_block() -> None:
     bucket = TokenBucket(300, now=0.0)
-    assert bucket.consume(300, now=0.0) == 0.0
+    assert bucket.consume(MAX_BLOCK, now=0.0) == 0.0
     assert bucket.consume(30, now=0.0) == pytest.approx(0.1)
+
+
+def test_default_burst_follows_a_new_rate() -> None:
+    bucket = TokenBucket(None, now=0.0)
+    bucket.set_rate(40 * MAX_BLOCK, now=0.0)
+    assert bucket.consume(10 * MAX_BLOCK, now=0.0) == 0.0
+    assert bucket.consume(4 * MAX_BLOCK, now=0.0) == pytest.approx(0.1)
 
 
 def test_set_rate() -> None:

@@ -28,7 +28,7 @@ from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.tasks import spawn_logged
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.ratelimit import TokenBucket, burst_for
+from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, DownloadStatus, Failed, Paused
 
@@ -108,7 +108,7 @@ class DownloadManager:
         self._finished: dict[bytes, dict[str, Any]] = {}
         self._announcing: set[asyncio.Task[None]] = set()
         # One bucket for every download: the limit is the node's, not each download's.
-        self.bucket = TokenBucket(download_limit, burst_for(download_limit), now=time.monotonic())
+        self.bucket = TokenBucket(download_limit, now=time.monotonic())
 
     # ---- starting ----------------------------------------------------------------
 

@@ -2,20 +2,22 @@
 
 ``consume`` reserves the bytes at once and says how long to wait; the bucket may
 go into debt, so a burst larger than ``burst`` is allowed but paid for in time.
-A rate of ``None`` or ``0`` means unlimited. Time is an argument (``now``).
+A rate of ``None`` or ``0`` means unlimited. Time is an argument (``now``). The
+burst defaults to a quarter second of the rate, and never less than one block, so
+a limited transfer still moves whole blocks.
 """
 
 from __future__ import annotations
 
 from dhtshare.wire import MAX_BLOCK
 
-__all__ = ["TokenBucket", "burst_for"]
+__all__ = ["TokenBucket"]
 
 
-def burst_for(rate: float | None) -> float | None:
-    """The burst for a limit of ``rate`` bytes/s: a quarter second of it, and never less
-    than one block, so a limited transfer still moves whole blocks (``None``: unlimited)."""
-    return max(float(MAX_BLOCK), rate / 4) if rate else None
+def _default_burst(rate: float) -> float:
+    """The burst for a limit of ``rate`` bytes/s (see the module docstring); 1 byte
+    when unlimited, where no burst is ever drawn on."""
+    return max(float(MAX_BLOCK), rate / 4) if rate else 1.0
 
 
 class TokenBucket:
@@ -38,7 +40,7 @@ class TokenBucket:
         return None if self.unlimited else self._rate
 
     def set_rate(self, rate: float | None, burst: float | None = None, now: float = 0.0) -> None:
-        """Change the limit; ``burst`` defaults to one second's worth (at least 1 byte).
+        """Change the limit; ``burst`` defaults to a quarter second's worth (at least a block).
 
         Coming from unlimited, the bucket starts full; otherwise it keeps its tokens
         (or its debt), capped at the new burst.
@@ -50,7 +52,7 @@ class TokenBucket:
         self._refill(now)
         was_unlimited = self.unlimited
         self._rate = float(rate or 0.0)
-        self._burst = float(burst) if burst is not None else max(self._rate, 1.0)
+        self._burst = float(burst) if burst is not None else _default_burst(self._rate)
         self._tokens = self._burst if was_unlimited else min(self._tokens, self._burst)
 
     def _refill(self, now: float) -> None:

@@ -67,7 +67,7 @@ from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
 from dhtshare.transfer.picker import PickerConfig, PiecePicker
-from dhtshare.transfer.ratelimit import TokenBucket, burst_for
+from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
 from dhtshare.transfer.swarm import (
@@ -293,7 +293,7 @@ class Download:
 
     def set_rate_limit(self, rate: float | None) -> None:
         """Limit this download to ``rate`` bytes/s (``None`` or 0: unlimited)."""
-        self.bucket.set_rate(rate, burst_for(rate), self.clock())
+        self.bucket.set_rate(rate, now=self.clock())
 
     def rate(self) -> float:
         """Accepted bytes per second over the last few seconds."""

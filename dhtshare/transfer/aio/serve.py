@@ -62,7 +62,7 @@ from dhtshare.transfer.aio.peer import (
     accept_peer,
     server_protocol,
 )
-from dhtshare.transfer.ratelimit import TokenBucket, burst_for
+from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.superseed import SuperSeed
 from dhtshare.transfer.swarm import KEEPALIVE_INTERVAL
@@ -175,7 +175,7 @@ class PeerServer:
 
     def set_upload_rate(self, rate: float | None) -> None:
         """Change the upload limit (bytes/s; ``None`` or 0: unlimited)."""
-        self.bucket.set_rate(rate, burst_for(rate), self.clock())
+        self.bucket.set_rate(rate, now=self.clock())
 
     @property
     def address(self) -> tuple[str, int]:
