@@ -1,21 +1,31 @@
-"""Small files replaced atomically, and piece-hash lists kept beside state.
+"""Small files replaced atomically: JSON state files, and piece-hash lists kept beside state.
 
 ``write_atomic`` writes a temp file (mode 0600) in the target's directory, fsyncs it,
 ``os.replace``s it over the target and fsyncs the directory: a crash leaves the old
-file or the new one, never half of one. Every state file dhtshare keeps goes through it.
+file or the new one, never half of one. Every state file dhtshare keeps goes through it;
+the JSON ones through ``write_json``, and they are read back with ``read_json``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from dhtshare.crypto import HASH_SIZE
 
-__all__ = ["fsync_dir", "read_hashes", "write_atomic", "write_hashes"]
+__all__ = [
+    "fsync_dir",
+    "read_hashes",
+    "read_json",
+    "write_atomic",
+    "write_hashes",
+    "write_json",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,6 +56,17 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Replace ``path`` with ``doc`` as indented UTF-8 JSON (through ``write_atomic``)."""
+    write_atomic(path, json.dumps(doc, indent=1).encode("utf-8"))
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``. Raises ``OSError`` (``FileNotFoundError`` if it is
+    missing) or ``ValueError`` if it does not read or parse; each caller decides what that means."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def write_hashes(path: Path, hashes: Sequence[bytes]) -> None:

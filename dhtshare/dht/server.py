@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dhtshare.atomic import write_atomic
+from dhtshare.atomic import read_json, write_json
 from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.sources import source_of
@@ -561,7 +560,7 @@ class DhtNode(Server):  # type: ignore[misc]
             "alpha": self.alpha,
             "contacts": [[n.id.hex(), n.ip, n.port] for n in self.contacts()[:_MAX_SAVED_CONTACTS]],
         }
-        write_atomic(Path(fname), json.dumps(doc, indent=1).encode("utf-8"))
+        write_json(Path(fname), doc)
 
     @classmethod
     async def load_state(
@@ -603,7 +602,7 @@ def _random_id_at(own: bytes, shared: int) -> bytes:
 
 def _read_state(path: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(path.read_text())
+        doc = read_json(path)
         ok = doc["version"] == STATE_VERSION and len(bytes.fromhex(doc["id"])) == 20
         contacts_ok = all(len(c) == 3 for c in doc["contacts"])
     except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -8,7 +8,6 @@ while the download runs (swarming). It imports neither ``node`` nor ``cli``.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from typing import Any
 
 import aiofiles.os
 
-from dhtshare.atomic import write_atomic
+from dhtshare.atomic import read_json, write_json
 from dhtshare.content import FileLayout
 from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
 from dhtshare.files.service import FileService
@@ -364,14 +363,14 @@ class DownloadManager:
     def save(self) -> None:
         docs = [h.to_json() for h in self.handles.values()]
         try:
-            write_atomic(self.home.downloads, json.dumps(docs, indent=1).encode("utf-8"))
+            write_json(self.home.downloads, docs)
         except OSError as exc:
             log.error("cannot save downloads: %s", exc)
 
     async def resume(self) -> None:
         """Restart every download that was running or paused when the node stopped."""
         try:
-            docs = json.loads(self.home.downloads.read_text())
+            docs = read_json(self.home.downloads)
         except (OSError, ValueError):
             return
         for doc in docs:

@@ -8,10 +8,9 @@ not change what the next one uses.
 from __future__ import annotations
 
 import contextlib
-import json
 from typing import Any
 
-from dhtshare.atomic import write_atomic
+from dhtshare.atomic import read_json, write_json
 from dhtshare.home import Home
 
 __all__ = ["LOG_LEVELS", "Settings", "load", "merge", "save"]
@@ -32,7 +31,7 @@ def load(home: Home) -> Settings:
     """The saved settings, each checked; a missing or damaged file gives the defaults."""
     doc: Any = {}
     with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(home.settings.read_text(encoding="utf-8"))
+        doc = read_json(home.settings)
     if not isinstance(doc, dict):
         doc = {}
     level = doc.get("log_level")
@@ -55,4 +54,4 @@ def merge(saved: Settings, **given: Any) -> Settings:
 
 def save(home: Home, settings: Settings) -> None:
     """Write ``settings`` atomically."""
-    write_atomic(home.settings, json.dumps(settings, indent=1).encode("utf-8"))
+    write_json(home.settings, settings)
