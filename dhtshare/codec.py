@@ -2,22 +2,20 @@
 
 Integers are big-endian and fixed width; byte strings are length-prefixed. A short
 read, an oversized length, or input left over after ``finish()`` raises the one
-``DecodeError``; callers turn it into their own typed error at a single boundary.
+``errors.DecodeError``; callers turn it into their own typed error at a single boundary.
 """
 
 from __future__ import annotations
 
 import struct
 
-__all__ = ["DecodeError", "Reader", "Writer"]
+from dhtshare.errors import DecodeError
+
+__all__ = ["Reader", "Writer"]
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-
-
-class DecodeError(ValueError):
-    """Input that is short, oversized, or has bytes left over."""
 
 
 class Reader:

@@ -20,8 +20,9 @@
 Rule 1: every exception class of dhtshare is defined here, nowhere else.
 Rule 2: ``BY_NAME`` is the tree by class name: the control socket sends an error's name
 and the CLI raises the same class again (an unknown name becomes a ``NodeError``).
-Rule 3: ``codec.DecodeError`` is deliberately *not* in this tree: it is internal, and each
-boundary (records, wire) turns it into its own error with one ``Malformed`` guard.
+Rule 3: ``DecodeError`` (what ``codec`` raises) is defined here too, but deliberately
+*not* in the tree: it is internal, and each boundary (records, wire) turns it into its
+own error with one ``Malformed`` guard.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from types import MappingProxyType, TracebackType
 
 __all__ = [
     "BY_NAME",
+    "DecodeError",
     "DhtError",
     "DhtshareError",
     "FileShareError",
@@ -139,8 +141,12 @@ BY_NAME: Mapping[str, type[DhtshareError]] = MappingProxyType(
 """Every class above by its name (built here, once, so later subclasses are not in it)."""
 
 
+class DecodeError(ValueError):
+    """Input that is short, oversized, or has bytes left over (raised by ``codec``)."""
+
+
 class Malformed:
-    """The one boundary from ``codec.DecodeError`` to a typed error, as a context manager.
+    """The one boundary from ``DecodeError`` to a typed error, as a context manager.
 
     Built once per boundary (``Malformed("record", RecordError)``): a ``ValueError`` raised
     inside the ``with`` block (``DecodeError`` is one; so is a field's own check) leaves it

@@ -24,9 +24,9 @@ from enum import IntEnum
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from dhtshare import crypto
-from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.codec import Reader, Writer
 from dhtshare.content import check_layout
-from dhtshare.errors import Malformed, RecordError
+from dhtshare.errors import DecodeError, Malformed, RecordError
 
 if TYPE_CHECKING:
     from dhtshare.identity import Identity

@@ -2,7 +2,7 @@
 
 ``encode_message(msg)`` gives the plaintext of a sealed frame: a ``u8`` message
 type, then the body. ``decode_message(data)`` is strict (every byte must be
-consumed) and is the single place where ``codec.DecodeError`` and invalid field
+consumed) and is the single place where ``DecodeError`` and invalid field
 values become ``RemoteProtocolError``.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
 
-from dhtshare.codec import DecodeError, Reader, Writer
+from dhtshare.codec import Reader, Writer
 from dhtshare.crypto import HASH_SIZE
-from dhtshare.errors import Malformed, RemoteProtocolError
+from dhtshare.errors import DecodeError, Malformed, RemoteProtocolError
 from dhtshare.wire.frames import Reason
 
 __all__ = [
