@@ -71,9 +71,10 @@ INLINE_MEMBERS = 40  # members carried in the roster record itself
 PAGE_MEMBERS = 70  # members per roster page (names up to 64 bytes)
 MAX_PAGES = 40  # so a group holds up to 40 + 40 * 70 = 2,840 members
 MAX_ADDRESSES = 8
-_ID = 32
+_ID = crypto.HASH_SIZE  # group ids, content ids, page digests
+_KEY = crypto.PUBLIC_KEY_SIZE  # signers, owners, members
 _SIG = crypto.SIGNATURE_SIZE
-_HEADER = 1 + 1 + 32 + 8 + 8 + 8 + 2
+_HEADER = 1 + 1 + _KEY + 8 + 8 + 8 + 2
 MAX_BODY = MAX_RECORD_SIZE - _HEADER - _SIG
 _MALFORMED = Malformed("record", RecordError)
 
@@ -127,9 +128,9 @@ def page_key_ids(group_id: bytes, signer: bytes, index: int) -> tuple[bytes, byt
 # ---------------------------------------------------------------------------------- bodies
 
 
-def _check_id(value: bytes, what: str) -> None:
-    if len(value) != _ID:
-        raise ValueError(f"{what} must be {_ID} bytes")
+def _check_id(value: bytes, what: str, size: int = _ID) -> None:
+    if len(value) != size:
+        raise ValueError(f"{what} must be {size} bytes")
 
 
 def _check_text(value: str, limit: int, what: str) -> None:
@@ -147,7 +148,7 @@ class Genesis:
     nonce: bytes
 
     def __post_init__(self) -> None:
-        _check_id(self.owner, "owner")
+        _check_id(self.owner, "owner", _KEY)
         _check_text(self.name, MAX_NAME, "group name")
         if len(self.nonce) != 16:
             raise ValueError("nonce must be 16 bytes")
@@ -158,7 +159,7 @@ class Genesis:
 
     @classmethod
     def pull(cls, r: Reader) -> Genesis:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u64(), r.pull_bytes(16))
+        return cls(r.pull_bytes(_KEY), r.pull_str(MAX_NAME), r.pull_u64(), r.pull_bytes(16))
 
     @property
     def group_id(self) -> bytes:
@@ -189,7 +190,7 @@ class Handover:
 
     @classmethod
     def pull(cls, r: Reader) -> Handover:
-        return cls(r.pull_bytes(_ID), r.pull_u64(), r.pull_bytes(_SIG))
+        return cls(r.pull_bytes(_KEY), r.pull_u64(), r.pull_bytes(_SIG))
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +202,7 @@ class Member:
     since: int
 
     def __post_init__(self) -> None:
-        _check_id(self.key, "member key")
+        _check_id(self.key, "member key", _KEY)
         _check_text(self.name, MAX_NAME, "member name")
 
     def encode_into(self, w: Writer) -> None:
@@ -209,7 +210,7 @@ class Member:
 
     @classmethod
     def pull(cls, r: Reader) -> Member:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u64())
+        return cls(r.pull_bytes(_KEY), r.pull_str(MAX_NAME), r.pull_u64())
 
 
 def _push_members(w: Writer, members: tuple[Member, ...]) -> None:
@@ -247,7 +248,7 @@ class Roster:
         if len(self.members) > INLINE_MEMBERS or len(self.page_digests) > MAX_PAGES:
             raise ValueError("too many inline members or pages")
         if any(len(d) != _ID for d in self.page_digests):
-            raise ValueError("page digests must be 32 bytes")
+            raise ValueError(f"page digests must be {_ID} bytes")
 
     @property
     def group_id(self) -> bytes:
@@ -364,7 +365,7 @@ class Decision:
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
-        _check_id(self.requester, "requester")
+        _check_id(self.requester, "requester", _KEY)
         _check_text(self.reason, MAX_TEXT, "reason")
 
     def encode(self) -> bytes:
@@ -373,7 +374,7 @@ class Decision:
 
     @classmethod
     def decode(cls, r: Reader) -> Decision:
-        return cls(r.pull_bytes(_ID), r.pull_bytes(_ID), _pull_bool(r), r.pull_str(MAX_TEXT))
+        return cls(r.pull_bytes(_ID), r.pull_bytes(_KEY), _pull_bool(r), r.pull_str(MAX_TEXT))
 
 
 @dataclass(frozen=True, slots=True)
@@ -711,7 +712,7 @@ def decode_record(data: bytes) -> SignedRecord:
         if r.pull_u8() != VERSION:
             raise RecordError("unknown record version")
         kind = Kind(r.pull_u8())
-        signer, seq, issued, expires = r.pull_bytes(_ID), r.pull_u64(), r.pull_u64(), r.pull_u64()
+        signer, seq, issued, expires = r.pull_bytes(_KEY), r.pull_u64(), r.pull_u64(), r.pull_u64()
         body = r.pull_varbytes(MAX_BODY)
         signature = r.pull_bytes(_SIG)
         r.finish()

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from dhtshare.atomic import write_atomic
+from dhtshare.crypto import HASH_SIZE
 from dhtshare.errors import StoreError
 
 __all__ = ["STATE_VERSION", "ResumeState", "load_or_new", "read_state"]
 
 STATE_VERSION = 1
-_CONTENT_ID_SIZE = 32
 
 
 @dataclass(slots=True)
@@ -46,8 +46,8 @@ class ResumeState:
     verified: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        if len(self.content_id) != _CONTENT_ID_SIZE:
-            raise ValueError(f"content id must be {_CONTENT_ID_SIZE} bytes")
+        if len(self.content_id) != HASH_SIZE:
+            raise ValueError(f"content id must be {HASH_SIZE} bytes")
         if self.piece_count < 0:
             raise ValueError(f"negative piece count {self.piece_count}")
         if any(not 0 <= i < self.piece_count for i in self.verified):

@@ -24,6 +24,7 @@ from typing import TypeAlias
 
 import nacl.signing
 
+from dhtshare import crypto
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
 from dhtshare.wire.frames import (
     FRAME_HEADER_SIZE,
@@ -35,7 +36,6 @@ from dhtshare.wire.frames import (
     encode_frame,
 )
 from dhtshare.wire.handshake import (
-    KEY_SIZE,
     ClientHandshake,
     ServerHandshake,
     SessionCipher,
@@ -189,8 +189,8 @@ class PeerConnection:
         if role is Role.CLIENT:
             if group_id is None or content_id is None:
                 raise ValueError("a client needs group_id and content_id")
-            if len(group_id) != KEY_SIZE or len(content_id) != KEY_SIZE:
-                raise ValueError("group_id and content_id must be 32 bytes")
+            if len(group_id) != crypto.HASH_SIZE or len(content_id) != crypto.HASH_SIZE:
+                raise ValueError(f"group_id and content_id must be {crypto.HASH_SIZE} bytes")
             self._client = ClientHandshake(identity, group_id, content_id, suites)
             self._state = State.IDLE
         else:

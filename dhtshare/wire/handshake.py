@@ -36,11 +36,9 @@ from dhtshare.wire.suites import AEADS, Buffer, Suite, choose, local_suites, mas
 
 __all__ = [
     "CLIENT_SIG_PURPOSE",
-    "KEY_SIZE",
     "MAGIC",
     "NONCE_SIZE",
     "SERVER_SIG_PURPOSE",
-    "SIGNATURE_SIZE",
     "TRANSCRIPT_PURPOSE",
     "VERSION",
     "ClientAuth",
@@ -54,9 +52,14 @@ __all__ = [
 
 MAGIC = b"DHTSHARE"
 VERSION = 2
-KEY_SIZE = 32
 NONCE_SIZE = 16
-SIGNATURE_SIZE = 64
+_EPHEMERAL_KEY_SIZE = sodium.crypto_kx_PUBLIC_KEY_BYTES
+_FIELD_SIZES = {
+    "identity_key": crypto.PUBLIC_KEY_SIZE,
+    "ephemeral_key": _EPHEMERAL_KEY_SIZE,
+    "group_id": crypto.HASH_SIZE,
+    "content_id": crypto.HASH_SIZE,
+}
 # crypto.py prefixes each purpose with b"dhtshare/v1/" and ends it with a zero byte.
 TRANSCRIPT_PURPOSE = "handshake/transcript"
 SERVER_SIG_PURPOSE = "handshake/server"
@@ -92,8 +95,8 @@ class ClientHello:
     version: int = VERSION
 
     def __post_init__(self) -> None:
-        for name in ("identity_key", "ephemeral_key", "group_id", "content_id"):
-            _fixed(getattr(self, name), KEY_SIZE, name)
+        for name, size in _FIELD_SIZES.items():
+            _fixed(getattr(self, name), size, name)
         _fixed(self.nonce, NONCE_SIZE, "nonce")
         if not 0 <= self.suites <= 0xFF:
             raise ValueError(f"suite mask {self.suites} does not fit a byte")
@@ -116,10 +119,10 @@ class ClientHello:
                     f"unsupported protocol version {version}", Reason.UNSUPPORTED_VERSION
                 )
             hello = cls(
-                identity_key=r.pull_bytes(KEY_SIZE),
-                ephemeral_key=r.pull_bytes(KEY_SIZE),
-                group_id=r.pull_bytes(KEY_SIZE),
-                content_id=r.pull_bytes(KEY_SIZE),
+                identity_key=r.pull_bytes(crypto.PUBLIC_KEY_SIZE),
+                ephemeral_key=r.pull_bytes(_EPHEMERAL_KEY_SIZE),
+                group_id=r.pull_bytes(crypto.HASH_SIZE),
+                content_id=r.pull_bytes(crypto.HASH_SIZE),
                 nonce=r.pull_bytes(NONCE_SIZE),
                 suites=r.pull_u8(),
                 version=version,
@@ -137,9 +140,9 @@ class ServerHello:
     signature: bytes
 
     def __post_init__(self) -> None:
-        _fixed(self.identity_key, KEY_SIZE, "identity_key")
-        _fixed(self.ephemeral_key, KEY_SIZE, "ephemeral_key")
-        _fixed(self.signature, SIGNATURE_SIZE, "signature")
+        _fixed(self.identity_key, crypto.PUBLIC_KEY_SIZE, "identity_key")
+        _fixed(self.ephemeral_key, _EPHEMERAL_KEY_SIZE, "ephemeral_key")
+        _fixed(self.signature, crypto.SIGNATURE_SIZE, "signature")
         if not 0 <= self.suite <= 0xFF:
             raise ValueError(f"suite {self.suite} does not fit a byte")
 
@@ -151,10 +154,10 @@ class ServerHello:
         with _MALFORMED_SERVER_HELLO:
             r = Reader(data)
             hello = cls(
-                r.pull_bytes(KEY_SIZE),
-                r.pull_bytes(KEY_SIZE),
+                r.pull_bytes(crypto.PUBLIC_KEY_SIZE),
+                r.pull_bytes(_EPHEMERAL_KEY_SIZE),
                 r.pull_u8(),
-                r.pull_bytes(SIGNATURE_SIZE),
+                r.pull_bytes(crypto.SIGNATURE_SIZE),
             )
             r.finish()
         return hello
@@ -165,14 +168,14 @@ class ClientAuth:
     signature: bytes
 
     def __post_init__(self) -> None:
-        _fixed(self.signature, SIGNATURE_SIZE, "signature")
+        _fixed(self.signature, crypto.SIGNATURE_SIZE, "signature")
 
     def encode(self) -> bytes:
         return self.signature
 
     @classmethod
     def decode(cls, data: bytes) -> ClientAuth:
-        if len(data) != SIGNATURE_SIZE:
+        if len(data) != crypto.SIGNATURE_SIZE:
             raise RemoteProtocolError("malformed ClientAuth", Reason.PROTOCOL)
         return cls(bytes(data))
 
