@@ -28,8 +28,9 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import umsgpack
@@ -136,18 +137,46 @@ def _is_id(value: object) -> bool:
     return isinstance(value, bytes) and len(value) == ID_LEN
 
 
-#: Argument checks for each RPC a peer may call on us (types; arity is ``_ARITY``).
-_ARG_CHECKS: dict[str, Callable[[list[Any]], bool]] = {
-    "ping": lambda a: _is_id(a[0]),
-    "store": lambda a: _is_id(a[0]) and _is_id(a[1]) and isinstance(a[2], bytes),
-    "find_node": lambda a: _is_id(a[0]) and _is_id(a[1]),
-    "find_value": lambda a: _is_id(a[0]) and _is_id(a[1]),
-}
-_ARITY = {"ping": 1, "store": 3, "find_node": 2, "find_value": 2}
-#: RPCs whose request may end with one extra argument of zero bytes: padding, ignored, that
-#: buys a requester the reply budget (3x) of a full reply from a node that has not
-#: validated its address yet. Requests without it parse as before.
-_PADDABLE = frozenset({"find_node", "find_value"})
+@dataclass(frozen=True, slots=True)
+class _Rpc:
+    """One RPC a peer may call on us.
+
+    ``arity`` arguments, all passing ``check``; ``handler`` answers them (it calls the
+    protocol's ``rpc_<name>`` method, looked up on the instance at each call). A
+    ``paddable`` request may end with one extra argument of zero bytes: padding, ignored,
+    that buys a requester the reply budget (3x) of a full reply from a node that has not
+    validated its address yet. Requests without it parse as before.
+    """
+
+    arity: int
+    check: Callable[[list[Any]], bool]
+    handler: Callable[[DhtProtocol, tuple[str, int], list[Any]], Any]
+    paddable: bool = False
+
+
+#: Every RPC a peer may call on us, by the name it sends.
+_RPCS: Mapping[str, _Rpc] = MappingProxyType(
+    {
+        "ping": _Rpc(1, lambda a: _is_id(a[0]), lambda p, s, a: p.rpc_ping(s, *a)),
+        "store": _Rpc(
+            3,
+            lambda a: _is_id(a[0]) and _is_id(a[1]) and isinstance(a[2], bytes),
+            lambda p, s, a: p.rpc_store(s, *a),
+        ),
+        "find_node": _Rpc(
+            2,
+            lambda a: _is_id(a[0]) and _is_id(a[1]),
+            lambda p, s, a: p.rpc_find_node(s, *a),
+            paddable=True,
+        ),
+        "find_value": _Rpc(
+            2,
+            lambda a: _is_id(a[0]) and _is_id(a[1]),
+            lambda p, s, a: p.rpc_find_value(s, *a),
+            paddable=True,
+        ),
+    }
+)
 
 
 def _is_padding(value: object) -> bool:
@@ -164,12 +193,13 @@ def parse_request(data: object) -> tuple[str, list[Any]] | None:
     name, args = data
     if not isinstance(name, str) or not isinstance(args, list):
         return None
-    arity = _ARITY.get(name)
-    if arity is None:
+    rpc = _RPCS.get(name)
+    if rpc is None:
         return None
-    if name in _PADDABLE and len(args) == arity + 1 and _is_padding(args[arity]):
+    arity = rpc.arity
+    if rpc.paddable and len(args) == arity + 1 and _is_padding(args[arity]):
         args = args[:arity]
-    if len(args) != arity or not _ARG_CHECKS[name](args):
+    if len(args) != arity or not rpc.check(args):
         return None
     return name, args
 
@@ -333,7 +363,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         name, args = parsed
         ping_back = self._welcome_sender(Node(args[0], addr[0], addr[1]))
         try:
-            reply = getattr(self, f"rpc_{name}")(addr, *args)
+            reply = _RPCS[name].handler(self, addr, args)
         except Exception:
             self.stats.incr("error.handler")
             log.debug("rpc_%s from %s failed", name, addr, exc_info=True)
@@ -505,7 +535,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         reply within its 3x budget, so first contact costs no extra round trip.
         """
         body = packb([name, list(args)])
-        if name not in _PADDABLE or self._amp.has_heard(address):
+        rpc = _RPCS.get(name)
+        if rpc is None or not rpc.paddable or self._amp.has_heard(address):
             return body
         want = padded_size(name, self.ksize, self._family or 4) - 1 - MSG_ID_LEN
         if len(body) >= want:
