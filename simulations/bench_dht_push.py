@@ -33,6 +33,7 @@ from typing import Any
 import umsgpack
 from kademlia.node import Node
 
+import dhtshare
 from dhtshare.dht import DhtNode
 from dhtshare.identity import Identity
 from dhtshare.records import JoinRequest, PeerInfo, SignedRecord, sign_record
@@ -131,16 +132,22 @@ def make_records(count: int, now: float) -> list[SignedRecord]:
     ident = [Identity.generate() for _ in range(min(count, 2000))]
     return [
         sign_record(
-            ident[i % len(ident)], PeerInfo((("127.0.0.1", 1000 + i % 60000),)), seq=i + 1,
-            now=now, ttl=3600,
+            ident[i % len(ident)],
+            PeerInfo((("127.0.0.1", 1000 + i % 60000),)),
+            seq=i + 1,
+            now=now,
+            ttl=3600,
         )
         if i < len(ident)
         else sign_record(
-            ident[i % len(ident)], JoinRequest(os.urandom(32), f"n{i}", "x" * 40), seq=1,
-            now=now, ttl=3600,
+            ident[i % len(ident)],
+            JoinRequest(os.urandom(32), f"n{i}", "x" * 40),
+            seq=1,
+            now=now,
+            ttl=3600,
         )
         for i in range(count)
-    ]  # fmt: skip
+    ]
 
 
 async def stall(records: list[SignedRecord], contacts: int, trials: int) -> dict[str, float]:
@@ -170,8 +177,11 @@ async def stall(records: list[SignedRecord], contacts: int, trials: int) -> dict
                 pushes.append(peer.stores)
             finally:
                 transport.close()
-        return {"max_ms": 1000 * max(worst), "median_ms": 1000 * statistics.median(worst),
-                "pushes": statistics.median(pushes)}  # fmt: skip
+        return {
+            "max_ms": 1000 * max(worst),
+            "median_ms": 1000 * statistics.median(worst),
+            "pushes": statistics.median(pushes),
+        }
     finally:
         ticker.task.cancel()
         await node.aclose()
@@ -184,8 +194,10 @@ async def ratios() -> dict[str, tuple[int, int]]:
         now = time.time()
         group = os.urandom(32)
         crowd = [Identity.generate() for _ in range(64)]
-        joins = [sign_record(i, JoinRequest(group, "x" * 16, "y" * 60), seq=1, now=now, ttl=3600)
-                 for i in crowd]  # fmt: skip
+        joins = [
+            sign_record(i, JoinRequest(group, "x" * 16, "y" * 60), seq=1, now=now, ttl=3600)
+            for i in crowd
+        ]
         key = joins[0].dht_key
         for rec in joins + make_records(500, now):
             node.storage.add(rec.dht_key, rec.encode(), now, own=True)
@@ -219,8 +231,6 @@ async def main() -> None:
     parser.add_argument("--contacts", type=int, nargs="+", default=[0, 100])
     parser.add_argument("--trials", type=int, default=5)
     opts = parser.parse_args()
-    import dhtshare
-
     print(f"code: {os.path.dirname(dhtshare.__file__)}")
     print("\nreply bytes to an unvalidated address (one request + one barrier ping)")
     print(f"{'rpc':<16}{'received':>10}{'sent':>10}{'ratio':>8}")

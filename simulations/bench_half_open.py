@@ -194,14 +194,18 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"server code: {rows[0]['code']}; {args.connections} connections, "
-          f"{args.per_source} per source address (MB = 10^6 bytes)")  # fmt: skip
+    print(
+        f"server code: {rows[0]['code']}; {args.connections} connections, "
+        f"{args.per_source} per source address (MB = 10^6 bytes)"
+    )
     head = f"{'mode':<14} {'caps':<8} {'not opened':>10} {'open@1s':>8} {'RSS before':>10} "
     print(head + f"{'RSS after':>10} {'delta':>7} {'peak':>7}")
     for r in rows:
-        print(f"{r['mode']:<14} {r['caps']:<8} {r['not_opened']:>10} {r['open_after_1s']:>8} "
-              f"{r['rss_before_mb']:>10} {r['rss_after_mb']:>10} {r['rss_delta_mb']:>7} "
-              f"{r['peak_mb']:>7}")  # fmt: skip
+        print(
+            f"{r['mode']:<14} {r['caps']:<8} {r['not_opened']:>10} {r['open_after_1s']:>8} "
+            f"{r['rss_before_mb']:>10} {r['rss_after_mb']:>10} {r['rss_delta_mb']:>7} "
+            f"{r['peak_mb']:>7}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,11 +45,28 @@ def test_every_command_help_shows_an_example(path: tuple[str, ...]) -> None:
 
 def test_issue_command_table_is_covered() -> None:
     expected = {
-        "id create", "id show", "node start", "node stop", "node status", "group create",
-        "group join", "group leave", "group requests", "group accept", "group reject",
-        "group remove", "group list", "group members", "share", "files", "get", "downloads",
-        "unshare", "bootstrap", "ping",
-    }  # fmt: skip
+        "id create",
+        "id show",
+        "node start",
+        "node stop",
+        "node status",
+        "group create",
+        "group join",
+        "group leave",
+        "group requests",
+        "group accept",
+        "group reject",
+        "group remove",
+        "group list",
+        "group members",
+        "share",
+        "files",
+        "get",
+        "downloads",
+        "unshare",
+        "bootstrap",
+        "ping",
+    }
     assert expected <= {" ".join(p) for p in LEAVES}
 
 
@@ -72,9 +89,12 @@ def test_every_listing_takes_json(path: tuple[str, ...]) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:4000", ("127.0.0.1", 4000)), ("boot.example.org:1", ("boot.example.org", 1)),
-     ("[::1]:4000", ("::1", 4000))],
-)  # fmt: skip
+    [
+        ("127.0.0.1:4000", ("127.0.0.1", 4000)),
+        ("boot.example.org:1", ("boot.example.org", 1)),
+        ("[::1]:4000", ("::1", 4000)),
+    ],
+)
 def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
     assert cli.parse_hostport(text) == expected
 
@@ -160,11 +180,19 @@ def test_unexpected_failure_is_one_line_and_logged(
 
 
 def test_listing_json_is_one_document(monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = [{"state": "complete", "name": "a", "size": 1, "bytes_done": 1, "path": "/a",
-             "sources": {"p": 1}}]  # fmt: skip
+    rows = [
+        {
+            "state": "complete",
+            "name": "a",
+            "size": 1,
+            "bytes_done": 1,
+            "path": "/a",
+            "sources": {"p": 1},
+        }
+    ]
     fake_node(monkeypatch, rows)
     result = CliRunner().invoke(cli.main, ["downloads", "--json"])
     assert json.loads(result.output) == rows
     table = CliRunner().invoke(cli.main, ["downloads"])
-    assert table.output.splitlines()[0].split() == ["NAME", "GROUP", "STATE", "DONE", "SIZE",
-                                                    "PEERS", "PATH"]  # fmt: skip
+    header = ["NAME", "GROUP", "STATE", "DONE", "SIZE", "PEERS", "PATH"]
+    assert table.output.splitlines()[0].split() == header

@@ -18,10 +18,23 @@ from pathlib import Path
 from test_cli_e2e import DHTSHARE, TIMEOUT
 from test_cli_shares import Users, default_env, users  # noqa: F401  (the fixture)
 
+from dhtshare.cli.hints import with_home
+from dhtshare.cli.main import main
+
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ("id", "node", "group", "share", "files", "get", "downloads", "unshare", "shares",
-            "bootstrap", "ping", "simulate")  # fmt: skip
 GROUPS = ("id", "node", "group")  # commands with subcommands: prose may say "the dhtshare node"
+COMMANDS = (
+    *GROUPS,
+    "share",
+    "files",
+    "get",
+    "downloads",
+    "unshare",
+    "shares",
+    "bootstrap",
+    "ping",
+    "simulate",
+)
 LEAVES = [c for c in COMMANDS if c not in GROUPS]
 NAMED = re.compile(
     rf"\bdhtshare ((?:--home \S+ )?)(?:(?:{'|'.join(LEAVES)})\b|(?:{'|'.join(GROUPS)}) [a-z-])"
@@ -53,8 +66,15 @@ def run_as(
     else:
         cmd += ["--home", str(home)]
     u.homes.add(home)
-    result = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=TIMEOUT,
-                            env=env, cwd=u.root, stdin=subprocess.DEVNULL)  # fmt: skip
+    result = subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=u.root,
+        stdin=subprocess.DEVNULL,
+    )
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
     if m := re.search(r"\(pid (\d+)\)", result.stdout):
         u.pids.add(int(m.group(1)))
@@ -91,9 +111,6 @@ def test_every_hint_that_names_a_command_carries_the_users_home(users: Users) ->
 def test_every_command_named_in_the_code_gets_the_home() -> None:
     """Collect every string (and f-string part) in dhtshare/ that names a command, and
     check that ``with_home`` gives each named command the ``--home``."""
-    from dhtshare.cli.hints import with_home
-    from dhtshare.cli.main import main
-
     assert set(main.commands) == set(COMMANDS), "update COMMANDS"
     tree = {
         n: [] if getattr(c, "invoke_without_command", False) else list(getattr(c, "commands", {}))

@@ -31,9 +31,32 @@ from dhtshare.node import control
 
 UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 PROGRESS = re.compile(r"^(downloading|hashing): \d+% ")
-FIELDS = ["name", "id", "time", "message", "group_id", "role", "members", "since", "size",
-          "content_id", "sharer", "sharer_name", "providers", "state", "bytes_done", "sources",
-          "path", "status", "new_owner", "pid", "done", "total", "rate", "peers"]  # fmt: skip
+FIELDS = [
+    "name",
+    "id",
+    "time",
+    "message",
+    "group_id",
+    "role",
+    "members",
+    "since",
+    "size",
+    "content_id",
+    "sharer",
+    "sharer_name",
+    "providers",
+    "state",
+    "bytes_done",
+    "sources",
+    "path",
+    "status",
+    "new_owner",
+    "pid",
+    "done",
+    "total",
+    "rate",
+    "peers",
+]
 
 
 class FakeNode:
@@ -80,16 +103,32 @@ def commands(tmp: Path) -> list[list[str]]:
     shared.write_bytes(b"x")
     out = str(tmp / "out")
     return [
-        ["node", "status"], ["node", "status", "--json"], ["node", "stop"],
-        ["group", "create", "g"], ["group", "join", "g"], ["group", "leave", "g"],
-        ["group", "requests", "g"], ["group", "requests", "g", "--json"],
-        ["group", "accept", "g", "m"], ["group", "reject", "g", "m"],
-        ["group", "remove", "g", "m"], ["group", "list"], ["group", "list", "--directory"],
-        ["group", "list", "--json"], ["group", "members", "g"], ["share", "g", str(shared)],
-        ["files", "g"], ["files", "g", "--json"], ["get", "g", "f", "--out", out],
-        ["get", "g", "f", "--out", out, "--no-wait"], ["downloads"], ["downloads", "--json"],
-        ["unshare", "g", "f"], ["shares"], ["shares", "g", "--json"],
-    ]  # fmt: skip
+        ["node", "status"],
+        ["node", "status", "--json"],
+        ["node", "stop"],
+        ["group", "create", "g"],
+        ["group", "join", "g"],
+        ["group", "leave", "g"],
+        ["group", "requests", "g"],
+        ["group", "requests", "g", "--json"],
+        ["group", "accept", "g", "m"],
+        ["group", "reject", "g", "m"],
+        ["group", "remove", "g", "m"],
+        ["group", "list"],
+        ["group", "list", "--directory"],
+        ["group", "list", "--json"],
+        ["group", "members", "g"],
+        ["share", "g", str(shared)],
+        ["files", "g"],
+        ["files", "g", "--json"],
+        ["get", "g", "f", "--out", out],
+        ["get", "g", "f", "--out", out, "--no-wait"],
+        ["downloads"],
+        ["downloads", "--json"],
+        ["unshare", "g", "f"],
+        ["shares"],
+        ["shares", "g", "--json"],
+    ]
 
 
 hostile_text = st.lists(
@@ -189,15 +228,35 @@ def test_each_command_renders_a_well_formed_reply(tmp_path: Path) -> None:
     # The other half of "correct rendering": a well-formed reply is shown, exit 0.
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
-    row = {"name": "n\x1b", "id": "i", "time": "t", "message": "m", "group_id": "g",
-           "role": "owner", "members": 2, "since": "s", "size": 10, "content_id": "c" * 64,
-           "sharer": "s" * 20, "sharer_name": "", "providers": 1, "state": "complete",
-           "bytes_done": 10, "sources": {"a": 1}, "path": "/p", "status": "pending",
-           "new_owner": "", "pid": 0, "group": "g", "peers": 1, "uploaded": 5}  # fmt: skip
+    row = {
+        "name": "n\x1b",
+        "id": "i",
+        "time": "t",
+        "message": "m",
+        "group_id": "g",
+        "role": "owner",
+        "members": 2,
+        "since": "s",
+        "size": 10,
+        "content_id": "c" * 64,
+        "sharer": "s" * 20,
+        "sharer_name": "",
+        "providers": 1,
+        "state": "complete",
+        "bytes_done": 10,
+        "sources": {"a": 1},
+        "path": "/p",
+        "status": "pending",
+        "new_owner": "",
+        "pid": 0,
+        "group": "g",
+        "peers": 1,
+        "uploaded": 5,
+    }
     with fake_node(home) as node:
         for args in commands(tmp_path):
-            listing = args[0] in ("files", "downloads", "shares") or args[1] in ("requests", "list",
-                                                                       "members")  # fmt: skip
+            lists = ("requests", "list", "members")
+            listing = args[0] in ("files", "downloads", "shares") or args[1] in lists
             node.reply = line({"ok": True, "result": [row] if listing else row})
             result = CliRunner().invoke(cli.main, ["--home", str(home), *args])
             assert result.exit_code == 0, (args, result.output)

@@ -30,9 +30,11 @@ def variants(reason: str) -> pytest.MarkDecorator:
     """Parametrize over the plain library (strict xfail) and the adapter."""
     return pytest.mark.parametrize(
         "plain",
-        [pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=reason), id="plain"),
-         pytest.param(False, id="adapter")],
-    )  # fmt: skip
+        [
+            pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=reason), id="plain"),
+            pytest.param(False, id="adapter"),
+        ],
+    )
 
 
 class Nodes:

@@ -278,10 +278,11 @@ def _crowded_key(now: float, count: int = 64) -> list[SignedRecord]:
     """``count`` join requests under one key: more than one datagram's worth."""
     group = os.urandom(32)
     return [
-        sign_record(Identity.generate(), JoinRequest(group, "n" * 16, "m" * 60), seq=1, now=now,
-                    ttl=3600)
+        sign_record(
+            Identity.generate(), JoinRequest(group, "n" * 16, "m" * 60), seq=1, now=now, ttl=3600
+        )
         for _ in range(count)
-    ]  # fmt: skip
+    ]
 
 
 @pytest.fixture

@@ -205,13 +205,26 @@ async def test_garbage_datagrams_leave_a_holder_answering_lookups(
         for _ in range(30)
     ]
     shapes: list[object] = [
-        None, 5, "find_value", {"find_value": [own, key]}, ["find_value"],
-        ["find_value", [own]], ["find_value", [own, key, key]], ["find_value", [own, key[:19]]],
-        ["find_value", [own, key.hex()]], ["find_value", own + key], ["store", [own, key, 5]],
-        ["store", [own, key, "text"]], ["find_node", [own, 7]], ["ping", []],
-        ["ping", [b"short"]], ["__getattr__", [own]], ["rpc_find_value", [own, key]],
-        [["find_value"], [own, key]], ["find_value", [own, key], "extra"],
-    ]  # fmt: skip
+        None,
+        5,
+        "find_value",
+        {"find_value": [own, key]},
+        ["find_value"],
+        ["find_value", [own]],
+        ["find_value", [own, key, key]],
+        ["find_value", [own, key[:19]]],
+        ["find_value", [own, key.hex()]],
+        ["find_value", own + key],
+        ["store", [own, key, 5]],
+        ["store", [own, key, "text"]],
+        ["find_node", [own, 7]],
+        ["ping", []],
+        ["ping", [b"short"]],
+        ["__getattr__", [own]],
+        ["rpc_find_value", [own, key]],
+        [["find_value"], [own, key]],
+        ["find_value", [own, key], "extra"],
+    ]
     wrong_shapes = [b"\x00" + os.urandom(20) + umsgpack.packb(body) for body in shapes]
     store = umsgpack.packb(["store", [own, key, b"x" * MAX_DATAGRAM]])
     oversized = [b"\x00" + os.urandom(20) + store, rng.randbytes(MAX_DATAGRAM + 1)] + [

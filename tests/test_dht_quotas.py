@@ -19,7 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhtshare.dht import DhtNode, ValidatingStorage
-from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET
+from dhtshare.dht.protocol import packb
+from dhtshare.dht.sources import UNVALIDATED
+from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, Quotas
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
 from dhtshare.records import (
@@ -141,9 +143,6 @@ async def test_join_request_flood_from_one_address_does_not_push_out_a_genuine_r
 
 async def test_a_store_from_an_address_not_validated_spends_only_the_shared_quota() -> None:
     """A datagram's source is a claim: until it answers us, it is charged to one shared pool."""
-    from dhtshare.dht.protocol import packb
-    from dhtshare.dht.sources import UNVALIDATED  # a new name: the module still loads on old code
-
     storing, sender = DhtNode(), DhtNode()
     await storing.listen(0, "127.90.0.1")
     await sender.listen(0, "127.91.0.1")
@@ -342,12 +341,13 @@ def _check_invariants(store: ValidatingStorage, now: float) -> None:
 def test_quota_bookkeeping_holds_for_any_sequence_of_offers(
     steps: list[tuple[str, int, str]],
 ) -> None:
-    from dhtshare.dht.storage import Quotas  # a new name: the module still loads on old code
-
     store = ValidatingStorage(
-        max_per_key=6, max_bytes=4000, max_records=16, hold_for=150,
+        max_per_key=6,
+        max_bytes=4000,
+        max_records=16,
+        hold_for=150,
         quotas=Quotas(address=1 / 4, prefix=3 / 8, key=1 / 2),
-    )  # fmt: skip
+    )
     now = NOW
     own_kept: dict[bytes, SignedRecord] = {}  # slot -> the own record we must still hold
     for op, arg, host in steps:

@@ -19,6 +19,14 @@ from hypothesis import strategies as st
 from kademlia.node import Node
 
 from dhtshare.dht import DhtNode
+from dhtshare.dht.routing import (
+    MAX_PER_ADDRESS,
+    MAX_PER_PREFIX,
+    MAX_PER_PREFIX_IN_BUCKET,
+    DiverseRoutingTable,
+)
+from dhtshare.dht.server import _Candidates
+from dhtshare.dht.sources import source_of
 from dhtshare.identity import Identity
 from dhtshare.records import PeerInfo, sign_record
 from dhtshare.sim import Network
@@ -109,8 +117,6 @@ async def test_many_ports_on_one_address_take_a_few_contacts(net: Network) -> No
                 await ping_as(a, victim, [id_at(victim.node.id, d) for d in range(16)])
         held = at(victim.contacts(), ATTACKER_HOST)
         assert held <= 3, f"{held} contacts at one address"
-        from dhtshare.dht.routing import MAX_PER_ADDRESS  # a new name: loads on old code
-
         assert held <= MAX_PER_ADDRESS
     finally:
         await asyncio.gather(*(a.aclose() for a in attackers))
@@ -140,8 +146,6 @@ OWN = bytes(20)
 
 
 def table(ksize: int = 20):  # type: ignore[no-untyped-def]
-    from dhtshare.dht.routing import DiverseRoutingTable
-
     return DiverseRoutingTable(StubProtocol(), ksize, Node(OWN))
 
 
@@ -174,8 +178,6 @@ def test_a_second_id_at_an_endpoint_is_not_added_until_the_first_is_gone() -> No
 
 
 def test_limits_per_address_per_prefix_in_a_bucket_and_in_the_table() -> None:
-    from dhtshare.dht.routing import MAX_PER_ADDRESS, MAX_PER_PREFIX, MAX_PER_PREFIX_IN_BUCKET
-
     t = grown_table()
     for depth in range(9):  # one address, many ports, every bucket
         for port in range(5):
@@ -193,8 +195,6 @@ def test_limits_per_address_per_prefix_in_a_bucket_and_in_the_table() -> None:
 
 
 def test_ipv6_counts_by_48_and_lan_addresses_by_address() -> None:
-    from dhtshare.dht.routing import MAX_PER_PREFIX_IN_BUCKET
-
     t = table()
     for i in range(5):
         t.add_contact(Node(id_at(OWN, 0), f"2a00:1450:4001:{i:x}::1", 2000))
@@ -205,8 +205,6 @@ def test_ipv6_counts_by_48_and_lan_addresses_by_address() -> None:
 
 
 def test_a_replacement_is_promoted_only_within_the_limits() -> None:
-    from dhtshare.dht.routing import MAX_PER_ADDRESS
-
     t = table(ksize=2)
     # two contacts in the far half, sharing 5 bits (depth 5: kademlia pings, never splits)
     a = Node(b"\xf8" + bytes(19), "1.1.1.1", 1)
@@ -226,8 +224,6 @@ def test_a_replacement_is_promoted_only_within_the_limits() -> None:
 
 
 def test_lookup_candidates_take_one_id_per_endpoint() -> None:
-    from dhtshare.dht.server import _Candidates
-
     target = os.urandom(20)
     cands = _Candidates(Node(target), 20)
     cands.push(Node(id_at(target, 150 + i % 8), ATTACKER_HOST, 5000) for i in range(64))
@@ -249,9 +245,6 @@ _ops = st.lists(st.tuples(st.booleans(), _contact), max_size=120)
 @settings(max_examples=150, deadline=None)
 @given(st.integers(2, 5), _ops)
 def test_table_limits_hold_for_any_sequence(ksize: int, ops: list) -> None:  # type: ignore[type-arg]
-    from dhtshare.dht.routing import MAX_PER_ADDRESS, MAX_PER_PREFIX, MAX_PER_PREFIX_IN_BUCKET
-    from dhtshare.dht.sources import source_of
-
     t = table(ksize)
     for add, (shared, host, port, salt) in ops:
         node_id = ((1 << (159 - shared)) | salt).to_bytes(20, "big")

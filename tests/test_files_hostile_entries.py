@@ -18,7 +18,7 @@ from dhtshare import content, crypto
 from dhtshare.codec import Writer
 from dhtshare.content import piece_size_for
 from dhtshare.errors import DhtError, FileShareError, RecordError
-from dhtshare.files.service import FileService
+from dhtshare.files.service import FileService, shared_at
 from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_TTL,
@@ -42,8 +42,14 @@ def forged_entry(
     w = Writer().push_bytes(GID).push_bytes(content_id)
     body = w.push_str("mine.bin", 255).push_u64(size).push_u32(piece_size).push_u8(0).getvalue()
     payload = object.__new__(FileEntry)
-    fields = {"group_id": GID, "content_id": content_id, "name": "mine.bin", "size": size,
-              "piece_size": piece_size, "withdrawn": False}  # fmt: skip
+    fields = {
+        "group_id": GID,
+        "content_id": content_id,
+        "name": "mine.bin",
+        "size": size,
+        "piece_size": piece_size,
+        "withdrawn": False,
+    }
     for name, value in fields.items():
         object.__setattr__(payload, name, value)
     expires = int(now + 3600)
@@ -109,9 +115,13 @@ async def test_backdated_entry_with_a_wrong_size_loses_to_the_size_members_vouch
         # mallory: a valid layout, one byte short (same piece count), dated a week back
         short = len(data) - 1
         hostile = forged_entry(
-            mallory, shared.content_id, size=short, piece_size=piece_size_for(short),
-            issued=1, now=time.time(),
-        )  # fmt: skip
+            mallory,
+            shared.content_id,
+            size=short,
+            piece_size=piece_size_for(short),
+            issued=1,
+            now=time.time(),
+        )
         with contextlib.suppress(DhtError, RecordError):
             await net.nodes[3].put(hostile)
         reader = FileService(net.nodes[5], Identity.generate(), lambda: ("127.0.0.1", 5005))
@@ -121,13 +131,12 @@ async def test_backdated_entry_with_a_wrong_size_loses_to_the_size_members_vouch
 
 
 def test_shared_at_is_bounded_below_by_the_records_lifetime() -> None:
-    from dhtshare.files.service import shared_at  # new in this change
-
     ident = Identity.generate()
     now = 1_700_000_000.0
     cid = os.urandom(32)
-    honest = sign_record(ident, FileEntry(GID, cid, "a", 10, piece_size_for(10)),
-                         seq=1, now=now, ttl=3600)  # fmt: skip
+    honest = sign_record(
+        ident, FileEntry(GID, cid, "a", 10, piece_size_for(10)), seq=1, now=now, ttl=3600
+    )
     assert shared_at(honest) == honest.issued
     early = forged_entry(ident, cid, size=10, piece_size=piece_size_for(10), issued=1, now=now)
     assert shared_at(early) == early.expires - MAX_TTL > now - MAX_TTL

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dhtshare.content import piece_size_for
-from dhtshare.files.service import ENTRY_TTL, FileService
+from dhtshare.files.service import ENTRY_TTL, FileService, shared_at, signed_since
 from dhtshare.identity import Identity
 from dhtshare.records import MAX_TTL, FileEntry
 from dhtshare.sim.network import Network
@@ -62,8 +62,6 @@ async def test_sharer_stays_the_first_sharer_after_restarts_and_renewals(tmp_pat
 
 
 def test_signed_since_never_claims_more_than_max_ttl() -> None:
-    from dhtshare.files.service import shared_at, signed_since
-
     me, now = Identity.generate("alice"), 2_000_000_000.0
     body = FileEntry(GID, os.urandom(32), "a.bin", 10, piece_size_for(10))
     kept = signed_since(me, body, now=now, ttl=ENTRY_TTL, since=now - 3600)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dhtshare.errors import IdentityError
-from dhtshare.identity import Identity, format_id, parse_id
+from dhtshare.identity import Identity, describe_key_file, format_id, parse_id
 
 
 def test_save_and_load_plain(tmp_path: Path) -> None:
@@ -65,8 +65,6 @@ def test_names_must_fit_in_records() -> None:
 
 
 def test_key_file_is_private_and_describe_checks_the_key(tmp_path: Path) -> None:
-    from dhtshare.identity import describe_key_file
-
     path = tmp_path / "home" / "identity.json"
     me = Identity.generate("a")
     me.save(path)

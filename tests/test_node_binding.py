@@ -18,6 +18,8 @@ from collections.abc import Callable
 import pytest
 from test_cli_shares import Users, users  # noqa: F401  (the fixture)
 
+from dhtshare.node.netaddr import choose_advertised, local_address_toward
+
 
 def test_default_node_listens_everywhere_and_advertises_address_toward_bootstrap(
     users: Users,  # noqa: F811
@@ -69,24 +71,18 @@ def answers(
 
 
 def test_advertise_given_wins() -> None:
-    from dhtshare.node.netaddr import choose_advertised
-
     probe, asked = answers({"10.0.0.1": "10.0.0.5"})
     assert choose_advertised("0.0.0.0", "pub.example", [("10.0.0.1", 4000)], probe) == "pub.example"
     assert asked == []
 
 
 def test_specific_host_is_advertised_as_is() -> None:
-    from dhtshare.node.netaddr import choose_advertised
-
     probe, asked = answers({"10.0.0.1": "10.0.0.5"})
     assert choose_advertised("192.168.1.4", None, [("10.0.0.1", 4000)], probe) == "192.168.1.4"
     assert asked == []
 
 
 def test_wildcard_takes_the_address_toward_the_first_target_with_a_route() -> None:
-    from dhtshare.node.netaddr import choose_advertised
-
     probe, asked = answers({"203.0.113.9": "192.168.1.20", "10.0.0.1": "10.0.0.5"})
     targets = [("boot.example.org", 4000), ("203.0.113.9", 4000), ("10.0.0.1", 4000)]
     assert choose_advertised("0.0.0.0", None, targets, probe) == "192.168.1.20"
@@ -94,16 +90,12 @@ def test_wildcard_takes_the_address_toward_the_first_target_with_a_route() -> No
 
 
 def test_wildcard_with_nobody_to_reach_falls_back_to_loopback() -> None:
-    from dhtshare.node.netaddr import choose_advertised
-
     probe, _ = answers({})
     assert choose_advertised("0.0.0.0", None, [("10.0.0.1", 1)], probe) == "127.0.0.1"
     assert choose_advertised("::", None, [], probe) == "::1"
 
 
 def test_ipv4_wildcard_never_advertises_an_ipv6_address() -> None:
-    from dhtshare.node.netaddr import choose_advertised
-
     probe, _ = answers({"2001:db8::1": "2001:db8::5", "10.0.0.1": "10.0.0.5"})
     targets = [("2001:db8::1", 4000), ("10.0.0.1", 4000)]
     assert choose_advertised("0.0.0.0", None, targets, probe) == "10.0.0.5"
@@ -112,13 +104,9 @@ def test_ipv4_wildcard_never_advertises_an_ipv6_address() -> None:
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.1"])
 def test_the_kernel_answers_loopback_toward_loopback(host: str) -> None:
-    from dhtshare.node.netaddr import local_address_toward
-
     assert local_address_toward(host, 4000) == "127.0.0.1"
 
 
 def test_no_answer_for_a_name() -> None:
     """A host name is not looked up (no DNS at start): the DHT contacts it leads to are."""
-    from dhtshare.node.netaddr import local_address_toward
-
     assert local_address_toward("boot.example.org", 4000) is None

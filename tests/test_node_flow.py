@@ -96,7 +96,8 @@ async def test_a_bootstrap_nobody_answers_is_an_error(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         silent = sock.getsockname()  # bound, never answers
-        config = NodeConfig(home=tmp_path / "n", bootstrap=(silent,), identity=Identity.generate(),
-                            control=False)  # fmt: skip
+        config = NodeConfig(
+            home=tmp_path / "n", bootstrap=(silent,), identity=Identity.generate(), control=False
+        )
         with pytest.raises(NodeError, match="no bootstrap node answered"):
             await Node.start(config)

@@ -16,6 +16,9 @@ from pathlib import Path
 
 from test_cli_shares import Users, users  # noqa: F401  (the fixture)
 
+from dhtshare.home import Home
+from dhtshare.node import settings
+
 
 def log_of(u: Users, user: str) -> str:
     return (u.home(user) / "node.log").read_text()
@@ -90,9 +93,6 @@ def test_verbose_reaches_a_detached_node(users: Users) -> None:  # noqa: F811
 
 
 def test_damaged_settings_give_the_defaults(tmp_path: Path) -> None:
-    from dhtshare.home import Home
-    from dhtshare.node import settings
-
     (tmp_path / "settings.json").write_text('{"upload_limit": "fast", "log_level": "loud"')
     assert settings.load(Home(tmp_path)) == {
         "upload_limit": None,

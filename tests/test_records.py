@@ -98,9 +98,15 @@ def test_signature_is_bound_to_the_kind() -> None:
     """A JoinRequest signature cannot be relabelled as another kind with the same body bytes."""
     rec = sign_record(OWNER, Leave(GID), seq=1, now=NOW, ttl=60)
     forged = SignedRecord(
-        Kind.LEAVE, rec.signer, rec.seq, rec.issued, rec.expires, rec.body,
-        crypto.sign(OWNER.signing_key, "record/join_request", rec.signed_part()), rec.payload(),
-    )  # fmt: skip
+        Kind.LEAVE,
+        rec.signer,
+        rec.seq,
+        rec.issued,
+        rec.expires,
+        rec.body,
+        crypto.sign(OWNER.signing_key, "record/join_request", rec.signed_part()),
+        rec.payload(),
+    )
     with pytest.raises(RecordError, match="signature"):
         verify_record(forged, NOW)
 

@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import umsgpack
+from kademlia.node import Node
 
 from dhtshare.dht import DhtNode
+from dhtshare.dht.server import _Candidates
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,10 +74,6 @@ async def test_an_id_named_by_a_hostile_reply_does_not_take_an_honest_address() 
 def test_a_far_id_named_first_does_not_hide_an_endpoint_from_a_lookup() -> None:
     """A reply that names an honest endpoint under a far id before anyone names its real
     (near) id must not keep the honest node out of the lookup's k nearest."""
-    from kademlia.node import Node
-
-    from dhtshare.dht.server import _Candidates
-
     target = Node(bytes(20))
     candidates = _Candidates(target, k=3)
     endpoint = ("127.0.0.2", 4000)

@@ -17,9 +17,10 @@ import pytest
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import PeerConnection, Role
 
 pytestmark = pytest.mark.timeout(60)
@@ -77,9 +78,14 @@ async def test_non_members_from_one_address_cannot_fill_the_session_places(
             return [ProviderAddr(identity.public, host, port)]
 
         info = FileInfo(GROUP, cid, "out.bin", len(data), PIECE)
-        download = Download(member, info, tmp_path / "out", providers=providers,
-                            is_member=lambda g, k: True,
-                            options=DownloadOptions(provider_timeout=5))  # fmt: skip
+        download = Download(
+            member,
+            info,
+            tmp_path / "out",
+            providers=providers,
+            is_member=lambda g, k: True,
+            options=DownloadOptions(provider_timeout=5),
+        )
         async with asyncio.timeout(20):
             got = await download.run()
         assert got.read_bytes() == data

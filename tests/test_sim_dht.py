@@ -20,9 +20,14 @@ REPORT_KEYS = {"count", "success_rate", "p50_ms", "p95_ms", "rpcs_per_lookup"}
 
 def small(**kw: Any) -> Scenario:
     base: dict[str, Any] = {
-        "name": "t", "nodes": 40, "size": 0, "churn_levels": (0.3,), "lookups": 30,
-        "records": 10, "seed": 7,
-    }  # fmt: skip
+        "name": "t",
+        "nodes": 40,
+        "size": 0,
+        "churn_levels": (0.3,),
+        "lookups": 30,
+        "records": 10,
+        "seed": 7,
+    }
     return Scenario(**(base | kw))
 
 
