@@ -209,7 +209,6 @@ class GroupService:
         self.max_age = max_age  # None: a cached view never goes stale (tests, simulations)
         self._views: dict[bytes, RosterView] = {}
         self._fresh_at: dict[bytes, float] = {}  # gid -> when roster and leaves were last read
-        self._failing_since: dict[bytes, float] = {}  # gid -> first refresh failure in a row
         self._leaves: dict[bytes, dict[bytes, SignedRecord]] = {}
         self._last_seq: dict[tuple[bytes, bytes], int] = {}
         self._taking_over = asyncio.Lock()  # one take-over at a time (maintain and commands)
@@ -273,12 +272,8 @@ class GroupService:
     async def refresh(self, group_id: bytes) -> RosterView:
         """Fetch the roster and the leaves again; ``member_since`` answers from them. Only a
         refresh that read both keeps the group's membership fresh (``stale_since``)."""
-        try:
-            view = await self.fetch_roster(group_id)
-            await self._fetch_leaves(group_id)
-        except Exception:
-            self._failing_since.setdefault(group_id, self._clock())
-            raise
+        view = await self.fetch_roster(group_id)
+        await self._fetch_leaves(group_id)
         self._mark_fresh(group_id)
         if group_id in self.state.requested:
             if self.is_member(group_id, self._me.public):
@@ -303,7 +298,6 @@ class GroupService:
 
     def _mark_fresh(self, group_id: bytes) -> None:
         self._fresh_at[group_id] = self._clock()
-        self._failing_since.pop(group_id, None)
 
     def age(self, group_id: bytes) -> float | None:
         """Seconds since the roster of ``group_id`` was last read (or published) in full."""
@@ -318,10 +312,6 @@ class GroupService:
             return None
         deadline = at + self.max_age
         return deadline if self._clock() > deadline else None
-
-    def failing_since(self, group_id: bytes) -> float | None:
-        """When the current run of failed refreshes of ``group_id`` began, if one is on."""
-        return self._failing_since.get(group_id)
 
     def _current_view(self, group_id: bytes) -> RosterView | None:
         """The cached view, unless it is older than ``max_age`` (then nobody is a member)."""
