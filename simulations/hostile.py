@@ -973,8 +973,7 @@ async def _afterwards(w: _World, victim: Victim) -> dict[str, Any]:
         for _ in range(3):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
-                    ok, _ = await probe._proto().ping(victim.address, probe.node.id)
-                    pings += bool(ok)
+                    pings += await probe.ping(victim.address)
     finally:
         await probe.aclose()
     served = await fetch_block(w.idents["seeder"], victim.address, w.gid, w.big_cid, SEEDER)
