@@ -4,11 +4,10 @@ A transfer allocates and frees buffers of 256 KiB to 1 MiB many times a second
 (socket reads, frames, plaintexts). With glibc's defaults such a buffer is either
 ``mmap``-ed and unmapped each time, or carved from the heap top that ``free`` trims
 again; either way every new buffer starts as fresh pages the kernel must fault in
-and zero. Measured on a 2-core VM, that doubled the cost of sealing a 256 KiB block
-(about 500 instead of 250 microseconds) and made four seeders sharing one core use
-70 % more CPU than one. Raising the two thresholds keeps freed buffers for reuse;
-the process's heap then stays at its working set's high-water mark (a few MiB for a
-transfer) instead of shrinking between blocks. Elsewhere (macOS, musl) this is a no-op.
+and zero. Raising the two thresholds keeps freed buffers for reuse; the process's heap
+then stays at its working set's high-water mark (a few MiB for a transfer) instead of
+shrinking between blocks. Elsewhere (macOS, musl) this is a no-op. What it saves is
+measured in docs/performance-history.md (round 3, item 1).
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Two suites, both from libsodium through PyNaCl:
 
 - ``CHACHA20_POLY1305`` (IETF): every peer speaks it; fast without AES hardware.
-- ``AEGIS_128L``: about five times faster where the CPU has AES instructions
-  (x86 AES-NI, ARMv8 crypto extensions), and it has no practical limit on how much
+- ``AEGIS_128L``: several times faster where the CPU has AES instructions
+  (x86 AES-NI, ARMv8 crypto extensions; figures in docs/performance-history.md,
+  round 4), and it has no practical limit on how much
   one key may seal, unlike AES-GCM. Without AES hardware libsodium falls back to
   a slow software version, so a peer only offers it when the hardware is there.
 
@@ -14,10 +15,10 @@ man in the middle cannot downgrade it. Each direction's key is derived from the
 ``crypto_kx`` session key *and* the suite, so one key never serves two algorithms.
 
 Frames are sealed into and opened from caller-owned buffers. PyNaCl's public AEAD
-functions take only ``bytes`` and return new ``bytes``: per 256 KiB block that is a
-copy in, a zero-fill and a copy out, about half the cost of opening it with AEGIS
-(46 against 23 us here). libsodium's C functions write where they are told; we
-call them through the cffi module PyNaCl itself uses (``nacl._sodium``). If that
+functions take only ``bytes`` and return new ``bytes``: per block that is a copy in, a
+zero-fill and a copy out, as costly as the cipher itself with AEGIS (measured in
+docs/performance-history.md, round 5). libsodium's C functions write where they are
+told; we call them through the cffi module PyNaCl itself uses (``nacl._sodium``). If that
 module is missing or changed, the public functions serve instead (same bytes,
 slower); ``FAST_AEAD`` says which path is in use.
 """
