@@ -56,9 +56,10 @@ from dhtshare.content import FileLayout, hash_file, merkle_root, piece_size_for
 from dhtshare.errors import ScenarioError
 from dhtshare.identity import Identity
 from dhtshare.sim.scenario import parse_size
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.swarm import ProviderAddr
 
 MB = 1_000_000
 GROUP = bytes(32)
@@ -217,8 +218,8 @@ async def run_downloader(
         "cpu_s": after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime,
         "sys_s": after.ru_stime - before.ru_stime,  # the kernel's share (TCP, page cache)
         "size": size,
-        "sources": {k.hex(): v for k, v in dl.sources.items()},
-        "received": dl.bytes_received,
+        "sources": {k.hex(): v for k, v in dl.swarm.sources.items()},
+        "received": dl.swarm.bytes_received,
         "peak_rss_mb": peak_rss_mb(),
     }
 

@@ -21,10 +21,11 @@ from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
 from dhtshare.sim.halfopen import HalfOpen
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
 from dhtshare.transfer.aio.peer import PeerProtocol, PeerStream
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import (
     Bitfield,
     HandshakeComplete,

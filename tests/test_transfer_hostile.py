@@ -24,11 +24,12 @@ from support.swarm import GROUP, PIECE, Roster, Source, make_source
 
 from dhtshare.errors import FileShareError, ProtocolError
 from dhtshare.identity import Identity
-from dhtshare.transfer.aio.download import Download, DownloadOptions, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import PickerConfig
 from dhtshare.transfer.share import ShareRegistry
 from dhtshare.transfer.status import Complete, Failed
+from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import (
     MAX_BLOCK,
     Bitfield,
@@ -196,7 +197,7 @@ async def test_provider_with_non_address_host_costs_that_provider_only(tmp_path:
         dl = new_download(src, out, members, [hostile, honest])
         await finish(dl, src, out)
         assert not serving.done()
-    assert dl.sources[honest.peer_key] == src.layout.size
+    assert dl.swarm.sources[honest.peer_key] == src.layout.size
     assert dl.peer_crashes >= 1  # the bad address ended its own session, and was counted
 
 
@@ -217,8 +218,8 @@ async def test_piece_with_out_of_range_index_bans_only_that_peer(tmp_path: Path)
             liar.close()
         assert not serving.done()
     assert liar.requests > 0 and liar.sent_then  # the bad Piece was sent, and survived
-    assert hostile.peer_key in dl.banned
-    assert dl.sources[honest.peer_key] == src.layout.size
+    assert hostile.peer_key in dl.swarm.banned
+    assert dl.swarm.sources[honest.peer_key] == src.layout.size
 
 
 async def test_download_that_every_peer_fails_ends_failed(tmp_path: Path) -> None:
@@ -243,7 +244,7 @@ async def test_download_that_every_peer_fails_ends_failed(tmp_path: Path) -> Non
     finally:
         liar.close()
     assert isinstance(dl.status(), Failed)
-    assert addr.peer_key in dl.banned
+    assert addr.peer_key in dl.swarm.banned
 
 
 async def test_member_that_claims_every_piece_and_sends_none_ends_the_download(

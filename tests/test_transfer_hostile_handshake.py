@@ -22,9 +22,10 @@ from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.identity import Identity
 from dhtshare.sim.halfopen import HalfOpen
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
-from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
+from dhtshare.transfer.aio.serve import PeerServer, source_of
 from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import FrameType, PeerConnection, Reason, Role, State
 
 GROUP = bytes(range(32))
@@ -167,8 +168,6 @@ async def test_slow_loris_is_closed_after_the_handshake_deadline(tmp_path: Path)
 
 
 def test_per_address_cap_counts_an_ipv6_64_as_one_address() -> None:
-    from dhtshare.transfer.aio.serve import source_of  # new in this change
-
     assert source_of("2001:db8::1") == source_of("2001:db8::ffff:1") == "2001:db8::/64"
     assert source_of("2001:db8:0:1::1") != source_of("2001:db8::1")
     assert source_of("::ffff:10.0.0.1") == source_of("10.0.0.1") == "10.0.0.1"

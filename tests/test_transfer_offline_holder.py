@@ -22,7 +22,8 @@ import pytest
 from dhtshare.content import FileLayout
 from dhtshare.errors import FileShareError
 from dhtshare.identity import Identity
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
+from dhtshare.transfer.swarm import ProviderAddr
 
 GROUP = b"\x07" * 32
 

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
 from dhtshare.transfer.aio.peer import PeerStream, open_peer
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.superseed import SuperSeed
+from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import Bitfield, Event, GetHashes, HashList, Have, Piece, Request
 
 PIECE = 256 * 1024
@@ -189,7 +190,9 @@ async def test_flash_crowd_seeder_uploads_about_twice_the_file(tmp_path: Path) -
     # current code (1.96-2.25 x in 8 runs of the code before AEGIS-128L made peers
     # faster), and 3.83-4.38 x in 4 runs with super-seeding switched off.
     assert uploaded <= 3 * len(data), f"seeder uploaded {uploaded / len(data):.2f} x the file"
-    from_swarm = sum(sum(d.sources.values()) - d.sources[seeder.identity.public] for d in downloads)
+    from_swarm = sum(
+        sum(d.swarm.sources.values()) - d.swarm.sources[seeder.identity.public] for d in downloads
+    )
     assert from_swarm >= 3 * len(data)
 
 

@@ -17,12 +17,12 @@ from support.swarm import GROUP, PIECE, Roster, Source, make_source
 from dhtshare.errors import FileShareError, StoreError
 from dhtshare.identity import Identity
 from dhtshare.store.resume import read_state
-from dhtshare.transfer.aio.download import Download, DownloadOptions, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.picker import Block
 from dhtshare.transfer.share import ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, Failed, Paused
-from dhtshare.transfer.swarm import refill_due
+from dhtshare.transfer.swarm import ProviderAddr, refill_due
 
 MiB = 1024 * 1024
 FAST = DownloadOptions(provider_timeout=5.0, repoll_interval=0.2, retry_after=0.2)
@@ -146,8 +146,8 @@ async def test_three_seeders_share_the_work(tmp_path: Path) -> None:
     status = dl.status()
     assert isinstance(status, Complete) and status.bytes_done == src.layout.size
     for seeder in seeders:
-        supplied = dl.sources[seeder.identity.public]
-        assert supplied >= 0.15 * src.layout.size, (supplied, dict(dl.sources))
+        supplied = dl.swarm.sources[seeder.identity.public]
+        assert supplied >= 0.15 * src.layout.size, (supplied, dict(dl.swarm.sources))
         assert seeder.server.uploaded[dl.identity.public] >= supplied
 
 
@@ -162,8 +162,8 @@ async def test_seeder_stopped_half_way(tmp_path: Path) -> None:
             path = await dl.run()
         assert victim.task.cancelled()
     assert path.read_bytes() == src.data
-    others = sum(dl.sources[s.identity.public] for s in seeders[1:])
-    assert 0 < dl.sources[victim.identity.public] < src.layout.size
+    others = sum(dl.swarm.sources[s.identity.public] for s in seeders[1:])
+    assert 0 < dl.swarm.sources[victim.identity.public] < src.layout.size
     assert others >= src.layout.size // 2
 
 
@@ -177,11 +177,11 @@ async def test_corrupting_seeder_is_banned(tmp_path: Path) -> None:
         async with asyncio.timeout(20):
             path = await dl.run()
     assert path.read_bytes() == src.data
-    assert dl.banned == {liar.identity.public}
+    assert dl.swarm.banned == {liar.identity.public}
     # accepted bytes = the file plus the corrupt piece(s) fetched again elsewhere
     assert (
-        sum(dl.sources[g.identity.public] for g in good)
-        >= src.layout.size - dl.sources[liar.identity.public]
+        sum(dl.swarm.sources[g.identity.public] for g in good)
+        >= src.layout.size - dl.swarm.sources[liar.identity.public]
     )
     assert liar.server.uploaded[dl.identity.public] >= PIECE
 
@@ -198,8 +198,8 @@ async def test_bad_hash_list_is_refused(tmp_path: Path) -> None:
         async with asyncio.timeout(10):
             path = await dl.run()
     assert path.read_bytes() == src.data
-    assert liar.identity.public in dl.banned
-    assert dl.sources[liar.identity.public] == 0
+    assert liar.identity.public in dl.swarm.banned
+    assert dl.swarm.sources[liar.identity.public] == 0
 
 
 async def test_non_member_is_refused(tmp_path: Path) -> None:
@@ -245,7 +245,7 @@ async def test_removed_member_is_cut_off(tmp_path: Path) -> None:
     served = sum(sum(s.server.uploaded.values()) for s in seeders)
     # at most the block each seeder was already sending when the roster changed
     assert served <= uploaded_at_removal[0] + 2 * PIECE
-    assert dl.bytes_done < src.layout.size
+    assert dl.swarm.bytes_done < src.layout.size
     assert dl.part_path.exists() and not dl.final_path.exists()
 
 
@@ -277,22 +277,22 @@ async def test_stop_and_resume_fetches_only_missing_pieces(tmp_path: Path) -> No
 
         _, dl2 = downloader(sw, src, out, seeders)
         requested: set[int] = set()
-        pick = dl2.picker.next_requests
+        pick = dl2.swarm.picker.next_requests
 
         def spy(peer: bytes, now: float) -> list[Block]:
             blocks = pick(peer, now)
             requested.update(b.index for b in blocks)
             return blocks
 
-        dl2.picker.next_requests = spy  # type: ignore[method-assign]
+        dl2.swarm.picker.next_requests = spy  # type: ignore[method-assign]
         async with asyncio.timeout(20):
             path = await dl2.run()
     assert path.read_bytes() == src.data
     assert requested and requested.isdisjoint(saved)  # verified pieces never asked for
     missing = src.layout.size - paused.bytes_done
-    assert sum(dl2.sources.values()) == missing  # each missing block accepted once
+    assert sum(dl2.swarm.sources.values()) == missing  # each missing block accepted once
     # what arrived beyond that is endgame duplicates, far below re-fetching the saved half
-    assert dl2.bytes_received < missing + paused.bytes_done // 4
+    assert dl2.swarm.bytes_received < missing + paused.bytes_done // 4
     sent_after = sum(sum(s.server.uploaded.values()) for s in seeders) - sent_before
     assert sent_after < missing + paused.bytes_done // 4
 
@@ -325,7 +325,7 @@ async def test_second_downloader_swarms_from_the_first(tmp_path: Path) -> None:
         sw.roster.keys.add(me2.public)
 
         def check_overlap(_cid: bytes, _done: int) -> None:
-            from_d1 = d2.sources[d1_peer.identity.public]
+            from_d1 = d2.swarm.sources[d1_peer.identity.public]
             if from_d1 and isinstance(d1.status(), Downloading):
                 overlap.append(from_d1)
 
@@ -342,7 +342,7 @@ async def test_second_downloader_swarms_from_the_first(tmp_path: Path) -> None:
             p1, p2 = await asyncio.gather(d1.run(), d2.run())
     assert p1.read_bytes() == src.data and p2.read_bytes() == src.data
     assert overlap, "the second downloader got nothing from the first while it downloaded"
-    assert d1_peer.server.uploaded[me2.public] == d2.sources[d1_peer.identity.public] > 0
+    assert d1_peer.server.uploaded[me2.public] == d2.swarm.sources[d1_peer.identity.public] > 0
 
 
 async def test_no_providers_fails_clearly(tmp_path: Path) -> None:

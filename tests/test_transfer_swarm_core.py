@@ -45,7 +45,7 @@ class Links:
 def make(pieces: int = 1, piece: int = 8, **picker: float) -> Swarm:
     cfg = SwarmConfig(picker=PickerConfig(block_size=4, **picker))  # type: ignore[arg-type]
     swarm = Swarm("f.bin", [piece] * pieces, ME, Links(), config=cfg, rng=random.Random(0))
-    swarm.start_picking()
+    swarm.start_picking((bytes(32),) * pieces)  # the swarm keeps hashes, never reads them
     return swarm
 
 
@@ -261,7 +261,7 @@ def test_a_block_that_is_no_block_and_a_have_out_of_range_are_violations() -> No
 def test_haves_before_ready_count_and_a_partial_peer_hears_what_we_hold() -> None:
     swarm = make(pieces=3, min_depth=4)
     swarm.restore([0])
-    swarm.start_picking()
+    swarm.start_picking((bytes(32),) * 3)
     connect(swarm, A)
     assert swarm.have(A, 2, now=0.0) == []  # before its Bitfield: remembered
     actions = ready(swarm, A, [1], now=0.0)

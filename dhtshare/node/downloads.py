@@ -26,10 +26,11 @@ from dhtshare.identity import Identity
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.tasks import spawn_logged
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, ProviderAddr
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
 from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, DownloadStatus, Failed, Paused
+from dhtshare.transfer.swarm import ProviderAddr
 
 __all__ = ["DownloadManager", "Handle"]
 
@@ -248,7 +249,7 @@ class DownloadManager:
         if exc is None:
             info, path = handle.info, task.result()
             share = self.registry.get(info.group_id, info.content_id)
-            hashes = share.hashes if share else handle.download.hashes or ()
+            hashes = share.hashes if share else handle.download.swarm.hashes or ()
             layout = FileLayout(info.size, info.piece_size)
             shared = Share(info.group_id, info.content_id, path, layout, hashes, name=info.name)
             self.on_complete(shared)

@@ -219,7 +219,7 @@ class Swarm:
         self.config = config or SwarmConfig()
         self.picker = PiecePicker(piece_lengths, rng or random.Random(), self.config.picker)
         self.verified: set[int] = set()
-        self.hashes_known = False
+        self.hashes: tuple[bytes, ...] | None = None  # the verified piece hashes, once known
         self.sources: Counter[PeerId] = Counter()
         self.bytes_received = 0
         self.banned: set[PeerId] = set()
@@ -248,9 +248,10 @@ class Swarm:
         self.verified = set(verified)
         self._saved = len(self.verified)
 
-    def start_picking(self) -> None:
-        """The piece hashes are known: pieces can be verified, and peers get ready."""
-        self.hashes_known = True
+    def start_picking(self, hashes: tuple[bytes, ...]) -> None:
+        """The piece hashes are known (verified against the content id by the caller):
+        pieces can be verified, and peers get ready."""
+        self.hashes = hashes
         for index in sorted(self.verified):
             self.picker.mark_have(index)
 
@@ -265,7 +266,7 @@ class Swarm:
     @property
     def done(self) -> bool:
         """Every piece verified, against known hashes: the file can be finalized."""
-        return self.complete and self.hashes_known
+        return self.complete and self.hashes is not None
 
     @property
     def bytes_done(self) -> int:

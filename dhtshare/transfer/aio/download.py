@@ -41,7 +41,6 @@ import functools
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +65,7 @@ from dhtshare.records import FileEntry
 from dhtshare.store.partial import PartialFile, owns, read_owner, safe_name
 from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
-from dhtshare.transfer.picker import PickerConfig, PiecePicker
+from dhtshare.transfer.picker import PickerConfig
 from dhtshare.transfer.ratelimit import TokenBucket
 from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
@@ -103,7 +102,6 @@ __all__ = [
     "Download",
     "DownloadOptions",
     "FileInfo",
-    "ProviderAddr",
     "ProviderSource",
     "check_info",
 ]
@@ -177,8 +175,7 @@ class Download:
     Build it, then ``await run()`` (returns the final path). ``status()`` is a
     snapshot at any time. The bookkeeping is ``swarm`` (``transfer/swarm.py``): this
     class feeds it the sessions' events and carries out its actions with sockets,
-    the disk and tasks. ``sources`` counts accepted bytes per peer key and
-    ``bytes_received`` every block byte that arrived (duplicates included).
+    the disk and tasks; what it counts (sources, bytes, bans) is the swarm's.
     """
 
     def __init__(
@@ -216,7 +213,6 @@ class Download:
             self.set_rate_limit(self.options.rate_limit)
         self.final_path = self.out_dir / safe_name(info.name)
         self._state_path = state_path
-        self.hashes: tuple[bytes, ...] | None = None
         self.share: Share | None = None
         self._partial: PartialFile | None = None
         self._clients: dict[bytes, _Client] = {}
@@ -245,27 +241,6 @@ class Download:
     # -- public -------------------------------------------------------------------
 
     @property
-    def picker(self) -> PiecePicker:
-        return self.swarm.picker
-
-    @property
-    def sources(self) -> Counter[bytes]:
-        return self.swarm.sources
-
-    @property
-    def bytes_received(self) -> int:
-        return self.swarm.bytes_received
-
-    @property
-    def banned(self) -> set[bytes]:
-        return self.swarm.banned
-
-    @property
-    def refused(self) -> dict[bytes, str]:
-        """Providers that refused us twice, with their reason."""
-        return self.swarm.refused
-
-    @property
     def part_path(self) -> Path:
         return self.final_path.with_name(self.final_path.name + ".part")
 
@@ -282,15 +257,6 @@ class Download:
     def hashes_path(self) -> Path:
         return self.state_path.with_name(self.state_path.name + ".hashes")
 
-    @property
-    def bytes_done(self) -> int:
-        return self.swarm.bytes_done
-
-    @property
-    def peers(self) -> int:
-        """Connected peers that finished the handshake."""
-        return self.swarm.peers
-
     def set_rate_limit(self, rate: float | None) -> None:
         """Limit this download to ``rate`` bytes/s (``None`` or 0: unlimited)."""
         self.bucket.set_rate(rate, now=self.clock())
@@ -303,7 +269,7 @@ class Download:
         """A snapshot: ``Downloading`` while running, else how it ended."""
         if self._final is not None:
             return self._final
-        return Downloading(*self._status_fields(), rate=self.rate(), peers=self.peers)
+        return Downloading(*self._status_fields(), rate=self.rate(), peers=self.swarm.peers)
 
     @property
     def ended(self) -> bool:
@@ -316,9 +282,9 @@ class Download:
 
     def _status_fields(self, path: Path | None = None) -> tuple[str, int, int, str, dict[str, int]]:
         """``name, size, bytes_done, path, sources``: the fields every status shares."""
-        sources = {format_id(k): v for k, v in self.sources.items()}
+        sources = {format_id(k): v for k, v in self.swarm.sources.items()}
         where = str(path or self.part_path)
-        return self.final_path.name, self.info.size, self.bytes_done, where, sources
+        return self.final_path.name, self.info.size, self.swarm.bytes_done, where, sources
 
     async def run(self) -> Path:
         """Download until complete and return the final path (see the module doc)."""
@@ -493,7 +459,7 @@ class Download:
 
     async def ensure_hashes(self, client: _Client) -> None:
         """Have the verified piece-hash list, fetching it through ``client`` if needed."""
-        if self.hashes is not None:
+        if self._hashes_known():
             return
         async with self._hash_lock:
             if self._hashes_known():  # another session fetched them while we waited
@@ -506,7 +472,7 @@ class Download:
             await self._set_hashes(tuple(hashes), save=True)
 
     def _hashes_known(self) -> bool:
-        return self.hashes is not None
+        return self.swarm.hashes is not None
 
     async def _set_hashes(self, hashes: tuple[bytes, ...], *, save: bool) -> None:
         if save:
@@ -514,8 +480,7 @@ class Download:
                 await asyncio.to_thread(write_hashes, self.hashes_path, hashes)
         if self.options.verify_on_resume and self.swarm.verified:
             await self._reverify(hashes)
-        self.hashes = hashes
-        self.swarm.start_picking()
+        self.swarm.start_picking(hashes)
         if self.shares is not None and self._partial is not None:
             self.share = self.shares.add(
                 Share(
@@ -562,12 +527,13 @@ class Download:
             batch = [await self._store.get()]
             while len(batch) < self._batch_limit and not self._store.empty():
                 batch.append(self._store.get_nowait())
-            assert self.hashes is not None and self._partial is not None
+            hashes = self.swarm.hashes
+            assert hashes is not None and self._partial is not None
             jobs = [
                 (
                     self.layout.piece_offset(item.index),
                     item.data,
-                    functools.partial(verify_piece, expected=self.hashes[item.index]),
+                    functools.partial(verify_piece, expected=hashes[item.index]),
                 )
                 for item in batch
             ]
@@ -636,8 +602,8 @@ class Download:
         await asyncio.to_thread(remove)
 
     async def _finish(self) -> Path:
-        assert self._partial is not None and self.hashes is not None
-        if merkle_root(self.hashes) != self.info.content_id or not self.swarm.complete:
+        assert self._partial is not None and self.swarm.hashes is not None
+        if merkle_root(self.swarm.hashes) != self.info.content_id or not self.swarm.complete:
             raise FileShareError("download incomplete", "resume the download")
         path = await self._partial.finalize()
         for leftover in (self.state_path, self.hashes_path):
