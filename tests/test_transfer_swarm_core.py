@@ -201,8 +201,8 @@ def test_a_pipeline_is_refilled_once_it_drained_enough() -> None:
 def test_nobody_serving_fails_the_download_after_provider_timeout() -> None:
     swarm = make()
     connect(swarm, A, now=0.0)  # connecting, never ready
-    assert swarm.stalled(59.9) is None
-    error = swarm.stalled(60.0)
+    assert swarm.update_stall(59.9) is None
+    error = swarm.update_stall(60.0)
     assert error is not None
     assert error.message == "no providers for f.bin (nobody served it for 60 s)"
 
@@ -211,11 +211,11 @@ def test_a_peer_that_serves_keeps_the_download_alive_and_its_ban_is_counted() ->
     swarm = make(pieces=2)
     connect(swarm, A, B)
     ready(swarm, A, [0, 1], now=0.0)
-    assert swarm.stalled(100.0) is None  # A has pieces we lack: the stall clock restarts
+    assert swarm.update_stall(100.0) is None  # A has pieces we lack: the stall clock restarts
     swarm.ban(B, "bad data")
     swarm.session_ended(A, now=120.0)
-    assert swarm.stalled(159.9) is None
-    error = swarm.stalled(160.0)
+    assert swarm.update_stall(159.9) is None
+    error = swarm.update_stall(160.0)
     assert error is not None and error.message.endswith(
         "(nobody served it for 60 s; 1 dropped for bad data or protocol errors)"
     )
@@ -227,11 +227,11 @@ def test_a_provider_that_refuses_twice_is_given_up_and_the_download_fails() -> N
     swarm.rejected(A, Reason.NOT_MEMBER, "you are not a member")
     swarm.session_ended(A, now=1.0)
     assert swarm.connect(now=5.99) == []  # retry_after: 5 s
-    assert swarm.stalled(5.99) is None  # refused once: its roster may be a moment old
+    assert swarm.update_stall(5.99) is None  # refused once: its roster may be a moment old
     assert swarm.connect(now=6.0) == [Connect(addr(A))]
     swarm.rejected(A, Reason.NOT_MEMBER, "you are not a member")
     swarm.session_ended(A, now=7.0)
-    error = swarm.stalled(7.0)
+    error = swarm.update_stall(7.0)
     assert error is not None
     assert error.message == "every provider of f.bin refused us: you are not a member"
     assert swarm.connect(now=100.0) == []

@@ -7,6 +7,9 @@ the ``Action``\\ s the adapter (``transfer/aio/download.py``) must carry out, in
 order: send messages, connect to a provider, ban a peer, hash and store a
 completed piece, save the resume state.
 
+It draws no randomness of its own either: the caller passes the ``rng`` (a seeded
+one in tests).
+
 Rules it keeps:
 
 - a block is accepted from a ready peer only, once, for a piece still missing;
@@ -18,7 +21,7 @@ Rules it keeps:
 - a provider that refuses us as a non-member (or for an unknown file) is tried
   once more after ``retry_after``; refused twice, it is not tried again;
 - a peer's pipeline is refilled when ``refill_due`` says enough of it drained;
-- ``stalled`` fails the download when no peer has served a missing piece for
+- ``update_stall`` fails the download when no peer has served a missing piece for
   ``provider_timeout`` seconds, or every provider refused us twice;
 - ``next_deadline`` / ``handle_timer`` expire overdue requests (their blocks go to
   other peers), save the progress every ``save_interval`` seconds while it
@@ -209,15 +212,15 @@ class Swarm:
         me: PeerId,
         links: Links,
         *,
+        rng: random.Random,
         config: SwarmConfig | None = None,
-        rng: random.Random | None = None,
         now: float = 0.0,
     ) -> None:
         self.name = name
         self.me = me
         self.links = links
         self.config = config or SwarmConfig()
-        self.picker = PiecePicker(piece_lengths, rng or random.Random(), self.config.picker)
+        self.picker = PiecePicker(piece_lengths, rng, self.config.picker)
         self.verified: set[int] = set()
         self.hashes: tuple[bytes, ...] | None = None  # the verified piece hashes, once known
         self.sources: Counter[PeerId] = Counter()
@@ -325,8 +328,9 @@ class Swarm:
             actions.append(Connect(addr))
         return actions
 
-    def stalled(self, now: float) -> FileShareError | None:
-        """The error to fail with if nobody can serve us, or ``None`` while there is hope."""
+    def update_stall(self, now: float) -> FileShareError | None:
+        """Restart the stall clock at ``now`` while a ready peer can serve us; then the
+        error to fail with if nobody can, or ``None`` while there is hope."""
         if any(s.ready and self._useful(k, s, now) for k, s in self._sessions.items()):
             self._progress_at = now  # a connected peer with pieces we lack, delivering
             return None

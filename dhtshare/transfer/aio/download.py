@@ -222,7 +222,7 @@ class Download:
             identity.public,
             _Links(self._clients),
             config=self.options,
-            rng=rng,
+            rng=rng or random.Random(),
             now=clock(),
         )
         self._store: asyncio.Queue[CompletePiece] = asyncio.Queue(
@@ -363,7 +363,7 @@ class Download:
             if self.swarm.poll_due(now):
                 self.swarm.providers_found(await self._poll(), now)
             self.apply(self.swarm.connect(now))
-            stalled = self.swarm.stalled(self.clock())
+            stalled = self.swarm.update_stall(self.clock())
             if stalled is not None:
                 return stalled
             self._wake.clear()
