@@ -23,7 +23,7 @@ from dhtshare.errors import RemoteProtocolError
 from dhtshare.identity import Identity
 from dhtshare.sim.halfopen import HalfOpen
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
-from dhtshare.transfer.aio.serve import PeerServer, source_of
+from dhtshare.transfer.aio.serve import PeerServer, handshake_source
 from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.swarm import ProviderAddr
 from dhtshare.wire import FrameType, PeerConnection, Reason, Role, State
@@ -168,7 +168,8 @@ async def test_slow_loris_is_closed_after_the_handshake_deadline(tmp_path: Path)
 
 
 def test_per_address_cap_counts_an_ipv6_64_as_one_address() -> None:
-    assert source_of("2001:db8::1") == source_of("2001:db8::ffff:1") == "2001:db8::/64"
-    assert source_of("2001:db8:0:1::1") != source_of("2001:db8::1")
-    assert source_of("::ffff:10.0.0.1") == source_of("10.0.0.1") == "10.0.0.1"
-    assert source_of("127.0.0.1") != source_of("127.0.0.2")
+    one_64 = "2001:db8::/64"
+    assert handshake_source("2001:db8::1") == handshake_source("2001:db8::ffff:1") == one_64
+    assert handshake_source("2001:db8:0:1::1") != handshake_source("2001:db8::1")
+    assert handshake_source("::ffff:10.0.0.1") == handshake_source("10.0.0.1") == "10.0.0.1"
+    assert handshake_source("127.0.0.1") != handshake_source("127.0.0.2")

@@ -87,7 +87,7 @@ __all__ = [
     "MAX_SESSIONS_PER_KEY",
     "SERVER_HANDSHAKE_TIMEOUT",
     "PeerServer",
-    "source_of",
+    "handshake_source",
 ]
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class PeerServer:
             transport.close()
             return
         peer = transport.get_extra_info("peername")
-        source = source_of(str(peer[0])) if peer else "?"
+        source = handshake_source(str(peer[0])) if peer else "?"
         if self._handshakes_from[source] >= self.max_handshakes_per_ip:
             self.stats.incr("refuse.handshakes_per_ip")
             transport.abort()
@@ -387,7 +387,7 @@ class PeerServer:
             rest[0].advertise(seed.flush(rest[0]))
 
 
-def source_of(host: str) -> str:
+def handshake_source(host: str) -> str:
     """What ``max_handshakes_per_ip`` counts by: the IPv4 address, or the /64 network of
     an IPv6 address (one host is commonly handed a whole /64)."""
     try:
@@ -419,7 +419,7 @@ class _Session:
         assert stream.peer is not None
         self.group_id = stream.peer.group_id
         self.content_id = stream.peer.content_id
-        self.source = source_of(stream.remote_address[0])
+        self.source = handshake_source(stream.remote_address[0])
         self.order = 0  # when admitted (PeerServer._admit)
         self.share: Share | None = None
         self.queue: deque[Request] = deque()
