@@ -18,7 +18,6 @@ from typing import Any
 import aiofiles.os
 
 from dhtshare.atomic import read_json, write_json
-from dhtshare.content import FileLayout
 from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
 from dhtshare.files.service import FileService
 from dhtshare.home import Home
@@ -250,8 +249,9 @@ class DownloadManager:
             info, path = handle.info, task.result()
             share = self.registry.get(info.group_id, info.content_id)
             hashes = share.hashes if share else handle.download.swarm.hashes or ()
-            layout = FileLayout(info.size, info.piece_size)
-            shared = Share(info.group_id, info.content_id, path, layout, hashes, name=info.name)
+            shared = Share(
+                info.group_id, info.content_id, path, info.layout, hashes, name=info.name
+            )
             self.on_complete(shared)
         elif not isinstance(exc, DhtshareError):
             log.error("download of %s crashed", handle.info.name, exc_info=exc)
