@@ -520,8 +520,8 @@ class Download:
         """Hash completed pieces off the loop and write the good ones, a batch at a time.
 
         Whatever queued up while the worker thread was busy goes in the next batch:
-        one thread hop per batch instead of one per piece (a hop costs about 0.1-0.2
-        ms here, as much as writing a 256 KiB piece to the page cache).
+        one thread hop per batch, not per piece (what a hop costs:
+        docs/performance-history.md, round 3).
         """
         while True:
             batch = [await self._store.get()]
