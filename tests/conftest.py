@@ -1,12 +1,15 @@
-"""Shared fixtures: a controllable clock, identities, signed records of every kind, a network."""
+"""Shared fixtures: a controllable clock, identities, signed records of every kind, a network,
+and users of the installed executable (``users``)."""
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from support.cli import Users, users_on_one_machine
 
 from dhtshare import crypto
 from dhtshare.identity import Identity
@@ -99,3 +102,11 @@ async def sparse_net(clock: FakeClock) -> AsyncIterator[Network]:
     """
     async with Network.start(20, ksize=SPARSE_K, clock=clock, rng=random.Random(20)) as network:
         yield network
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Iterator[Users]:
+    """A bootstrap node process and users with a ``--home`` each under ``tmp_path``; every
+    node is stopped (or killed) on the way out."""
+    with users_on_one_machine(tmp_path) as u:
+        yield u

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 
 import pytest
-from test_cli_e2e import DHTSHARE, Bootstrap, Cluster, assert_clean_error, free_udp_port
+from support.cli import DHTSHARE, Bootstrap, Cluster, assert_clean_error, free_udp_port
 
 pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")
 

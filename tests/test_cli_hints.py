@@ -15,8 +15,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from test_cli_e2e import DHTSHARE, TIMEOUT
-from test_cli_shares import Users, default_env, users  # noqa: F401  (the fixture)
+from support.cli import DHTSHARE, TIMEOUT, Users, default_env
 
 from dhtshare.cli.hints import with_home
 from dhtshare.cli.main import main
@@ -83,7 +82,7 @@ def run_as(
     return result
 
 
-def test_every_hint_that_names_a_command_carries_the_users_home(users: Users) -> None:  # noqa: F811
+def test_every_hint_that_names_a_command_carries_the_users_home(users: Users) -> None:
     u = users
     boot = f"127.0.0.1:{u.boot.port}"
     seen = 0

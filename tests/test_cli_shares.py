@@ -9,112 +9,12 @@ table and in ``--json``, for one group or all, and still after her node restarts
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import re
-import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import pytest
-from test_cli_e2e import (
-    DHTSHARE,
-    TIMEOUT,
-    Bootstrap,
-    assert_clean_error,
-    free_udp_port,
-    kill_all,
-)
+from support.cli import DHTSHARE, Users, assert_clean_error
 
 pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")
-
-
-def default_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("DHTSHARE")}
-
-
-@dataclass
-class Users:
-    """Users on one machine, each with a ``--home`` under ``root``, and one bootstrap node.
-
-    The environment carries no ``DHTSHARE_*`` variable: every setting is the default."""
-
-    root: Path
-    boot: Bootstrap
-    env: dict[str, str] = field(default_factory=lambda: default_env())
-    pids: set[int] = field(default_factory=set)
-    homes: set[Path] = field(default_factory=set)
-
-    def home(self, user: str) -> Path:
-        return self.root / user
-
-    def run(
-        self, user: str | None, *args: str, check: bool = True, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        cmd = [str(DHTSHARE), *(["--home", str(self.home(user))] if user else [])]
-        if user:
-            self.homes.add(self.home(user))
-        result = subprocess.run(
-            [*cmd, *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=env or self.env,
-            cwd=self.root,
-            stdin=subprocess.DEVNULL,
-        )
-        assert "Traceback" not in result.stderr + result.stdout, result.stderr
-        if check:
-            assert result.returncode == 0, f"{args}: {result.stderr}"
-        if m := re.search(r"\(pid (\d+)\)", result.stdout):
-            self.pids.add(int(m.group(1)))
-        return result
-
-    def json(self, user: str, *args: str) -> Any:
-        return json.loads(self.run(user, *args, "--json").stdout)
-
-    def start(self, user: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``node start --detach`` through the bootstrap node (unless ``extra`` says)."""
-        boot = ("--bootstrap", f"127.0.0.1:{self.boot.port}") if "--alone" not in extra else ()
-        args = [a for a in extra if a != "--alone"]
-        return self.run(user, "node", "start", "--detach", *boot, *args, check=check)
-
-    def new_user(self, user: str) -> None:
-        self.run(user, "id", "create", "--name", user)
-
-    def group_of(self, owner: str, name: str, *members: str) -> str:
-        """``owner`` founds group ``name``; each of ``members`` asks and is accepted."""
-        gid = self.run(owner, "group", "create", name).stdout.strip()
-        for member in members:
-            self.run(member, "group", "join", gid)
-            self.run(owner, "group", "accept", name, member)
-        return gid
-
-    def teardown(self) -> None:
-        for home in self.homes:
-            with contextlib.suppress(Exception):
-                stop = [str(DHTSHARE), "--home", str(home), "node", "stop"]
-                subprocess.run(stop, capture_output=True, timeout=TIMEOUT, env=self.env)
-        kill_all(self.pids, self.boot)
-
-
-@contextlib.contextmanager
-def users_on_one_machine(root: Path) -> Iterator[Users]:
-    u = Users(root, Bootstrap(free_udp_port(), root / "boot"))
-    try:
-        u.boot.start(u.env)
-        yield u
-    finally:
-        u.teardown()
-
-
-@pytest.fixture
-def users(tmp_path: Path) -> Iterator[Users]:
-    with users_on_one_machine(tmp_path) as u:
-        yield u
 
 
 def test_shares_lists_my_files_with_peers_served_and_bytes_uploaded(users: Users) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_groups_flow import NODES, FakeNode, LyingDht, grow, people
+from support.groups import NODES, FakeNode, LyingDht, grow, people
 
 from dhtshare import errors
 from dhtshare.errors import BY_NAME, DhtshareError, NodeError, StaleRosterError

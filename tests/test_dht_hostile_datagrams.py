@@ -19,6 +19,7 @@ from conftest import peer_record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node
+from support.hostile import HOSTILE_HOSTS
 
 from dhtshare.dht import DhtNode
 from dhtshare.identity import Identity
@@ -146,23 +147,6 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
         yield errors
     finally:
         loop.set_exception_handler(old)
-
-
-HOSTILE_HOSTS = [
-    "127.0.0.1\x00",  # NUL: sendto raises TypeError/ValueError
-    "localhost",  # a name: sendto would resolve it, blocking the loop
-    "127.000.000.001",
-    "0.0.0.0",
-    "0.1.2.3",
-    "::",
-    "255.255.255.255",
-    "224.0.0.1",
-    "ff02::1",
-    "fe80::1%lo",
-    "::1",  # valid, but not our address family
-    "",
-    "x" * 300,
-]
 
 
 # ------------------------------------------------------------------ item 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_dht_hostile_datagrams import HOSTILE_HOSTS
+from support.hostile import HOSTILE_HOSTS
 
 from dhtshare.dht.closeness import PushFilter
 from dhtshare.dht.contacts import parse_contact, parse_host

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_cli_e2e import (
+from support.cli import (
     DHTSHARE,
     TIMEOUT,
     Bootstrap,

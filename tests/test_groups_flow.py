@@ -6,20 +6,17 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
 
 import pytest
 from conftest import FakeClock
+from support.groups import NODES, LyingDht, commands, grow, no_progress, people
 
 from dhtshare import crypto
-from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError
 from dhtshare.groups import rules
 from dhtshare.groups.service import Draft, GroupService, GroupState
 from dhtshare.identity import Identity, format_id
-from dhtshare.node.commands import Commands
 from dhtshare.records import (
     Handover,
     Kind,
@@ -30,69 +27,6 @@ from dhtshare.records import (
     sign_record,
 )
 from dhtshare.sim import Network
-
-NODES = 8
-
-
-class LyingDht:
-    """A DHT whose ``get`` adds records a lying node injected, or returns only those."""
-
-    def __init__(
-        self,
-        node: DhtNode,
-        extra: Callable[[bytes], list[SignedRecord]],
-        *,
-        only_extra: bool = False,
-    ) -> None:
-        self.node = node
-        self.extra = extra
-        self.only_extra = only_extra
-        self.put = node.put
-        self.publish = node.publish
-        self.withdraw = node.withdraw
-
-    async def get(self, key: bytes) -> list[SignedRecord]:
-        real = [] if self.only_extra else await self.node.get(key)
-        return [*self.extra(key), *real]
-
-
-class FakeNode:
-    """What ``Commands`` needs of a node for group commands: its GroupService and identity."""
-
-    def __init__(self, groups: GroupService, identity: Identity) -> None:
-        self.groups = groups
-        self.identity = identity
-        self.saved = 0
-
-    def save_state(self) -> None:
-        self.saved += 1
-
-    def require_member(self, group_id: bytes) -> None:
-        if not self.groups.is_member(group_id, self.identity.public):
-            raise GroupError("you are not a member of this group")
-
-
-def commands(service: GroupService) -> Commands:
-    return Commands(FakeNode(service, service._me))  # type: ignore[arg-type]
-
-
-async def no_progress(_: Any) -> None:
-    return None
-
-
-def people(*names: str) -> list[Identity]:
-    return [Identity.generate(n) for n in names]
-
-
-async def grow(
-    owner: GroupService, gid: bytes, joiners: list[GroupService], clock: FakeClock | None = None
-) -> None:
-    """Each joiner requests and the owner accepts it, in order (joins ``clock`` steps apart)."""
-    for s in joiners:
-        if clock is not None:
-            clock.advance(10)
-        await s.request_join(gid, "hello")
-        await owner.accept(gid, s._me.public)
 
 
 async def test_create_request_accept_reject_and_list() -> None:

@@ -8,12 +8,11 @@ Real node processes, default settings.
 
 from __future__ import annotations
 
-from test_cli_e2e import assert_clean_error
-from test_cli_shares import Users, users  # noqa: F401  (the fixture)
+from support.cli import Users, assert_clean_error
 
 
 def test_start_without_any_contact_warns_and_publishing_says_not_connected(
-    users: Users,  # noqa: F811
+    users: Users,
 ) -> None:
     u = users
     u.new_user("solo")
@@ -30,7 +29,7 @@ def test_start_without_any_contact_warns_and_publishing_says_not_connected(
     assert f"dhtshare --home {home} node start --bootstrap" in failed.stderr
 
 
-def test_start_through_a_bootstrap_node_does_not_warn(users: Users) -> None:  # noqa: F811
+def test_start_through_a_bootstrap_node_does_not_warn(users: Users) -> None:
     u = users
     u.new_user("joined")
     started = u.start("joined")

@@ -16,13 +16,13 @@ import socket
 from collections.abc import Callable
 
 import pytest
-from test_cli_shares import Users, users  # noqa: F401  (the fixture)
+from support.cli import Users
 
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 
 
 def test_default_node_listens_everywhere_and_advertises_address_toward_bootstrap(
-    users: Users,  # noqa: F811
+    users: Users,
 ) -> None:
     u = users
     for name in ("alice", "bob"):
@@ -45,7 +45,7 @@ def test_default_node_listens_everywhere_and_advertises_address_toward_bootstrap
     assert (u.root / "dl" / "a.bin").read_bytes() == data
 
 
-def test_host_and_advertise_still_win(users: Users) -> None:  # noqa: F811
+def test_host_and_advertise_still_win(users: Users) -> None:
     u = users
     u.new_user("carol")
     u.start("carol", "--host", "127.0.0.1", "--advertise", "127.0.0.9")

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from test_cli_shares import Users, users  # noqa: F401  (the fixture)
+from support.cli import Users
 
 from dhtshare.home import Home
 from dhtshare.node import settings
@@ -24,7 +24,7 @@ def log_of(u: Users, user: str) -> str:
     return (u.home(user) / "node.log").read_text()
 
 
-def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> None:  # noqa: F811
+def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> None:
     u = users
     for name in ("alice", "bob"):
         u.new_user(name)
@@ -59,7 +59,7 @@ def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> N
     assert " DEBUG " not in alice  # the default level is info
 
 
-def test_log_level_and_rate_limits_are_kept_across_restarts(users: Users) -> None:  # noqa: F811
+def test_log_level_and_rate_limits_are_kept_across_restarts(users: Users) -> None:
     u = users
     u.new_user("carol")
     u.start("carol", "--upload-limit", "2", "--download-limit", "3.5", "--log-level", "debug")
@@ -84,7 +84,7 @@ def test_log_level_and_rate_limits_are_kept_across_restarts(users: Users) -> Non
     assert saved == {"upload_limit": None, "download_limit": 3.5e6, "log_level": "warning"}
 
 
-def test_verbose_reaches_a_detached_node(users: Users) -> None:  # noqa: F811
+def test_verbose_reaches_a_detached_node(users: Users) -> None:
     u = users
     u.new_user("dave")
     u.run("dave", "-v", "node", "start", "--detach", "--bootstrap", f"127.0.0.1:{u.boot.port}")
