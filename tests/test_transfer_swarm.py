@@ -399,3 +399,27 @@ def test_pipelines_refill_in_batches_of_several_requests() -> None:
     assert first_due(40) == 10  # a quarter is already 8 or more
     assert first_due(2) == 1  # the least pipeline refills after each block
     assert refill_due(0, 0)  # nothing asked: fill it now
+
+
+async def test_a_download_leaves_a_complete_share_of_its_file_in_place(tmp_path: Path) -> None:
+    """A node that already serves the whole file (shared by its user) and resumes a download
+    of the same file keeps serving every piece: the partial share does not replace it."""
+    src = make_source(tmp_path, 4 * MiB)
+    async with swarm() as sw:
+        seeder = await sw.seeder(src)
+        me = await sw.peer()
+        whole = me.registry.add(src.share())
+        dl = Download(
+            me.identity,
+            src.info(),
+            tmp_path / "again",
+            providers=providers_of([seeder]),
+            is_member=sw.roster,
+            shares=me.registry,
+            options=FAST,
+        )
+        async with asyncio.timeout(15):
+            path = await dl.run()
+        assert me.registry.get(GROUP, src.content_id) is whole and whole.complete
+        assert dl.share is None
+    assert path.read_bytes() == src.data

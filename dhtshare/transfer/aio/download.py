@@ -481,7 +481,9 @@ class Download:
         if self.options.verify_on_resume and self.swarm.verified:
             await self._reverify(hashes)
         self.swarm.start_picking(hashes)
-        if self.shares is not None and self._partial is not None:
+        held = self.shares.get(self.info.group_id, self.info.content_id) if self.shares else None
+        if self.shares is not None and self._partial is not None and not (held and held.complete):
+            # a complete share of this file (shared by the user) keeps serving every piece
             self.share = self.shares.add(
                 Share(
                     self.info.group_id,
