@@ -64,7 +64,7 @@ class NodeConfig:
     upload_limit: float | None = None  # bytes/s
     download_limit: float | None = None  # bytes/s
     maintenance_interval: float = 30.0  # also the unit of the membership bound (STALE_ROUNDS)
-    provider_timeout: float = 60.0  # a download fails after this long with nobody serving it
+    provider_timeout: float = DownloadOptions().provider_timeout  # fail: nobody serves this long
     advertise: str | None = None  # the host peers should connect to, if not ``host``
     control: bool = True  # serve the control socket
     log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
