@@ -198,6 +198,11 @@ def remove_socket(home: Home) -> None:
             os.unlink(home.control_pointer)
 
 
+def no_node() -> NodeError:
+    """The error for a state directory whose node is not running."""
+    return NodeError("no node is running", "start one with: dhtshare node start --detach")
+
+
 def check_socket(path: Path) -> None:
     """``NodeError`` unless ``path`` is a socket of ours, writable by us only, in a
     directory of ours that nobody else can write to (a socket another user planted,
@@ -206,9 +211,7 @@ def check_socket(path: Path) -> None:
     try:
         st = os.lstat(path)
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise NodeError(
-            "no node is running", "start one with: dhtshare node start --detach"
-        ) from exc
+        raise no_node() from exc
     except OSError as exc:
         raise NodeError(f"cannot use the control socket {path}: {exc.strerror}") from exc
     problem = ""
@@ -301,9 +304,7 @@ async def call(
     try:
         reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_LINE)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise NodeError(
-            "no node is running", "start one with: dhtshare node start --detach"
-        ) from exc
+        raise no_node() from exc
     except OSError as exc:
         raise NodeError(f"cannot reach the node at {path}: {exc.strerror or exc}") from exc
     try:
