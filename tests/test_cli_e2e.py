@@ -1,6 +1,6 @@
 """End to end: the installed ``dhtshare`` executable, one process per command and per node.
 
-A bootstrap node and four users (each with its own ``--home``) on 127.0.0.1 go through the
+A bootstrap node and four users (each with its own ``--home`` and loopback address) go through the
 whole product: identities, a group, three join requests (two accepted, one rejected), a
 shared file downloaded twice (the second time from two peers at once), unsharing, a node
 restart that resumes its share, a bootstrap restart that keeps its id, and every error a
@@ -120,8 +120,9 @@ def test_start_errors(cluster: Cluster) -> None:
     )
     # node not running
     assert_clean_error(c.run("eve", "node", "status", check=False), "no node is running")
-    # port in use: the bootstrap node holds this UDP port
-    busy = c.start_node_result("eve", *c.passphrase_args("alice"), "--port", str(c.boot.port))
+    # port in use: the bootstrap node holds this UDP port on its address
+    at_boot = ("--host", "127.0.0.1", "--port", str(c.boot.port))
+    busy = c.start_node_result("eve", *c.passphrase_args("alice"), *at_boot)
     assert_clean_error(busy, "cannot listen", "in use")
 
 

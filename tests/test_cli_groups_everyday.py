@@ -1,8 +1,8 @@
 """Groups and providers as people meet them (issue #14 items 2, 5, 6, 7 and 9), end to end.
 
 The installed ``dhtshare`` executable, one process per command and per node, a bootstrap
-node and three users on 127.0.0.1, every setting at its default (no provider timeout
-lowered). The tests share one network and run in file order.
+node and three users, each on its own loopback address, every setting at its default (no
+provider timeout lowered). The tests share one network and run in file order.
 """
 
 from __future__ import annotations

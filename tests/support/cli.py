@@ -229,6 +229,7 @@ class Cluster:
     boot: Bootstrap
     pids: set[int] = field(default_factory=set)
     facts: dict[str, Any] = field(default_factory=dict)  # what the module fixture made
+    hosts: dict[str, str] = field(default_factory=dict)  # user -> loopback address
 
     def home(self, user: str) -> Path:
         return self.root / user
@@ -258,13 +259,21 @@ class Cluster:
         out = self.run(user, *args, "--json").stdout
         return json.loads(out)  # json.loads refuses trailing data: one document only
 
+    def host(self, user: str) -> str:
+        """The user's own loopback address, in a /24 of its own (127.0.N.1): the users stand
+        for separate hosts, as the DHT's per-address and per-/24 limits expect (on one
+        address, each node would keep only a few of the others in its routing table)."""
+        return self.hosts.setdefault(user, f"127.0.{len(self.hosts) + 2}.1")
+
     def start_node(
         self, user: str, *extra: str, preexec_fn: Callable[[], None] | None = None
     ) -> subprocess.Popen[str]:
-        """``node start --detach``; it exits once the node is up and bootstrapped."""
+        """``node start --detach`` on the user's own address (unless ``extra`` names a
+        ``--host``); it exits once the node is up and bootstrapped."""
         cmd = [str(DHTSHARE), "--home", str(self.home(user)), "node", "start", "--detach"]
+        host = [] if "--host" in extra else ["--host", self.host(user)]
         return subprocess.Popen(
-            [*cmd, "--bootstrap", f"127.0.0.1:{self.boot.port}", *extra],
+            [*cmd, "--bootstrap", f"127.0.0.1:{self.boot.port}", *host, *extra],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
