@@ -32,6 +32,7 @@ from types import MappingProxyType, TracebackType
 
 __all__ = [
     "BY_NAME",
+    "VERSION_HINT",
     "DecodeError",
     "DhtError",
     "DhtshareError",
@@ -51,6 +52,10 @@ __all__ = [
     "StoreError",
     "WorkerError",
 ]
+
+
+VERSION_HINT = "is the CLI the same version as the node? see node.log"
+"""The hint for a control reply or request the other side does not understand."""
 
 
 class DhtshareError(Exception):
@@ -103,6 +108,9 @@ class NodeError(DhtshareError):
 
 class MalformedReply(NodeError):
     """The node's control reply does not have the shape the command expects."""
+
+    def __init__(self, message: str, hint: str = VERSION_HINT) -> None:
+        super().__init__(message, hint)
 
 
 class ProtocolError(DhtshareError):

@@ -39,6 +39,8 @@ from support.cli import (
 )
 
 PROVIDER_TIMEOUT = "2"  # seconds a download waits for a provider (DHTSHARE_PROVIDER_TIMEOUT)
+# Lowered so the "nobody serves it" errors here come fast; the default 60 s path users keep
+# is tested by test_downloads_e2e.py (no timeout lowered there).
 PASSPHRASE = "correct horse battery staple"
 
 pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")

@@ -25,10 +25,7 @@ _MISSING = object()
 
 def malformed(what: str, detail: str) -> MalformedReply:
     """The error for a reply to command ``what`` that is wrong as ``detail`` says."""
-    return MalformedReply(
-        f"malformed reply from the node to {what}: {detail}",
-        "is the CLI the same version as the node? see node.log",
-    )
+    return MalformedReply(f"malformed reply from the node to {what}: {detail}")
 
 
 class Reply:

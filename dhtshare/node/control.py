@@ -73,10 +73,7 @@ def _raise_from(reply: dict[str, Any]) -> None:
 
 
 def _malformed(what: str) -> MalformedReply:
-    return MalformedReply(
-        f"malformed reply from the node: {what}",
-        "is the CLI the same version as the node? see node.log",
-    )
+    return MalformedReply(f"malformed reply from the node: {what}")
 
 
 def _no_constants(name: str) -> Any:
