@@ -263,3 +263,22 @@ def test_each_command_renders_a_well_formed_reply(tmp_path: Path) -> None:
             check(result.output, 0, args)
             if args[-1] != "--json" and listing:
                 assert "n\\x1b" in result.output
+
+
+def test_a_number_too_big_for_a_float_is_a_malformed_reply(tmp_path: Path) -> None:
+    """``1e999`` is valid JSON but parses to infinity, which ``--json`` cannot print: the
+    reply is refused where it enters, like the ``NaN`` and ``Infinity`` literals."""
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    runner = CliRunner()
+    huge = [
+        b'{"ok": true, "result": 1e999}\n',
+        b'{"ok": true, "result": {"uptime_s": 1e999, "rate": -1e999}}\n',
+    ]
+    with fake_node(home) as node:
+        for args in commands(tmp_path):
+            for reply in huge:
+                node.reply = reply
+                result = runner.invoke(cli.main, ["--home", str(home), *args])
+                check(result.output, result.exit_code, args)
+                assert result.exit_code == 1 and "malformed reply" in result.output, args

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -78,6 +79,14 @@ def _malformed(what: str) -> MalformedReply:
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    """A JSON number as a float, refused if it does not fit one (``1e999`` is infinity)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} does not fit a float")
+    return value
 
 
 async def _write(writer: asyncio.StreamWriter, doc: dict[str, Any]) -> None:
@@ -333,7 +342,7 @@ async def _read_reply(reader: asyncio.StreamReader) -> dict[str, Any]:
     if not line:
         raise NodeError("the node closed the control connection", "see node.log")
     try:
-        reply = json.loads(line, parse_constant=_no_constants)
+        reply = json.loads(line, parse_constant=_no_constants, parse_float=_finite)
     except (ValueError, RecursionError) as exc:
         raise _malformed("not JSON") from exc
     if not isinstance(reply, dict):
