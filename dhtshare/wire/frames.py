@@ -51,6 +51,10 @@ class FrameType(IntEnum):
     CLIENT_AUTH = 3
     SEALED = 4
     REJECT = 5  # a plaintext Reject, only while the sender has no session keys
+    # The first frame of a connection that is not a peer session (docs/connectivity.md):
+    DIALBACK = 6  # a reachability dial-back: one frame carrying the asker's nonce
+    RELAY = 7  # relay control: a reservation, a circuit request or a circuit acceptance
+    PUNCH = 8  # hole-punch coordination, sent inside a relayed circuit before the handshake
 
 
 class Reason(IntEnum):
