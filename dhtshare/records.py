@@ -35,6 +35,7 @@ __all__ = [
     "CLOCK_SKEW",
     "MAX_RECORD_SIZE",
     "MAX_TTL",
+    "AddressKind",
     "Body",
     "Decision",
     "DirectoryEntry",
@@ -45,6 +46,7 @@ __all__ = [
     "Kind",
     "Leave",
     "Member",
+    "PeerAddress",
     "PeerInfo",
     "Provider",
     "Rank",
@@ -52,6 +54,7 @@ __all__ = [
     "RosterPage",
     "SignedRecord",
     "decode_record",
+    "every_address",
     "key_for",
     "max_seq",
     "page_key_ids",
@@ -456,9 +459,44 @@ def check_peer_address(host: str, port: int) -> None:
 _BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
+class AddressKind(IntEnum):
+    """How to use an address in a provider record (docs/connectivity.md)."""
+
+    DIRECT = 0  # connect to it: a public address, or a LAN address for peers on that LAN
+    RELAY = 1  # a relay holding a reservation for the signer: open a circuit there
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    """One way to reach a record's signer."""
+
+    kind: AddressKind
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        check_peer_address(self.host, self.port)
+
+    def encode_into(self, w: Writer) -> None:
+        w.push_u8(self.kind).push_str(self.host, 255).push_u16(self.port)
+
+    @classmethod
+    def pull(cls, r: Reader) -> PeerAddress:
+        try:
+            kind = AddressKind(r.pull_u8())
+        except ValueError:
+            raise DecodeError("unknown address kind") from None
+        return cls(kind, r.pull_str(255), r.pull_u16())
+
+
 @dataclass(frozen=True, slots=True)
 class Provider:
-    """The signer holds (some of) ``content_id`` for ``group_id`` and serves it at host:port."""
+    """The signer holds (some of) ``content_id`` for ``group_id`` and serves it at host:port.
+
+    ``host:port`` is the signer's main direct address; ``addresses`` lists the other ways
+    to reach it (more direct addresses, and relays that hold a reservation for it), at
+    most ``MAX_ADDRESSES``.
+    """
 
     group_id: bytes
     content_id: bytes
@@ -466,21 +504,47 @@ class Provider:
     port: int
     complete: bool
     withdrawn: bool = False
+    addresses: tuple[PeerAddress, ...] = ()
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_id(self.content_id, "content id")
         check_peer_address(self.host, self.port)
+        if len(self.addresses) > MAX_ADDRESSES:
+            raise ValueError("too many addresses")
+
+    def every_address(self) -> tuple[PeerAddress, ...]:
+        """The main address first, then the others, each once."""
+        return every_address(self.host, self.port, self.addresses)
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_bytes(self.content_id)
         w.push_str(self.host, 255).push_u16(self.port)
-        return w.push_u8(int(self.complete)).push_u8(int(self.withdrawn)).getvalue()
+        w.push_u8(int(self.complete)).push_u8(int(self.withdrawn))
+        w.push_u8(len(self.addresses))
+        for address in self.addresses:
+            address.encode_into(w)
+        return w.getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> Provider:
         gid, cid, host, port = r.pull_bytes(_ID), r.pull_bytes(_ID), r.pull_str(255), r.pull_u16()
-        return cls(gid, cid, host, port, _pull_bool(r), _pull_bool(r))
+        complete, withdrawn = _pull_bool(r), _pull_bool(r)
+        n = r.pull_u8()
+        if n > MAX_ADDRESSES:
+            raise DecodeError("too many addresses")
+        addresses = tuple(PeerAddress.pull(r) for _ in range(n))
+        return cls(gid, cid, host, port, complete, withdrawn, addresses)
+
+
+def every_address(
+    host: str, port: int, addresses: tuple[PeerAddress, ...]
+) -> tuple[PeerAddress, ...]:
+    """``host:port`` as a direct address, then ``addresses``, without repeats."""
+    seen: dict[PeerAddress, None] = {PeerAddress(AddressKind.DIRECT, host, port): None}
+    for address in addresses:
+        seen.setdefault(address, None)
+    return tuple(seen)
 
 
 @dataclass(frozen=True, slots=True)

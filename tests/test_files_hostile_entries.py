@@ -182,7 +182,7 @@ async def test_download_of_an_unaffordable_layout_is_refused_before_allocating(
 def test_provider_record_with_non_address_host_is_refused_when_decoded(host: str) -> None:
     signer = Identity.generate()
     w = Writer().push_bytes(GID).push_bytes(os.urandom(32)).push_str(host, 255).push_u16(7000)
-    body = w.push_u8(1).push_u8(0).getvalue()
+    body = w.push_u8(1).push_u8(0).push_u8(0).getvalue()  # complete, live, no more addresses
     now = time.time()
     seq, issued, expires = int(now * 1000), int(now), int(now + 600)
     unsigned = SignedRecord(Kind.PROVIDER, signer.public, seq, issued, expires, body, b"", None)  # type: ignore[arg-type]

@@ -9,12 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhtshare import crypto
-from dhtshare.errors import RecordError
+from dhtshare.codec import Reader, Writer
+from dhtshare.errors import DecodeError, RecordError
 from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_RECORD_SIZE,
     MAX_TTL,
     PAGE_MEMBERS,
+    AddressKind,
     Decision,
     DirectoryEntry,
     FileEntry,
@@ -24,6 +26,7 @@ from dhtshare.records import (
     Kind,
     Leave,
     Member,
+    PeerAddress,
     PeerInfo,
     Provider,
     Roster,
@@ -61,6 +64,18 @@ def bodies() -> list[object]:
         Leave(GID, Handover(os.urandom(32), int(NOW), os.urandom(64))),
         FileEntry(GID, CID, "movie.mkv", 10**9, 1 << 19),
         Provider(GID, CID, "127.0.0.1", 4000, True),
+        Provider(
+            GID,
+            CID,
+            "192.168.1.2",
+            4000,
+            False,
+            addresses=(
+                PeerAddress(AddressKind.DIRECT, "203.0.113.9", 4000),
+                PeerAddress(AddressKind.RELAY, "198.51.100.1", 4000),
+                PeerAddress(AddressKind.RELAY, "2001:db8::1", 4001),
+            ),
+        ),
         PeerInfo((("127.0.0.1", 4000), ("::1", 4001))),
         DirectoryEntry(GID, "climbers", 12),
     ]
@@ -75,6 +90,25 @@ def test_every_kind_round_trips_and_verifies(body: object) -> None:
     assert back == rec
     assert verify_record(back, NOW) == body
     assert back.dht_key == rec.dht_key and len(back.dht_key) == 20
+
+
+def test_provider_lists_its_main_address_first_and_each_address_once() -> None:
+    relay = PeerAddress(AddressKind.RELAY, "198.51.100.1", 4000)
+    main = PeerAddress(AddressKind.DIRECT, "192.168.1.2", 4000)
+    body = Provider(GID, CID, "192.168.1.2", 4000, True, addresses=(relay, main, relay))
+    assert body.every_address() == (main, relay)
+
+
+def test_provider_refuses_bad_addresses() -> None:
+    with pytest.raises(ValueError, match="unicast"):
+        PeerAddress(AddressKind.RELAY, "0.0.0.0", 4000)
+    many = tuple(PeerAddress(AddressKind.RELAY, "198.51.100.1", 4000 + i) for i in range(9))
+    with pytest.raises(ValueError, match="too many"):
+        Provider(GID, CID, "192.168.1.2", 4000, True, addresses=many)
+    plain = Provider(GID, CID, "192.168.1.2", 4000, True).encode()[:-1]  # no address count
+    odd = Writer().push_u8(1).push_u8(7).push_str("198.51.100.1", 255).push_u16(4000)
+    with pytest.raises(DecodeError, match="address kind"):
+        Provider.decode(Reader(plain + odd.getvalue()))
 
 
 def test_keys_are_derived_from_content() -> None:

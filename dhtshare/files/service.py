@@ -27,9 +27,11 @@ from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, FileShareError
 from dhtshare.identity import Identity
 from dhtshare.records import (
+    MAX_ADDRESSES,
     MAX_TTL,
     FileEntry,
     Kind,
+    PeerAddress,
     Provider,
     SignedRecord,
     key_for,
@@ -65,8 +67,10 @@ class FileService:
         identity: Identity,
         address: Callable[[], tuple[str, int]],
         clock: Callable[[], float] = time.time,
+        more_addresses: Callable[[], tuple[PeerAddress, ...]] = tuple,
     ) -> None:
         self.dht, self.identity, self.address, self.clock = dht, identity, address, clock
+        self.more_addresses = more_addresses
 
     def _sign(
         self, body: FileEntry | Provider, ttl: float, since: float | None = None
@@ -145,8 +149,27 @@ class FileService:
 
     async def announce_provider(self, group_id: bytes, content_id: bytes, complete: bool) -> None:
         host, port = self.address()
-        body = Provider(group_id, content_id, host, port, complete)
+        body = Provider(group_id, content_id, host, port, complete, addresses=self._more())
         await self._publish(self._sign(body, PROVIDER_TTL), PROVIDER_TTL)
+
+    def _more(self) -> tuple[PeerAddress, ...]:
+        return self.more_addresses()[:MAX_ADDRESSES]
+
+    async def readdress(self) -> int:
+        """Announce again each provider record of ours whose addresses are no longer ours
+        (a relay gained or lost, a public address learnt); how many were announced."""
+        host, port = self.address()
+        more = self._more()
+        stale = [
+            body
+            for rec in self.dht.published
+            if isinstance(body := rec.payload(), Provider)
+            and not body.withdrawn
+            and (body.host, body.port, body.addresses) != (host, port, more)
+        ]
+        for body in stale:
+            await self.announce_provider(body.group_id, body.content_id, body.complete)
+        return len(stale)
 
     async def _publish(self, rec: SignedRecord, ttl: float) -> None:
         try:

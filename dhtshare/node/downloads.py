@@ -121,7 +121,7 @@ class DownloadManager:
             for rec in records:
                 body = rec.payload()
                 if isinstance(body, Provider) and rec.signer != self.identity.public:
-                    out.append(ProviderAddr(rec.signer, body.host, body.port))
+                    out.append(ProviderAddr(rec.signer, body.host, body.port, body.addresses))
             return out
 
         return providers

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeAlias
 
 from dhtshare.errors import FileShareError
+from dhtshare.records import PeerAddress, every_address
 from dhtshare.transfer.picker import Block, PickerConfig, PiecePicker
 from dhtshare.wire import Bitfield, Cancel, Have, Keepalive, Message, Piece, Reason, Request
 
@@ -74,11 +75,17 @@ read timeout of ``transfer/aio/peer.py``)."""
 
 @dataclass(frozen=True, slots=True)
 class ProviderAddr:
-    """A peer that holds (some of) the file, and where to reach it."""
+    """A peer that holds (some of) the file, and where to reach it: ``host:port`` directly,
+    or one of ``addresses`` (more direct addresses, and relays: the node's dialer decides)."""
 
     peer_key: bytes
     host: str
     port: int
+    addresses: tuple[PeerAddress, ...] = ()
+
+    def every_address(self) -> tuple[PeerAddress, ...]:
+        """The main address first, then the others, each once."""
+        return every_address(self.host, self.port, self.addresses)
 
 
 @dataclass(frozen=True, slots=True)
