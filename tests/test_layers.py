@@ -8,12 +8,13 @@ layer of its folder, and the rules are stated over folders, not over a list of m
    layer and layers of lower rank. The base (the modules at the top of ``dhtshare/``) is
    rank 0, the ``cli`` edge the highest. ``__main__`` (``python -m dhtshare``) is the entry
    point above everything.
-2. **``transfer`` never imports ``dht`` or ``groups``**, not even from ``transfer/aio/``:
-   it is given callables instead, so the swarm can be tested and reused without a DHT.
+2. **``transfer`` never imports ``dht``, ``groups`` or ``reach``**, not even from
+   ``transfer/aio/``: it is given callables instead, so the swarm can be tested and reused
+   without a DHT, and a download does not know how its connections were made.
 3. **``cli`` imports ``sim`` only lazily** (inside the ``simulate`` command): the simulator
    and its dependencies are loaded only when a simulation runs.
-4. **Pure layers are pure.** Every module in ``wire/`` and in ``transfer/`` outside
-   ``transfer/aio/`` is sans-I/O; so is every module of ``dht/`` and ``groups/`` except
+4. **Pure layers are pure.** Every module in ``wire/``, and in ``transfer/`` and ``reach/``
+   outside their ``aio/`` folders, is sans-I/O; so is every module of ``dht/`` and ``groups/`` except
    the I/O edge (the modules named in ``IO_MODULE_NAMES``, and the package's
    ``__init__``); so is every base module except the ones that touch the file system,
    the process or the loop (``BASE_IO``). A pure module imports none of asyncio,
@@ -42,15 +43,17 @@ RANKS = {
     "store": 1,
     "dht": 2,
     "transfer": 2,
+    "reach": 2,
     "transfer.aio": 3,
     "groups": 3,
     "files": 4,
+    "reach.aio": 4,
     "node": 5,
     "sim": 6,
     "cli": 7,
     "__main__": 8,
 }
-PURE_LAYERS = frozenset({"wire", "transfer"})
+PURE_LAYERS = frozenset({"wire", "transfer", "reach"})
 MIXED_LAYERS = frozenset({"dht", "groups"})  # pure, except modules named in IO_MODULE_NAMES
 # The I/O edge of a mixed layer: the modules built on the event loop or on kademlia's
 # asyncio classes (``kademlia.routing`` schedules pings itself).
@@ -81,8 +84,8 @@ def layer_of(module: str, is_package: bool = False) -> str:
         return "__main__"
     if len(parts) == 1 or (len(parts) == 2 and not is_package and parts[1] not in RANKS):
         return "base"
-    if parts[1] == "transfer" and len(parts) > 2 and parts[2] == "aio":
-        return "transfer.aio"
+    if parts[1] in ("transfer", "reach") and len(parts) > 2 and parts[2] == "aio":
+        return f"{parts[1]}.aio"
     return parts[1]
 
 
@@ -188,7 +191,7 @@ def violations(imports: list[Import], packages: frozenset[str] = frozenset()) ->
                 out.append(f"{where}: cli imports sim at module level (only lazily)")
         elif src != dst and RANKS[dst] >= RANKS[src] and imp.target != "dhtshare":
             out.append(f"{where}: {src} imports {imp.target} ({dst} is not below {src})")
-        if src in ("transfer", "transfer.aio") and dst in ("dht", "groups"):
+        if src in ("transfer", "transfer.aio") and dst in ("dht", "groups", "reach", "reach.aio"):
             out.append(f"{where}: transfer imports {imp.target}")
         if (
             is_pure(imp.importer, imp.importer in packages)
@@ -298,6 +301,9 @@ def _check(module: str, source: str, is_package: bool = False) -> list[str]:
         ("dhtshare.cli.main", "from dhtshare.sim.runner import run_simulation\n", "imports sim"),
         ("dhtshare.sim.runner", "from dhtshare.cli.display import ProgressLine\n", "sim imports"),
         ("dhtshare.dht.server", "from dhtshare.transfer.picker import BLOCK_SIZE\n", "dht imports"),
+        ("dhtshare.reach.punch", "import socket\n", "pure module imports socket"),
+        ("dhtshare.transfer.aio.download", "from dhtshare.reach.aio import punch\n", "transfer"),
+        ("dhtshare.reach.aio.relay", "from dhtshare.node.service import Node\n", "reach.aio imp"),
     ],
 )
 def test_a_bad_import_is_caught(module: str, source: str, expected: str) -> None:
