@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import socket
 import sys
 import termios
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -48,6 +49,7 @@ __all__ = [
     "PeerStream",
     "accept_peer",
     "open_peer",
+    "open_peer_on",
     "server_protocol",
 ]
 
@@ -419,6 +421,32 @@ async def open_peer(
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(handshake_timeout):
         _, protocol = await loop.create_connection(lambda: PeerProtocol(conn), host, port)
+    return await _handshaken(protocol, handshake_timeout, read_timeout)
+
+
+async def open_peer_on(
+    sock: socket.socket,
+    identity: Identity,
+    group_id: bytes,
+    content_id: bytes,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    read_timeout: float | None = READ_TIMEOUT,
+) -> PeerStream:
+    """``open_peer`` over ``sock``, already connected (a punched connection or a relayed
+    circuit): the client handshake checks the peer's key as on any connection.
+
+    The stream owns ``sock`` from the start: it is closed if the handshake fails."""
+    conn = PeerConnection(
+        Role.CLIENT, identity.signing_key, group_id=group_id, content_id=content_id
+    )
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        _, protocol = await loop.create_connection(lambda: PeerProtocol(conn), sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     return await _handshaken(protocol, handshake_timeout, read_timeout)
 
 
