@@ -8,9 +8,16 @@ view: addresses that sent us a request have most likely validated us (they answe
 replies and ping us back), so requests to any other address are padded to let the
 reply fit the responder's budget.
 
+An address that answered our ping with empty bytes runs in DHT client mode (it is not
+publicly reachable): it is validated, and marked a *client* until a given time, during
+which it is neither added to the routing table nor pinged back again.
+
+``DialBackLimit`` bounds the reachability dial-backs (RPC ``reach``) a node sends: a
+token bucket per asker IP and one over all askers.
+
 Every table is a bounded LRU. Forgetting an unvalidated address drops its received and
 sent counts together, so over any run the bytes sent to an address stay within
-``factor`` times the bytes received from it. Pure: no I/O, no clock.
+``factor`` times the bytes received from it. Pure: no I/O, no clock (``now`` is passed in).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
-__all__ = ["AntiAmplification"]
+__all__ = ["AntiAmplification", "DialBackLimit"]
 
 Address = tuple[str, int]
 _V = TypeVar("_V")
@@ -65,11 +72,13 @@ class AntiAmplification:
         max_budgets: int = 4096,
         max_validated: int = 16384,
         max_heard: int = 16384,
+        max_clients: int = 4096,
     ) -> None:
         self.factor = factor
         self._budgets: _Lru[list[int]] = _Lru(max_budgets)  # [received, sent]
         self._validated: _Lru[bytes] = _Lru(max_validated)  # id it answered with, or b""
         self._heard: _Lru[bool] = _Lru(max_heard)
+        self._clients: _Lru[float] = _Lru(max_clients)  # client until this time
 
     # ---- responder side -------------------------------------------------------------
 
@@ -87,6 +96,24 @@ class AntiAmplification:
         held = self._validated.get(addr)
         self._validated.put(addr, node_id if node_id is not None else held or b"")
         self._budgets.pop(addr)
+        if node_id:
+            self._clients.pop(addr)  # it answers pings with its id again: a server
+
+    def mark_client(self, addr: Address, until: float) -> None:
+        """``addr`` answered a ping with empty bytes: a client (validated) until ``until``."""
+        self.validate(addr)
+        self._validated.put(addr, b"")
+        self._clients.put(addr, until)
+
+    def is_client(self, addr: Address, now: float) -> bool:
+        """True if ``addr`` was marked a client and the mark has not run out at ``now``."""
+        until = self._clients.get(addr)
+        if until is None:
+            return False
+        if until <= now:
+            self._clients.pop(addr)
+            return False
+        return True
 
     def received(self, addr: Address, size: int) -> None:
         """Count ``size`` bytes that arrived from ``addr``."""
@@ -126,3 +153,50 @@ class AntiAmplification:
     def has_heard(self, addr: Address) -> bool:
         """True if ``addr`` sent us a request lately (it has most likely validated us)."""
         return self._heard.get(addr) is not None
+
+
+class DialBackLimit:
+    """Token buckets for reachability dial-backs: one per asker IP, one over all askers.
+
+    Each IP may have ``per_ip`` dial-backs at once and earns one back every
+    ``per_ip_every`` seconds; all askers together ``total`` at once and one back every
+    ``total_every`` seconds. At most ``max_ips`` IPs are remembered (least recently
+    used forgotten: a forgotten IP starts full again, so the total bucket is what
+    bounds an asker with many addresses).
+    """
+
+    def __init__(
+        self,
+        *,
+        per_ip: int = 3,
+        per_ip_every: float = 20.0,
+        total: int = 32,
+        total_every: float = 0.1,
+        max_ips: int = 4096,
+    ) -> None:
+        self.per_ip, self.per_ip_every = per_ip, per_ip_every
+        self.total, self.total_every = total, total_every
+        self._ips: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> (tokens, at)
+        self._max_ips = max_ips
+        self._all: tuple[float, float] | None = None
+
+    @staticmethod
+    def _refill(held: tuple[float, float] | None, cap: int, every: float, now: float) -> float:
+        if held is None:
+            return float(cap)
+        tokens, at = held
+        return min(float(cap), tokens + max(0.0, now - at) / every)
+
+    def allow(self, ip: str, now: float) -> bool:
+        """Take one dial-back for ``ip`` at ``now`` if both buckets have a token."""
+        mine = self._refill(self._ips.get(ip), self.per_ip, self.per_ip_every, now)
+        everyone = self._refill(self._all, self.total, self.total_every, now)
+        ok = mine >= 1 and everyone >= 1
+        if ok:
+            mine, everyone = mine - 1, everyone - 1
+        self._ips[ip] = (mine, now)
+        self._ips.move_to_end(ip)
+        while len(self._ips) > self._max_ips:
+            self._ips.popitem(last=False)
+        self._all = (everyone, now)
+        return ok

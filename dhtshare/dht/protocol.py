@@ -16,6 +16,14 @@ to an address that has not answered one of our requests stay within 3x the bytes
 sent (``antiamp.py``); such an address is pinged back before it may join the routing
 table, and only addresses that answered are pushed records (``closeness.py`` decides
 which, cheaply). See docs/dht.md.
+
+Reachability (issue #16): RPC ``reach(nodeid, nonce)`` answers the address the request
+came from, ``[ip, port, dialing]``; if that address is validated and ``DialBackLimit``
+allows, the node also dials it back (``dialback.py``): a ``dialback(nodeid, nonce)``
+request from a fresh UDP socket, which gets no reply and welcomes nobody, and a TCP
+DIALBACK frame. A node in *client mode* (not publicly reachable) answers ``ping`` with
+empty bytes; such an address is validated but marked a client for ``CLIENT_TTL``
+seconds: never added to the routing table (removed if it was there), not pinged back.
 """
 
 from __future__ import annotations
@@ -31,22 +39,24 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
-from dhtshare.dht.antiamp import AntiAmplification
+from dhtshare.dht.antiamp import AntiAmplification, DialBackLimit
 from dhtshare.dht.closeness import PushFilter
 from dhtshare.dht.contacts import Contact, parse_contact, parse_host
+from dhtshare.dht.dialback import dial_back
 from dhtshare.dht.sources import UNVALIDATED
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, ValidatingStorage
 from dhtshare.errors import DhtError
 from dhtshare.stats import Counters
 from dhtshare.tasks import spawn_logged
+from dhtshare.wire.dialback import NONCE_SIZE
 
-__all__ = ["MAX_DATAGRAM", "DhtProtocol", "RpcTimeouts"]
+__all__ = ["CLIENT_TTL", "MAX_DATAGRAM", "DhtProtocol", "ReachReply", "RpcTimeouts"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +88,19 @@ _MAX_VALIDATIONS = 256
 _ANY_ID = bytes(ID_LEN)
 #: Bytes of one ping request: what a ping-back costs in a new sender's budget.
 PING_BYTES = 1 + MSG_ID_LEN + len(umsgpack.packb(["ping", [_ANY_ID]]))
+#: Seconds an address that answered a ping as a DHT client stays out of the table.
+CLIENT_TTL = 300.0
 
 Reply = tuple[bool, Any]
+DialBackSink = Callable[[bytes, tuple[str, int]], None]
+
+
+class ReachReply(NamedTuple):
+    """A ``reach`` answer: the address the responder saw us at, and whether it dials back."""
+
+    host: str
+    port: int
+    dialing: bool
 
 
 def _codec() -> tuple[Callable[[Any], bytes], Callable[[bytes], Any]]:
@@ -176,8 +197,19 @@ _RPCS: Mapping[str, _Rpc] = MappingProxyType(
             lambda p, s, a: p.rpc_find_value(s, *a),
             paddable=True,
         ),
+        "reach": _Rpc(
+            2,
+            lambda a: _is_id(a[0]) and _is_nonce(a[1]),
+            lambda p, s, a: p.rpc_reach(s, *a),
+        ),
+        # unanswered: handled by ``_on_dialback`` before any other request handling
+        "dialback": _Rpc(2, lambda a: _is_id(a[0]) and _is_nonce(a[1]), lambda p, s, a: None),
     }
 )
+
+
+def _is_nonce(value: object) -> bool:
+    return isinstance(value, bytes) and len(value) == NONCE_SIZE
 
 
 def _is_padding(value: object) -> bool:
@@ -303,6 +335,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._push_scans = asyncio.Semaphore(_PUSH_SCANS)
         self._family: int | None = None
         self._own_address: tuple[str, int] | None = None
+        self.client_mode = False
+        #: Called with ``(nonce, source)`` for each ``dialback`` datagram received.
+        self.dialback_sink: DialBackSink | None = None
+        self.dialback_limit = DialBackLimit()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Keep the transport and learn our own address and its family."""
@@ -362,6 +398,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.incr("drop.bad_request")
             return
         name, args = parsed
+        if name == "dialback":
+            self._on_dialback(args[1], addr)
+            return
         ping_back = self._welcome_sender(Node(args[0], addr[0], addr[1]))
         try:
             reply = _RPCS[name].handler(self, addr, args)
@@ -386,6 +425,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         # The reply carries our random message id: the address receives what we send.
         answered_as = body if pending.name == "ping" and isinstance(body, bytes) else None
         self._amp.validate(addr, answered_as if _is_id(answered_as) else None)
+        if answered_as == b"":
+            self._amp.mark_client(addr, time.monotonic() + CLIENT_TTL)
+            self.stats.incr("client_seen")
         checked = self._check_reply(pending.name, body)
         if checked is None:
             self.stats.incr("drop.bad_reply")
@@ -403,7 +445,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         only a reply whose outer shape is wrong fails as a whole.
         """
         if name == "ping":
-            return body if _is_id(body) else None
+            return body if _is_id(body) or body == b"" else None
+        if name == "reach":
+            return self._reach_reply(body)
         if name == "store":
             return body if isinstance(body, bool) else None
         if isinstance(body, list):
@@ -417,6 +461,13 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if len(kept) < len(values):
             self.stats.incr("drop.bad_value", len(values) - len(kept))
         return {"value": kept, "nodes": nodes} if kept else nodes
+
+    @staticmethod
+    def _reach_reply(body: object) -> ReachReply | None:
+        if not isinstance(body, list) or len(body) != 3 or not isinstance(body[2], bool):
+            return None
+        address = _address((body[0], body[1]))
+        return None if address is None else ReachReply(address[0], address[1], body[2])
 
     def _contacts(self, value: object) -> list[Contact] | None:
         """Checked contacts: usable addresses of our family, not ours, one per address."""
@@ -481,8 +532,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     # ---- outgoing RPCs ---------------------------------------------------------
 
     def ping(self, address: tuple[str, int], nodeid: bytes) -> asyncio.Future[Reply]:
-        """Send ``ping``; the future gives ``(answered, their_id)``."""
+        """Send ``ping``; the future gives ``(answered, their_id)`` (``b""``: a client)."""
         return self._call(address, "ping", nodeid)
+
+    def reach(self, address: tuple[str, int], nodeid: bytes, nonce: bytes) -> asyncio.Future[Reply]:
+        """Send ``reach``; the future gives ``(answered, ReachReply)``."""
+        return self._call(address, "reach", nodeid, nonce)
 
     def store(
         self, address: tuple[str, int], nodeid: bytes, key: bytes, value: bytes
@@ -609,6 +664,12 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         replaces ``node`` in the table (``welcome_if_new``).
         """
         answered, body = result
+        if answered and body == b"":  # a ping answered by a node in client mode
+            self._failures.pop(node.id, None)
+            if self.is_known(node):
+                self.router.remove_contact(node)
+                self.stats.incr("contact_client_removed")
+            return result
         if answered and _is_id(body) and body != node.id:
             self._failures.pop(node.id, None)
             self.welcome_if_new(Node(body, node.ip, node.port))
@@ -644,6 +705,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         address = (node.ip, node.port)
         if node.id == self.source_node.id or self._unusable(address) or self.is_known(node):
             return False
+        if self._amp.is_client(address, time.monotonic()):
+            return False
         if self._amp.answered_as(address) == node.id:
             self.welcome_if_new(node)
             return False
@@ -670,6 +733,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         id it answers with is welcomed (``_pinged_back``).
         """
         address = (node.ip, node.port)
+        if self._amp.is_client(address, time.monotonic()):
+            return
         if self._amp.answered_as(address) == node.id:
             self.welcome_if_new(node)
         elif self._welcome_sender(node):
@@ -693,7 +758,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             if future.cancelled() or self._closed:
                 return
             answered, their_id = future.result()
-            if answered:
+            if answered and _is_id(their_id):
                 self.welcome_if_new(Node(their_id, address[0], address[1]))
         except Exception:
             self.stats.incr("error.callback")
@@ -715,6 +780,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if node.id == self.source_node.id or self.is_known(node):
             return
         if self._unusable((node.ip, node.port)):
+            return
+        if self._amp.is_client((node.ip, node.port), time.monotonic()):
             return
         if self._amp.answered_as((node.ip, node.port)) == node.id and self.router.replace_at(node):
             self.stats.incr("contact_replaced")  # the address answers as a new id now
@@ -815,8 +882,41 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         return [tuple(n) for n in self.nearest(key, exclude=source)]
 
     def rpc_ping(self, sender: tuple[str, int], nodeid: bytes) -> bytes:
-        """Our node id (the sender was welcomed or pinged back by ``_on_request``)."""
-        return bytes(self.source_node.id)
+        """Our node id, or empty bytes in client mode (so the sender leaves us out of its
+        routing table). The sender was welcomed or pinged back by ``_on_request``."""
+        return b"" if self.client_mode else bytes(self.source_node.id)
+
+    def rpc_reach(self, sender: tuple[str, int], nodeid: bytes, nonce: bytes) -> list[Any]:
+        """``[ip, port, dialing]``: where the request came from, and whether we dial it back.
+
+        Only ``sender`` is ever dialled, only if it is validated (it answered one of our
+        requests, so it is not a spoofed third party) and ``dialback_limit`` allows. The
+        dial-back task starts after this reply is sent.
+        """
+        dialing = self._amp.is_validated(sender) and self.dialback_limit.allow(
+            sender[0], time.monotonic()
+        )
+        if dialing:
+            self.stats.incr("dialback.sent")
+            body = packb(["dialback", [bytes(self.source_node.id), nonce]])
+            datagram = _REQUEST + os.urandom(MSG_ID_LEN) + body
+            self._spawn(dial_back(sender, nonce, datagram, self._local_host()))
+        else:
+            self.stats.incr("dialback.refused")
+        return [sender[0], sender[1], dialing]
+
+    def _local_host(self) -> str | None:
+        """The address our socket is bound to, unless it is the unspecified one."""
+        if self._own_address is None or self._own_address[0] in ("0.0.0.0", "::"):
+            return None
+        return self._own_address[0]
+
+    def _on_dialback(self, nonce: bytes, source: tuple[str, int]) -> None:
+        """A UDP dial-back arrived: hand it to ``dialback_sink``; never answered."""
+        self.stats.incr("rpc_in.dialback")
+        sink = self.dialback_sink
+        if sink is not None:
+            sink(nonce, source)
 
     def rpc_store(self, sender: tuple[str, int], nodeid: bytes, key: bytes, value: bytes) -> bool:
         """Keep ``value`` only if it is a valid record for ``key``; reply whether it was kept."""

@@ -32,7 +32,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dhtshare.atomic import read_json, write_json
-from dhtshare.dht.protocol import DhtProtocol, Reply, RpcTimeouts
+from dhtshare.dht.protocol import DhtProtocol, DialBackSink, ReachReply, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.sources import source_of
 from dhtshare.dht.storage import ValidatingStorage
@@ -338,13 +338,41 @@ class DhtNode(Server):  # type: ignore[misc]
         return [
             Node(reply[1], str(a[0]), int(a[1]))
             for a, reply in zip(addrs, replies, strict=True)
-            if reply[0] and reply[1] != self.node.id
+            if reply[0] and len(reply[1]) == len(self.node.id) and reply[1] != self.node.id
         ]
 
     async def ping(self, address: Address) -> bool:
         """Whether ``address`` answers a DHT ping (the RPC timeout bounds the wait)."""
         answered, _ = await self._proto().ping(address, self.node.id)
         return bool(answered)
+
+    async def reach(self, address: Address, nonce: bytes) -> ReachReply | None:
+        """Ask ``address`` where it sees us and to dial us back with ``nonce`` (16 bytes).
+
+        None if it did not answer (the RPC timeout bounds the wait). The dial-backs, if
+        ``dialing``, arrive at the sink set by ``set_dialback_sink`` (UDP) and at the
+        peer server on our TCP port (``DIALBACK`` frame).
+        """
+        answered, reply = await self._proto().reach(address, self.node.id, nonce)
+        return reply if answered and isinstance(reply, ReachReply) else None
+
+    def rpc_timeout(self, address: Address) -> float:
+        """The timeout the next RPC to ``address`` gets (from its measured round trips)."""
+        return self._proto().rpc_timeout(address)
+
+    def set_dialback_sink(self, sink: DialBackSink | None) -> None:
+        """Call ``sink(nonce, source)`` for each UDP dial-back datagram this node receives."""
+        self._proto().dialback_sink = sink
+
+    @property
+    def client_mode(self) -> bool:
+        """True while the node runs in DHT client mode (answers pings with empty bytes, so
+        other nodes keep it out of their routing tables). Its own lookups work as before."""
+        return self.protocol is not None and self.protocol.client_mode
+
+    def set_client_mode(self, client: bool) -> None:
+        """Enter (True) or leave (False) DHT client mode."""
+        self._proto().client_mode = client
 
     def contact_count(self) -> int:
         """Contacts in the routing table (not counting replacement caches)."""

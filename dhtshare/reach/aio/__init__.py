@@ -1,0 +1,1 @@
+"""Reachability: address discovery, dial-backs, relays and hole punching (issue #16)."""

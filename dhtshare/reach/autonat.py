@@ -1,0 +1,264 @@
+"""The reachability test's rules: observed-address votes, dial-back evidence, the verdict.
+
+A node asks a few DHT peers ``reach`` with a fresh random nonce each. Every answer is a
+vote for the address that peer saw us at; the address most peers saw is the node's
+observed (public) address. A peer that says it is dialing back sends the nonce twice,
+unsolicited: by UDP from a fresh port and by a new TCP connection. A peer *confirms*
+only if its nonce arrived on both (a UDP nonce from the very address we asked counts
+for nothing: it came back through our own NAT mapping). Nonces are unguessable, so a
+third party cannot confirm for a peer, and a peer that lies about dialing (or sends
+nothing) only fails to confirm.
+
+Verdict of one round (``ReachRound.verdict``):
+
+- ``PUBLIC``: every asked peer answered or failed, and a peer that observed the
+  majority address confirmed;
+- ``PRIVATE``: the dial-back deadline passed, at least ``min_private`` peers answered
+  that they were dialing, and none confirmed;
+- ``UNKNOWN``: the deadline passed without either (too few peers, none dialing).
+
+The deadline is the last answer's time plus ``dialback_wait(rtt)`` of the slowest
+answering peer. ``Reachability`` keeps the node's verdict across rounds and says when
+to test again. Pure: no I/O, no clock; every time is passed in (seconds).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+__all__ = [
+    "ReachRound",
+    "ReachState",
+    "Reachability",
+    "Verdict",
+    "dialback_wait",
+    "format_address",
+]
+
+Address = tuple[str, int]
+
+#: Bounds of the wait for dial-backs after a peer's answer (seconds).
+MIN_WAIT = 1.0
+MAX_WAIT = 5.0
+
+
+class Verdict(StrEnum):
+    """Whether other nodes can reach this one, unsolicited, at its observed address."""
+
+    PUBLIC = "public"
+    PRIVATE = "private"
+    UNKNOWN = "unknown"
+
+
+def dialback_wait(rtt: float) -> float:
+    """Seconds to wait for a peer's dial-backs after its answer: ``4 * rtt``, bounded.
+
+    A TCP dial-back lands about one round trip after the answer (the connect's
+    handshake); four leave room for a busy peer.
+    """
+    return min(max(4 * rtt, MIN_WAIT), MAX_WAIT)
+
+
+def format_address(address: Address | None) -> str | None:
+    """``"IP:port"`` (``"[IP]:port"`` for IPv6), or None."""
+    if address is None:
+        return None
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(slots=True)
+class _Asked:
+    peer: Address
+    nonce: bytes
+    observed: Address | None = None
+    dialing: bool = False
+    ended: bool = False  # answered, or gave up
+    udp: bool = False
+    tcp: bool = False
+
+    @property
+    def confirmed(self) -> bool:
+        return self.udp and self.tcp
+
+
+@dataclass(slots=True)
+class ReachRound:
+    """One test: the peers asked (each with its own nonce), their answers, the dial-backs."""
+
+    started: float
+    min_private: int = 2
+    _asked: dict[bytes, _Asked] = field(default_factory=dict)  # nonce -> peer's entry
+    _deadline: float | None = None
+
+    def ask(self, peer: Address, nonce: bytes) -> None:
+        """``peer`` is being asked with ``nonce`` (unique per peer and round)."""
+        if nonce in self._asked:
+            raise ValueError("a nonce is used for one peer only")
+        self._asked[nonce] = _Asked(peer, nonce)
+
+    def _entry(self, peer: Address) -> _Asked | None:
+        return next((a for a in self._asked.values() if a.peer == peer), None)
+
+    def answered(
+        self, peer: Address, observed: Address, dialing: bool, rtt: float, now: float
+    ) -> None:
+        """``peer`` answered: it saw us at ``observed`` and says whether it dials back."""
+        entry = self._entry(peer)
+        if entry is None:
+            return
+        entry.observed, entry.dialing, entry.ended = observed, dialing, True
+        due = now + dialback_wait(rtt)
+        self._deadline = due if self._deadline is None else max(self._deadline, due)
+
+    def failed(self, peer: Address) -> None:
+        """``peer`` did not answer (the RPC timed out)."""
+        entry = self._entry(peer)
+        if entry is not None and entry.observed is None:
+            entry.ended = True
+
+    def arrived(self, nonce: bytes, tcp: bool, source: Address) -> bool:
+        """A dial-back carrying ``nonce`` arrived (by TCP or UDP) from ``source``.
+
+        True if it is new evidence. Unknown nonces count for nothing, and so does a
+        UDP nonce from the asked peer's own address (not a fresh socket).
+        """
+        entry = self._asked.get(bytes(nonce))
+        if entry is None:
+            return False
+        if tcp:
+            new, entry.tcp = not entry.tcp, True
+        else:
+            if source == entry.peer:
+                return False
+            new, entry.udp = not entry.udp, True
+        return new
+
+    @property
+    def peers(self) -> list[Address]:
+        """The peers asked, in asking order."""
+        return [a.peer for a in self._asked.values()]
+
+    def nonce_of(self, peer: Address) -> bytes | None:
+        entry = self._entry(peer)
+        return None if entry is None else entry.nonce
+
+    def observed(self, previous: Address | None = None) -> Address | None:
+        """The address most answering peers saw us at (a tie keeps ``previous`` if it is
+        among the most seen, else the one seen first), or None if nobody answered."""
+        votes = Counter(a.observed for a in self._asked.values() if a.observed is not None)
+        if not votes:
+            return None
+        best = max(votes.values())
+        tied = [address for address, n in votes.items() if n == best]
+        return previous if previous in tied else tied[0]
+
+    def confirmed(self) -> list[Address]:
+        """The peers whose nonce came back on both UDP and TCP."""
+        return [a.peer for a in self._asked.values() if a.confirmed]
+
+    @property
+    def settled(self) -> bool:
+        """True once every asked peer answered or failed."""
+        return all(a.ended for a in self._asked.values())
+
+    @property
+    def deadline(self) -> float | None:
+        """When the wait for dial-backs ends (None until a peer answered)."""
+        return self._deadline
+
+    def verdict(self, now: float, previous: Address | None = None) -> Verdict | None:
+        """The round's verdict at ``now``, or None while it must wait for more."""
+        if not self.settled:
+            return None
+        address = self.observed(previous)
+        entries = list(self._asked.values())
+        if any(a.confirmed and a.observed == address for a in entries):
+            return Verdict.PUBLIC
+        if self._deadline is not None and now < self._deadline:
+            return None
+        dialing = [a for a in entries if a.dialing]
+        if len(dialing) >= self.min_private and not any(a.confirmed for a in dialing):
+            return Verdict.PRIVATE
+        return Verdict.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class ReachState:
+    """What the node knows of its reachability: the verdict and its observed address."""
+
+    verdict: Verdict = Verdict.UNKNOWN
+    observed: Address | None = None  # the address most peers saw us at
+    tested_at: float | None = None  # when the last round ended
+    rounds: int = 0
+
+    @property
+    def public_address(self) -> str | None:
+        """``"IP:port"`` of the observed address, or None before any peer answered."""
+        return format_address(self.observed)
+
+
+class Reachability:
+    """The verdict across rounds, and when to test again.
+
+    A round that reached no verdict (``UNKNOWN``) keeps the previous one; the node
+    tests again after ``unknown_every`` seconds (for the first ``quick_rounds``
+    inconclusive rounds, then ``slow_every``), and after ``settled_every`` once it
+    knows. A round whose observed address differs from the last one's is followed at
+    once by another, which tests the new address again (once: a NAT that maps every
+    destination to another port changes it every round).
+    """
+
+    def __init__(
+        self,
+        *,
+        peers: int = 4,
+        min_private: int = 2,
+        unknown_every: float = 5.0,
+        quick_rounds: int = 6,
+        slow_every: float = 60.0,
+        settled_every: float = 300.0,
+    ) -> None:
+        self.peers = peers
+        self.min_private = min_private
+        self.unknown_every = unknown_every
+        self.quick_rounds = quick_rounds
+        self.slow_every = slow_every
+        self.settled_every = settled_every
+        self.state = ReachState()
+        self._inconclusive = 0
+        self._next: float | None = None  # None: test now
+        self._retesting = False
+
+    def begin(self, now: float) -> ReachRound:
+        """A new round starting at ``now``."""
+        return ReachRound(now, self.min_private)
+
+    def finish(self, done: ReachRound, verdict: Verdict, now: float) -> ReachState:
+        """Record ``done``'s ``verdict`` (from ``ReachRound.verdict``); the new state."""
+        old = self.state
+        observed = done.observed(old.observed) or old.observed
+        changed = old.observed is not None and observed != old.observed
+        if verdict is Verdict.UNKNOWN:
+            self._inconclusive += 1
+            quick = self._inconclusive <= self.quick_rounds
+            self._next = now + (self.unknown_every if quick else self.slow_every)
+            verdict = old.verdict
+        else:
+            self._inconclusive = 0
+            self._next = now + self.settled_every
+        self._retesting = changed and not self._retesting
+        if self._retesting:
+            self._next = now
+        self.state = ReachState(verdict, observed, now, old.rounds + 1)
+        return self.state
+
+    def due(self, now: float) -> float:
+        """Seconds until the next round should start (0: now)."""
+        return 0.0 if self._next is None else max(0.0, self._next - now)
+
+    def retest_now(self) -> None:
+        """Test again as soon as possible (the network changed)."""
+        self._next = None

@@ -1,0 +1,282 @@
+"""The reachability test on real DHT nodes on loopback (127.x): dial-backs, verdicts and
+DHT client mode.
+
+Each node listens for TCP dial-backs on its DHT port number with a small listener of
+its own (``Listener``: one DIALBACK frame, handed to the service), as a PeerServer does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from conftest import peer_record
+
+from dhtshare.dht.dialback import send_tcp
+from dhtshare.dht.protocol import DhtProtocol, packb
+from dhtshare.dht.server import DhtNode
+from dhtshare.identity import Identity
+from dhtshare.reach.aio.reachability import ReachabilityService
+from dhtshare.reach.autonat import Verdict
+from dhtshare.sim.network import loopback_host
+from dhtshare.wire.dialback import decode_dialback
+from dhtshare.wire.frames import FRAME_HEADER_SIZE, FrameType
+
+pytestmark = pytest.mark.timeout(60)
+
+Address = tuple[str, int]
+
+
+class Listener:
+    """A TCP listener on a node's DHT port: each DIALBACK first frame goes to ``sink``."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.sink: Any = None
+        self.got: list[tuple[bytes, Address]] = []
+        self.arrived = asyncio.Event()
+
+    async def start(self, address: Address) -> None:
+        self.server = await asyncio.start_server(self._on_conn, address[0], address[1])
+
+    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readexactly(FRAME_HEADER_SIZE)
+            length, kind = int.from_bytes(head[:4], "big"), head[4]
+            if kind == FrameType.DIALBACK and length <= 64:
+                nonce = decode_dialback(await reader.readexactly(length))
+                peer = writer.get_extra_info("peername")
+                source = (str(peer[0]), int(peer[1]))
+                self.got.append((nonce, source))
+                self.arrived.set()
+                if self.sink is not None:
+                    self.sink(nonce, source)
+        except (asyncio.IncompleteReadError, OSError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class Net:
+    """DHT nodes, each on its own loopback address, around the first one."""
+
+    def __init__(self) -> None:
+        self.nodes: list[DhtNode] = []
+        self.listeners: list[Listener] = []
+
+    async def node(self, *, tcp: bool = True, join: bool = True, client: bool = False) -> DhtNode:
+        dht = DhtNode(ksize=8)
+        await dht.listen(0, loopback_host(len(self.nodes) + 1))
+        self.nodes.append(dht)
+        if tcp:
+            listener = Listener()
+            await listener.start(dht.address)
+            self.listeners.append(listener)
+        if client:
+            dht.set_client_mode(True)
+        if join and len(self.nodes) > 1:
+            assert await dht.bootstrap([self.nodes[0].address]) > 0
+        return dht
+
+    def listener_of(self, dht: DhtNode) -> Listener:
+        # listeners are made in node order, skipping nodes without one
+        for listener in self.listeners:
+            assert listener.server is not None
+            if listener.server.sockets[0].getsockname()[:2] == dht.address:
+                return listener
+        raise LookupError(dht.address)
+
+    def service(self, dht: DhtNode, **kwargs: Any) -> ReachabilityService:
+        service = ReachabilityService(dht, **kwargs)
+        service.attach(None)
+        with contextlib.suppress(LookupError):
+            self.listener_of(dht).sink = service.on_tcp
+        return service
+
+    async def settle(self) -> None:
+        """Wait for every ping-back in flight (each ends within one RPC timeout)."""
+        await asyncio.gather(*(n._proto().validations() for n in self.nodes))
+
+
+@pytest.fixture
+async def net() -> AsyncIterator[Net]:
+    network = Net()
+    try:
+        yield network
+    finally:
+        for listener in network.listeners:
+            listener.close()
+        await asyncio.gather(*(n.aclose() for n in network.nodes))
+
+
+async def servers(net: Net, count: int) -> list[DhtNode]:
+    """The bootstrap node and ``count - 1`` more servers that joined through it."""
+    out = [await net.node()]
+    for _ in range(count - 1):
+        out.append(await net.node())
+    await net.settle()
+    return out
+
+
+async def test_a_reachable_node_is_public_at_once(net: Net) -> None:
+    await servers(net, 4)
+    me = await net.node()
+    await net.settle()
+    service = net.service(me)
+    started = time.monotonic()
+    state = await service.test_once()
+    seconds = time.monotonic() - started
+    assert state.verdict is Verdict.PUBLIC
+    assert state.observed == me.address
+    assert state.public_address == "{}:{}".format(*me.address)
+    assert not me.client_mode
+    assert seconds < 0.5, seconds  # the dial-backs arrive at once on loopback
+
+
+async def test_no_tcp_dial_back_means_private_and_client_mode(net: Net) -> None:
+    await servers(net, 4)
+    me = await net.node(tcp=False)  # nothing listens on its TCP port: like a NAT
+    await net.settle()
+    others = net.nodes[:-1]
+    assert any(me.node.id in {c.id for c in o.contacts()} for o in others)
+    service = net.service(me)
+    started = time.monotonic()
+    state = await service.test_once()
+    seconds = time.monotonic() - started
+    assert state.verdict is Verdict.PRIVATE
+    assert me.client_mode
+    assert 1.0 <= seconds < 3.0, seconds  # the dial-back deadline's floor
+    # a node that had it in its table pings it, hears a client, and drops it
+    for other in others:
+        if me.node.id in {c.id for c in other.contacts()}:
+            answered, body = await other._proto().ping(me.address, other.node.id)
+            assert answered and body == b""
+            held = next(c for c in other.contacts() if c.id == me.node.id)
+            other._proto().handle_call_response((True, b""), held)
+            assert me.node.id not in {c.id for c in other.contacts()}
+    # and once it is reachable again, a public verdict puts it back in server mode
+    listener = Listener()
+    await listener.start(me.address)
+    net.listeners.append(listener)
+    listener.sink = service.on_tcp
+    assert (await service.test_once()).verdict is Verdict.PUBLIC
+    assert not me.client_mode
+
+
+async def test_dial_back_goes_only_to_a_validated_asker_and_is_rate_limited(net: Net) -> None:
+    responder = await net.node()
+    asker = await net.node(join=False)
+    listener = net.listener_of(asker)
+    udp: list[tuple[bytes, Address]] = []
+    asker.set_dialback_sink(lambda nonce, source: udp.append((nonce, source)))
+    nonce = os.urandom(16)
+    # first contact: the responder has not validated the asker: it answers, dials nothing,
+    # and pings the asker back
+    reply = await asker.reach(responder.address, nonce)
+    assert reply is not None and (reply.host, reply.port) == asker.address
+    assert not reply.dialing
+    await responder._proto().validations()
+    assert responder._proto()._amp.is_validated(asker.address)
+    # validated now: dialled back, by UDP from a fresh port and by TCP, at the observed address
+    for _ in range(3):  # DialBackLimit: 3 per asker IP at once
+        listener.arrived.clear()
+        reply = await asker.reach(responder.address, nonce)
+        assert reply is not None and reply.dialing
+        async with asyncio.timeout(5):
+            await listener.arrived.wait()
+    assert [n for n, _ in listener.got] == [nonce] * 3
+    assert len(udp) == 3 and all(n == nonce for n, _ in udp)
+    assert all(source != responder.address for _, source in udp)  # fresh sockets
+    reply = await asker.reach(responder.address, nonce)
+    assert reply is not None and not reply.dialing  # rate limited
+    assert responder.stats["dialback.sent"] == 3
+
+
+async def test_an_address_that_never_answered_is_never_dialled(net: Net) -> None:
+    responder = await net.node()
+    # a raw socket sends reach and never answers anything (as a spoofed source would not)
+    raw = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    raw.bind((loopback_host(50), 0))
+    raw.setblocking(False)
+    listener = Listener()
+    await listener.start(raw.getsockname())
+    net.listeners.append(listener)
+    loop = asyncio.get_running_loop()
+    try:
+        for _ in range(5):
+            msg_id = os.urandom(20)
+            body = packb(["reach", [os.urandom(20), os.urandom(16)]])
+            raw.sendto(b"\x00" + msg_id + body, responder.address)
+            async with asyncio.timeout(5):
+                while True:
+                    data = await loop.sock_recv(raw, 9000)
+                    if data[1:21] == msg_id:
+                        break
+        await responder._proto().validations()  # the ping-backs time out
+    finally:
+        raw.close()
+    assert responder.stats["dialback.sent"] == 0
+    assert responder.stats["dialback.refused"] == 5
+    assert listener.got == []
+
+
+class Liar(DhtProtocol):
+    """Says it dials back, then does something that must not count."""
+
+    mode = "silent"
+
+    def rpc_reach(self, sender: Address, nodeid: bytes, nonce: bytes) -> list[Any]:
+        if self.mode == "wrong_nonce":
+            super().rpc_reach(sender, nodeid, os.urandom(16))
+        elif self.mode == "own_socket":  # UDP through the asker's NAT mapping, plus TCP
+            body = packb(["dialback", [bytes(self.source_node.id), nonce]])
+            self._send(b"\x00" + os.urandom(20) + body, sender)
+            self._spawn(send_tcp(sender, nonce))
+        return [sender[0], sender[1], True]
+
+
+@pytest.mark.parametrize("mode", ["silent", "wrong_nonce", "own_socket"])
+async def test_lying_dial_backs_count_for_nothing(net: Net, mode: str) -> None:
+    boot = await net.node()
+    liars = []
+    for _ in range(3):
+        dht = DhtNode(ksize=8)
+        await dht.listen(0, loopback_host(len(net.nodes) + 1))
+        dht._proto().__class__ = type("L", (Liar,), {"mode": mode})
+        net.nodes.append(dht)
+        await dht.bootstrap([boot.address])
+        liars.append(dht)
+    me = await net.node()
+    await net.settle()
+    service = net.service(me, extra_peers=lambda: [liar.address for liar in liars])
+    service.policy.peers = 3
+    service.candidates = lambda: [liar.address for liar in liars]  # type: ignore[method-assign]
+    state = await service.test_once()
+    assert state.verdict is Verdict.PRIVATE  # never public on lies
+
+
+async def test_client_nodes_stay_out_of_tables_but_look_up_and_store(net: Net) -> None:
+    await servers(net, 5)
+    clients = [await net.node(client=True) for _ in range(2)]
+    await net.settle()
+    client_ids = {c.node.id for c in clients}
+    for server in net.nodes[:5]:
+        assert client_ids.isdisjoint({c.id for c in server.contacts()})
+    for client in clients:
+        assert client.contact_count() >= 4  # it knows the servers
+        assert client_ids.isdisjoint({c.id for c in client.contacts()})
+    rec = peer_record(Identity.generate(), time.time())
+    assert await clients[0].put(rec) >= 4
+    assert await clients[1].get(rec.dht_key) == [rec]
+    assert await net.nodes[3].get(rec.dht_key) == [rec]
+    assert sum(s.stats["client_seen"] for s in net.nodes[:5]) >= 2
