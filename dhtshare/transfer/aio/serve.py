@@ -31,6 +31,14 @@ else's) and at most ``max_handshakes_per_ip`` per source address (an IPv6 /64 co
 one address; a new one past that is refused); and each must finish within
 ``handshake_timeout`` seconds.
 
+The first frame of a connection picks its handler (``_FirstFrame``): ``CLIENT_HELLO`` a
+peer session; ``DIALBACK`` a reachability dial-back, handed to ``dialback_sink`` (then
+closed); ``RELAY`` the relay server (``relay_handler``), which takes the connection over;
+anything else (or a handler that is not set) is closed. Until it is handed over the
+connection counts as a handshake (the limits above; the first frame is at most
+``MAX_HANDSHAKE_FRAME`` bytes). ``adopt`` serves a socket connected elsewhere (a punched
+connection, a relayed circuit) as a peer session, as if accepted.
+
 Authenticated sessions are shared out the same way: at most ``max_sessions_per_key``
 per member key and ``max_sessions_per_ip`` per source address (a newcomer past either
 is refused ``BUSY``), and once all ``max_connections`` places are taken a newcomer
@@ -49,7 +57,7 @@ import random
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from dhtshare.errors import NodeError, ProtocolError, StoreError
 from dhtshare.identity import Identity
@@ -67,9 +75,11 @@ from dhtshare.transfer.share import Share, ShareRegistry
 from dhtshare.transfer.superseed import SuperSeed
 from dhtshare.transfer.swarm import KEEPALIVE_INTERVAL
 from dhtshare.wire import (
+    MAX_HANDSHAKE_FRAME,
     Bitfield,
     Cancel,
     ConnectionClosed,
+    FrameType,
     GetHashes,
     HashList,
     Have,
@@ -79,6 +89,8 @@ from dhtshare.wire import (
     Reject,
     Request,
 )
+from dhtshare.wire.dialback import decode_dialback
+from dhtshare.wire.frames import FRAME_HEADER_SIZE
 
 __all__ = [
     "MAX_HANDSHAKES",
@@ -86,7 +98,9 @@ __all__ = [
     "MAX_SESSIONS_PER_IP",
     "MAX_SESSIONS_PER_KEY",
     "SERVER_HANDSHAKE_TIMEOUT",
+    "DialbackSink",
     "PeerServer",
+    "RelayHandler",
     "handshake_source",
 ]
 
@@ -108,6 +122,11 @@ NOTSENT_LOWAT = 256 * 1024
 """Unsent bytes the kernel may queue per connection (``TCP_NOTSENT_LOWAT``), so that
 queued blocks stay where a Cancel can still recall them (measurements:
 docs/performance-history.md, round 3)."""
+DialbackSink = Callable[[bytes, tuple[str, int]], None]
+"""Gets a dial-back's nonce and the address it came from."""
+RelayHandler = Callable[[asyncio.Transport, bytes, bytes], Awaitable[None]]
+"""Takes over a connection whose first frame is ``RELAY``: its transport, that frame's
+payload, and the bytes read past it; it owns (and closes) the transport from then on."""
 
 
 class PeerServer:
@@ -122,6 +141,8 @@ class PeerServer:
     and ``handshake_timeout`` bound the connections that have not authenticated yet
     (the module doc); ``max_connections`` bounds the authenticated ones, shared out by
     ``max_sessions_per_key`` and ``max_sessions_per_ip`` (the module doc).
+    ``dialback_sink`` and ``relay_handler`` (attributes, ``None`` by default) take the
+    connections whose first frame is ``DIALBACK`` or ``RELAY``.
     """
 
     def __init__(
@@ -168,10 +189,12 @@ class PeerServer:
         self._tg: asyncio.TaskGroup | None = None
         self._sessions: set[_Session] = set()
         self._admitted = 0  # sessions admitted so far: their order (oldest first)
-        self._handshaking: dict[PeerProtocol, str] = {}  # -> source address, oldest first
+        self._handshaking: dict[asyncio.Transport, str] = {}  # -> source, oldest first
         self._handshakes_from: Counter[str] = Counter()
         self.serving = asyncio.Event()  # set once connections are accepted
         self._seeds: dict[Share, SuperSeed] = {}
+        self.dialback_sink: DialbackSink | None = None
+        self.relay_handler: RelayHandler | None = None
 
     def set_upload_rate(self, rate: float | None) -> None:
         """Change the upload limit (bytes/s; ``None`` or 0: unlimited)."""
@@ -198,11 +221,14 @@ class PeerServer:
         """Bind the listening socket; ``NodeError`` if the address is unusable."""
         if self._server is None:
             try:
+                if self._port:  # reuse_port would let us share a port another node holds
+                    socket.create_server((self._host, self._port)).close()
                 self._server = await asyncio.get_running_loop().create_server(
-                    lambda: server_protocol(self.identity, self._on_accept),
+                    lambda: _FirstFrame(self._on_accept),
                     self._host,
                     self._port,
                     start_serving=False,
+                    reuse_port=True,  # a hole punch connects from this port too
                 )
             except OSError as exc:
                 raise NodeError(
@@ -234,8 +260,30 @@ class PeerServer:
         if self._server is not None:
             self._server.close()
 
-    def _on_accept(self, protocol: PeerProtocol) -> None:
-        transport = protocol.transport
+    def adopt(self, sock: socket.socket, initial: bytes = b"") -> None:
+        """Serve ``sock``, connected elsewhere (punched, or a relayed circuit), as a peer
+        session accepted here, ``initial`` (bytes already read from it) first. Only a
+        ``CLIENT_HELLO`` may start it. Closed at once if the server is not serving."""
+        if self._tg is None:
+            sock.close()
+            return
+        try:
+            self._tg.create_task(self._adopt(sock, bytes(initial)))
+        except RuntimeError:
+            sock.close()
+
+    async def _adopt(self, sock: socket.socket, initial: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: _FirstFrame(self._on_accept, initial, peer_only=True), sock=sock
+            )
+        except OSError as exc:
+            log.debug("cannot adopt a connection: %s", exc)
+            sock.close()
+
+    def _on_accept(self, first: _FirstFrame) -> None:
+        transport = first.transport
         assert transport is not None
         if self._tg is None:
             self.stats.incr("refuse.busy")
@@ -254,30 +302,81 @@ class PeerServer:
         if sock is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-        self._handshaking[protocol] = source
+        self._handshaking[transport] = source
         self._handshakes_from[source] += 1
         try:
-            self._tg.create_task(self._run_session(protocol))
+            self._tg.create_task(self._run_connection(first))
         except RuntimeError:  # the TaskGroup is shutting down: nobody would serve it
-            self._handshake_ended(protocol, close=True)
+            self._handshake_ended(transport, close=True)
 
-    def _handshake_to_evict(self) -> PeerProtocol:
+    async def _run_connection(self, first: _FirstFrame) -> None:
+        """Wait for the first frame (within ``handshake_timeout``) and hand the connection
+        to its handler (the module doc)."""
+        transport = first.transport
+        assert transport is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handshake_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                frame = await first.frame
+        except TimeoutError:
+            frame = None
+        if frame is None:
+            self.stats.incr("drop.first_frame")
+            self._handshake_ended(transport, close=True)
+            return
+        kind, payload, rest = frame
+        if kind == FrameType.CLIENT_HELLO:
+            protocol = server_protocol(self.identity, _no_callback)
+            transport.set_protocol(protocol)
+            protocol.connection_made(transport)
+            _feed(protocol, first.received)
+            if first.eof:
+                protocol.eof_received()
+            transport.resume_reading()
+            await self._run_session(protocol, max(0.0, deadline - loop.time()))
+            return
+        self._handshake_ended(transport)
+        if kind == FrameType.DIALBACK and not first.peer_only and self.dialback_sink:
+            transport.close()
+            peer = transport.get_extra_info("peername")
+            try:
+                nonce = decode_dialback(payload)
+            except ProtocolError:
+                self.stats.incr("drop.dialback")
+                return
+            if peer:
+                self.stats.incr("dialback")
+                self.dialback_sink(nonce, (str(peer[0]), int(peer[1])))
+        elif kind == FrameType.RELAY and not first.peer_only and self.relay_handler:
+            self.stats.incr("relay")
+            try:
+                await self.relay_handler(transport, payload, rest)
+            except Exception:  # a bug must cost one connection, not the server
+                self.stats.incr("drop.bug")
+                log.exception("relay connection crashed")
+                transport.abort()
+        else:
+            self.stats.incr("drop.first_frame")
+            transport.abort()
+
+    def _handshake_to_evict(self) -> asyncio.Transport:
         """The oldest handshake of the source address holding the most (handshakes cost
         nothing, so the heaviest source pays for a newcomer, not whoever came first)."""
         most = max(self._handshakes_from.values())
-        return next(p for p, src in self._handshaking.items() if self._handshakes_from[src] == most)
+        return next(t for t, src in self._handshaking.items() if self._handshakes_from[src] == most)
 
-    def _handshake_ended(self, protocol: PeerProtocol, *, close: bool = False) -> None:
-        """``protocol`` no longer counts as a handshake in progress (``close``: end it)."""
-        source = self._handshaking.pop(protocol, None)
+    def _handshake_ended(self, transport: asyncio.Transport, *, close: bool = False) -> None:
+        """``transport`` no longer counts as a handshake in progress (``close``: end it)."""
+        source = self._handshaking.pop(transport, None)
         if source is not None:
             self._handshakes_from[source] -= 1
             if self._handshakes_from[source] <= 0:
                 del self._handshakes_from[source]
-        if close and protocol.transport is not None:
-            protocol.transport.abort()  # nothing worth a FIN: it never authenticated
+        if close:
+            transport.abort()  # nothing worth a FIN: it never authenticated
 
-    async def _run_session(self, protocol: PeerProtocol) -> None:
+    async def _run_session(self, protocol: PeerProtocol, handshake_timeout: float) -> None:
         """One connection, start to end; nothing it does can take the server down.
 
         A peer refused at once (not a member, a file we do not share, or no session
@@ -289,7 +388,7 @@ class PeerServer:
         try:
             stream = await accept_peer(
                 protocol,
-                handshake_timeout=self.handshake_timeout,
+                handshake_timeout=handshake_timeout,
                 read_timeout=self.idle_timeout,
             )
             session = _Session(self, stream)
@@ -306,7 +405,8 @@ class PeerServer:
                 protocol.transport.close()
             return
         finally:
-            self._handshake_ended(protocol)
+            assert protocol.transport is not None
+            self._handshake_ended(protocol.transport)
         try:
             await session.run()
         except Exception as exc:  # never the server's: one connection ends, nothing more
@@ -385,6 +485,83 @@ class PeerServer:
             self._seeds.pop(share, None)
         elif len(rest) == 1 and rest[0].seed is seed:
             rest[0].advertise(seed.flush(rest[0]))
+
+
+class _FirstFrame(asyncio.BufferedProtocol):
+    """An accepted connection until its first frame is in: ``frame`` then holds its type,
+    payload and the bytes read past it (``None``: closed, or a header announcing more than
+    ``MAX_HANDSHAKE_FRAME`` bytes), and reading pauses for the handler to take over.
+    ``received`` is every byte read (``initial`` first)."""
+
+    def __init__(
+        self,
+        on_connect: Callable[[_FirstFrame], None],
+        initial: bytes = b"",
+        *,
+        peer_only: bool = False,
+    ) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer_only = peer_only  # adopted: only a peer session may start here
+        self.received = bytearray(initial)
+        self.eof = False
+        self.frame: asyncio.Future[tuple[int, bytes, bytes] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._room = bytearray(FRAME_HEADER_SIZE + MAX_HANDSHAKE_FRAME)
+        self._on_connect = on_connect
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._on_connect(self)
+        self._parse()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._room)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self._room[:nbytes]
+        self._parse()
+
+    def _parse(self) -> None:
+        if self.frame.done() or len(self.received) < FRAME_HEADER_SIZE:
+            return
+        length = int.from_bytes(self.received[:4], "big")
+        if length > MAX_HANDSHAKE_FRAME:
+            self.frame.set_result(None)
+        elif len(self.received) >= FRAME_HEADER_SIZE + length:
+            end = FRAME_HEADER_SIZE + length
+            data = bytes(self.received)
+            self.frame.set_result((data[4], data[FRAME_HEADER_SIZE:end], data[end:]))
+        else:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.frame.done():
+            self.frame.set_result(None)
+        return True  # the handler closes it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.frame.done():
+            self.frame.set_result(None)
+
+
+def _no_callback(protocol: PeerProtocol) -> None:
+    pass
+
+
+def _feed(protocol: PeerProtocol, data: bytes | bytearray) -> None:
+    """Hand ``protocol`` bytes as if it had read them from its socket."""
+    view = memoryview(data)
+    while view:
+        with protocol.get_buffer(len(view)) as room:
+            size = min(len(room), len(view))
+            room[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 def handshake_source(host: str) -> str:

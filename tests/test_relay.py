@@ -1,0 +1,317 @@
+"""Circuit relays over real sockets on 127.x: reservations, a relayed peer session, limits.
+
+The relay is a ``PeerServer`` with no shares whose ``relay_handler`` is a ``RelayServer``
+(as on a node); the provider is reached only through its reservation (``RelayKeeper``,
+circuits handed to ``PeerServer.adopt``); the downloader opens the circuit
+(``open_circuit``) and runs the ordinary client handshake on it (``open_peer_on``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dhtshare import crypto
+from dhtshare.content import FileLayout, hash_file, merkle_root
+from dhtshare.errors import ProtocolError
+from dhtshare.identity import Identity
+from dhtshare.reach.aio.relay import RelayKeeper, RelayServer, open_circuit
+from dhtshare.reach.relaylimits import RelayLimits
+from dhtshare.transfer.aio.peer import open_peer_on
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import Share, ShareRegistry
+from dhtshare.wire import MAGIC, Bitfield, FrameType, GetHashes, HashList, Piece, Request
+from dhtshare.wire.dialback import dialback_frame
+from dhtshare.wire.frames import encode_frame
+from dhtshare.wire.relay import (
+    RESERVE_PURPOSE,
+    RefuseCode,
+    Refused,
+    Reserve,
+    Reserved,
+    decode_relay,
+    relay_frame,
+    reserve_message,
+)
+
+PIECE = 256 * 1024
+GROUP = bytes(range(32))
+RELAY_HOST = "127.0.16.1"
+PROVIDER_HOST = "127.0.16.2"
+WAIT = 10.0
+
+
+@dataclass
+class Relay:
+    server: PeerServer
+    relay: RelayServer
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.address
+
+
+@pytest.fixture
+async def tg() -> AsyncIterator[asyncio.TaskGroup]:
+    async with asyncio.TaskGroup() as group:
+        yield group
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task() and task.get_name().startswith("relaytest"):
+                task.cancel()
+
+
+async def start_relay(tg: asyncio.TaskGroup, limits: RelayLimits | None = None) -> Relay:
+    server = PeerServer(Identity.generate(), RELAY_HOST, shares=ShareRegistry(lambda g, k: False))
+    relay = RelayServer(limits)
+    server.relay_handler = relay.handle
+    await server.start()
+    tg.create_task(server.serve(), name="relaytest-relay")
+    await server.serving.wait()
+    return Relay(server, relay)
+
+
+async def start_provider(
+    tg: asyncio.TaskGroup, relay: Relay, shares: ShareRegistry, identity: Identity
+) -> tuple[PeerServer, RelayKeeper]:
+    server = PeerServer(identity, PROVIDER_HOST, shares=shares)
+    await server.start()
+    tg.create_task(server.serve(), name="relaytest-provider")
+    await server.serving.wait()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        identity, lambda: [relay.address], server.adopt, on_change=changed.set, local=PROVIDER_HOST
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        while not keeper.relays:
+            changed.clear()
+            await changed.wait()
+    return server, keeper
+
+
+def windows(data: bytes, size: int = 64) -> set[bytes]:
+    """Every ``size``-byte run of ``data`` at a multiple of ``size``: any plaintext run of
+    ``2 * size - 1`` bytes or more contains one."""
+    return {data[i : i + size] for i in range(0, len(data) - size + 1, size)}
+
+
+def hits(captured: bytes, runs: set[bytes], size: int = 64) -> int:
+    return sum(1 for i in range(len(captured) - size + 1) if captured[i : i + size] in runs)
+
+
+async def test_relayed_download_and_the_relay_sees_no_plaintext(
+    tg: asyncio.TaskGroup, tmp_path: Path
+) -> None:
+    data = random.Random(16).randbytes(6 * PIECE + 777)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    hashes = hash_file(path, PIECE)
+    cid = merkle_root(hashes)
+    me, provider = Identity.generate(), Identity.generate()
+    shares = ShareRegistry(lambda g, k: g == GROUP and k in {me.public, provider.public})
+    shares.add(Share(GROUP, cid, path, FileLayout(len(data), PIECE), hashes))
+
+    relay = await start_relay(tg)
+    captured: list[bytes] = []
+    relay.relay.tap = captured.append
+    server, keeper = await start_provider(tg, relay, shares, provider)
+    assert keeper.relays == [relay.address]
+    assert keeper.observed[relay.address][0] == PROVIDER_HOST
+    assert relay.relay.reservations == 1
+
+    sock, rest = await open_circuit(relay.address, provider.public)
+    assert rest == b""
+    got = bytearray(len(data))
+    async with await open_peer_on(sock, me, GROUP, cid) as stream:
+        assert stream.peer_key == provider.public  # the handshake checked the far end
+        async with asyncio.timeout(WAIT):
+            bits = await anext(stream)
+            assert isinstance(bits, Bitfield) and bits.pieces() == list(range(7))
+            await stream.send(GetHashes(0, 7))
+            listed = await anext(stream)
+            assert isinstance(listed, HashList) and list(listed.hashes) == hashes
+            for i in range(7):
+                stream.send_nowait(Request(i, 0, min(PIECE, len(data) - i * PIECE)))
+            for _ in range(7):
+                piece = await anext(stream)
+                assert isinstance(piece, Piece)
+                got[piece.index * PIECE : piece.index * PIECE + len(piece.data)] = piece.data
+    assert bytes(got) == data
+    assert server.uploaded[me.public] == len(data)
+    assert relay.relay.stats["circuit"] == 1
+
+    seen = b"".join(captured)
+    assert len(seen) > len(data)  # every byte of the session went through the tap
+    # positive control: the tap sees the stream's plaintext framing (the ClientHello)
+    assert encode_frame(FrameType.CLIENT_HELLO, b"")[4:5] + MAGIC in seen
+    runs = windows(data)
+    assert hits(data[1000:5000], runs) > 0  # the search finds plaintext where there is some
+    assert hits(seen, runs) == 0
+
+
+async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(max_reservations_per_source=4))
+    loop = asyncio.get_running_loop()
+    held: list[socket.socket] = []
+    answers = []
+    try:
+        for _ in range(7):
+            me = Identity.generate()
+            sock = socket.socket()
+            sock.bind(("127.0.17.1", 0))
+            sock.setblocking(False)
+            held.append(sock)
+            await loop.sock_connect(sock, relay.address)
+            when = int(time.time())
+            sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
+            await loop.sock_sendall(sock, relay_frame(Reserve(me.public, when, sig)))
+            async with asyncio.timeout(WAIT):
+                reply = await loop.sock_recv(sock, 4096)
+            answers.append(decode_relay(reply[5:]))
+    finally:
+        for sock in held:
+            sock.close()
+    assert [type(a) for a in answers] == [Reserved] * 4 + [Refused] * 3
+    assert all(a.code == RefuseCode.LIMIT for a in answers[4:] if isinstance(a, Refused))
+    assert relay.relay.stats["refuse.limit"] == 3
+
+
+async def test_forged_reservation_is_refused(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg)
+    loop = asyncio.get_running_loop()
+    victim, forger = Identity.generate(), Identity.generate()
+    when = int(time.time())
+    sig = crypto.sign(forger.signing_key, RESERVE_PURPOSE, reserve_message(victim.public, when))
+    with socket.socket() as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, relay.address)
+        await loop.sock_sendall(sock, relay_frame(Reserve(victim.public, when, sig)))
+        async with asyncio.timeout(WAIT):
+            reply = decode_relay((await loop.sock_recv(sock, 4096))[5:])
+    assert isinstance(reply, Refused) and reply.code == RefuseCode.BAD_REQUEST
+    assert relay.relay.reservations == 0
+
+
+async def test_connect_without_reservation_is_refused_fast(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg)
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match="refused the circuit: no reservation"):
+        await open_circuit(relay.address, bytes(32))
+    assert time.monotonic() - started < 1.0
+
+
+async def test_circuit_past_its_byte_limit_is_cut(tg: asyncio.TaskGroup) -> None:
+    limit = 1024 * 1024
+    relay = await start_relay(tg, RelayLimits(circuit_bytes=limit))
+    target = Identity.generate()
+    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    sock, _ = await open_circuit(relay.address, target.public)
+    async with asyncio.timeout(WAIT):
+        far = await circuits.get()
+    loop = asyncio.get_running_loop()
+    received = 0
+
+    async def drain() -> None:
+        nonlocal received
+        while True:
+            try:
+                data = await loop.sock_recv(far, 1 << 16)
+            except ConnectionError:
+                return
+            if not data:
+                return
+            received += len(data)
+
+    async def flood() -> None:
+        chunk = bytes(1 << 16)
+        try:
+            for _ in range(4 * limit // len(chunk)):
+                await loop.sock_sendall(sock, chunk)
+        except ConnectionError:
+            pass
+
+    try:
+        async with asyncio.timeout(WAIT):
+            await asyncio.gather(drain(), flood())
+    finally:
+        sock.close()
+        far.close()
+    assert limit <= received < limit + 2 * 256 * 1024
+    assert relay.relay.stats["circuit.cut.limit"] == 1
+    assert relay.relay.circuits == 0
+
+
+async def test_stalling_or_dropping_relay_costs_bounded_time() -> None:
+    loop = asyncio.get_running_loop()
+    accepted: list[asyncio.StreamWriter] = []
+
+    def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # holds it open, says nothing
+
+    def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    staller = await asyncio.start_server(stall, "127.0.18.1", 0)
+    dropper = await asyncio.start_server(drop, "127.0.18.2", 0)
+    try:
+        started = loop.time()
+        with pytest.raises(ProtocolError, match=r"within 0\.5 s"):
+            await open_circuit(staller.sockets[0].getsockname(), bytes(32), limit=0.5)
+        assert loop.time() - started < 1.5
+        started = loop.time()
+        with pytest.raises(ProtocolError, match="closed"):
+            await open_circuit(dropper.sockets[0].getsockname(), bytes(32))
+        assert loop.time() - started < 1.0
+    finally:
+        for writer in accepted:
+            writer.close()
+        staller.close()
+        dropper.close()
+
+
+async def test_first_frame_demux(tg: asyncio.TaskGroup) -> None:
+    """DIALBACK goes to the sink; a RELAY frame on a server that does not relay, garbage,
+    and an oversized first frame are closed; the server goes on serving."""
+    server = PeerServer(Identity.generate(), RELAY_HOST, shares=ShareRegistry(lambda g, k: False))
+    got: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+    server.dialback_sink = lambda nonce, source: got.put_nowait((nonce, source))
+    await server.start()
+    tg.create_task(server.serve(), name="relaytest-demux")
+    await server.serving.wait()
+    loop = asyncio.get_running_loop()
+
+    async def send_first(data: bytes) -> bytes:
+        with socket.socket() as sock:
+            sock.bind(("127.0.19.1", 0))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, server.address)
+            await loop.sock_sendall(sock, data)
+            async with asyncio.timeout(WAIT):
+                try:
+                    return await loop.sock_recv(sock, 4096)  # b"": the server closed
+                except ConnectionResetError:
+                    return b""
+
+    nonce = bytes(range(16))
+    assert await send_first(dialback_frame(nonce)) == b""
+    async with asyncio.timeout(WAIT):
+        assert (await got.get())[0] == nonce
+    assert await send_first(relay_frame(Reserved(1, "127.0.0.1", 1))) == b""
+    assert await send_first(encode_frame(99, b"x" * 10)) == b""
+    assert await send_first((10_000).to_bytes(4, "big") + bytes([1])) == b""
+    assert server.stats["drop.first_frame"] == 3
+    assert server.handshakes == 0
