@@ -13,15 +13,18 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import peer_record
+from support.nodes import NodeCluster
 
 from dhtshare.dht.dialback import send_tcp
 from dhtshare.dht.protocol import DhtProtocol, packb
 from dhtshare.dht.server import DhtNode
 from dhtshare.identity import Identity
+from dhtshare.node.commands import Commands
 from dhtshare.reach.aio.reachability import ReachabilityService
 from dhtshare.reach.autonat import Verdict
 from dhtshare.sim.network import loopback_host
@@ -280,3 +283,28 @@ async def test_client_nodes_stay_out_of_tables_but_look_up_and_store(net: Net) -
     assert await clients[1].get(rec.dht_key) == [rec]
     assert await net.nodes[3].get(rec.dht_key) == [rec]
     assert sum(s.stats["client_seen"] for s in net.nodes[:5]) >= 2
+
+
+async def test_a_node_on_its_own_address_finds_itself_public_and_says_so(tmp_path: Path) -> None:
+    async with NodeCluster.running(tmp_path, own_hosts=True) as cluster:
+        nodes = [await cluster.node(f"n{i}") for i in range(3)]
+        if not hasattr(nodes[0].server, "dialback_sink"):
+            pytest.skip("the peer server does not hand DIALBACK connections on yet")
+        started = time.monotonic()
+        for node in nodes:
+            await known(node.reachability)
+        assert time.monotonic() - started < 5.0
+        for node in nodes:
+            status = await Commands(node).cmd_status(progress=None)  # type: ignore[arg-type]
+            assert status["reachability"] == "public"
+            assert status["public_address"] == "{}:{}".format(*node.address)
+            assert not node.dht.client_mode
+
+
+async def known(service: ReachabilityService) -> None:
+    """Wait (30 s at most) until ``service`` has a verdict."""
+    done = asyncio.Event()
+    service.add_listener(lambda state: done.set() if state.verdict is not Verdict.UNKNOWN else None)
+    if service.state.verdict is Verdict.UNKNOWN:
+        async with asyncio.timeout(30):
+            await done.wait()

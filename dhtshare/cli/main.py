@@ -451,6 +451,8 @@ def status_fields(doc: Any) -> str:
         k: v if v is None or isinstance(v, str | int | float | bool) else f"({len(v)} entries)"
         for k, v in reply.doc.items()
     }
+    if "public_address" in shown and shown["public_address"] is None:
+        shown["public_address"] = "not known yet"
     return fields(shown)
 
 

@@ -32,6 +32,7 @@ from dhtshare.node import eventlog
 from dhtshare.node.control import Progress
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.settings import Settings
+from dhtshare.reach.aio.reachability import ReachabilityService
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share
 
@@ -51,6 +52,7 @@ class NodeApi(Protocol):
     downloads: DownloadManager
     shares: dict[tuple[bytes, bytes], Share]
     started_at: float
+    reachability: ReachabilityService
 
     @property
     def address(self) -> tuple[str, int]: ...
@@ -268,6 +270,8 @@ class Commands:
             "uptime_s": round(time.time() - node.started_at),
             **node.settings(),  # upload_limit, download_limit, log_level
             "dht_contacts": node.dht.contact_count(),
+            "reachability": node.reachability.state.verdict.value,
+            "public_address": node.reachability.state.public_address,
             "groups": len(node.groups.state.groups),
             "shares": len(node.shares),
             "downloads": len(node.downloads.statuses()),

@@ -30,6 +30,7 @@ from dhtshare.node import control, settings
 from dhtshare.node.commands import Commands
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
+from dhtshare.reach.aio.reachability import ReachabilityService
 from dhtshare.tasks import spawn_logged
 from dhtshare.text import plural
 from dhtshare.transfer.aio.download import DownloadOptions
@@ -100,6 +101,8 @@ class Node:
         )
         self.files = FileService(dht, identity, lambda: self.advertised)
         self.liveness = Liveness(self._answers, lambda: self.advertised)
+        # reachability: ``.state`` (verdict, observed address); started after the join
+        self.reachability = ReachabilityService(dht, extra_peers=lambda: config.bootstrap)
         self.downloads = DownloadManager(
             self.home,
             identity,
@@ -148,6 +151,9 @@ class Node:
             node._members_seen = node._membership()
             await node._resume()
             node._spawn(node.server.serve(), "peer server")
+            if hasattr(node.server, "dialback_sink"):  # TCP dial-backs reach the service
+                node.reachability.attach(node.server)
+                node._spawn(node.reachability.run(), "reachability")
             node._spawn(node._maintain_forever(), "maintenance")
             if config.control:
                 node._control = await control.serve(
