@@ -194,7 +194,9 @@ async def test_connecting_to_nobody_is_an_os_error() -> None:
 
 def test_status_json_shapes() -> None:
     peer = format_id(bytes(32))
-    running = Downloading("a.bin", 100, 40, "/d/a.bin.part", {peer: 40}, rate=12.5, peers=2)
+    running = Downloading(
+        "a.bin", 100, 40, "/d/a.bin.part", {peer: 40}, {peer: "relayed"}, 12.5, 2, relayed=1
+    )
     assert running.to_json() == {
         "state": "downloading",
         "name": "a.bin",
@@ -202,8 +204,10 @@ def test_status_json_shapes() -> None:
         "bytes_done": 40,
         "path": "/d/a.bin.part",
         "sources": {peer: 40},
+        "routes": {peer: "relayed"},
         "rate": 12.5,
         "peers": 2,
+        "relayed": 1,
     }
     assert running.fraction == 0.4
     assert Paused("a.bin", 100, 40, "/d/a.bin.part").to_json()["state"] == "paused"

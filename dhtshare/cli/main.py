@@ -733,9 +733,11 @@ def get(ctx: click.Context, group_ref: str, file_ref: str, out: str, no_wait: bo
     def progress(doc: Any) -> None:
         p = Reply(doc, "get (progress)")
         bar.total = max(p.integer("size", 1), 1)
+        relayed = p.integer("relayed", 0)
         bar.update(
             p.integer("bytes_done", 0),
-            f"{format_rate(p.number('rate', 0.0))} from {plural(p.integer('peers', 0), 'peer')}",
+            f"{format_rate(p.number('rate', 0.0))} from {plural(p.integer('peers', 0), 'peer')}"
+            + (f" ({relayed} relayed)" if relayed else ""),
         )
 
     def keep(name: str) -> bool:

@@ -22,6 +22,8 @@ from dhtshare.errors import DhtError, DhtshareError, FileShareError, StoreError
 from dhtshare.files.service import FileService
 from dhtshare.home import Home
 from dhtshare.identity import Identity
+from dhtshare.node.dialer import Dialer
+from dhtshare.reach.punch import upgrade_delay
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.tasks import spawn_logged
@@ -98,10 +100,13 @@ class DownloadManager:
         on_complete: Callable[[Share], None],
         options: DownloadOptions | None = None,
         download_limit: float | None = None,
+        dialer: Dialer | None = None,
     ) -> None:
         self.home, self.identity, self.files = home, identity, files
         self.is_member, self.registry, self.on_complete = is_member, registry, on_complete
         self.options = options or DownloadOptions()
+        # How providers are reached (direct, punched, relayed); None: their main address only.
+        self.dialer = dialer
         self._starting = asyncio.Lock()  # claims of output names, one at a time
         self.handles: dict[bytes, Handle] = {}
         self._finished: dict[bytes, dict[str, Any]] = {}
@@ -144,6 +149,15 @@ class DownloadManager:
 
     def _build(self, info: FileInfo, out_dir: Path) -> Handle:
         self.home.resume_dir.mkdir(parents=True, exist_ok=True)
+        dialer = None
+        if self.dialer is not None:
+            opts = self.options
+            dialer = self.dialer.for_file(
+                info.group_id,
+                info.content_id,
+                handshake_timeout=opts.connect_timeout,
+                read_timeout=opts.read_timeout,
+            )
         download = Download(
             self.identity,
             info,
@@ -155,6 +169,9 @@ class DownloadManager:
             on_first_piece=self._announce(info),
             options=self.options,
             bucket=None if self.bucket.unlimited else self.bucket,
+            dial=dialer.dial if dialer is not None else None,
+            upgrade=dialer.upgrade if dialer is not None else None,
+            upgrade_delay=upgrade_delay,
         )
         return Handle(info, out_dir, download)
 
@@ -428,6 +445,7 @@ def _restored(doc: dict[str, Any]) -> DownloadStatus:
         int(final.get("bytes_done", 0)),
         str(final.get("path", "")),
         dict(final.get("sources", {})),
+        dict(final.get("routes", {})),
     )
     if doc.get("state") == "complete":
         return Complete(*base, seconds=float(final.get("seconds", 0)))

@@ -7,10 +7,13 @@ a plain dict::
 
     {"state": "downloading", "name": "a.iso", "size": 1048576, "bytes_done": 524288,
      "path": "/home/me/Downloads/a.iso.part", "sources": {"<peer id>": 262144, ...},
-     "rate": 1250000.0, "peers": 3}
+     "routes": {"<peer id>": "direct", ...}, "rate": 1250000.0, "peers": 3, "relayed": 0}
 
 ``sources`` maps a peer's printable id (``identity.format_id``) to the bytes of
-verified-or-pending blocks it sent us.
+verified-or-pending blocks it sent us; ``routes`` maps each peer we had a session with
+to the route of its latest session: ``"direct"``, ``"punched"`` (a direct connection
+made by hole punching) or ``"relayed"``. ``relayed`` counts the connected peers
+reached through a relay.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class _Base:
     bytes_done: int
     path: str
     sources: dict[str, int] = field(default_factory=dict)
+    routes: dict[str, str] = field(default_factory=dict)
 
     state: ClassVar[str] = "unknown"
 
@@ -45,20 +49,28 @@ class _Base:
             "bytes_done": self.bytes_done,
             "path": self.path,
             "sources": dict(sorted(self.sources.items())),
+            "routes": dict(sorted(self.routes.items())),
         }
 
 
 @dataclass(frozen=True, slots=True)
 class Downloading(_Base):
-    """In progress: ``rate`` in bytes/s over the last few seconds, ``peers`` connected."""
+    """In progress: ``rate`` in bytes/s over the last few seconds, ``peers`` connected,
+    ``relayed`` of them through a relay."""
 
     rate: float = 0.0
     peers: int = 0
+    relayed: int = 0
 
     state: ClassVar[str] = "downloading"
 
     def to_json(self) -> dict[str, Any]:
-        return {**_Base.to_json(self), "rate": round(self.rate, 1), "peers": self.peers}
+        return {
+            **_Base.to_json(self),
+            "rate": round(self.rate, 1),
+            "peers": self.peers,
+            "relayed": self.relayed,
+        }
 
 
 @dataclass(frozen=True, slots=True)

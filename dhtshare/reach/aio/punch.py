@@ -336,7 +336,7 @@ async def punch_as_listener(
     circuit_sock: socket.socket,
     leftover: bytes,
     listen_port: int,
-    public_ip: str,
+    public_ip: str | None,
     adopt: Adopt,
     *,
     bind_host: str = "",
@@ -347,7 +347,9 @@ async def punch_as_listener(
     """Answer a punch on the provider's side of a fresh circuit (steps 2 to 4).
 
     ``bind_host``: the address the peer listener is bound to (its port is
-    ``listen_port``). Every connection ends in ``adopt`` or closed: a connection made by
+    ``listen_port``); ``public_ip``: ours as others see it (``None``: unknown, so no
+    punch is offered and the dialer falls back to the circuit when its wait ends).
+    Every connection ends in ``adopt`` or closed: a connection made by
     the punch is adopted at once; the circuit is adopted when the dialer's first frame
     is not a PUNCH frame (it does not punch, or it fell back), with the bytes read.
     Returns what happened: ``"punched"`` (a punched socket was adopted; the circuit may
@@ -362,6 +364,12 @@ async def punch_as_listener(
             if first is None:
                 return await _hand_circuit(reader, adopt, punched)
             if not isinstance(first, PunchConnect):
+                return "closed"
+            if public_ip is None:  # nothing to offer: the dialer falls back after its wait
+                async with asyncio.timeout(CONNECT_TIMEOUT + SYNC_TIMEOUT):
+                    after = await reader.next_punch()
+                if after is None:
+                    return await _hand_circuit(reader, adopt, punched)
                 return "closed"
             family = _family(public_ip)
             targets = _usable(first.addresses, family)

@@ -99,10 +99,13 @@ from dhtshare.wire import (
 )
 
 __all__ = [
+    "DRAIN_QUIET",
+    "Dial",
     "Download",
     "DownloadOptions",
     "FileInfo",
     "ProviderSource",
+    "Upgrade",
     "check_info",
 ]
 
@@ -120,6 +123,20 @@ than STORE_QUEUE_BYTES of them)."""
 
 ProviderSource = Callable[[], Awaitable[list[ProviderAddr]]]
 """The node's provider lookup; called again every ``repoll_interval`` while pieces are missing."""
+Dial = Callable[[ProviderAddr], Awaitable[tuple[PeerStream, str]]]
+"""Opens a handshaken session with a provider: the stream and its route (``"direct"``,
+``"punched"`` or ``"relayed"``; the node's ``node/dialer.py``). Raises ``OSError``,
+``ProtocolError`` or ``TimeoutError`` if no route works."""
+Upgrade = Callable[[ProviderAddr], Awaitable[tuple[PeerStream, str] | None]]
+"""A relayed session's try for a better route: a session and its route, or ``None``."""
+RELAYED = "relayed"
+DRAIN_QUIET = 2.0
+"""After an upgrade, the relayed stream is read until it is silent this long (the answers
+to requests sent on it), then closed."""
+
+
+def _upgrade_delay(failures: int) -> float:
+    return min(300.0, 10.0 * 2.0 ** min(failures, 32))
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +211,9 @@ class Download:
         bucket: TokenBucket | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        dial: Dial | None = None,
+        upgrade: Upgrade | None = None,
+        upgrade_delay: Callable[[int], float] = _upgrade_delay,
     ) -> None:
         check_info(info)  # before anything is sized by it
         self.identity = identity
@@ -207,6 +227,10 @@ class Download:
         self.on_have = on_have
         self.options = options or DownloadOptions()
         self.clock = clock
+        self.dial: Dial = dial or self._dial_direct
+        self.upgrade = upgrade  # None: a relayed session stays relayed
+        self.upgrade_delay = upgrade_delay
+        self.routes: dict[bytes, str] = {}  # peer -> the route of its latest session
         # A shared ``bucket`` is one limit over several downloads (the node's); else our own.
         self.bucket = bucket or TokenBucket(None, now=clock())
         if bucket is None:
@@ -269,7 +293,10 @@ class Download:
         """A snapshot: ``Downloading`` while running, else how it ended."""
         if self._final is not None:
             return self._final
-        return Downloading(*self._status_fields(), rate=self.rate(), peers=self.swarm.peers)
+        relayed = sum(1 for c in self._clients.values() if c.stream is not None and c.relayed)
+        return Downloading(
+            *self._status_fields(), rate=self.rate(), peers=self.swarm.peers, relayed=relayed
+        )
 
     @property
     def ended(self) -> bool:
@@ -280,11 +307,28 @@ class Download:
         """This download ended before a restart: report ``status`` without running it."""
         self._final = status
 
-    def _status_fields(self, path: Path | None = None) -> tuple[str, int, int, str, dict[str, int]]:
-        """``name, size, bytes_done, path, sources``: the fields every status shares."""
+    def _status_fields(
+        self, path: Path | None = None
+    ) -> tuple[str, int, int, str, dict[str, int], dict[str, str]]:
+        """``name, size, bytes_done, path, sources, routes``: the fields every status shares."""
         sources = {format_id(k): v for k, v in self.swarm.sources.items()}
+        routes = {format_id(k): v for k, v in self.routes.items()}
         where = str(path or self.part_path)
-        return self.final_path.name, self.info.size, self.swarm.bytes_done, where, sources
+        return self.final_path.name, self.info.size, self.swarm.bytes_done, where, sources, routes
+
+    async def _dial_direct(self, addr: ProviderAddr) -> tuple[PeerStream, str]:
+        """The default ``dial``: ``addr.host:addr.port``, route ``"direct"``."""
+        opts = self.options
+        stream = await open_peer(
+            self.identity,
+            addr.host,
+            addr.port,
+            self.info.group_id,
+            self.info.content_id,
+            handshake_timeout=opts.connect_timeout,
+            read_timeout=opts.read_timeout,
+        )
+        return stream, "direct"
 
     async def run(self) -> Path:
         """Download until complete and return the final path (see the module doc)."""
@@ -645,8 +689,13 @@ class _Client:
         self.dl = download
         self.addr = addr
         self.stream: PeerStream | None = None
+        self.route = ""
         self.task: asyncio.Task[None] | None = None
         self.error = ""
+
+    @property
+    def relayed(self) -> bool:
+        return self.route == RELAYED
 
     async def run(self) -> None:
         """Serve the download until this connection ends; whatever ends it ends it alone.
@@ -672,15 +721,9 @@ class _Client:
     async def _run(self) -> None:
         dl, opts = self.dl, self.dl.options
         info = dl.info
-        self.stream = await open_peer(
-            dl.identity,
-            self.addr.host,
-            self.addr.port,
-            info.group_id,
-            info.content_id,
-            handshake_timeout=opts.connect_timeout,
-            read_timeout=opts.read_timeout,
-        )
+        async with asyncio.timeout(opts.connect_timeout * 3):  # every route's tries in all
+            self.stream, self.route = await dl.dial(self.addr)
+        dl.routes[self.addr.peer_key] = self.route
         key = self.stream.peer_key
         if key != self.addr.peer_key or not dl.is_member(info.group_id, key):
             self.stream.abort(Reason.NOT_MEMBER, "you are not a member of this group")
@@ -690,9 +733,73 @@ class _Client:
         await dl.ensure_hashes(self)
         if not dl.peer_ready(self):
             return
-        async for event in self.stream:
-            if not await self._on_event(event):
-                return
+        first = self.stream
+        upgrader = None
+        if self.relayed and dl.upgrade is not None:
+            upgrader = asyncio.ensure_future(self._upgrade_loop())
+        try:
+            await self._read(first)
+            if self.stream is not first and upgrader is not None:
+                await upgrader  # it reads the upgraded stream until that ends
+        finally:
+            if upgrader is not None:
+                upgrader.cancel()
+                await asyncio.gather(upgrader, return_exceptions=True)
+            if self.stream is not first:
+                await first.aclose()
+
+    async def _read(self, stream: PeerStream) -> None:
+        """Handle ``stream``'s events until it ends. A stream replaced by an upgrade is
+        read until it is ``DRAIN_QUIET`` seconds silent; its end is then no error."""
+        try:
+            async for event in stream:
+                if not await self._on_event(event):
+                    return
+        except (ProtocolError, OSError, TimeoutError):
+            if stream is self.stream:
+                raise
+
+    async def _upgrade_loop(self) -> None:
+        """Try for a better route than the relay, with backoff; a session that works
+        (its Bitfield read) replaces the relayed one: new requests go to it at once,
+        the relayed stream is drained, and this task reads the new one."""
+        dl, key = self.dl, self.addr.peer_key
+        assert dl.upgrade is not None
+        failures = 0
+        while True:
+            await asyncio.sleep(dl.upgrade_delay(failures))
+            failures += 1
+            got = await dl.upgrade(self.addr)
+            if got is None:
+                continue
+            stream, route = got
+            if stream.peer_key != key or not dl.is_member(dl.info.group_id, key):
+                await stream.aclose()
+                continue
+            if not await self._opening(stream):
+                await stream.aclose()
+                continue
+            old, self.stream, self.route = self.stream, stream, route
+            dl.routes[key] = route
+            log.info("session with %s upgraded to %s", format_id(key)[:12], route)
+            if old is not None:
+                old.read_timeout = DRAIN_QUIET
+            await self._read(stream)
+            return
+
+    async def _opening(self, stream: PeerStream) -> bool:
+        """Read a new session's opening up to its Bitfield (the swarm already knows the
+        peer's pieces); False if it ended first."""
+        try:
+            async with asyncio.timeout(self.dl.options.connect_timeout):
+                async for event in stream:
+                    if isinstance(event, Bitfield):
+                        return True
+                    if isinstance(event, ConnectionClosed | Reject):
+                        return False
+        except (ProtocolError, OSError, TimeoutError):
+            return False
+        return False
 
     async def _first_bitfield(self) -> bool:
         """Handle events until the peer's Bitfield; False if the connection ended first."""

@@ -1,0 +1,249 @@
+"""Dialling a provider: which route, in which order (docs/connectivity.md).
+
+``FileDialer.dial(addr)`` returns a handshaken ``PeerStream`` and its route:
+
+- ``"direct"``: an ordinary connection to one of the provider's DIRECT addresses. They
+  are tried in parallel, ``stagger`` seconds apart (the next one at once when the one
+  before it failed), the main address first;
+- through each RELAY address (a relay holding a reservation for the provider), started
+  ``relay_after`` seconds after the last direct try or as soon as it failed: a circuit
+  (``open_circuit``), then a hole punch (``reach/aio/punch.py``) when we know our public
+  address. A punched connection whose handshake succeeds closes the circuit: route
+  ``"punched"`` if we are private (``is_private()``), ``"direct"`` otherwise (a public
+  dialer is reached by the provider's connection: the reverse connection). Else the
+  handshake runs over the circuit: ``"relayed"``.
+
+The first route that works wins; every other try is cancelled and its sockets closed.
+Whatever connected, the handshake must authenticate ``addr.peer_key``: an address or a
+relay that leads to someone else counts as a failure. ``upgrade(addr)`` tries the same
+without the relayed fallback (a relayed session's upgrade), ``None`` if nothing worked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from dhtshare.errors import ProtocolError
+from dhtshare.identity import Identity
+from dhtshare.reach.aio.punch import punch_as_dialer
+from dhtshare.records import AddressKind, PeerAddress
+from dhtshare.transfer.aio.peer import (
+    HANDSHAKE_TIMEOUT,
+    READ_TIMEOUT,
+    PeerStream,
+    open_peer,
+    open_peer_on,
+)
+from dhtshare.transfer.swarm import ProviderAddr
+
+__all__ = ["DIRECT", "PUNCHED", "RELAYED", "Dialer", "FileDialer", "OpenCircuit"]
+
+log = logging.getLogger(__name__)
+
+DIRECT, PUNCHED, RELAYED = "direct", "punched", "relayed"
+
+OpenCircuit = Callable[[tuple[str, int], bytes], Awaitable[tuple[socket.socket, bytes]]]
+"""``reach/aio/relay.open_circuit``: a circuit to the key's holder through a relay."""
+
+Try = Callable[[], Awaitable[tuple[PeerStream, str]]]
+
+
+@dataclass
+class Dialer:
+    """The node's way to reach providers; ``for_file`` gives one download's dialer.
+
+    ``open_circuit`` is ``None`` when the node cannot use relays; ``public_ip()`` our
+    address as others see it (``None``: unknown, so no punch); ``is_private()`` whether
+    the reachability test found us private.
+    """
+
+    identity: Identity
+    open_circuit: OpenCircuit | None = None
+    public_ip: Callable[[], str | None] = lambda: None
+    is_private: Callable[[], bool] = lambda: False
+    stagger: float = 0.25
+    relay_after: float = 1.0
+    relay_stagger: float = 2.0
+    circuit_timeout: float = 10.0
+
+    def for_file(
+        self,
+        group_id: bytes,
+        content_id: bytes,
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        read_timeout: float | None = READ_TIMEOUT,
+    ) -> FileDialer:
+        return FileDialer(self, group_id, content_id, handshake_timeout, read_timeout)
+
+
+class FileDialer:
+    """Dials the providers of one file (``group_id``, ``content_id``)."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        group_id: bytes,
+        content_id: bytes,
+        handshake_timeout: float,
+        read_timeout: float | None,
+    ) -> None:
+        self.dialer = dialer
+        self.group_id, self.content_id = group_id, content_id
+        self.handshake_timeout, self.read_timeout = handshake_timeout, read_timeout
+
+    async def dial(self, addr: ProviderAddr) -> tuple[PeerStream, str]:
+        """A session with ``addr``'s provider and its route (module doc). Raises
+        ``OSError`` or ``ProtocolError`` (the first try's error) if no route worked."""
+        return await self._first(self._tries(addr, fallback=True))
+
+    async def upgrade(self, addr: ProviderAddr) -> tuple[PeerStream, str] | None:
+        """A direct or punched session with ``addr``'s provider, or ``None``."""
+        tries = self._tries(addr, fallback=False)
+        if not any(kind is AddressKind.RELAY for kind, _ in tries):
+            return None
+        try:
+            return await self._first(tries)
+        except (OSError, ProtocolError, TimeoutError) as exc:
+            log.debug("no upgrade to %s: %s", addr.peer_key.hex()[:12], exc)
+            return None
+
+    # -- the tries ------------------------------------------------------------------
+
+    def _tries(
+        self, addr: ProviderAddr, *, fallback: bool
+    ) -> list[tuple[AddressKind, tuple[float, Try]]]:
+        d = self.dialer
+        out: list[tuple[AddressKind, tuple[float, Try]]] = []
+        at = 0.0
+        addresses = addr.every_address()
+        for a in (a for a in addresses if a.kind is AddressKind.DIRECT):
+            out.append((AddressKind.DIRECT, (at, self._direct_try(addr, a))))
+            at += d.stagger
+        if d.open_circuit is not None:
+            at += d.relay_after - d.stagger if out else 0.0
+            for a in (a for a in addresses if a.kind is AddressKind.RELAY):
+                out.append((AddressKind.RELAY, (at, self._relay_try(addr, a, fallback))))
+                at += d.relay_stagger
+        return out
+
+    def _direct_try(self, addr: ProviderAddr, where: PeerAddress) -> Try:
+        async def attempt() -> tuple[PeerStream, str]:
+            stream = await open_peer(
+                self.dialer.identity,
+                where.host,
+                where.port,
+                self.group_id,
+                self.content_id,
+                handshake_timeout=self.handshake_timeout,
+                read_timeout=self.read_timeout,
+            )
+            await _check_key(stream, addr)
+            return stream, DIRECT
+
+        return attempt
+
+    def _relay_try(self, addr: ProviderAddr, relay: PeerAddress, fallback: bool) -> Try:
+        async def attempt() -> tuple[PeerStream, str]:
+            return await self._via_relay(addr, (relay.host, relay.port), fallback)
+
+        return attempt
+
+    async def _via_relay(
+        self, addr: ProviderAddr, relay: tuple[str, int], fallback: bool
+    ) -> tuple[PeerStream, str]:
+        d = self.dialer
+        assert d.open_circuit is not None
+        async with asyncio.timeout(d.circuit_timeout):
+            circuit, leftover = await d.open_circuit(relay, addr.peer_key)
+        owned: socket.socket | None = circuit
+        try:
+            ip = d.public_ip()
+            if ip is not None:
+                punched = await punch_as_dialer(circuit, leftover, ip)
+                if punched is not None:
+                    try:
+                        stream = await self._session_on(punched, addr)
+                    except (OSError, ProtocolError, TimeoutError) as exc:
+                        log.debug("punched connection failed its handshake: %s", exc)
+                    else:
+                        return stream, PUNCHED if d.is_private() else DIRECT
+            if not fallback:
+                raise ProtocolError(f"no punch through {relay[0]}:{relay[1]}")
+            owned = None  # the stream owns the circuit from here
+            return await self._session_on(circuit, addr), RELAYED
+        finally:
+            if owned is not None:
+                owned.close()
+
+    async def _session_on(self, sock: socket.socket, addr: ProviderAddr) -> PeerStream:
+        stream = await open_peer_on(
+            sock,
+            self.dialer.identity,
+            self.group_id,
+            self.content_id,
+            handshake_timeout=self.handshake_timeout,
+            read_timeout=self.read_timeout,
+        )
+        await _check_key(stream, addr)
+        return stream
+
+    # -- racing ---------------------------------------------------------------------
+
+    async def _first(
+        self, tries: list[tuple[AddressKind, tuple[float, Try]]]
+    ) -> tuple[PeerStream, str]:
+        """The first try to succeed; try ``i`` starts at its offset, or as soon as try
+        ``i - 1`` failed. Raises the first failure's error if every try failed."""
+        if not tries:
+            raise OSError("the provider gave no address we can use")
+        failed = [asyncio.Event() for _ in tries]
+
+        async def run(i: int) -> tuple[PeerStream, str]:
+            at, attempt = tries[i][1]
+            if i > 0 and at > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(at):
+                        await failed[i - 1].wait()
+            try:
+                return await attempt()
+            except BaseException:
+                failed[i].set()
+                raise
+
+        tasks = [asyncio.ensure_future(run(i)) for i in range(len(tries))]
+        winner: tuple[PeerStream, str] | None = None
+        try:
+            pending = set(tasks)
+            while pending and winner is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in tasks:
+                    if task in done and not task.cancelled() and task.exception() is None:
+                        winner = task.result()
+                        break
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, tuple) and result is not winner:
+                    await result[0].aclose()
+        if winner is not None:
+            return winner
+        errors = [r for r in results if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
+        raise OSError("no route to the provider")
+
+
+async def _check_key(stream: PeerStream, addr: ProviderAddr) -> None:
+    """The handshake authenticated ``addr.peer_key``, or the stream is closed and this
+    is a ``ProtocolError`` (an address or relay that leads to someone else)."""
+    if stream.peer_key != addr.peer_key:
+        await stream.aclose()
+        raise ProtocolError("the address leads to another peer")
