@@ -15,15 +15,20 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.nodes import NodeCluster
 
 from dhtshare import crypto
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
+from dhtshare.node.commands import Commands
 from dhtshare.reach.aio.relay import RelayKeeper, RelayServer, open_circuit
+from dhtshare.reach.autonat import ReachState, Verdict
 from dhtshare.reach.relaylimits import RelayLimits
+from dhtshare.records import AddressKind
 from dhtshare.transfer.aio.peer import open_peer_on
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
@@ -315,3 +320,39 @@ async def test_first_frame_demux(tg: asyncio.TaskGroup) -> None:
     assert await send_first((10_000).to_bytes(4, "big") + bytes([1])) == b""
     assert server.stats["drop.first_frame"] == 3
     assert server.handshakes == 0
+
+
+async def test_node_relays_when_public_and_reserves_when_private(tmp_path: Path) -> None:
+    """The node's wiring: a public node takes RELAY connections, a private one holds a
+    reservation at a DHT contact and names it in ``status`` and in its provider records."""
+    async with NodeCluster.running(tmp_path, own_hosts=True) as cluster:
+        public, private = await cluster.node("public"), await cluster.node("private")
+        for node in (public, private):
+            node.reachability._listeners.clear()  # the loopback test would say "public"
+        public._reach_changed(ReachState(Verdict.PUBLIC))
+        assert public.server.relay_handler is not None
+        changed, announce = asyncio.Event(), private.keeper.on_change
+        assert announce is not None
+
+        def on_change() -> None:
+            announce()
+            changed.set()
+
+        private.keeper.on_change = on_change
+        private._reach_changed(ReachState(Verdict.PRIVATE))
+        assert private.server.relay_handler is None
+        async with asyncio.timeout(WAIT):
+            while not private.relays:
+                changed.clear()
+                await changed.wait()
+        assert private.relays == [public.address]
+        assert public.relay_server is not None and public.relay_server.reservations == 1
+        status = await Commands(private).handle("status", {}, no_progress)
+        assert status["relays"] == ["{}:{}".format(*public.address)]
+        assert [(a.kind, a.host, a.port) for a in private.relay_addresses()] == [
+            (AddressKind.RELAY, *public.address)
+        ]
+
+
+async def no_progress(doc: dict[str, Any]) -> None:
+    pass

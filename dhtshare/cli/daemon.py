@@ -26,7 +26,11 @@ from dhtshare.cli.display import LOG_FORMAT, CleanFormatter
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError, NodeError
 from dhtshare.home import Home
+from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig
+from dhtshare.reach.aio.relay import RelayServer
+from dhtshare.transfer.aio.serve import PeerServer
+from dhtshare.transfer.share import ShareRegistry
 
 __all__ = ["NodeConfig", "ping_node", "run_bootstrap", "run_detached", "run_foreground"]
 
@@ -125,6 +129,8 @@ def run_detached(
     cmd += ["--upload-limit", repr((config.upload_limit or 0) / 1e6)]
     cmd += ["--download-limit", repr((config.download_limit or 0) / 1e6)]
     cmd += ["--log-level", config.log_level]
+    if not config.relay:
+        cmd += ["--no-relay"]
     home.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(home.node_out, "ab") as out:
         proc = subprocess.Popen(
@@ -166,9 +172,11 @@ def _read_line(fd: int, timeout: float) -> bytes:
     return data.split(b"\n", 1)[0]
 
 
-def run_bootstrap(state: Home, host: str, port: int, peers: tuple[tuple[str, int], ...]) -> None:
+def run_bootstrap(
+    state: Home, host: str, port: int, peers: tuple[tuple[str, int], ...], *, relay: bool = False
+) -> None:
     """A DHT-only node with a stable id and routing table (in ``state.bootstrap``);
-    foreground; logs to stderr."""
+    foreground; logs to stderr. ``relay``: also a circuit relay, on TCP (same port number)."""
     handler = logging.StreamHandler()
     handler.setFormatter(CleanFormatter(LOG_FORMAT))
     # force: the CLI already configured WARNING; a server logs INFO
@@ -181,7 +189,10 @@ def run_bootstrap(state: Home, host: str, port: int, peers: tuple[tuple[str, int
         stop = asyncio.Event()
         _stop_on_signals(stop)
         node = await _open_bootstrap(path, host, port)
+        relaying: asyncio.Task[None] | None = None
         try:
+            if relay:
+                relaying = await _start_relay(host, node.address[1])
             if peers:
                 await node.bootstrap(list(peers))
             log.info("bootstrap node %s listening on %s:%d", node.node.id.hex(), host, port)
@@ -191,11 +202,24 @@ def run_bootstrap(state: Home, host: str, port: int, peers: tuple[tuple[str, int
                         await stop.wait()
                 node.save_state(path)
         finally:
+            if relaying is not None:
+                relaying.cancel()
+                await asyncio.gather(relaying, return_exceptions=True)
             node.save_state(path)
             await node.aclose()
             log.info("bootstrap node stopped; state saved to %s", path)
 
     asyncio.run(main())
+
+
+async def _start_relay(host: str, port: int) -> asyncio.Task[None]:
+    """A relay on TCP ``host:port``: a peer server sharing nothing, whose RELAY connections
+    go to a ``RelayServer`` (the task serving it)."""
+    server = PeerServer(Identity.generate(), host, port, shares=ShareRegistry(lambda g, k: False))
+    server.relay_handler = RelayServer().handle
+    await server.start()
+    log.info("relaying for private nodes on TCP %s:%d", *server.address)
+    return asyncio.create_task(server.serve())
 
 
 async def _open_bootstrap(path: Path, host: str, port: int) -> DhtNode:

@@ -322,6 +322,11 @@ def node() -> None:
     type=click.Choice(["debug", "info", "warning", "error"]),
     help="What DIR/node.log keeps (default info). Kept for later starts.",
 )
+@click.option(
+    "--no-relay",
+    is_flag=True,
+    help="Do not relay for private nodes (a node found public relays by default).",
+)
 @click.option("--ready-fd", type=int, hidden=True)
 @click.option(
     "--provider-timeout",
@@ -345,6 +350,7 @@ def node_start(
     upload_limit: float | None,
     download_limit: float | None,
     log_level: str | None,
+    no_relay: bool,
 ) -> None:
     """Start your node: DHT on UDP and the peer server on TCP, both on PORT, on every
     interface. Rate limits and the log level not given are those of the last start.
@@ -372,6 +378,7 @@ def node_start(
         upload_limit=kept["upload_limit"],
         download_limit=kept["download_limit"],
         log_level=kept["log_level"],
+        relay=not no_relay,
     )
     if detach:
         verbose = bool(ctx.find_root().params.get("verbose"))
@@ -453,6 +460,9 @@ def status_fields(doc: Any) -> str:
     }
     if "public_address" in shown and shown["public_address"] is None:
         shown["public_address"] = "not known yet"
+    relays = reply.doc.get("relays")
+    if isinstance(relays, list):
+        shown["relays"] = ", ".join(str(r) for r in relays) or "none"
     return fields(shown)
 
 
@@ -887,13 +897,23 @@ def shares(ctx: click.Context, group_ref: str | None, as_json: bool) -> None:
     "--state", type=click.Path(file_okay=False), help="Where to keep the node id and routing table."
 )
 @bootstrap_option
+@click.option(
+    "--relay",
+    is_flag=True,
+    help="Also relay for private nodes (listens on TCP too, on the same port number).",
+)
 @click.pass_context
 def bootstrap(
-    ctx: click.Context, host: str, port: int, state: str | None, bootstraps: tuple[str, ...]
+    ctx: click.Context,
+    host: str,
+    port: int,
+    state: str | None,
+    bootstraps: tuple[str, ...],
+    relay: bool,
 ) -> None:
     """Run a DHT-only bootstrap node in the foreground (for a server).
 
-    Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare
+    Example: dhtshare bootstrap --port 4000 --state /var/lib/dhtshare --relay
     """
     from dhtshare.cli.daemon import run_bootstrap  # lazy: as in node start
 
@@ -902,6 +922,7 @@ def bootstrap(
         host,
         port,
         tuple(parse_hostport(b) for b in bootstraps),
+        relay=relay,
     )
 
 

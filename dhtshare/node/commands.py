@@ -55,6 +55,9 @@ class NodeApi(Protocol):
     reachability: ReachabilityService
 
     @property
+    def relays(self) -> list[tuple[str, int]]: ...
+
+    @property
     def address(self) -> tuple[str, int]: ...
 
     @property
@@ -272,6 +275,7 @@ class Commands:
             "dht_contacts": node.dht.contact_count(),
             "reachability": node.reachability.state.verdict.value,
             "public_address": node.reachability.state.public_address,
+            "relays": [f"{host}:{port}" for host, port in node.relays],
             "groups": len(node.groups.state.groups),
             "shares": len(node.shares),
             "downloads": len(node.downloads.statuses()),

@@ -31,6 +31,9 @@ from dhtshare.node.commands import Commands
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 from dhtshare.reach.aio.reachability import ReachabilityService
+from dhtshare.reach.aio.relay import RelayKeeper, RelayServer
+from dhtshare.reach.autonat import ReachState, Verdict
+from dhtshare.records import AddressKind, PeerAddress
 from dhtshare.tasks import spawn_logged
 from dhtshare.text import plural
 from dhtshare.transfer.aio.download import DownloadOptions
@@ -69,6 +72,7 @@ class NodeConfig:
     advertise: str | None = None  # the host peers should connect to, if not ``host``
     control: bool = True  # serve the control socket
     log_level: str = "info"  # what node.log keeps (kept across restarts: settings.py)
+    relay: bool = True  # relay for private nodes once found public (``--no-relay``: False)
     ksize: int = 20
     clock: Callable[[], float] = time.time  # what the group service reads (tests move it)
 
@@ -99,10 +103,24 @@ class Node:
             clock=config.clock,
             max_age=STALE_ROUNDS * config.maintenance_interval,
         )
-        self.files = FileService(dht, identity, lambda: self.advertised)
+        self.files = FileService(
+            dht, identity, lambda: self.advertised, more_addresses=lambda: self.relay_addresses()
+        )
         self.liveness = Liveness(self._answers, lambda: self.advertised)
         # reachability: ``.state`` (verdict, observed address); started after the join
         self.reachability = ReachabilityService(dht, extra_peers=lambda: config.bootstrap)
+        # relays: we relay while public (unless --no-relay); we hold reservations while private
+        self.relay_server = RelayServer() if config.relay else None
+        local = None if config.host in ("", "0.0.0.0", "::") else config.host
+        self.keeper = RelayKeeper(
+            identity,
+            self._relay_candidates,
+            server.adopt,
+            on_change=self._relays_changed,
+            local=local,
+        )
+        self._keeping: asyncio.Task[Any] | None = None
+        self.reachability.add_listener(self._reach_changed)
         self.downloads = DownloadManager(
             self.home,
             identity,
@@ -166,6 +184,46 @@ class Node:
             raise
         node._log_started()
         return node
+
+    # ---- relays ------------------------------------------------------------------
+
+    @property
+    def relays(self) -> list[tuple[str, int]]:
+        """Relays holding a reservation for us now."""
+        return self.keeper.relays
+
+    def relay_addresses(self) -> tuple[PeerAddress, ...]:
+        """Our relays as provider-record addresses (``AddressKind.RELAY``)."""
+        return tuple(PeerAddress(AddressKind.RELAY, host, port) for host, port in self.relays)
+
+    def _relay_candidates(self) -> list[tuple[str, int]]:
+        """Where to ask for a reservation: DHT contacts (all public: private nodes stay out
+        of routing tables), TCP on their UDP port number; then the bootstrap nodes."""
+        contacts = [(str(n.ip), int(n.port)) for n in self.dht.contacts()]
+        return contacts + [a for a in self.config.bootstrap if a not in contacts]
+
+    def _reach_changed(self, state: ReachState) -> None:
+        """Relay while public; hold reservations while private."""
+        public = state.verdict is Verdict.PUBLIC
+        relay = self.relay_server
+        self.server.relay_handler = relay.handle if public and relay is not None else None
+        if state.verdict is Verdict.PRIVATE and self._keeping is None:
+            self._keeping = spawn_logged(self.keeper.run(), self._tasks, "relay keeper", logger=log)
+        elif public and self._keeping is not None:
+            self._keeping.cancel()
+            self._keeping = None
+
+    def _relays_changed(self) -> None:
+        if self._keeping is None or self._keeping.cancelling():
+            return  # stopping: the records are withdrawn or readdressed as public
+        log.info("relays holding a reservation for us: %s", _addresses(self.relays) or "none")
+        self._spawn(self._readdress(), "re-announce with new relays")
+
+    async def _readdress(self) -> None:
+        try:
+            await self.files.readdress()
+        except DhtshareError as exc:  # republishing carries the new addresses later
+            log.warning("could not announce our new relays yet: %s", exc.message)
 
     def settings(self) -> settings.Settings:
         """What the next ``node start`` reuses when not told otherwise."""
@@ -523,6 +581,10 @@ async def _bind(
         with contextlib.suppress(NodeError):
             return await _bind_port(config, home, 0, identity, registry)  # TCP port taken
     return await _bind_port(config, home, config.port, identity, registry)
+
+
+def _addresses(addresses: list[tuple[str, int]]) -> str:
+    return ", ".join(f"{host}:{port}" for host, port in addresses)
 
 
 def _saved_port(home: Home) -> int:

@@ -525,7 +525,7 @@ def _refusal_text(msg: Refused) -> str:
         name = RefuseCode(msg.code).name.lower().replace("_", " ")
     except ValueError:
         name = f"code {msg.code}"
-    return f"{name} ({msg.text})" if msg.text else name
+    return f"{name} ({msg.text})" if msg.text and msg.text != name else name
 
 
 OnCircuit = Callable[[socket.socket, bytes], Any]
