@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dhtshare.dht.antiamp import AntiAmplification, DialBackLimit
+from dhtshare.errors import RemoteProtocolError
 from dhtshare.reach.autonat import (
     Reachability,
     ReachRound,
@@ -13,6 +14,8 @@ from dhtshare.reach.autonat import (
     dialback_wait,
     format_address,
 )
+from dhtshare.wire.dialback import decode_dialback, dialback_frame
+from dhtshare.wire.frames import FrameType
 
 A, B, C = ("10.0.0.1", 4000), ("10.0.0.2", 4000), ("10.0.0.3", 4000)
 ME = ("203.0.113.9", 4001)
@@ -185,3 +188,14 @@ def test_client_mark_validates_and_runs_out() -> None:
     amp.validate(addr, b"\x07" * 20)  # it answers a ping with its id again: a server
     assert not amp.is_client(addr, 150.0)
     assert amp.answered_as(addr) == b"\x07" * 20
+
+
+def test_dialback_frame_carries_exactly_the_nonce() -> None:
+    frame = dialback_frame(N1)
+    assert frame[:5] == (16).to_bytes(4, "big") + bytes([FrameType.DIALBACK])
+    assert decode_dialback(frame[5:]) == N1
+    for bad in (b"", N1[:15], N1 + b"\x00"):
+        with pytest.raises(RemoteProtocolError):
+            decode_dialback(bad)
+    with pytest.raises(ValueError, match="16 bytes"):
+        dialback_frame(b"short")

@@ -159,14 +159,12 @@ async def test_no_tcp_dial_back_means_private_and_client_mode(net: Net) -> None:
     assert state.verdict is Verdict.PRIVATE
     assert me.client_mode
     assert 1.0 <= seconds < 3.0, seconds  # the dial-back deadline's floor
-    # a node that had it in its table pings it, hears a client, and drops it
-    for other in others:
-        if me.node.id in {c.id for c in other.contacts()}:
-            answered, body = await other._proto().ping(me.address, other.node.id)
-            assert answered and body == b""
-            held = next(c for c in other.contacts() if c.id == me.node.id)
-            other._proto().handle_call_response((True, b""), held)
-            assert me.node.id not in {c.id for c in other.contacts()}
+    # it told its contacts (a ping each); each pinged it back, heard a client, dropped it
+    await asyncio.gather(*me._proto().tasks)
+    await net.settle()
+    assert all(me.node.id not in {c.id for c in o.contacts()} for o in others)
+    answered, body = await others[0]._proto().ping(me.address, others[0].node.id)
+    assert answered and body == b""
     # and once it is reachable again, a public verdict puts it back in server mode
     listener = Listener()
     await listener.start(me.address)
@@ -174,6 +172,9 @@ async def test_no_tcp_dial_back_means_private_and_client_mode(net: Net) -> None:
     listener.sink = service.on_tcp
     assert (await service.test_once()).verdict is Verdict.PUBLIC
     assert not me.client_mode
+    await asyncio.gather(*me._proto().tasks)  # it told its contacts again
+    await net.settle()
+    assert all(me.node.id in {c.id for c in o.contacts()} for o in others)
 
 
 async def test_dial_back_goes_only_to_a_validated_asker_and_is_rate_limited(net: Net) -> None:

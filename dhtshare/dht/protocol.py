@@ -24,6 +24,10 @@ request from a fresh UDP socket, which gets no reply and welcomes nobody, and a 
 DIALBACK frame. A node in *client mode* (not publicly reachable) answers ``ping`` with
 empty bytes; such an address is validated but marked a client for ``CLIENT_TTL``
 seconds: never added to the routing table (removed if it was there), not pinged back.
+A node that changes mode sends its contacts RPC ``mode(nodeid)``; each pings it back if
+it is in its table or marked a client (at most ``RECHECKS`` per ``RECHECK_EVERY``
+seconds per address) and so learns the new mode at once: a claim is never trusted, only
+the answer of the address itself.
 """
 
 from __future__ import annotations
@@ -90,6 +94,10 @@ _ANY_ID = bytes(ID_LEN)
 PING_BYTES = 1 + MSG_ID_LEN + len(umsgpack.packb(["ping", [_ANY_ID]]))
 #: Seconds an address that answered a ping as a DHT client stays out of the table.
 CLIENT_TTL = 300.0
+#: Ping-backs answering pings from one known address, at most, per ``RECHECK_EVERY`` s.
+RECHECKS = 2
+RECHECK_EVERY = 30.0
+_RECHECKED = 4096
 
 Reply = tuple[bool, Any]
 DialBackSink = Callable[[bytes, tuple[str, int]], None]
@@ -197,6 +205,7 @@ _RPCS: Mapping[str, _Rpc] = MappingProxyType(
             lambda p, s, a: p.rpc_find_value(s, *a),
             paddable=True,
         ),
+        "mode": _Rpc(1, lambda a: _is_id(a[0]), lambda p, s, a: True),
         "reach": _Rpc(
             2,
             lambda a: _is_id(a[0]) and _is_nonce(a[1]),
@@ -332,6 +341,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._amp = AntiAmplification()
         self._validating: dict[tuple[str, int], asyncio.Future[Reply]] = {}
         self._pushed_to: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._rechecked: OrderedDict[tuple[str, int], list[float]] = OrderedDict()
         self._push_scans = asyncio.Semaphore(_PUSH_SCANS)
         self._family: int | None = None
         self._own_address: tuple[str, int] | None = None
@@ -413,6 +423,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self._send_reply(msg_id, reply, addr, reserve=PING_BYTES if ping_back else 0)
         if ping_back:
             self._ping_back(Node(args[0], addr[0], addr[1]))
+        elif name == "mode":
+            self._recheck(Node(args[0], addr[0], addr[1]))
 
     def _on_response(self, msg_id: bytes, body: object, addr: tuple[str, int]) -> None:
         pending = self._outstanding.get(msg_id)
@@ -448,7 +460,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             return body if _is_id(body) or body == b"" else None
         if name == "reach":
             return self._reach_reply(body)
-        if name == "store":
+        if name in ("store", "mode"):
             return body if isinstance(body, bool) else None
         if isinstance(body, list):
             return self._contacts(body)
@@ -714,6 +726,55 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             self.stats.incr("validate.busy")
             return False
         return True
+
+    def _recheck(self, node: Node) -> None:
+        """A known contact or a marked client says its mode changed: ping it to learn it.
+
+        Its answer goes through ``handle_call_response``: empty bytes remove it from the
+        table, its id (re)admits it. At most ``RECHECKS`` per ``RECHECK_EVERY`` per address.
+        """
+        address = (node.ip, node.port)
+        now = time.monotonic()
+        if not (self.is_known(node) or self._amp.is_client(address, now)):
+            return
+        recent = [t for t in self._rechecked.get(address, []) if now - t < RECHECK_EVERY]
+        if len(recent) >= RECHECKS:
+            return
+        if address in self._validating or len(self._validating) >= _MAX_VALIDATIONS:
+            return
+        self._rechecked[address] = [*recent, now]
+        self._rechecked.move_to_end(address)
+        if len(self._rechecked) > _RECHECKED:
+            self._rechecked.popitem(last=False)
+        self.stats.incr("recheck.ping")
+        future = self.ping(address, self.source_node.id)
+        self._validating[address] = future
+        future.add_done_callback(functools.partial(self._rechecked_done, node))
+
+    def _rechecked_done(self, node: Node, future: asyncio.Future[Reply]) -> None:
+        """Done callback of a recheck ping: handled like any answer from a contact."""
+        try:
+            self._validating.pop((node.ip, node.port), None)
+            if not future.cancelled() and not self._closed:
+                self.handle_call_response(future.result(), node)
+        except Exception:
+            self.stats.incr("error.callback")
+            log.debug("recheck of %s failed", node, exc_info=True)
+
+    def set_client_mode(self, client: bool) -> None:
+        """Enter or leave client mode; on a change, tell every contact (``mode``)."""
+        if client == self.client_mode:
+            return
+        self.client_mode = client
+        contacts = [n for b in self.router.buckets for n in b.get_nodes()]
+        if contacts:
+            self._spawn(self._tell_contacts(contacts))
+
+    async def _tell_contacts(self, contacts: list[Node]) -> None:
+        own = bytes(self.source_node.id)
+        for start in range(0, len(contacts), _PUSH_CONCURRENCY):
+            batch = contacts[start : start + _PUSH_CONCURRENCY]
+            await asyncio.gather(*(self._call((n.ip, n.port), "mode", own) for n in batch))
 
     async def validations(self) -> None:
         """Wait for the ping-backs in flight (each ends within one RPC timeout)."""

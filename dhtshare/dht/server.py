@@ -371,8 +371,9 @@ class DhtNode(Server):  # type: ignore[misc]
         return self.protocol is not None and self.protocol.client_mode
 
     def set_client_mode(self, client: bool) -> None:
-        """Enter (True) or leave (False) DHT client mode."""
-        self._proto().client_mode = client
+        """Enter (True) or leave (False) DHT client mode; on a change, tell the contacts
+        (each pings the node and learns its mode)."""
+        self._proto().set_client_mode(client)
 
     def contact_count(self) -> int:
         """Contacts in the routing table (not counting replacement caches)."""
