@@ -13,13 +13,14 @@ Each router masquerades its LAN behind its WAN address. keep1 and keep2's router
 plain ``masquerade``, which keeps a flow's source port whenever that port is free on the
 WAN address (so one local port maps to the same public port toward every destination, as
 home routers do). rand's router uses ``masquerade random``: the kernel then never keeps
-the source port but takes one derived from a keyed hash of (source address, destination
-address, destination port), so one local port maps to a different public port toward each
-destination (checked by tests/test_nat_topology.py). ``fully-random`` would draw a fresh
-port per flow even toward one destination; ``persistent`` only pins the source *address*
-of a multi-address pool, which one WAN address makes moot. The routers' filter: forwarding
-is dropped except LAN -> WAN and established/related replies; input to the router itself
-likewise (nothing listens there), so unsolicited inbound traffic is dropped silently.
+the source port and draws a random free port for each new flow (older kernels: one
+derived from a keyed hash of the addresses and the destination port), so one port maps to a
+different public port toward each destination (tests/test_nat_topology.py checks it).
+``fully-random`` behaves the same for source NAT here, and ``persistent`` only pins the
+source *address* of a multi-address pool: plain ``random`` is the NAT no punch gets
+through. The routers' filter: forwarding is dropped except LAN -> WAN and
+established/related replies; input to the router itself likewise (nothing listens
+there), so unsolicited inbound traffic is dropped silently, with no RST.
 
 Every namespace is named ``dhts-<pid>-<4 hex>-<role>``: parallel runs never collide, and
 ``reap_stale()`` deletes the namespaces of runs whose process is gone (killing what still
@@ -62,7 +63,8 @@ PRIVATE = {
     "rand": (f"{INTERNET}.13", "10.201.3", "masquerade random"),
 }
 ROLES = (*PUBLIC, *PRIVATE)
-_NAME = re.compile(r"^dhts-(\d+)-[0-9a-f]{4}-")
+_ALL_ROLES = ("net", *ROLES, *(f"r-{role}" for role in PRIVATE))
+_NAME = re.compile(rf"^dhts-(\d+)-[0-9a-f]{{4}}-({'|'.join(_ALL_ROLES)})$")
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -111,7 +113,7 @@ def _alive(pid: int) -> bool:
 
 
 def reap_stale() -> list[str]:
-    """Delete the namespaces of earlier runs whose creating process is gone."""
+    """Delete the namespaces an earlier ``Topology`` made whose creating process is gone."""
     gone = []
     for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split(" ", 1)[0]

@@ -1,0 +1,195 @@
+"""Hole punching and relaying between two homes behind NAT (not a test; needs root).
+
+    sudo python simulations/bench_nat.py [--attempts 20] [--size 16] [--json]
+
+Builds the namespace topology of tests/support/netns.py and runs real ``dhtshare``
+processes in it: a bootstrap node that relays (``bootstrap --relay``), a public node (a
+relay too), and keep1 and keep2, each behind its own port-keeping router. keep1 founds a
+group, keep2 joins, and:
+
+- punch attempts: keep1 shares ``--attempts`` files of 256 KiB; keep2 downloads each
+  one (each download dials keep1 anew: a circuit through one of keep1's relays, then a
+  punch); the route each ended on (``downloads --json`` ``routes``) is counted;
+- relayed vs direct: keep2 downloads one ``--size`` MiB file from keep1 over a punched
+  connection; then keep2 drops its copy (``unshare``), its router is switched to
+  ``masquerade random`` (ports differ per destination, so no punch works) and keep2
+  downloads the same file again, through a relay. The time is the download's own
+  (``seconds`` in ``downloads --json``), MB = 10**6 bytes.
+
+Also printed: seconds from ``node start`` until each node knew its reachability.
+Targets (issue #16): punched in at least 19 of 20 attempts; relayed at least 50 % of the
+direct speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from support.netns import Nodes, nodes, topology, unavailable
+
+REACH_TIMEOUT = 30.0
+GET_TIMEOUT = 120.0
+PUNCH_FILE = 256 * 1024
+MiB = 1 << 20
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--attempts", type=int, default=20, help="punch attempts (default 20)")
+    p.add_argument("--size", type=int, default=16, help="MiB of the timed file (default 16)")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    return p.parse_args(argv)
+
+
+def reachability(n: Nodes, role: str, since: float) -> dict[str, Any]:
+    doc = n.wait_status(
+        role, lambda d: d.get("reachability") in ("public", "private"), REACH_TIMEOUT
+    )
+    return {
+        "role": role,
+        "reachability": doc.get("reachability"),
+        "seconds": round(time.monotonic() - since, 1),
+        "public_address": doc.get("public_address"),
+        "relays": doc.get("relays"),
+    }
+
+
+def share(n: Nodes, role: str, name: str, size: int) -> None:
+    path = n.root / f"files-{role}" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(os.urandom(size))
+    n.run(role, "share", "crag", str(path), timeout=GET_TIMEOUT)
+
+
+def download(n: Nodes, role: str, name: str, out: Path) -> dict[str, Any]:
+    """``role`` gets ``name`` into ``out``: its route(s), seconds, or the error."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    result = n.run(role, "get", "crag", name, "--out", str(out), check=False, timeout=GET_TIMEOUT)
+    wall = time.monotonic() - started
+    if result.returncode != 0:
+        return {"name": name, "ok": False, "error": result.stderr.strip(), "wall": wall}
+    rows = {d["name"]: d for d in n.json(role, "downloads")}
+    row = rows[name]
+    routes = sorted(set((row.get("routes") or {}).values())) or ["(no routes field)"]
+    return {
+        "name": name,
+        "ok": True,
+        "routes": routes,
+        "seconds": row.get("seconds", wall),
+        "wall": wall,
+        "size": row["size"],
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="bench-nat-"))
+    with topology() as topo, nodes(topo, root) as n:
+        n.start_bootstrap("--relay")
+        starts = {}
+        procs = {}
+        for role in ("public", "keep1", "keep2"):
+            n.run(role, "id", "create", "--name", role)
+            starts[role] = time.monotonic()
+            procs[role] = n.start(role)
+        for role, proc in procs.items():
+            n.started(role, proc)
+        reach = [reachability(n, role, starts[role]) for role in procs]
+        gid = n.run("keep1", "group", "create", "crag").stdout.strip()
+        n.run("keep2", "group", "join", gid)
+        n.run("keep1", "group", "accept", "crag", "keep2")
+        for i in range(args.attempts):
+            share(n, "keep1", f"punch-{i}.bin", PUNCH_FILE)
+        share(n, "keep1", "big.bin", args.size * MiB)
+        # relays: keep1's provider records must name them before a circuit can be asked
+        n.wait_status("keep1", lambda d: bool(d.get("relays")), REACH_TIMEOUT)
+        attempts = [
+            download(n, "keep2", f"punch-{i}.bin", root / "out-punch") for i in range(args.attempts)
+        ]
+        direct = download(n, "keep2", "big.bin", root / "out-direct")
+        n.run("keep2", "unshare", "crag", "big.bin", check=False)
+        n.run("keep2", "downloads", "clear", check=False)
+        topo.set_nat("keep2", "masquerade random")
+        relayed = download(n, "keep2", "big.bin", root / "out-relayed")
+        topo.set_nat("keep2", "masquerade")
+    routes = [a["routes"][0] if a["ok"] and len(a["routes"]) == 1 else "failed" for a in attempts]
+    speeds = {
+        k: d["size"] / d["seconds"] / 1e6 if d["ok"] and d["seconds"] else None
+        for k, d in (("direct", direct), ("relayed", relayed))
+    }
+    ratio = speeds["relayed"] / speeds["direct"] if speeds["relayed"] and speeds["direct"] else None
+    punched = routes.count("punched")
+    return {
+        "reachability": reach,
+        "attempts": attempts,
+        "punch": {r: routes.count(r) for r in sorted(set(routes))},
+        "punch_seconds_p50": statistics.median(a["wall"] for a in attempts) if attempts else None,
+        "direct": direct,
+        "relayed": relayed,
+        "mb_s": speeds,
+        "relayed_over_direct": ratio,
+        "targets": {
+            "punched >= 19/20": punched * 20 >= 19 * len(attempts) if attempts else None,
+            "relayed >= 50% of direct": ratio is not None and ratio >= 0.5,
+        },
+    }
+
+
+def render(doc: dict[str, Any], args: argparse.Namespace) -> str:
+    lines = ["reachability (seconds after node start):"]
+    for r in doc["reachability"]:
+        lines.append(
+            f"  {r['role']:<7} {r['reachability']!s:<8} {r['seconds']:>5.1f} s"
+            f"  public_address {r['public_address']}  relays {r['relays']}"
+        )
+    punch = ", ".join(f"{k} {v}" for k, v in doc["punch"].items())
+    lines.append(f"punch attempts keep2 <- keep1: {len(doc['attempts'])}: {punch}")
+    if doc["punch_seconds_p50"] is not None:
+        lines.append(
+            f"  median get of 256 KiB (wall, CLI included): {doc['punch_seconds_p50']:.2f} s"
+        )
+    for a in doc["attempts"]:
+        if not a["ok"]:
+            lines.append(f"  {a['name']}: {a['error']}")
+    lines.append(f"{args.size} MiB keep2 <- keep1:")
+    lines.append(f"  {'route':<22} {'seconds':>8} {'MB/s':>8} {'wall s':>8}")
+    for key in ("direct", "relayed"):
+        d = doc[key]
+        if d["ok"]:
+            speed = doc["mb_s"][key]
+            lines.append(
+                f"  {key + ' (' + ','.join(d['routes']) + ')':<22} {d['seconds']:>8.2f}"
+                f" {speed:>8.1f} {d['wall']:>8.2f}"
+            )
+        else:
+            lines.append(f"  {key:<22} failed: {d['error']}")
+    ratio = doc["relayed_over_direct"]
+    lines.append(f"relayed / direct: {'n/a' if ratio is None else f'{ratio:.2f}'}")
+    for target, met in doc["targets"].items():
+        lines.append(f"target {target}: {'met' if met else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    reason = unavailable()
+    if reason is not None:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    doc = run(args)
+    print(json.dumps(doc, indent=2) if args.json else render(doc, args))
+    return 0 if all(doc["targets"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
