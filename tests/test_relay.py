@@ -9,8 +9,11 @@ circuits handed to ``PeerServer.adopt``); the downloader opens the circuit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
+import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -111,6 +114,63 @@ def hits(captured: bytes, runs: set[bytes], size: int = 64) -> int:
     return sum(1 for i in range(len(captured) - size + 1) if captured[i : i + size] in runs)
 
 
+class WireCapture:
+    """Every TCP payload to or from ``host`` on the loopback interface, per flow, as the
+    kernel carried it (an ``AF_PACKET`` socket: needs root), read by a thread."""
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        try:
+            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): root may exceed rmem_max
+                self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+            self.sock.bind(("lo", 0))
+        except BaseException:
+            self.sock.close()
+            raise
+        self.sock.settimeout(0.05)
+        self.host = socket.inet_aton(host)
+        self.flows: dict[bytes, bytearray] = {}
+        self.packets = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                frame, where = self.sock.recvfrom(1 << 17)
+            except TimeoutError:
+                if self._stop.is_set():
+                    return  # stopped, and nothing more waits
+                continue
+            if where[2] != socket.PACKET_HOST:  # lo shows each packet leaving and arriving
+                continue
+            ip = frame[14:]  # after the (all-zero) Ethernet header of lo
+            if ip[0] >> 4 != 4 or ip[9] != socket.IPPROTO_TCP:
+                continue
+            if self.host not in (ip[12:16], ip[16:20]):
+                continue
+            tcp = ip[(ip[0] & 15) * 4 : int.from_bytes(ip[2:4], "big")]
+            payload = tcp[(tcp[12] >> 4) * 4 :]
+            if payload:
+                self.packets += 1
+                self.flows.setdefault(ip[12:20] + tcp[:4], bytearray()).extend(payload)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        # PACKET_STATISTICS (SOL_PACKET 263, 6): packets seen, and dropped for want of room
+        self.drops = struct.unpack("II", self.sock.getsockopt(263, 6, 8))[1]
+        self.sock.close()
+
+
+def wire_capture(host: str) -> WireCapture | None:
+    try:
+        return WireCapture(host)
+    except (OSError, AttributeError):  # not root, or not Linux
+        return None
+
+
 async def test_relayed_download_and_the_relay_sees_no_plaintext(
     tg: asyncio.TaskGroup, tmp_path: Path
 ) -> None:
@@ -126,6 +186,42 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     relay = await start_relay(tg)
     captured: list[bytes] = []
     relay.relay.tap = captured.append
+    wire = wire_capture(RELAY_HOST)
+    try:
+        await relayed_download(tg, relay, shares, provider, me, data, hashes)
+    finally:
+        if wire is not None:
+            wire.close()
+
+    runs = windows(data)
+    assert hits(data[1000:5000], runs) > 0  # the search finds plaintext where there is some
+    # what the relay forwarded (its splice's tap)
+    seen = b"".join(captured)
+    assert len(seen) > len(data)  # every byte of the session went through the tap
+    # positive control: the tap sees the stream's plaintext framing (the ClientHello)
+    assert encode_frame(FrameType.CLIENT_HELLO, b"")[4:5] + MAGIC in seen
+    assert hits(seen, runs) == 0
+    # what went over the wire to and from the relay (as root: every packet on lo)
+    if wire is None:
+        pytest.skip("no AF_PACKET capture (needs root on Linux); the tap found no plaintext")
+    flows = [bytes(f) for f in wire.flows.values()]
+    assert wire.drops == 0  # the capture missed nothing
+    assert sum(map(len, flows)) > 2 * len(data)  # in from the provider, out to us
+    assert any(provider.public in f for f in flows)  # the plaintext Reserve and Connect
+    assert sum(hits(f, runs) for f in flows) == 0
+
+
+async def relayed_download(
+    tg: asyncio.TaskGroup,
+    relay: Relay,
+    shares: ShareRegistry,
+    provider: Identity,
+    me: Identity,
+    data: bytes,
+    hashes: list[bytes],
+) -> None:
+    """Fetch the whole file from ``provider``, reached only through ``relay``."""
+    cid = merkle_root(hashes)
     server, keeper = await start_provider(tg, relay, shares, provider)
     assert keeper.relays == [relay.address]
     assert keeper.observed[relay.address][0] == PROVIDER_HOST
@@ -151,14 +247,6 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     assert bytes(got) == data
     assert server.uploaded[me.public] == len(data)
     assert relay.relay.stats["circuit"] == 1
-
-    seen = b"".join(captured)
-    assert len(seen) > len(data)  # every byte of the session went through the tap
-    # positive control: the tap sees the stream's plaintext framing (the ClientHello)
-    assert encode_frame(FrameType.CLIENT_HELLO, b"")[4:5] + MAGIC in seen
-    runs = windows(data)
-    assert hits(data[1000:5000], runs) > 0  # the search finds plaintext where there is some
-    assert hits(seen, runs) == 0
 
 
 async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGroup) -> None:
