@@ -99,6 +99,16 @@ def test_observed_address_tie_keeps_the_previous_one() -> None:
     r.answered(B, ME, True, 0.01, 100.0)
     assert r.observed() == other
     assert r.observed(previous=ME) == ME
+    assert not r.varies()
+
+
+def test_one_ip_at_different_ports_is_a_symmetric_nat() -> None:
+    r = asked((A, N1), (B, N2))
+    r.answered(A, ("203.0.113.9", 1111), True, 0.01, 100.0)
+    r.answered(B, ("203.0.113.9", 2222), True, 0.01, 100.0)
+    assert r.varies() and r.answered_by(A)
+    p = Reachability()
+    assert p.finish(r, Verdict.PRIVATE, 102.0).varies
 
 
 def test_a_nonce_is_for_one_peer() -> None:

@@ -141,6 +141,11 @@ class ReachRound:
         """The peers asked, in asking order."""
         return [a.peer for a in self._asked.values()]
 
+    def answered_by(self, peer: Address) -> bool:
+        """True if ``peer`` answered (with an observed address)."""
+        entry = self._entry(peer)
+        return entry is not None and entry.observed is not None
+
     def nonce_of(self, peer: Address) -> bytes | None:
         entry = self._entry(peer)
         return None if entry is None else entry.nonce
@@ -154,6 +159,15 @@ class ReachRound:
         best = max(votes.values())
         tied = [address for address, n in votes.items() if n == best]
         return previous if previous in tied else tied[0]
+
+    def varies(self) -> bool:
+        """True if peers saw one IP at different ports: the NAT gives each destination
+        its own port (symmetric NAT), so no peer can predict the port another sees."""
+        seen: dict[str, set[int]] = {}
+        for a in self._asked.values():
+            if a.observed is not None:
+                seen.setdefault(a.observed[0], set()).add(a.observed[1])
+        return any(len(ports) > 1 for ports in seen.values())
 
     def confirmed(self) -> list[Address]:
         """The peers whose nonce came back on both UDP and TCP."""
@@ -193,6 +207,7 @@ class ReachState:
     observed: Address | None = None  # the address most peers saw us at
     tested_at: float | None = None  # when the last round ended
     rounds: int = 0
+    varies: bool = False  # the last round's peers saw us at different ports (symmetric NAT)
 
     @property
     def public_address(self) -> str | None:
@@ -252,7 +267,8 @@ class Reachability:
         self._retesting = changed and not self._retesting
         if self._retesting:
             self._next = now
-        self.state = ReachState(verdict, observed, now, old.rounds + 1)
+        varies = done.varies() if done.observed() is not None else old.varies
+        self.state = ReachState(verdict, observed, now, old.rounds + 1, varies)
         return self.state
 
     def due(self, now: float) -> float:

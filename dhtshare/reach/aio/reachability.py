@@ -116,7 +116,8 @@ class ReachabilityService:
     async def test_once(self) -> ReachState:
         """One round: ask, wait for the dial-backs or the deadline, record the verdict."""
         current = self.policy.begin(self.clock())
-        previous = self.state.observed
+        before = self.state
+        previous = before.observed
         peers = self.candidates()
         for peer in peers:
             current.ask(peer, os.urandom(NONCE_SIZE))
@@ -130,6 +131,14 @@ class ReachabilityService:
                 task.cancel()
             await asyncio.gather(*asks, return_exceptions=True)
         state = self.policy.finish(current, verdict, self.clock())
+        if (state.verdict, state.observed) != (before.verdict, before.observed):
+            log.info(
+                "reachability %s, seen at %s by %d of %d peers asked",
+                state.verdict.value,
+                state.public_address,
+                sum(1 for p in peers if current.answered_by(p)),
+                len(peers),
+            )
         self._apply(state)
         return state
 
