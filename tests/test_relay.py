@@ -40,8 +40,10 @@ from dhtshare.wire.dialback import dialback_frame
 from dhtshare.wire.frames import encode_frame
 from dhtshare.wire.relay import (
     RESERVE_PURPOSE,
+    Accept,
     RefuseCode,
     Refused,
+    RelayMessage,
     Reserve,
     Reserved,
     decode_relay,
@@ -444,3 +446,76 @@ async def test_node_relays_when_public_and_reserves_when_private(tmp_path: Path)
 
 async def no_progress(doc: dict[str, Any]) -> None:
     pass
+
+
+async def raw_reserve(
+    relay: tuple[str, int], me: Identity, source: str = "127.0.17.9"
+) -> tuple[socket.socket, RelayMessage]:
+    """A reservation made by hand: the socket holding it and the relay's answer."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    try:
+        sock.bind((source, 0))
+        sock.setblocking(False)
+        await loop.sock_connect(sock, relay)
+        when = int(time.time())
+        sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
+        await loop.sock_sendall(sock, relay_frame(Reserve(me.public, when, sig)))
+        async with asyncio.timeout(WAIT):
+            reply = await loop.sock_recv(sock, 4096)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, decode_relay(reply[5:])
+
+
+async def test_target_that_never_accepts_costs_the_accept_timeout(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(accept_timeout=0.3))
+    target = Identity.generate()
+    sock, answer = await raw_reserve(relay.address, target)
+    try:
+        assert isinstance(answer, Reserved)
+        started = time.monotonic()
+        with pytest.raises(ProtocolError, match="refused the circuit: timeout"):
+            await open_circuit(relay.address, target.public)
+        assert 0.3 <= time.monotonic() - started < 2.0
+        assert relay.relay.circuits == 0
+    finally:
+        sock.close()
+    # an Accept naming no pending circuit is refused at once
+    loop = asyncio.get_running_loop()
+    with socket.socket() as stray:
+        stray.setblocking(False)
+        await loop.sock_connect(stray, relay.address)
+        await loop.sock_sendall(stray, relay_frame(Accept(bytes(16))))
+        async with asyncio.timeout(WAIT):
+            reply = decode_relay((await loop.sock_recv(stray, 4096))[5:])
+    assert isinstance(reply, Refused) and reply.code == RefuseCode.BAD_REQUEST
+
+
+async def test_keeper_renews_and_skips_relays_that_refuse(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(reservation_ttl=1.0))
+    # a node that does not relay: it closes RELAY connections
+    plain = PeerServer(Identity.generate(), "127.0.16.9", shares=ShareRegistry(lambda g, k: False))
+    await plain.start()
+    tg.create_task(plain.serve(), name="relaytest-plain")
+    await plain.serving.wait()
+    target = Identity.generate()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target,
+        lambda: [plain.address, relay.address],
+        lambda s, _: s.close(),
+        on_change=changed.set,
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        while not keeper.relays:
+            changed.clear()
+            await changed.wait()
+    assert keeper.relays == [relay.address]
+    await asyncio.sleep(2.5)  # time passes: two and a half ttls, renewed every half ttl
+    assert keeper.relays == [relay.address]
+    assert relay.relay.reservations == 1
+    assert relay.relay.stats["reserve.renewed"] >= 3
+    assert relay.relay.stats["reserve.expired"] == 0

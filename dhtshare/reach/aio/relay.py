@@ -387,6 +387,7 @@ class RelayServer:
                 if renewed is None:
                     return
                 expires = renewed
+                self.stats.incr("reserve.renewed")
         except ProtocolError:
             self.stats.incr("drop.malformed")
         finally:
