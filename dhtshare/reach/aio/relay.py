@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import socket
@@ -538,7 +539,8 @@ class RelayKeeper:
     ``candidates()`` lists relays to try, best first (public DHT contacts); a relay that
     failed or refused is not tried again for ``retry_after`` seconds. ``relays`` is where
     reservations are held now; ``on_change()`` runs whenever that list changes.
-    ``on_circuit(sock, leftover)`` gets each circuit opened to us (it owns the socket).
+    ``on_circuit(sock, leftover)`` gets each circuit opened to us (it owns the socket; if
+    it returns an awaitable, that runs in the keeper's task group).
     ``local`` is the address to connect from (default: the system's choice).
     ``run()`` works until cancelled.
     """
@@ -679,4 +681,9 @@ class RelayKeeper:
             sock.close()
             raise
         self.stats.incr("circuit")
-        self.on_circuit(sock, bytes(buf))
+        try:
+            handed = self.on_circuit(sock, bytes(buf))
+            if inspect.isawaitable(handed):  # e.g. a hole punch over the circuit
+                await handed
+        except Exception:  # one circuit's trouble must not end the reservation
+            log.exception("a circuit from relay %s:%d failed", *relay)
