@@ -169,9 +169,8 @@ class Node:
             node._members_seen = node._membership()
             await node._resume()
             node._spawn(node.server.serve(), "peer server")
-            if hasattr(node.server, "dialback_sink"):  # TCP dial-backs reach the service
-                node.reachability.attach(node.server)
-                node._spawn(node.reachability.run(), "reachability")
+            node.reachability.attach(node.server)  # UDP and TCP dial-backs reach it
+            node._spawn(node.reachability.run(), "reachability")
             node._spawn(node._maintain_forever(), "maintenance")
             if config.control:
                 node._control = await control.serve(
