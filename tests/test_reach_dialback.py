@@ -311,3 +311,65 @@ async def known(service: ReachabilityService) -> None:
     if service.state.verdict is Verdict.UNKNOWN:
         async with asyncio.timeout(30):
             await done.wait()
+
+
+class RawPeer:
+    """A bare UDP socket on its own loopback address, speaking the DHT's datagrams by hand."""
+
+    def __init__(self, index: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((loopback_host(index), 0))
+        self.sock.setblocking(False)
+        self.address: Address = self.sock.getsockname()[:2]
+
+    async def recv(self) -> bytes:
+        async with asyncio.timeout(5):
+            return await asyncio.get_running_loop().sock_recv(self.sock, 9000)
+
+    def send(self, datagram: bytes, to: Address) -> None:
+        self.sock.sendto(datagram, to)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        ["127.0.0.1", 4000],  # two items
+        ["127.0.0.1", 4000, True, 1],  # four
+        ["127.0.0.1", 4000, 1],  # dialing not a bool
+        ["not an ip", 4000, True],
+        ["127.0.0.1", 0, True],  # port 0
+        ["224.0.0.1", 4000, True],  # multicast
+        {"host": "127.0.0.1"},
+        b"\x00" * 20,
+    ],
+)
+async def test_a_malformed_reach_answer_is_no_answer(net: Net, body: Any) -> None:
+    asker = await net.node(join=False)
+    raw = RawPeer(60)
+    try:
+        asking = asyncio.ensure_future(asker.reach(raw.address, os.urandom(16)))
+        request = await raw.recv()
+        raw.send(b"\x01" + request[1:21] + packb(body), asker.address)
+        assert await asking is None
+    finally:
+        raw.sock.close()
+    assert asker.stats["drop.bad_reply"] == 1
+
+
+async def test_a_dialback_datagram_is_handed_on_and_never_answered(net: Net) -> None:
+    me = await net.node(join=False)
+    got: list[tuple[bytes, Address]] = []
+    me.set_dialback_sink(lambda nonce, source: got.append((nonce, source)))
+    raw = RawPeer(61)
+    try:
+        nonce = os.urandom(16)
+        dialback = packb(["dialback", [os.urandom(20), nonce]])
+        raw.send(b"\x00" + os.urandom(20) + dialback, me.address)
+        ping_id = os.urandom(20)
+        raw.send(b"\x00" + ping_id + packb(["ping", [os.urandom(20)]]), me.address)
+        first = await raw.recv()  # datagrams on loopback keep their order
+        assert first[:21] == b"\x01" + ping_id  # the ping's reply: nothing came for the dialback
+    finally:
+        raw.sock.close()
+    assert got == [(nonce, raw.address)]
+    assert me.contact_count() == 0  # a dialback sender is not welcomed
