@@ -519,3 +519,56 @@ async def test_keeper_renews_and_skips_relays_that_refuse(tg: asyncio.TaskGroup)
     assert relay.relay.reservations == 1
     assert relay.relay.stats["reserve.renewed"] >= 3
     assert relay.relay.stats["reserve.expired"] == 0
+
+
+async def test_adopt_serves_a_socket_with_bytes_already_read(
+    tg: asyncio.TaskGroup, tmp_path: Path
+) -> None:
+    """``adopt`` feeds the bytes read so far first (here a ClientHello cut in two), and an
+    adopted socket may only start a peer session (a DIALBACK frame there is closed)."""
+    data = random.Random(3).randbytes(PIECE + 10)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    hashes = hash_file(path, PIECE)
+    cid = merkle_root(hashes)
+    me, provider = Identity.generate(), Identity.generate()
+    shares = ShareRegistry(lambda g, k: g == GROUP and k == me.public)
+    shares.add(Share(GROUP, cid, path, FileLayout(len(data), PIECE), hashes))
+    server = PeerServer(provider, PROVIDER_HOST, shares=shares)
+    server.dialback_sink = lambda nonce, source: pytest.fail("an adopted socket is no dial-back")
+    await server.start()
+    tg.create_task(server.serve(), name="relaytest-adopt")
+    await server.serving.wait()
+    loop = asyncio.get_running_loop()
+
+    async def pair() -> tuple[socket.socket, socket.socket]:
+        listener = socket.create_server(("127.0.23.1", 0))
+        listener.setblocking(False)
+        client = socket.socket()
+        client.setblocking(False)
+        with listener:
+            connecting = asyncio.ensure_future(loop.sock_connect(client, listener.getsockname()))
+            accepted, _ = await loop.sock_accept(listener)
+            await connecting
+        accepted.setblocking(False)
+        return client, accepted
+
+    client, far = await pair()
+    opening = asyncio.ensure_future(open_peer_on(client, me, GROUP, cid))
+    async with asyncio.timeout(WAIT):
+        head = await loop.sock_recv(far, 20)  # part of the ClientHello
+    server.adopt(far, head)
+    async with await opening as stream, asyncio.timeout(WAIT):
+        assert stream.peer_key == provider.public
+        assert isinstance(await anext(stream), Bitfield)
+        await stream.send(Request(1, 0, 10))
+        piece = await anext(stream)
+        assert isinstance(piece, Piece) and bytes(piece.data) == data[PIECE:]
+
+    client, far = await pair()
+    with client:
+        server.adopt(far, dialback_frame(bytes(16)))
+        async with asyncio.timeout(WAIT):
+            with contextlib.suppress(ConnectionResetError):
+                assert await loop.sock_recv(client, 100) == b""  # closed
+    assert server.stats["drop.first_frame"] == 1
