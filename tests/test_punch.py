@@ -1,30 +1,31 @@
 """Hole punching on real sockets (reach/aio/punch.py).
 
-Each test runs in a network namespace it makes (only its loopback, as root): the test
-thread enters it for the test, so every socket the loop opens lives there. ``netem``
-delays loopback packets so that two SYNs really cross (TCP simultaneous open), and
-nftables drops SYNs to chosen ports (a punch target that never answers).
+Each test runs in a loopback-only network namespace it makes (``support/punchnet.py``,
+as root), where nftables drops chosen SYNs as a NAT drops an unsolicited one: a SYN that
+is dropped leaves its sender waiting in SYN_SENT, so the other side's SYN meets it (TCP
+simultaneous open), and a punch whose every SYN is dropped never answers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import os
-import secrets
-import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from support.netns import sh, unavailable
-from support.swarm import GROUP, Roster, make_source
+from support.netns import unavailable
+from support.punchnet import (
+    LOCAL,
+    Adopter,
+    circuit,
+    drop_syns,
+    free_port,
+    inside_netns,
+    provider,
+    session_works,
+)
+from support.swarm import Roster
 
-from dhtshare.identity import Identity
 from dhtshare.reach.aio.punch import (
     bind_reusable,
     punch_as_dialer,
@@ -32,134 +33,8 @@ from dhtshare.reach.aio.punch import (
     simultaneous_open,
 )
 from dhtshare.reach.punch import PunchSchedule
-from dhtshare.transfer.aio.peer import open_peer_on
-from dhtshare.transfer.aio.serve import PeerServer
-from dhtshare.transfer.share import ShareRegistry
-from dhtshare.wire import Bitfield
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
-
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-LOCAL = "127.0.0.1"
-
-
-@contextlib.contextmanager
-def inside_netns() -> Iterator[str]:
-    """A fresh namespace (loopback only) that the calling thread is inside until the
-    block ends; then it is deleted."""
-    name = f"dhts-{os.getpid()}-{secrets.token_hex(2)}-punch"
-    sh("ip", "netns", "add", name)
-    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        sh("ip", "-n", name, "link", "set", "lo", "up")
-        there = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        try:
-            if _libc.setns(there, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(there)
-        try:
-            yield name
-        finally:
-            if _libc.setns(here, _CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(here)
-        sh("ip", "netns", "del", name, check=False)
-
-
-def drop_syns(match: str) -> None:
-    """Drop every TCP SYN (without ACK) that also matches ``match`` (an nft expression),
-    in the namespace this thread is in, as a NAT drops an unsolicited SYN. (nft runs in
-    a child process, which starts in this thread's namespace.)"""
-    rules = f"""
-table inet punchtest {{
-  chain out {{
-    type filter hook output priority filter; policy accept;
-    tcp flags & (syn | ack) == syn {match} drop
-  }}
-}}
-"""
-    subprocess.run(
-        ["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True, timeout=10
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
-
-
-async def circuit() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair standing for a relayed circuit (D's end, P's end)."""
-    with socket.socket() as lst:
-        lst.bind((LOCAL, 0))
-        lst.listen(1)
-        lst.setblocking(False)
-        d = socket.socket()
-        d.setblocking(False)
-        loop = asyncio.get_running_loop()
-        _, (p, _) = await asyncio.gather(
-            loop.sock_connect(d, lst.getsockname()), loop.sock_accept(lst)
-        )
-        p.setblocking(False)
-        return d, p
-
-
-class Adopter:
-    """Records what ``punch_as_listener`` adopts and hands it to the real server."""
-
-    def __init__(self, server: PeerServer) -> None:
-        self.server = server
-        self.got: list[tuple[tuple[str, int], bytes]] = []
-        self.event = asyncio.Event()
-
-    def __call__(self, sock: socket.socket, initial: bytes) -> None:
-        self.got.append((sock.getpeername()[:2], initial))
-        self.event.set()
-        self.server.adopt(sock, initial)
-
-
-@asynccontextmanager
-async def provider(tmp_path: Path, roster: Roster) -> AsyncIterator[tuple[PeerServer, Identity]]:
-    identity = Identity.generate()
-    roster.keys.add(identity.public)
-    src = make_source(tmp_path, 300_000)
-    registry = ShareRegistry(roster)
-    registry.add(src.share())
-    server = PeerServer(identity, LOCAL, 0, shares=registry)
-    await server.start()
-    task = asyncio.create_task(server.serve())
-    async with asyncio.timeout(5):
-        await server.serving.wait()
-    server.content_id = src.content_id  # type: ignore[attr-defined]
-    try:
-        yield server, identity
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def session_works(
-    sock: socket.socket, server: PeerServer, want: bytes, roster: Roster
-) -> None:
-    """An authenticated session of a member on ``sock``: the handshake checks ``want``
-    and the provider's Bitfield arrives."""
-    me = Identity.generate()
-    roster.keys.add(me.public)
-    stream = await open_peer_on(sock, me, GROUP, server.content_id)  # type: ignore[attr-defined]
-    try:
-        assert stream.peer_key == want
-        async with asyncio.timeout(5):
-            async for event in stream:
-                assert isinstance(event, Bitfield), event
-                break
-    finally:
-        await stream.aclose()
-
 
 # ------------------------------------------------------------------------------ tests
 

@@ -15,8 +15,8 @@
 
 The first route that works wins; every other try is cancelled and its sockets closed.
 Whatever connected, the handshake must authenticate ``addr.peer_key``: an address or a
-relay that leads to someone else counts as a failure. ``upgrade(addr)`` tries the same
-without the relayed fallback (a relayed session's upgrade), ``None`` if nothing worked.
+relay that leads to someone else counts as a failure. ``upgrade(addr)`` (a relayed
+session's try for better) opens new circuits and punches, without the relayed fallback.
 """
 
 from __future__ import annotations
@@ -103,9 +103,11 @@ class FileDialer:
         return await self._first(self._tries(addr, fallback=True))
 
     async def upgrade(self, addr: ProviderAddr) -> tuple[PeerStream, str] | None:
-        """A direct or punched session with ``addr``'s provider, or ``None``."""
-        tries = self._tries(addr, fallback=False)
-        if not any(kind is AddressKind.RELAY for kind, _ in tries):
+        """A punched session with ``addr``'s provider through one of its relays (route
+        ``"punched"``, or ``"direct"`` for a public dialer), or ``None``. Its direct
+        addresses are not tried again: they failed when the relayed session was made."""
+        tries = [t for t in self._tries(addr, fallback=False) if t[0] is AddressKind.RELAY]
+        if not tries:
             return None
         try:
             return await self._first(tries)
