@@ -572,3 +572,33 @@ async def test_adopt_serves_a_socket_with_bytes_already_read(
             with contextlib.suppress(ConnectionResetError):
                 assert await loop.sock_recv(client, 100) == b""  # closed
     assert server.stats["drop.first_frame"] == 1
+
+
+async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg)
+    loop = asyncio.get_running_loop()
+    me = Identity.generate()
+    when = int(time.time())
+    sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
+    frame = relay_frame(Reserve(me.public, when, sig))  # in the clear: anyone on path has it
+    answers = []
+    with socket.socket() as first, socket.socket() as replay, socket.socket() as later:
+        for sock, what in ((first, frame), (replay, frame)):
+            sock.setblocking(False)
+            await loop.sock_connect(sock, relay.address)
+            await loop.sock_sendall(sock, what)
+            async with asyncio.timeout(WAIT):
+                answers.append(decode_relay((await loop.sock_recv(sock, 4096))[5:]))
+        assert isinstance(answers[0], Reserved)
+        assert isinstance(answers[1], Refused) and answers[1].code == RefuseCode.BAD_REQUEST
+        assert relay.relay.reservations == 1
+        # the key's owner, reconnecting later, takes its reservation over
+        sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when + 1))
+        later.setblocking(False)
+        await loop.sock_connect(later, relay.address)
+        await loop.sock_sendall(later, relay_frame(Reserve(me.public, when + 1, sig)))
+        async with asyncio.timeout(WAIT):
+            assert isinstance(decode_relay((await loop.sock_recv(later, 4096))[5:]), Reserved)
+            with contextlib.suppress(ConnectionResetError):
+                assert await loop.sock_recv(first, 4096) == b""  # the older one is closed
+    assert relay.relay.stats["reserve"] == 2

@@ -5,7 +5,8 @@
 
 - ``Reserve`` (signed by the key it names, its time within ``RESERVE_SKEW`` of ours): a
   reservation, held while that connection stays open and is renewed before its ttl runs out
-  (``RelayBook`` admits it); a newer reservation of the same key replaces the older one;
+  (``RelayBook`` admits it); a reservation of the same key on a new connection replaces
+  the held one only if its time is later (so a replayed ``Reserve`` cannot);
 - ``Connect(key)``: the relay sends ``Incoming`` on ``key``'s reservation connection and
   waits (``accept_timeout``) for a connection whose first frame is ``Accept`` with that
   circuit id; then ``Ready`` to both, and from the next byte it splices the two sockets:
@@ -92,6 +93,7 @@ class _Control(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.ended = False
+        self.reserved_at = -1  # the time of the last Reserve granted on it
         self._wake: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -366,10 +368,15 @@ class RelayServer:
         assert ctl.transport is not None
         source = handshake_source(_peer_of(ctl.transport)[0])
         key = first.key
+        old = self._holders.get(key)
+        if old is not None and first.time <= old.reserved_at:
+            # a replayed Reserve (it travels in the clear) must not take a reservation over
+            self._refuse(ctl, RefuseCode.BAD_REQUEST, "an older reservation")
+            return
         expires = self._grant(ctl, first, source)
         if expires is None:
             return
-        old = self._holders.get(key)
+        ctl.reserved_at = first.time
         self._holders[key] = ctl
         if old is not None:
             old.close()
@@ -387,7 +394,7 @@ class RelayServer:
                 renewed = self._grant(ctl, msg, source)
                 if renewed is None:
                     return
-                expires = renewed
+                expires, ctl.reserved_at = renewed, max(ctl.reserved_at, msg.time)
                 self.stats.incr("reserve.renewed")
         except ProtocolError:
             self.stats.incr("drop.malformed")
