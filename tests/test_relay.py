@@ -28,7 +28,7 @@ from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
-from dhtshare.reach.aio.relay import RelayKeeper, RelayServer, open_circuit
+from dhtshare.reach.aio.relay import SPLICE_BUFFER, RelayKeeper, RelayServer, open_circuit
 from dhtshare.reach.autonat import ReachState, Verdict
 from dhtshare.reach.relaylimits import RelayLimits
 from dhtshare.records import AddressKind
@@ -602,3 +602,31 @@ async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.Tas
             with contextlib.suppress(ConnectionResetError):
                 assert await loop.sock_recv(first, 4096) == b""  # the older one is closed
     assert relay.relay.stats["reserve"] == 2
+
+
+async def test_a_circuit_to_a_reader_that_stops_holds_little(tg: asyncio.TaskGroup) -> None:
+    """Flow control: while the far end reads nothing, the relay stops reading the near end
+    (its buffers stay near one splice read), so the sender blocks."""
+    relay = await start_relay(tg)
+    target = Identity.generate()
+    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    sock, _ = await open_circuit(relay.address, target.public)
+    async with asyncio.timeout(WAIT):
+        far = await circuits.get()  # never read
+    loop = asyncio.get_running_loop()
+    flood = memoryview(bytes(64 * 1024 * 1024))  # far more than all the kernel buffers
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await loop.sock_sendall(sock, flood)
+        assert 0 < relay.relay.buffered <= 2 * SPLICE_BUFFER
+    finally:
+        sock.close()
+        far.close()

@@ -304,6 +304,7 @@ class RelayServer:
         self.tap: Callable[[bytes], None] | None = None
         self._holders: dict[bytes, _Control] = {}  # key -> its reservation connection
         self._pending: dict[bytes, asyncio.Future[_Control]] = {}  # circuit id -> Accept
+        self._circuits: set[_Circuit] = set()
 
     @property
     def reservations(self) -> int:
@@ -312,6 +313,11 @@ class RelayServer:
     @property
     def circuits(self) -> int:
         return self.book.circuits
+
+    @property
+    def buffered(self) -> int:
+        """Bytes the circuits hold in their write buffers (flow control bounds it)."""
+        return sum(p.transport.get_write_buffer_size() for c in self._circuits for p in (c.a, c.b))
 
     async def handle(self, transport: asyncio.Transport, payload: bytes, rest: bytes) -> None:
         """Serve one connection whose first frame (``payload``) is RELAY, until it ends or
@@ -435,10 +441,12 @@ class RelayServer:
             ctl.send(Ready())
             other.send(Ready())
             circuit = _Circuit(self, ctl, other)
+            self._circuits.add(circuit)
             self.stats.incr("circuit")
             try:
                 await asyncio.shield(circuit.done)
             finally:
+                self._circuits.discard(circuit)
                 circuit.abort()
         finally:
             self._pending.pop(circuit_id, None)
