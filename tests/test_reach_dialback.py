@@ -373,3 +373,14 @@ async def test_a_dialback_datagram_is_handed_on_and_never_answered(net: Net) -> 
         raw.sock.close()
     assert got == [(nonce, raw.address)]
     assert me.contact_count() == 0  # a dialback sender is not welcomed
+
+
+async def test_a_node_that_knows_one_contact_meets_more_before_it_decides(net: Net) -> None:
+    boot = (await servers(net, 4))[0]
+    me = await net.node(tcp=False, join=False)
+    for peer in await me._ping_all([boot.address]):
+        me._proto().welcome_if_new(peer)
+    assert me.contact_count() == 1  # one peer cannot make it private on its own
+    state = await net.service(me).test_once()
+    assert state.verdict is Verdict.PRIVATE
+    assert me.contact_count() >= 2

@@ -356,6 +356,16 @@ class DhtNode(Server):  # type: ignore[misc]
         answered, reply = await self._proto().reach(address, self.node.id, nonce)
         return reply if answered and isinstance(reply, ReachReply) else None
 
+    async def find_more(self) -> int:
+        """Look up our own id to meet more nodes; how many contacts the table then holds.
+
+        The nodes that answer join the table once they answer a ping with their id
+        (awaited here, each ping bounded by the RPC timeout).
+        """
+        await self._crawl(self.node.id, want_values=False)
+        await self._proto().validations()
+        return self.contact_count()
+
     def rpc_timeout(self, address: Address) -> float:
         """The timeout the next RPC to ``address`` gets (from its measured round trips)."""
         return self._proto().rpc_timeout(address)

@@ -1,7 +1,8 @@
 """The node's reachability service: test, decide, switch DHT client mode, repeat.
 
 Each round asks up to ``Reachability.peers`` DHT contacts (distinct IPs, chosen at
-random) ``reach`` with a fresh nonce each, collects the dial-backs (UDP from the DHT
+random; with too few to decide, it first looks up its own id to meet more) ``reach``
+with a fresh nonce each, collects the dial-backs (UDP from the DHT
 protocol, TCP from ``PeerServer.dialback_sink``) and ends as soon as
 ``ReachRound.verdict`` gives one: at once when a dial-back confirms the node public, at
 the dial-back deadline otherwise. A peer that answers that it will not dial back
@@ -115,10 +116,13 @@ class ReachabilityService:
 
     async def test_once(self) -> ReachState:
         """One round: ask, wait for the dial-backs or the deadline, record the verdict."""
+        peers = self.candidates()
+        if len(peers) < self.policy.min_private and self.dht.contact_count():
+            await self.dht.find_more()  # too few to ask: meet more nodes first
+            peers = self.candidates()
         current = self.policy.begin(self.clock())
         before = self.state
         previous = before.observed
-        peers = self.candidates()
         for peer in peers:
             current.ask(peer, os.urandom(NONCE_SIZE))
         self._round = current
