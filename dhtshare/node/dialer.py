@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
-from dhtshare.reach.aio.punch import punch_as_dialer
+from dhtshare.reach.aio.punch import Adopt, punch_as_dialer, punch_as_listener
 from dhtshare.records import AddressKind, PeerAddress
 from dhtshare.transfer.aio.peer import (
     HANDSHAKE_TIMEOUT,
@@ -41,7 +41,15 @@ from dhtshare.transfer.aio.peer import (
 )
 from dhtshare.transfer.swarm import ProviderAddr
 
-__all__ = ["DIRECT", "PUNCHED", "RELAYED", "Dialer", "FileDialer", "OpenCircuit"]
+__all__ = [
+    "DIRECT",
+    "PUNCHED",
+    "RELAYED",
+    "Dialer",
+    "FileDialer",
+    "OpenCircuit",
+    "circuit_handler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +257,22 @@ async def _check_key(stream: PeerStream, addr: ProviderAddr) -> None:
     if stream.peer_key != addr.peer_key:
         await stream.aclose()
         raise ProtocolError("the address leads to another peer")
+
+
+def circuit_handler(
+    adopt: Adopt,
+    listening: Callable[[], tuple[str, int]],
+    public_ip: Callable[[], str | None],
+) -> Callable[[socket.socket, bytes], Awaitable[None]]:
+    """The provider's side of each circuit a relay opens to us (``RelayKeeper``'s
+    ``on_circuit``): answer the dialer's punch from beside our peer listener
+    (``listening()``: its address), then hand every connection to ``adopt``
+    (``PeerServer.adopt``); see ``reach/aio/punch.punch_as_listener``."""
+
+    async def on_circuit(sock: socket.socket, leftover: bytes) -> None:
+        host, port = listening()
+        bind = "" if host in ("", "0.0.0.0", "::") else host
+        outcome = await punch_as_listener(sock, leftover, port, public_ip(), adopt, bind_host=bind)
+        log.debug("circuit: %s", outcome)
+
+    return on_circuit
