@@ -5,9 +5,10 @@ The topology of tests/support/netns.py: a bootstrap node that relays (``bootstra
 each behind a port-keeping router; a member (rand) behind a router that maps ports
 randomly per destination, so no hole can be punched to it and only a relay carries its
 traffic. Every node is started as README shows it: ``node start --bootstrap HOST:PORT
---detach``, no address option. The private owner creates the group, the others join,
-the owner shares a file of random bytes; each member downloads it by the route the design
-gives (``downloads --json`` ``routes``), and every copy is byte-identical.
+--detach``, no address option; the public member first, then the three homes at once.
+The private owner creates the group, the others join, the owner shares a file of random
+bytes; each member downloads it by the route the design gives (``downloads --json``
+``routes``), and every copy is byte-identical.
 
 The tests share one network (a module fixture) and run in file order: a member that has
 downloaded a file serves it to the next ones.
@@ -40,7 +41,7 @@ GET_TIMEOUT = 45.0
 class Lab:
     topo: Topology
     n: Nodes
-    started_at: dict[str, float]  # monotonic time each `node start` began
+    known_after: dict[str, float]  # seconds from `node start` until reachability was known
     gid: str
     data: dict[str, bytes] = field(default_factory=dict)  # file name -> its bytes
 
@@ -52,17 +53,29 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         n.start_bootstrap("--relay")
         for role in (OWNER, *MEMBERS):
             n.run(role, "id", "create", "--name", role)
-        started_at, procs = {}, {}
-        for role in (OWNER, *MEMBERS):
+        # the public member first: the home users join a network that exists
+        started_at = {"public": time.monotonic()}
+        n.started("public", n.start("public"))
+        procs = {}
+        for role in (OWNER, "keep2", "rand"):
             started_at[role] = time.monotonic()
             procs[role] = n.start(role)
         for role, proc in procs.items():
             n.started(role, proc)
+        known_after = {}
+        for role in started_at:
+            left = started_at[role] + REACHABILITY_WITHIN - time.monotonic()
+            n.wait_status(role, known, max(left, 0.0))
+            known_after[role] = time.monotonic() - started_at[role]
+        deadline = time.monotonic() + REACHABILITY_WITHIN
+        for role in (OWNER, "keep2", "rand"):  # a private provider names its relays
+            left = deadline - time.monotonic()
+            n.wait_status(role, lambda d: bool(d.get("relays")), max(left, 0.0))
         gid = n.run(OWNER, "group", "create", "crag").stdout.strip()
         for member in MEMBERS:
             n.run(member, "group", "join", gid)
             n.run(OWNER, "group", "accept", "crag", member)
-        lab = Lab(topo, n, started_at, gid)
+        lab = Lab(topo, n, known_after, gid)
         share(lab, OWNER, "big.bin", SIZE)
         yield lab
 
@@ -95,17 +108,22 @@ def routes_of(lab: Lab, role: str, name: str) -> dict[str, str]:
 
 def test_every_node_knows_its_reachability_within_30_s(lab: Lab) -> None:
     for role in (OWNER, *MEMBERS):
-        left = lab.started_at[role] + REACHABILITY_WITHIN - time.monotonic()
-        doc = lab.n.wait_status(role, known, max(left, 0.0))
+        doc = lab.n.status(role)
         want = "public" if role == "public" else "private"
         assert doc.get("reachability") == want, f"{role}: {status_summary(doc)}"
+        assert lab.known_after[role] <= REACHABILITY_WITHIN, lab.known_after
     public = lab.n.status("public")
-    port = public["advertised"].rsplit(":", 1)[1]
-    assert public["public_address"] == f"{lab.topo.public_ip('public')}:{port}"
-    keep1 = lab.n.status(OWNER)
-    # a port-keeping router: the peers saw the router's address and the node's own port
-    port = keep1["address"].rsplit(":", 1)[1]
-    assert keep1["public_address"] in (None, f"{lab.topo.public_ip(OWNER)}:{port}"), keep1
+    port = public["address"].rsplit(":", 1)[1]
+    assert public["public_address"] == f"{lab.topo.public_ip('public')}:{port}", public
+
+
+def test_every_private_node_holds_a_relay(lab: Lab) -> None:
+    """Its reservations are at public nodes: the bootstrap node or the public member."""
+    public = {lab.topo.public_ip(role) for role in ("boot", "public")}
+    for role in (OWNER, "keep2", "rand"):
+        doc = lab.n.status(role)
+        relays = doc.get("relays")
+        assert relays and {r.rsplit(":", 1)[0] for r in relays} <= public, status_summary(doc)
 
 
 def known(doc: dict[str, Any]) -> bool:
