@@ -268,9 +268,11 @@ class PeerServer:
             sock.close()
             return
         try:
-            self._tg.create_task(self._adopt(sock, bytes(initial)))
+            task = self._tg.create_task(self._adopt(sock, bytes(initial)))
         except RuntimeError:
             sock.close()
+            return
+        task.add_done_callback(lambda t: sock.close() if t.cancelled() else None)
 
     async def _adopt(self, sock: socket.socket, initial: bytes) -> None:
         loop = asyncio.get_running_loop()
