@@ -425,6 +425,7 @@ class RelayServer:
         circuit_id = os.urandom(CIRCUIT_ID_SIZE)
         accepted = asyncio.get_running_loop().create_future()
         self._pending[circuit_id] = accepted
+        spliced = False
         try:
             host, port = _peer_of(ctl.transport)
             holder.send(Incoming(circuit_id, _ip_literal(host), port))
@@ -441,6 +442,7 @@ class RelayServer:
             ctl.send(Ready())
             other.send(Ready())
             circuit = _Circuit(self, ctl, other)
+            spliced = True
             self._circuits.add(circuit)
             self.stats.incr("circuit")
             try:
@@ -451,6 +453,10 @@ class RelayServer:
         finally:
             self._pending.pop(circuit_id, None)
             self.book.close_circuit(target)
+            if not spliced:  # refused, or the relay stops: neither end is left open
+                ctl.close()
+                if accepted.done() and not accepted.cancelled():
+                    accepted.result().close()
 
     def _accept(self, ctl: _Control, circuit_id: bytes) -> None:
         waiting = self._pending.pop(circuit_id, None)
