@@ -5,10 +5,10 @@ The topology of tests/support/netns.py: a bootstrap node that relays (``bootstra
 each behind a port-keeping router; a member (rand) behind a router that maps ports
 randomly per destination, so no hole can be punched to it and only a relay carries its
 traffic. Every node is started as README shows it: ``node start --bootstrap HOST:PORT
---detach``, no address option; the public member first, then the three homes at once.
-The private owner creates the group, the others join, the owner shares a file of random
-bytes; each member downloads it by the route the design gives (``downloads --json``
-``routes``), and every copy is byte-identical.
+--detach``, no address option, all four at once. The private owner creates the group,
+the others join, the owner shares a file of random bytes; each member downloads it by
+the route the design gives (``downloads --json`` ``routes``), and every copy is
+byte-identical.
 
 The tests share one network (a module fixture) and run in file order: a member that has
 downloaded a file serves it to the next ones.
@@ -53,11 +53,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         n.start_bootstrap("--relay")
         for role in (OWNER, *MEMBERS):
             n.run(role, "id", "create", "--name", role)
-        # the public member first: the home users join a network that exists
-        started_at = {"public": time.monotonic()}
-        n.started("public", n.start("public"))
-        procs = {}
-        for role in (OWNER, "keep2", "rand"):
+        started_at, procs = {}, {}
+        for role in (OWNER, *MEMBERS):  # all at once: each meets the others as they come
             started_at[role] = time.monotonic()
             procs[role] = n.start(role)
         for role, proc in procs.items():
