@@ -432,10 +432,14 @@ class Nodes:
         assert proc.returncode == 0 and m, f"{role}: node start: {err.strip()}"
         return int(m.group(1))
 
+    def call(self, role: str, cmd: str, **args: Any) -> Any:
+        """One control command (``status``, ``downloads``...) straight to the node's socket."""
+        path = control.socket_path(Home(self.home(role)))
+        return asyncio.run(control.call(path, cmd, args))
+
     def status(self, role: str) -> dict[str, Any]:
         """``node status`` straight from the control socket."""
-        path = control.socket_path(Home(self.home(role)))
-        doc = asyncio.run(control.call(path, "status", {}))
+        doc = self.call(role, "status")
         assert isinstance(doc, dict), doc
         return doc
 
