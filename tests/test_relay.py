@@ -630,3 +630,32 @@ async def test_a_circuit_to_a_reader_that_stops_holds_little(tg: asyncio.TaskGro
     finally:
         sock.close()
         far.close()
+
+
+async def test_circuit_past_its_time_limit_is_cut(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(circuit_seconds=0.3))
+    target = Identity.generate()
+    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    loop = asyncio.get_running_loop()
+    sock, _ = await open_circuit(relay.address, target.public)
+    started = loop.time()
+    async with asyncio.timeout(WAIT):
+        far = await circuits.get()
+    try:
+        await loop.sock_sendall(sock, b"ping")
+        async with asyncio.timeout(WAIT):
+            assert await loop.sock_recv(far, 16) == b"ping"
+            with contextlib.suppress(ConnectionResetError):
+                assert await loop.sock_recv(sock, 16) == b""  # cut, with nothing sent
+        assert 0.3 <= loop.time() - started < 2.0
+    finally:
+        sock.close()
+        far.close()
+    assert relay.relay.stats["circuit.cut.limit"] == 1
