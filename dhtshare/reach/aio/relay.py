@@ -610,6 +610,8 @@ class RelayKeeper:
 
     def _fill(self, tg: asyncio.TaskGroup) -> None:
         now = time.monotonic()
+        for relay in [r for r, at in self._failed.items() if now - at >= self.retry_after]:
+            del self._failed[relay]
         for relay in self.candidates():
             if len(self._held) >= self.max_relays:
                 return
