@@ -64,6 +64,7 @@ from dhtshare.wire.relay import (
 
 __all__ = [
     "CONTROL_TIMEOUT",
+    "MAX_OPENING",
     "RESERVE_SKEW",
     "SPLICE_BUFFER",
     "RelayKeeper",
@@ -79,6 +80,8 @@ RESERVE_SKEW = 300.0
 """How far a ``Reserve``'s time may be from the relay's clock (seconds)."""
 CONTROL_TIMEOUT = 10.0
 """How long either side waits for the other's next control frame (connect included)."""
+MAX_OPENING = 16
+"""Circuits a keeper opens at once; an ``Incoming`` past that is ignored."""
 _CONTROL_BACKLOG = 64 * 1024
 """Unread bytes a control connection may hold before its reading pauses."""
 
@@ -593,6 +596,8 @@ class RelayKeeper:
         self._held: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._failed: dict[tuple[str, int], float] = {}  # relay -> monotonic time
         self._wake = asyncio.Event()
+        self._tg: asyncio.TaskGroup | None = None
+        self._opening = 0  # circuits being opened (Accept sent, Ready not yet read)
 
     @property
     def relays(self) -> list[tuple[str, int]]:
@@ -601,6 +606,7 @@ class RelayKeeper:
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
+            self._tg = tg  # circuits run here: they outlive the reservation that announced them
             while True:
                 self._fill(tg)
                 self._wake.clear()
@@ -658,36 +664,59 @@ class RelayKeeper:
             self.on_change()
         renew_at = time.monotonic() + msg.ttl / 2
         renewing = False
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                wait = renew_at - time.monotonic()
+        assert self._tg is not None
+        while True:
+            wait = renew_at - time.monotonic()
+            if renewing:
+                wait = CONTROL_TIMEOUT  # the relay owes us a Reserved
+            try:
+                async with asyncio.timeout(max(0.0, wait)):
+                    msg = await _read_message(sock, buf)
+            except TimeoutError:
                 if renewing:
-                    wait = CONTROL_TIMEOUT  # the relay owes us a Reserved
-                try:
-                    async with asyncio.timeout(max(0.0, wait)):
-                        msg = await _read_message(sock, buf)
-                except TimeoutError:
-                    if renewing:
-                        raise ProtocolError("the relay did not renew the reservation") from None
-                    await loop.sock_sendall(sock, relay_frame(self._reserve()))
-                    renewing = True
-                    continue
-                match msg:
-                    case Incoming(circuit_id):
-                        tg.create_task(self._accept(relay, circuit_id))
-                    case Reserved(ttl):
-                        renewing = False
-                        renew_at = time.monotonic() + ttl / 2
-                    case _:
-                        raise ProtocolError(f"the relay sent {type(msg).__name__}")
+                    raise ProtocolError("the relay did not renew the reservation") from None
+                await loop.sock_sendall(sock, relay_frame(self._reserve()))
+                renewing = True
+                continue
+            match msg:
+                case Incoming(circuit_id):
+                    if self._opening >= MAX_OPENING:  # a relay flooding us with Incoming
+                        self.stats.incr("drop.incoming")
+                        continue
+                    self._opening += 1
+                    self._tg.create_task(self._accept(relay, circuit_id))
+                case Reserved(ttl):
+                    renewing = False
+                    renew_at = time.monotonic() + ttl / 2
+                case _:
+                    raise ProtocolError(f"the relay sent {type(msg).__name__}")
 
     async def _accept(self, relay: tuple[str, int], circuit_id: bytes) -> None:
         """Open the circuit ``Incoming`` announced and hand it to ``on_circuit``."""
         try:
+            opened = await self._open(relay, circuit_id)
+        finally:
+            self._opening -= 1
+        if opened is None:
+            return
+        sock, leftover = opened
+        self.stats.incr("circuit")
+        try:
+            handed = self.on_circuit(sock, leftover)
+            if inspect.isawaitable(handed):  # e.g. a hole punch over the circuit
+                await handed
+        except Exception:  # one circuit's trouble must not end the reservation
+            log.exception("a circuit from relay %s:%d failed", *relay)
+
+    async def _open(
+        self, relay: tuple[str, int], circuit_id: bytes
+    ) -> tuple[socket.socket, bytes] | None:
+        """A new connection to ``relay`` that accepted ``circuit_id`` and read ``Ready``."""
+        try:
             sock = await _connect_socket(relay, CONTROL_TIMEOUT, self.local)
         except (OSError, TimeoutError) as exc:
             log.debug("cannot accept a circuit at %s:%d: %s", *relay, exc)
-            return
+            return None
         try:
             loop = asyncio.get_running_loop()
             await loop.sock_sendall(sock, relay_frame(Accept(circuit_id)))
@@ -699,14 +728,8 @@ class RelayKeeper:
         except (OSError, ProtocolError, TimeoutError) as exc:
             log.debug("circuit at %s:%d failed: %s", *relay, exc)
             sock.close()
-            return
+            return None
         except BaseException:
             sock.close()
             raise
-        self.stats.incr("circuit")
-        try:
-            handed = self.on_circuit(sock, bytes(buf))
-            if inspect.isawaitable(handed):  # e.g. a hole punch over the circuit
-                await handed
-        except Exception:  # one circuit's trouble must not end the reservation
-            log.exception("a circuit from relay %s:%d failed", *relay)
+        return sock, bytes(buf)
