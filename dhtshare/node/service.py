@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -28,10 +29,11 @@ from dhtshare.home import Home
 from dhtshare.identity import Identity
 from dhtshare.node import control, settings
 from dhtshare.node.commands import Commands
+from dhtshare.node.dialer import Dialer, circuit_handler
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 from dhtshare.reach.aio.reachability import ReachabilityService
-from dhtshare.reach.aio.relay import RelayKeeper, RelayServer
+from dhtshare.reach.aio.relay import RelayKeeper, RelayServer, open_circuit
 from dhtshare.reach.autonat import ReachState, Verdict
 from dhtshare.records import AddressKind, PeerAddress
 from dhtshare.tasks import spawn_logged
@@ -115,7 +117,7 @@ class Node:
         self.keeper = RelayKeeper(
             identity,
             self._relay_candidates,
-            server.adopt,
+            circuit_handler(server.adopt, lambda: server.address, self.public_ip),
             on_change=self._relays_changed,
             local=local,
         )
@@ -133,6 +135,12 @@ class Node:
                 repoll_interval=min(DownloadOptions().repoll_interval, config.provider_timeout),
             ),
             download_limit=config.download_limit,
+            dialer=Dialer(
+                identity,
+                open_circuit=functools.partial(open_circuit, local=local),
+                public_ip=self.public_ip,
+                is_private=lambda: self.reachability.state.verdict is not Verdict.PUBLIC,
+            ),
         )
         self.shares: dict[tuple[bytes, bytes], Share] = {}
         self.stopped = asyncio.Event()
@@ -194,6 +202,13 @@ class Node:
     def relay_addresses(self) -> tuple[PeerAddress, ...]:
         """Our relays as provider-record addresses (``AddressKind.RELAY``)."""
         return tuple(PeerAddress(AddressKind.RELAY, host, port) for host, port in self.relays)
+
+    def public_ip(self) -> str | None:
+        """Our address as others see it: the one most peers observed, else a relay's view."""
+        observed = self.reachability.state.observed
+        if observed is not None:
+            return observed[0]
+        return next((host for host, _ in self.keeper.observed.values()), None)
 
     def _relay_candidates(self) -> list[tuple[str, int]]:
         """Where to ask for a reservation: DHT contacts (all public: private nodes stay out
