@@ -106,7 +106,7 @@ class Node:
             max_age=STALE_ROUNDS * config.maintenance_interval,
         )
         self.files = FileService(
-            dht, identity, lambda: self.advertised, more_addresses=lambda: self.relay_addresses()
+            dht, identity, lambda: self.advertised, more_addresses=lambda: self.more_addresses()
         )
         self.liveness = Liveness(self._answers, lambda: self.advertised)
         # reachability: ``.state`` (verdict, observed address); started after the join
@@ -122,6 +122,7 @@ class Node:
             local=local,
         )
         self._keeping: asyncio.Task[Any] | None = None
+        self._announced_more: tuple[PeerAddress, ...] = ()  # more_addresses last announced
         self.reachability.add_listener(self._reach_changed)
         self.downloads = DownloadManager(
             self.home,
@@ -203,6 +204,16 @@ class Node:
         """Our relays as provider-record addresses (``AddressKind.RELAY``)."""
         return tuple(PeerAddress(AddressKind.RELAY, host, port) for host, port in self.relays)
 
+    def more_addresses(self) -> tuple[PeerAddress, ...]:
+        """What our provider records add to the advertised address: the public address
+        others dialled us back on (when it is another one, e.g. a host behind a router
+        that forwards the port), then our relays."""
+        state = self.reachability.state
+        seen = state.observed if state.verdict is Verdict.PUBLIC else None
+        if seen is None or seen == self.advertised:
+            return self.relay_addresses()
+        return (PeerAddress(AddressKind.DIRECT, *seen), *self.relay_addresses())
+
     def public_ip(self) -> str | None:
         """Our address as others see it: the one most peers observed, else a relay's view."""
         observed = self.reachability.state.observed
@@ -226,6 +237,10 @@ class Node:
         elif public and self._keeping is not None:
             self._keeping.cancel()
             self._keeping = None
+        more = self.more_addresses()
+        if more != self._announced_more:  # a public address learnt, relays dropped
+            self._announced_more = more
+            self._spawn(self._readdress(), "re-announce with new addresses")
 
     def _relays_changed(self) -> None:
         if self._keeping is None or self._keeping.cancelling():
