@@ -1,6 +1,6 @@
 """Hole punching and relaying between two homes behind NAT (not a test; needs root).
 
-    sudo python simulations/bench_nat.py [--attempts 20] [--size 64] [--json]
+    sudo python simulations/bench_nat.py [--attempts 20] [--size 128] [--repeat 3] [--json]
 
 Builds the namespace topology of tests/support/netns.py and runs real ``dhtshare``
 processes in it: a bootstrap node that relays (``bootstrap --relay``), a public node (a
@@ -13,10 +13,11 @@ group, keep2 joins, and:
 - relayed vs direct: keep2 downloads one ``--size`` MiB file from keep1 over a punched
   connection; then keep2 drops its copy (``unshare``), its router is switched to
   ``masquerade random`` (ports differ per destination, so no punch works) and keep2
-  downloads the same file again, through a relay. The speed is the transfer's alone:
-  bytes after the first one over the seconds from the first byte to the end (the node's
-  download list polled on its control socket); the download's own ``seconds`` (dialling
-  included) is shown too. MB = 10**6 bytes.
+  downloads the same file again, through a relay; ``--repeat`` times each, alternating
+  (direct relayed, relayed direct, ...), and the medians compared. The speed is the
+  transfer's alone: bytes after the first one over the seconds from the first byte to
+  the end (the node's download list polled on its control socket); the download's own
+  ``seconds`` (dialling included) is shown too. MB = 10**6 bytes.
 
 Also printed: seconds from ``node start`` until each node knew its reachability.
 Targets (issue #16): punched in at least 19 of 20 attempts; relayed at least 50 % of the
@@ -48,7 +49,8 @@ MiB = 1 << 20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--attempts", type=int, default=20, help="punch attempts (default 20)")
-    p.add_argument("--size", type=int, default=64, help="MiB of the timed file (default 64)")
+    p.add_argument("--size", type=int, default=128, help="MiB of the timed file (default 128)")
+    p.add_argument("--repeat", type=int, default=3, help="timed downloads of each kind")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p.parse_args(argv)
 
@@ -109,6 +111,13 @@ def download(n: Nodes, role: str, name: str, out: Path) -> dict[str, Any]:
     }
 
 
+def speed(d: dict[str, Any]) -> float | None:
+    """MB/s of a download's transfer (from its first byte), None if it failed."""
+    if not d["ok"] or not d["transfer"]:
+        return None
+    return float(d["transfer"]["bytes"] / d["transfer"]["seconds"] / 1e6)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="bench-nat-"))
     with topology() as topo, nodes(topo, root) as n:
@@ -133,29 +142,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         attempts = [
             download(n, "keep2", f"punch-{i}.bin", root / "out-punch") for i in range(args.attempts)
         ]
-        direct = download(n, "keep2", "big.bin", root / "out-direct")
-        n.run("keep2", "unshare", "crag", "big.bin", check=False)
-        n.run("keep2", "downloads", "clear", check=False)
-        topo.set_nat("keep2", "masquerade random")
-        relayed = download(n, "keep2", "big.bin", root / "out-relayed")
+        timed: dict[str, list[dict[str, Any]]] = {"direct": [], "relayed": []}
+        for i in range(args.repeat):  # direct, relayed, relayed, direct, ...
+            for kind in ("direct", "relayed") if i % 2 == 0 else ("relayed", "direct"):
+                nat = "masquerade random" if kind == "relayed" else "masquerade"
+                topo.set_nat("keep2", nat)
+                timed[kind].append(download(n, "keep2", "big.bin", root / f"out-{kind}-{i}"))
+                n.run("keep2", "unshare", "crag", "big.bin", check=False)
+                n.run("keep2", "downloads", "clear", check=False)
         topo.set_nat("keep2", "masquerade")
     routes = [a["routes"][0] if a["ok"] and len(a["routes"]) == 1 else "failed" for a in attempts]
-    speeds = {
-        k: d["transfer"]["bytes"] / d["transfer"]["seconds"] / 1e6
-        if d["ok"] and d["transfer"]
-        else None
-        for k, d in (("direct", direct), ("relayed", relayed))
-    }
-    ratio = speeds["relayed"] / speeds["direct"] if speeds["relayed"] and speeds["direct"] else None
+    speeds = {kind: [speed(d) for d in runs] for kind, runs in timed.items()}
+    medians: dict[str, float | None] = {}
+    for kind, got in speeds.items():
+        ok = [x for x in got if x is not None]
+        medians[kind] = statistics.median(ok) if ok and len(ok) == len(got) else None
+    ratio = (
+        medians["relayed"] / medians["direct"] if medians["relayed"] and medians["direct"] else None
+    )
     punched = routes.count("punched")
     return {
         "reachability": reach,
         "attempts": attempts,
         "punch": {r: routes.count(r) for r in sorted(set(routes))},
         "punch_seconds_p50": statistics.median(a["wall"] for a in attempts) if attempts else None,
-        "direct": direct,
-        "relayed": relayed,
+        "timed": timed,
         "mb_s": speeds,
+        "mb_s_median": medians,
         "relayed_over_direct": ratio,
         "targets": {
             "punched >= 19/20": punched * 20 >= 19 * len(attempts) if attempts else None,
@@ -181,18 +194,23 @@ def render(doc: dict[str, Any], args: argparse.Namespace) -> str:
         if not a["ok"]:
             lines.append(f"  {a['name']}: {a['error']}")
     lines.append(f"{args.size} MiB keep2 <- keep1:")
-    lines.append(f"  {'route':<22} {'seconds':>8} {'transfer MB/s':>14} {'wall s':>8}")
-    for key in ("direct", "relayed"):
-        d = doc[key]
-        if d["ok"]:
-            speed = doc["mb_s"][key]
-            shown = "n/a" if speed is None else f"{speed:.1f}"
-            lines.append(
-                f"  {key + ' (' + ','.join(d['routes']) + ')':<22} {d['seconds']:>8.2f}"
-                f" {shown:>14} {d['wall']:>8.2f}"
-            )
-        else:
-            lines.append(f"  {key:<22} failed: {d['error']}")
+    lines.append(f"  {'route':<18} {'seconds':>8} {'transfer MB/s':>14} {'wall s':>8}")
+    for key, runs in doc["timed"].items():
+        for d in runs:
+            if d["ok"]:
+                mb_s = speed(d)
+                shown = "n/a" if mb_s is None else f"{mb_s:.1f}"
+                lines.append(
+                    f"  {key + ' (' + ','.join(d['routes']) + ')':<18} {d['seconds']:>8.2f}"
+                    f" {shown:>14} {d['wall']:>8.2f}"
+                )
+            else:
+                lines.append(f"  {key:<18} failed: {d['error']}")
+    medians = doc["mb_s_median"]
+    lines.append(
+        "median MB/s: "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in medians.items())
+    )
     ratio = doc["relayed_over_direct"]
     lines.append(f"relayed / direct: {'n/a' if ratio is None else f'{ratio:.2f}'}")
     for target, met in doc["targets"].items():
