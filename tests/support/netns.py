@@ -226,6 +226,28 @@ class Topology:
             timeout=TIMEOUT,
         )
 
+    def set_udp_timeout(self, role: str, seconds: int) -> None:
+        """``role``'s router forgets a UDP mapping idle for ``seconds`` (Linux: 30 s for a
+        flow seen one way or briefly, 120 s for a lasting one; both set to ``seconds``)."""
+        router = self.ns(f"r-{role}")
+        for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+            sh("ip", "netns", "exec", router, "sysctl", "-qw", f"net.netfilter.{key}={seconds}")
+
+    def udp_mappings(self, role: str, port: int) -> set[int]:
+        """The public ports ``role``'s router maps the host's UDP ``port`` to right now."""
+        table = sh("ip", "netns", "exec", self.ns(f"r-{role}"), "cat", "/proc/net/nf_conntrack")
+        mapped = set()
+        for line in table.stdout.splitlines():
+            words = line.split()
+            if "udp" not in words:
+                continue
+            # two tuples: original (host -> peer), then reply (peer -> the public port)
+            sports = [w[6:] for w in words if w.startswith("sport=")]
+            dports = [w[6:] for w in words if w.startswith("dport=")]
+            if len(sports) == 2 == len(dports) and sports[0] == str(port):
+                mapped.add(int(dports[1]))
+        return mapped
+
     def rules(self, role: str) -> str:
         return sh("ip", "netns", "exec", self.ns(f"r-{role}"), "nft", "list", "ruleset").stdout
 
