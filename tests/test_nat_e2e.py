@@ -167,11 +167,6 @@ def test_a_public_members_file_reaches_every_private_host_directly(lab: Lab) -> 
         assert "direct" in routes.values(), f"{role}: {routes}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the first lookup from a new, unvalidated address finds nothing: the DHT nodes"
-    " ping the address back, and only a retry finds the group (reported for issue #16)",
-)
 def test_a_member_whose_router_forgot_its_mappings_still_finds_new_records(lab: Lab) -> None:
     """rand's router forgets idle UDP mappings after 1 s (home routers: 30 s and more) and
     maps each new flow to a new random port: the DHT nodes see rand at addresses they

@@ -600,11 +600,16 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         """The encoded request; padded unless ``address`` has most likely validated us.
 
         Padding lets a responder that has not validated our address yet send the full
-        reply within its 3x budget, so first contact costs no extra round trip.
+        reply within its 3x budget, so first contact costs no extra round trip. A node in
+        client mode (behind NAT) always pads: its router may map it to a new port at any
+        time (an idle mapping expires; some routers pick a port per flow), and the
+        responder then sees an address it has not validated.
         """
         body = packb([name, list(args)])
         rpc = _RPCS.get(name)
-        if rpc is None or not rpc.paddable or self._amp.has_heard(address):
+        if rpc is None or not rpc.paddable:
+            return body
+        if self._amp.has_heard(address) and not self.client_mode:
             return body
         want = padded_size(name, self.ksize, self._family or 4) - 1 - MSG_ID_LEN
         if len(body) >= want:
