@@ -14,8 +14,8 @@ layer of its folder, and the rules are stated over folders, not over a list of m
 3. **``cli`` imports ``sim`` only lazily** (inside the ``simulate`` command): the simulator
    and its dependencies are loaded only when a simulation runs.
 4. **Pure layers are pure.** Every module in ``wire/``, and in ``transfer/`` and ``reach/``
-   outside their ``aio/`` folders, is sans-I/O; so is every module of ``dht/`` and ``groups/`` except
-   the I/O edge (the modules named in ``IO_MODULE_NAMES``, and the package's
+   outside their ``aio/`` folders, is sans-I/O; so is every module of ``dht/`` and
+   ``groups/`` except the I/O edge (the modules named in ``IO_MODULE_NAMES``, and the package's
    ``__init__``); so is every base module except the ones that touch the file system,
    the process or the loop (``BASE_IO``). A pure module imports none of asyncio,
    aiofiles, socket, click, time or datetime; of kademlia only ``kademlia.storage``; and
