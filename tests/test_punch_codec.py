@@ -23,7 +23,7 @@ def test_exact_bytes() -> None:
     msg = PunchConnect((("10.200.0.11", 4001),))
     assert encode_punch(msg) == b"\x00\x01\x04\x0a\xc8\x00\x0b\x0f\xa1"
     v6 = PunchConnect((("::1", 80),))
-    assert encode_punch(v6) == b"\x00\x01\x06" + bytes(15) + b"\x01\x00\x50"
+    assert encode_punch(v6) == b"\x00\x01\x10" + bytes(15) + b"\x01\x00\x50"
 
 
 def test_round_trip_and_frame() -> None:
@@ -63,7 +63,7 @@ def test_bad_messages_are_not_built(addresses: tuple[tuple[str, int], ...]) -> N
         b"\x01\x00",  # a sync with trailing bytes
         b"\x00\x00",  # no address
         b"\x00" + bytes([MAX_PUNCH_ADDRESSES + 1]) + b"\x04\x0a\x00\x00\x01\x00\x50" * 9,
-        b"\x00\x01\x05\x0a\x00\x00\x01\x00\x50",  # family 5
+        b"\x00\x01\x05\x0a\x00\x00\x01\x00\x50",  # an address of 5 bytes
         b"\x00\x01\x04\x0a\x00\x00\x01\x00\x00",  # port 0
         b"\x00\x01\x04\x0a\x00\x00\x01\x00",  # short
         b"\x00\x01\x04\x0a\x00\x00\x01\x00\x50\x00",  # trailing

@@ -3,9 +3,9 @@
 Sent inside a fresh relayed circuit, before any peer handshake (docs/connectivity.md).
 A payload is a ``u8`` kind, then its body:
 
-- ``PunchConnect`` (kind 0): ``u8 count`` (1..``MAX_PUNCH_ADDRESSES``), then per address
-  ``u8 family`` (4 or 6), the 4 or 16 address bytes, ``u16 port`` (1..65535): where the
-  sender will dial from (and accept on);
+- ``PunchConnect`` (kind 0): ``u8 count`` (1..``MAX_PUNCH_ADDRESSES``), then the
+  addresses (``wire/address.py``; port 1..65535): where the sender will dial from (and
+  accept on);
 - ``PunchSync`` (kind 1): empty: the dialer starts its attempts (see ``reach/punch.py``).
 
 Every payload fits ``MAX_HANDSHAKE_FRAME`` (512 bytes). ``decode_punch`` is strict (every
@@ -15,13 +15,13 @@ Nothing in these frames is trusted: the peer handshake that follows checks the k
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeAlias
 
 from dhtshare.codec import Reader, Writer
 from dhtshare.errors import DecodeError, Malformed, RemoteProtocolError
+from dhtshare.wire.address import check_address, pull_address, push_address
 from dhtshare.wire.frames import MAX_HANDSHAKE_FRAME, FrameType, Reason, encode_frame
 
 __all__ = [
@@ -58,9 +58,7 @@ class PunchConnect:
         if not 1 <= len(self.addresses) <= MAX_PUNCH_ADDRESSES:
             raise ValueError(f"1 to {MAX_PUNCH_ADDRESSES} addresses, not {len(self.addresses)}")
         for host, port in self.addresses:
-            ipaddress.ip_address(host)  # ValueError unless an IPv4 or IPv6 literal
-            if not 1 <= port <= 0xFFFF:
-                raise ValueError(f"port {port} out of range")
+            check_address(host, port, min_port=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +76,7 @@ def encode_punch(msg: PunchMessage) -> bytes:
         return w.push_u8(PunchKind.SYNC).getvalue()
     w.push_u8(PunchKind.CONNECT).push_u8(len(msg.addresses))
     for host, port in msg.addresses:
-        ip = ipaddress.ip_address(host)
-        w.push_u8(ip.version).push_bytes(ip.packed).push_u16(port)
+        push_address(w, host, port)
     data = w.getvalue()
     assert len(data) <= MAX_HANDSHAKE_FRAME
     return data
@@ -104,19 +101,8 @@ def decode_punch(data: bytes | bytearray | memoryview) -> PunchMessage:
             count = r.pull_u8()
             if not 1 <= count <= MAX_PUNCH_ADDRESSES:
                 raise DecodeError(f"{count} addresses (1 to {MAX_PUNCH_ADDRESSES})")
-            addresses = []
-            for _ in range(count):
-                family = r.pull_u8()
-                if family == 4:
-                    ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(
-                        r.pull_bytes(4)
-                    )
-                elif family == 6:
-                    ip = ipaddress.IPv6Address(r.pull_bytes(16))
-                else:
-                    raise DecodeError(f"unknown address family {family}")
-                addresses.append((str(ip), r.pull_u16()))
-            msg = PunchConnect(tuple(addresses))  # its own checks: port 0 is a ValueError
+            addresses = tuple(pull_address(r) for _ in range(count))
+            msg = PunchConnect(addresses)  # its own checks: port 0 is a ValueError
         else:
             raise DecodeError(f"unknown punch message kind {kind}")
         r.finish()

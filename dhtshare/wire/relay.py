@@ -19,7 +19,6 @@ place where ``DecodeError`` and bad field values become ``RemoteProtocolError``.
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -28,6 +27,7 @@ from typing import TypeAlias
 from dhtshare.codec import Reader, Writer
 from dhtshare.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from dhtshare.errors import DecodeError, Malformed, RemoteProtocolError
+from dhtshare.wire.address import check_address, pull_address, push_address
 from dhtshare.wire.frames import MAX_HANDSHAKE_FRAME, FrameType, Reason, encode_frame
 
 __all__ = [
@@ -88,12 +88,6 @@ class RefuseCode(IntEnum):
     NOT_RELAYING = 5  # this node does not relay
 
 
-def _check_address(host: str, port: int) -> None:
-    ipaddress.ip_address(host)  # ValueError if not an IP literal
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"port {port} out of range")
-
-
 @dataclass(frozen=True, slots=True)
 class Reserve:
     key: bytes
@@ -118,7 +112,7 @@ class Reserved:
     def __post_init__(self) -> None:
         if not 0 <= self.ttl <= 0xFFFFFFFF:
             raise ValueError("ttl out of range")
-        _check_address(self.host, self.port)
+        check_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +145,7 @@ class Incoming:
     def __post_init__(self) -> None:
         if len(self.circuit_id) != CIRCUIT_ID_SIZE:
             raise ValueError(f"circuit_id must be {CIRCUIT_ID_SIZE} bytes")
-        _check_address(self.host, self.port)
+        check_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,19 +170,6 @@ def reserve_message(key: bytes, time: int) -> bytes:
     return bytes(key) + _RESERVE_TIME.pack(time)
 
 
-def _push_address(w: Writer, host: str, port: int) -> None:
-    packed = ipaddress.ip_address(host).packed
-    w.push_u8(len(packed)).push_bytes(packed).push_u16(port)
-
-
-def _pull_address(r: Reader) -> tuple[str, int]:
-    size = r.pull_u8()
-    if size not in (4, 16):
-        raise DecodeError(f"address of {size} bytes")
-    host = str(ipaddress.ip_address(r.pull_bytes(size)))
-    return host, r.pull_u16()
-
-
 def encode_relay(msg: RelayMessage) -> bytes:
     """The payload of a RELAY frame carrying ``msg``."""
     w = Writer()
@@ -197,14 +178,14 @@ def encode_relay(msg: RelayMessage) -> bytes:
             w.push_u8(RelayKind.RESERVE).push_bytes(key).push_u64(time).push_bytes(signature)
         case Reserved(ttl, host, port):
             w.push_u8(RelayKind.RESERVED).push_u32(ttl)
-            _push_address(w, host, port)
+            push_address(w, host, port)
         case Refused(code, text):
             w.push_u8(RelayKind.REFUSED).push_u8(code).push_str(text, MAX_REFUSE_TEXT)
         case Connect(target_key):
             w.push_u8(RelayKind.CONNECT).push_bytes(target_key)
         case Incoming(circuit_id, host, port):
             w.push_u8(RelayKind.INCOMING).push_bytes(circuit_id)
-            _push_address(w, host, port)
+            push_address(w, host, port)
         case Accept(circuit_id):
             w.push_u8(RelayKind.ACCEPT).push_bytes(circuit_id)
         case Ready():
@@ -233,14 +214,14 @@ def decode_relay(payload: bytes | bytearray | memoryview) -> RelayMessage:
                 msg = Reserve(key, r.pull_u64(), r.pull_bytes(SIGNATURE_SIZE))
             case RelayKind.RESERVED:
                 ttl = r.pull_u32()
-                msg = Reserved(ttl, *_pull_address(r))
+                msg = Reserved(ttl, *pull_address(r))
             case RelayKind.REFUSED:
                 msg = Refused(r.pull_u8(), r.pull_str(MAX_REFUSE_TEXT))
             case RelayKind.CONNECT:
                 msg = Connect(r.pull_bytes(PUBLIC_KEY_SIZE))
             case RelayKind.INCOMING:
                 circuit = r.pull_bytes(CIRCUIT_ID_SIZE)
-                msg = Incoming(circuit, *_pull_address(r))
+                msg = Incoming(circuit, *pull_address(r))
             case RelayKind.ACCEPT:
                 msg = Accept(r.pull_bytes(CIRCUIT_ID_SIZE))
             case RelayKind.READY:
