@@ -87,6 +87,25 @@ async def start_relay(tg: asyncio.TaskGroup, limits: RelayLimits | None = None) 
     return Relay(server, relay)
 
 
+async def reserved_circuit(
+    tg: asyncio.TaskGroup, relay: Relay
+) -> tuple[socket.socket, socket.socket]:
+    """A new key's reservation at ``relay`` (its keeper in ``tg``), and a circuit to it:
+    the downloader's socket and the target's."""
+    target = Identity.generate()
+    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    sock, _ = await open_circuit(relay.address, target.public)
+    async with asyncio.timeout(WAIT):
+        return sock, await circuits.get()
+
+
 async def start_provider(
     tg: asyncio.TaskGroup, relay: Relay, shares: ShareRegistry, identity: Identity
 ) -> tuple[PeerServer, RelayKeeper]:
@@ -305,18 +324,7 @@ async def test_connect_without_reservation_is_refused_fast(tg: asyncio.TaskGroup
 async def test_circuit_past_its_byte_limit_is_cut(tg: asyncio.TaskGroup) -> None:
     limit = 1024 * 1024
     relay = await start_relay(tg, RelayLimits(circuit_bytes=limit))
-    target = Identity.generate()
-    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
-    changed = asyncio.Event()
-    keeper = RelayKeeper(
-        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
-    )
-    tg.create_task(keeper.run(), name="relaytest-keeper")
-    async with asyncio.timeout(WAIT):
-        await changed.wait()
-    sock, _ = await open_circuit(relay.address, target.public)
-    async with asyncio.timeout(WAIT):
-        far = await circuits.get()
+    sock, far = await reserved_circuit(tg, relay)
     loop = asyncio.get_running_loop()
     received = 0
 
@@ -608,18 +616,7 @@ async def test_a_circuit_to_a_reader_that_stops_holds_little(tg: asyncio.TaskGro
     """Flow control: while the far end reads nothing, the relay stops reading the near end
     (its buffers stay near one splice read), so the sender blocks."""
     relay = await start_relay(tg)
-    target = Identity.generate()
-    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
-    changed = asyncio.Event()
-    keeper = RelayKeeper(
-        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
-    )
-    tg.create_task(keeper.run(), name="relaytest-keeper")
-    async with asyncio.timeout(WAIT):
-        await changed.wait()
-    sock, _ = await open_circuit(relay.address, target.public)
-    async with asyncio.timeout(WAIT):
-        far = await circuits.get()  # never read
+    sock, far = await reserved_circuit(tg, relay)  # far is never read
     loop = asyncio.get_running_loop()
     flood = memoryview(bytes(64 * 1024 * 1024))  # far more than all the kernel buffers
     try:
@@ -634,20 +631,9 @@ async def test_a_circuit_to_a_reader_that_stops_holds_little(tg: asyncio.TaskGro
 
 async def test_circuit_past_its_time_limit_is_cut(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg, RelayLimits(circuit_seconds=0.3))
-    target = Identity.generate()
-    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
-    changed = asyncio.Event()
-    keeper = RelayKeeper(
-        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
-    )
-    tg.create_task(keeper.run(), name="relaytest-keeper")
-    async with asyncio.timeout(WAIT):
-        await changed.wait()
     loop = asyncio.get_running_loop()
-    sock, _ = await open_circuit(relay.address, target.public)
     started = loop.time()
-    async with asyncio.timeout(WAIT):
-        far = await circuits.get()
+    sock, far = await reserved_circuit(tg, relay)
     try:
         await loop.sock_sendall(sock, b"ping")
         async with asyncio.timeout(WAIT):
