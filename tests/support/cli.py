@@ -140,6 +140,25 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], *words: str) ->
     return lines[0]
 
 
+def run_cli(
+    argv: list[str], env: dict[str, str], cwd: Path, *, check: bool, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run one CLI command: never a traceback, and exit 0 when ``check``."""
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+    )
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    if check:
+        assert result.returncode == 0, f"{argv[1:]}: {result.stderr.strip()}"
+    return result
+
+
 def default_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DHTSHARE")}
 
@@ -240,19 +259,7 @@ class Cluster:
         cmd = [str(DHTSHARE)]
         if user is not None:
             cmd += ["--home", str(self.home(user))]
-        result = subprocess.run(
-            [*cmd, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=self.root,
-            stdin=subprocess.DEVNULL,
-        )
-        assert "Traceback" not in result.stderr + result.stdout, result.stderr
-        if check:
-            assert result.returncode == 0, f"{args}: {result.stderr}"
-        return result
+        return run_cli([*cmd, *args], self.env, self.root, check=check, timeout=timeout)
 
     def json(self, user: str, *args: str) -> Any:
         """Run a listing with ``--json``: stdout must be exactly one JSON document."""

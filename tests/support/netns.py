@@ -51,7 +51,7 @@ from typing import Any
 
 from dhtshare.home import Home
 from dhtshare.node import control
-from support.cli import DHTSHARE, TIMEOUT, LineWatcher, default_env
+from support.cli import DHTSHARE, TIMEOUT, LineWatcher, default_env, run_cli
 
 INTERNET = "10.200.0"  # the /24 of the "internet" bridge
 BOOT_PORT = 4000
@@ -410,19 +410,7 @@ class Nodes:
         self, role: str, *args: str, check: bool = True, timeout: float = TIMEOUT
     ) -> subprocess.CompletedProcess[str]:
         """``dhtshare --home <role's> ARGS`` in the host's namespace."""
-        result = subprocess.run(
-            self.argv(role, *args),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=self.env,
-            cwd=self.root,
-            stdin=subprocess.DEVNULL,
-        )
-        assert "Traceback" not in result.stderr + result.stdout, result.stderr
-        if check:
-            assert result.returncode == 0, f"{role}: {args}: {result.stderr.strip()}"
-        return result
+        return run_cli(self.argv(role, *args), self.env, self.root, check=check, timeout=timeout)
 
     def json(self, role: str, *args: str) -> Any:
         return json.loads(self.run(role, *args, "--json").stdout)
