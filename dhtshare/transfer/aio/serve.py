@@ -323,6 +323,9 @@ class PeerServer:
                 frame = await first.frame
         except TimeoutError:
             frame = None
+        except asyncio.CancelledError:  # the server stops: the connection goes with it
+            self._handshake_ended(transport, close=True)
+            raise
         if frame is None:
             self.stats.incr("drop.first_frame")
             self._handshake_ended(transport, close=True)
@@ -349,7 +352,11 @@ class PeerServer:
                 return
             if peer:
                 self.stats.incr("dialback")
-                self.dialback_sink(nonce, (str(peer[0]), int(peer[1])))
+                try:
+                    self.dialback_sink(nonce, (str(peer[0]), int(peer[1])))
+                except Exception:  # a bug must cost one dial-back, not the server
+                    self.stats.incr("drop.bug")
+                    log.exception("dial-back handler crashed")
         elif kind == FrameType.RELAY and not first.peer_only and self.relay_handler:
             self.stats.incr("relay")
             try:
