@@ -530,7 +530,7 @@ class Provider:
     def decode(cls, r: Reader) -> Provider:
         gid, cid, host, port = r.pull_bytes(_ID), r.pull_bytes(_ID), r.pull_str(255), r.pull_u16()
         complete, withdrawn = _pull_bool(r), _pull_bool(r)
-        n = r.pull_u8()
+        n = r.pull_u8() if r.remaining else 0  # a record from before the list names none
         if n > MAX_ADDRESSES:
             raise DecodeError("too many addresses")
         addresses = tuple(PeerAddress.pull(r) for _ in range(n))

@@ -99,6 +99,12 @@ def test_provider_lists_its_main_address_first_and_each_address_once() -> None:
     assert body.every_address() == (main, relay)
 
 
+def test_a_provider_record_without_the_address_list_names_only_its_main_address() -> None:
+    """The layout before the list (issue 16) still reads: old nodes' records stay usable."""
+    old = Provider(GID, CID, "192.168.1.2", 4000, True).encode()[:-1]
+    assert Provider.decode(Reader(old)) == Provider(GID, CID, "192.168.1.2", 4000, True)
+
+
 def test_provider_refuses_bad_addresses() -> None:
     with pytest.raises(ValueError, match="unicast"):
         PeerAddress(AddressKind.RELAY, "0.0.0.0", 4000)
