@@ -167,6 +167,37 @@ def test_a_public_members_file_reaches_every_private_host_directly(lab: Lab) -> 
         assert "direct" in routes.values(), f"{role}: {routes}"
 
 
+def expected_route(downloader: str, provider: str) -> str:
+    """The route the design gives a download from ``provider`` to ``downloader``."""
+    if "public" in (downloader, provider):
+        return "direct"  # to a public provider, or its reverse connection to a public downloader
+    if "rand" in (downloader, provider):
+        return "relayed"  # a random-port router cannot be punched
+    return "punched"
+
+
+def test_every_host_downloads_from_every_other_by_its_route(lab: Lab) -> None:
+    """All 12 ordered pairs of nodes: each shares a file and each other node downloads it
+    from that node alone (a downloader unshares its copy before the next one starts), by
+    the route the design gives the pair, byte-identical."""
+    roles = (OWNER, *MEMBERS)
+    ids = {role: lab.n.status(role)["id"] for role in roles}
+    for provider in roles:
+        name = f"from-{provider}.bin"
+        share(lab, provider, name, 256 * 1024)
+        for downloader in roles:
+            if downloader == provider:
+                continue
+            routes = get(lab, downloader, name)
+            row = {d["name"]: d for d in lab.n.json(downloader, "downloads")}[name]
+            pair = f"{downloader} <- {provider}"
+            assert set(row["sources"]) == {ids[provider]}, f"{pair}: {row['sources']}"
+            assert routes.get(ids[provider]) == expected_route(downloader, provider), (
+                f"{pair}: {routes}"
+            )
+            lab.n.run(downloader, "unshare", "crag", name)
+
+
 def test_a_member_whose_router_forgot_its_mappings_still_finds_new_records(lab: Lab) -> None:
     """rand's router forgets idle UDP mappings after 1 s (home routers: 30 s and more) and
     maps each new flow to a new random port: the DHT nodes see rand at addresses they
