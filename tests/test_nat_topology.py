@@ -37,7 +37,7 @@ def net() -> Iterator[tuple[Topology, Echo, Echo]]:
             public.close()
 
 
-@pytest.mark.parametrize("role", ["keep1", "keep2", "rand"])
+@pytest.mark.parametrize("role", ["keep1", "keep2", "rand", "mate"])
 def test_a_private_host_reaches_both_public_hosts(
     net: tuple[Topology, Echo, Echo], role: str
 ) -> None:
@@ -52,6 +52,17 @@ def test_the_public_hosts_reach_each_other_directly(net: tuple[Topology, Echo, E
     topo, boot, _ = net
     assert udp_observed(topo, "public", boot, 5600) == f"{topo.address('public')}:5600"
     assert tcp_observed(topo, "public", boot, 5601) == f"{topo.address('public')}:5601"
+
+
+def test_hosts_on_one_lan_reach_each_other_directly(net: tuple[Topology, Echo, Echo]) -> None:
+    """mate sits on keep1's LAN, behind the same router: they meet without NAT."""
+    topo, _, _ = net
+    echo = Echo(topo, "keep1", port=7100)
+    try:
+        assert udp_observed(topo, "mate", echo, 5700) == f"{topo.address('mate')}:5700"
+        assert tcp_observed(topo, "mate", echo, 5701) == f"{topo.address('mate')}:5701"
+    finally:
+        echo.close()
 
 
 @pytest.mark.parametrize("role", ["keep1", "rand"])

@@ -6,6 +6,7 @@ The topology (``Topology``), every address inside namespaces it makes::
       boot    10.200.0.2        a bootstrap node (``dhtshare bootstrap``)
       public  10.200.0.3        a public member
       r-keep1 10.200.0.11  -- LAN 10.201.1.0/24 -- keep1  10.201.1.2
+                                                  mate   10.201.1.3 (keep1's LAN-mate)
       r-keep2 10.200.0.12  -- LAN 10.201.2.0/24 -- keep2  10.201.2.2
       r-rand  10.200.0.13  -- LAN 10.201.3.0/24 -- rand   10.201.3.2
 
@@ -18,7 +19,9 @@ derived from a keyed hash of the addresses and the destination port), so one por
 different public port toward each destination (tests/test_nat_topology.py checks it).
 ``fully-random`` behaves the same for source NAT here, and ``persistent`` only pins the
 source *address* of a multi-address pool: plain ``random`` is the NAT no punch gets
-through. The routers' filter: forwarding is dropped except LAN -> WAN and
+through. Each router's LAN is a bridge, so hosts on one LAN (keep1 and mate) reach each
+other directly. The routers' filter: forwarding is dropped except LAN -> WAN, LAN ->
+LAN (bridged traffic passes the forward hook where br_netfilter is loaded) and
 established/related replies; input to the router itself likewise (nothing listens
 there), so unsolicited inbound traffic is dropped silently, with no RST.
 
@@ -62,7 +65,9 @@ PRIVATE = {
     "keep2": (f"{INTERNET}.12", "10.201.2", "masquerade"),
     "rand": (f"{INTERNET}.13", "10.201.3", "masquerade random"),
 }
-ROLES = (*PUBLIC, *PRIVATE)
+#: a second host on a private host's LAN (behind the same router): host -> (that host, .N)
+LAN_MATES = {"mate": ("keep1", 3)}
+ROLES = (*PUBLIC, *PRIVATE, *LAN_MATES)
 _ALL_ROLES = ("net", *ROLES, *(f"r-{role}" for role in PRIVATE))
 _NAME = re.compile(rf"^dhts-(\d+)-[0-9a-f]{{4}}-({'|'.join(_ALL_ROLES)})$")
 _CLONE_NEWNET = 0x40000000
@@ -143,6 +148,7 @@ table inet filter {{
     type filter hook forward priority filter; policy drop;
     ct state established,related accept
     iifname "lan" oifname "wan" accept
+    iifname "lan" oifname "lan" accept
   }}
 }}
 """
@@ -163,11 +169,15 @@ class Topology:
     @staticmethod
     def address(role: str) -> str:
         """The host's own address (a private host's LAN address)."""
+        if role in LAN_MATES:
+            behind, index = LAN_MATES[role]
+            return f"{PRIVATE[behind][1]}.{index}"
         return PUBLIC[role] if role in PUBLIC else f"{PRIVATE[role][1]}.2"
 
     @staticmethod
     def public_ip(role: str) -> str:
         """The address the internet sees the host as (a private host's router WAN)."""
+        role = LAN_MATES[role][0] if role in LAN_MATES else role
         return PUBLIC[role] if role in PUBLIC else PRIVATE[role][0]
 
     def _add(self, role: str) -> str:
@@ -186,13 +196,18 @@ class Topology:
             for role, ip in PUBLIC.items():
                 self._plug(net, self._add(role), role, "eth0", ip)
             for role, (wan, lan, masquerade) in PRIVATE.items():
-                router, host = self._add(f"r-{role}"), self._add(role)
+                router = self._add(f"r-{role}")
                 self._plug(net, router, role, "wan", wan)
-                veth = ("type", "veth", "peer", "name", "eth0", "netns", host)
-                sh("ip", "-n", router, "link", "add", "lan", *veth)
+                sh("ip", "-n", router, "link", "add", "lan", "type", "bridge")
                 self._up(router, "lan", f"{lan}.1")
-                self._up(host, "eth0", f"{lan}.2")
-                sh("ip", "-n", host, "route", "add", "default", "via", f"{lan}.1")
+                mates = [(m, i) for m, (behind, i) in LAN_MATES.items() if behind == role]
+                for host_role, index in [(role, 2), *mates]:
+                    host, port = self._add(host_role), f"l-{host_role}"[:15]
+                    veth = ("type", "veth", "peer", "name", "eth0", "netns", host)
+                    sh("ip", "-n", router, "link", "add", port, *veth)
+                    sh("ip", "-n", router, "link", "set", port, "master", "lan", "up")
+                    self._up(host, "eth0", f"{lan}.{index}")
+                    sh("ip", "-n", host, "route", "add", "default", "via", f"{lan}.1")
                 sh("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
                 self.set_nat(role, masquerade)
         except BaseException:
