@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from support.netns import unavailable
-from support.punchnet import LOCAL, drop_syns, inside_netns, provider
+from support.punchnet import LOCAL, drop_syns, inside_netns, provider, syn_counter
 from support.swarm import GROUP, Roster
 
 from dhtshare.identity import Identity
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailabl
 
 
 class FakeRelay:
-    """``open_circuit`` through a local listener; the provider's end goes to its punch."""
+    """``open_circuit`` through a local listener; the provider's end goes to its punch,
+    with the dialer's address as a relay's ``Incoming`` reports it (``source_ip``: a
+    relay that reports another IP)."""
 
     def __init__(self, server: PeerServer) -> None:
         self.server = server
@@ -44,6 +46,7 @@ class FakeRelay:
         self.lst.setblocking(False)
         self.port = int(self.lst.getsockname()[1])
         self.outcomes: list[str] = []
+        self.source_ip: str | None = None
         self.handler = circuit_handler(server.adopt, lambda: server.address, lambda: LOCAL)
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -54,14 +57,15 @@ class FakeRelay:
         d.setblocking(False)
         _, (p, _) = await asyncio.gather(loop.sock_connect(d, relay), loop.sock_accept(self.lst))
         p.setblocking(False)
-        task = asyncio.create_task(self._provider_side(p))
+        host, port = p.getpeername()[:2]
+        task = asyncio.create_task(self._provider_side(p, (self.source_ip or host, port)))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return d, b""
 
-    async def _provider_side(self, p: socket.socket) -> None:
+    async def _provider_side(self, p: socket.socket, source: tuple[str, int]) -> None:
         """What the node's ``RelayKeeper`` does with a circuit: ``circuit_handler``'s."""
-        await self.handler(p, b"")
+        await self.handler(p, b"", source)
         self.outcomes.append("done")
 
     def close(self) -> None:
@@ -132,6 +136,27 @@ async def test_a_provider_behind_nat_is_punched(
                 assert stream.remote_address == (LOCAL, addr.port)  # not the relay's
             finally:
                 await stream.aclose()
+
+
+async def test_the_provider_punches_only_the_ip_the_relay_reports(tmp_path: Path) -> None:
+    """The relay reports the dialer as another IP: the provider does not dial the
+    dialer's offer, its listener drops the dialer's SYNs, so the session is relayed;
+    the punch costs the dialer's address no SYN from the provider."""
+    roster = Roster()
+    with inside_netns():
+        async with relayed_provider(tmp_path, roster) as (server, addr, relay):
+            relay.source_ip = "127.0.0.9"
+            drop_syns(f"tcp dport {addr.port}")
+            to_dialer = syn_counter(f"tcp sport {addr.port}")
+            d = dialer(member(roster), relay).for_file(GROUP, server.content_id)  # type: ignore[attr-defined]
+            async with asyncio.timeout(15):
+                stream, route = await d.dial(addr)
+            try:
+                assert route == RELAYED
+                assert stream.peer_key == addr.peer_key
+            finally:
+                await stream.aclose()
+            assert to_dialer() == 0
 
 
 async def test_when_no_punch_works_the_circuit_carries_the_session(tmp_path: Path) -> None:

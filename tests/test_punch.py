@@ -9,6 +9,7 @@ simultaneous open), and a punch whose every SYN is dropped never answers.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 
@@ -23,16 +24,22 @@ from support.punchnet import (
     inside_netns,
     provider,
     session_works,
+    syn_counter,
 )
 from support.swarm import Roster
 
 from dhtshare.reach.aio.punch import (
+    CircuitReader,
     bind_reusable,
     punch_as_dialer,
     punch_as_listener,
     simultaneous_open,
 )
 from dhtshare.reach.punch import PunchSchedule
+from dhtshare.wire.punch import PunchConnect, PunchSync, punch_frame
+
+VICTIM = "127.0.0.66"
+VICTIMS = tuple((VICTIM, 9000 + i) for i in range(8))  # nothing listens: each answers a reset
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -163,3 +170,86 @@ async def test_a_dialer_that_does_not_punch_is_served_over_the_circuit(tmp_path:
             finally:
                 listener.cancel()
                 d_end.close()
+
+
+# -------------------------------------------------- offers naming someone else's hosts
+
+
+async def _hostile_dialer(d_end: socket.socket, offer: tuple[tuple[str, int], ...]) -> None:
+    """A dialer (or the relay speaking for it) offering ``offer``, then the sync."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(d_end, punch_frame(PunchConnect(offer)))
+    async with asyncio.timeout(5):
+        assert isinstance(await CircuitReader(d_end).next_punch(), PunchConnect)
+    await loop.sock_sendall(d_end, punch_frame(PunchSync()))
+
+
+async def _listener_punch(offer: tuple[tuple[str, int], ...], source_ip: str | None = None) -> str:
+    """The provider's whole punch against ``offer``; its outcome once it is over."""
+    d_end, p_end = await circuit()
+    try:
+        listener = asyncio.create_task(
+            punch_as_listener(
+                p_end,
+                b"",
+                free_port(),
+                LOCAL,
+                lambda sock, initial: sock.close(),
+                source_ip=source_ip,
+                fallback_wait=0.0,
+            )
+        )
+        await _hostile_dialer(d_end, offer)
+        async with asyncio.timeout(10):
+            return await listener
+    finally:
+        d_end.close()
+
+
+async def test_the_provider_dials_two_offered_addresses_once_each_when_they_reset() -> None:
+    """Eight victims offered: two dialled, and a target that answered with a reset is not
+    dialled again (it cost 32 SYNs: 4 attempts to each of the 8)."""
+    with inside_netns():
+        syns = syn_counter(f"ip daddr {VICTIM}")
+        assert await _listener_punch(VICTIMS) == "closed"
+        assert syns() == 2
+
+
+async def test_the_provider_dials_two_offered_addresses_that_never_answer() -> None:
+    with inside_netns():
+        drop_syns(f"ip daddr {VICTIM}")
+        syns = syn_counter(f"ip daddr {VICTIM}")
+        assert await _listener_punch(VICTIMS) == "closed"
+        assert syns() == 2 * 4  # 4 attempts each
+
+
+async def test_the_provider_dials_only_the_ip_the_relay_saw_the_dialer_come_from() -> None:
+    with inside_netns():
+        syns = syn_counter(f"ip daddr {VICTIM}")
+        own = syn_counter("ip daddr 127.0.0.61")
+        offer = (*VICTIMS[:7], ("127.0.0.61", free_port()))
+        assert await _listener_punch(offer, source_ip="127.0.0.61") == "closed"
+        assert (syns(), own()) == (0, 1)
+
+
+async def test_the_dialer_dials_two_of_the_addresses_its_relay_offers() -> None:
+    """A hostile relay answers the dialer's PunchConnect with eight victims."""
+    with inside_netns():
+        syns = syn_counter(f"ip daddr {VICTIM}")
+        d_end, p_end = await circuit()
+        loop = asyncio.get_running_loop()
+
+        async def relay() -> None:
+            reader = CircuitReader(p_end)
+            assert isinstance(await reader.next_punch(), PunchConnect)
+            await loop.sock_sendall(p_end, punch_frame(PunchConnect(VICTIMS)))
+            assert isinstance(await reader.next_punch(), PunchSync)
+
+        try:
+            async with asyncio.timeout(10):
+                sock, _ = await asyncio.gather(punch_as_dialer(d_end, b"", LOCAL), relay())
+            assert sock is None
+            assert syns() == 2
+        finally:
+            d_end.close()
+            p_end.close()

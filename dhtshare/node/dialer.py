@@ -27,6 +27,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
@@ -45,6 +46,7 @@ __all__ = [
     "DIRECT",
     "PUNCHED",
     "RELAYED",
+    "CircuitHandler",
     "Dialer",
     "FileDialer",
     "OpenCircuit",
@@ -259,20 +261,40 @@ async def _check_key(stream: PeerStream, addr: ProviderAddr) -> None:
         raise ProtocolError("the address leads to another peer")
 
 
+class CircuitHandler(Protocol):
+    """What ``circuit_handler`` makes: ``(sock, leftover)`` or ``(sock, leftover, source)``."""
+
+    def __call__(
+        self, sock: socket.socket, leftover: bytes, source: tuple[str, int] | None = None, /
+    ) -> Awaitable[None]: ...
+
+
 def circuit_handler(
     adopt: Adopt,
     listening: Callable[[], tuple[str, int]],
     public_ip: Callable[[], str | None],
-) -> Callable[[socket.socket, bytes], Awaitable[None]]:
+) -> CircuitHandler:
     """The provider's side of each circuit a relay opens to us (``RelayKeeper``'s
     ``on_circuit``): answer the dialer's punch from beside our peer listener
     (``listening()``: its address), then hand every connection to ``adopt``
-    (``PeerServer.adopt``); see ``reach/aio/punch.punch_as_listener``."""
+    (``PeerServer.adopt``); see ``reach/aio/punch.punch_as_listener``. ``source``: the
+    dialer's address as the relay saw it (its ``Incoming``): the punch dials that IP
+    only (``None``: not known, so the offered addresses are not filtered by IP)."""
 
-    async def on_circuit(sock: socket.socket, leftover: bytes) -> None:
+    async def on_circuit(
+        sock: socket.socket, leftover: bytes, source: tuple[str, int] | None = None
+    ) -> None:
         host, port = listening()
         bind = "" if host in ("", "0.0.0.0", "::") else host
-        outcome = await punch_as_listener(sock, leftover, port, public_ip(), adopt, bind_host=bind)
+        outcome = await punch_as_listener(
+            sock,
+            leftover,
+            port,
+            public_ip(),
+            adopt,
+            bind_host=bind,
+            source_ip=None if source is None else source[0],
+        )
         log.debug("circuit: %s", outcome)
 
     return on_circuit

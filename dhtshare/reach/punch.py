@@ -11,6 +11,12 @@ The punch is over at ``start + attempts * interval`` (both sides stop accepting 
 ``interval`` is two round trips and a margin, within ``[MIN_INTERVAL, MAX_INTERVAL]``:
 an attempt always has time for a SYN to cross and its answer to come back.
 
+Which addresses a punch dials (``punch_targets``): at most ``MAX_TARGETS`` of those the
+other side offered, of our own address family, never a multicast, unspecified, broadcast or
+link-local one, and a loopback one only when our own address is loopback; the provider
+also keeps only the IP the relay saw the dialer connect from. Nothing else in a
+``PunchConnect`` is trusted: it may name any host (a victim to flood with SYNs).
+
 A relayed session tries to upgrade (a new circuit and a punch) ``upgrade_delay(n)``
 seconds after its ``n``-th failed try (n = 0: after the session started relayed).
 Every time is a float in seconds; ``now`` is passed in.
@@ -18,6 +24,7 @@ Every time is a float in seconds; ``now`` is passed in.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 __all__ = [
@@ -25,11 +32,13 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "MAX_INTERVAL",
     "MAX_RTT",
+    "MAX_TARGETS",
     "MIN_INTERVAL",
     "SYNC_TIMEOUT",
     "UPGRADE_FIRST",
     "UPGRADE_MAX",
     "PunchSchedule",
+    "punch_targets",
     "upgrade_delay",
 ]
 
@@ -46,6 +55,8 @@ CONNECT_TIMEOUT = 5.0
 """How long the dialer waits for the provider's ``PunchConnect``."""
 SYNC_TIMEOUT = 5.0
 """How long the provider waits for the dialer's ``PunchSync`` (or a fallback handshake)."""
+MAX_TARGETS = 2
+"""Most addresses one side dials in a punch (a ``PunchConnect`` may carry more)."""
 UPGRADE_FIRST = 10.0
 UPGRADE_MAX = 300.0
 
@@ -110,6 +121,63 @@ class PunchSchedule:
     def _check(self, attempt: int) -> None:
         if not 0 <= attempt < self.attempts:
             raise ValueError(f"attempt {attempt} of {self.attempts}")
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def _ip(host: str) -> Address | None:
+    """``host`` as an IP (an IPv4-mapped IPv6 address as its IPv4), or ``None``."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _dialable(ip: Address, loopback: bool) -> bool:
+    """Whether a punch may dial ``ip`` (``loopback``: our own address is loopback)."""
+    if ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address) and (ip == _BROADCAST or ip in _THIS_NETWORK):
+        return False
+    return loopback or not ip.is_loopback
+
+
+def punch_targets(
+    offered: tuple[tuple[str, int], ...], own_ip: str, source_ip: str | None = None
+) -> tuple[tuple[str, int], ...]:
+    """The addresses of ``offered`` (the other side's ``PunchConnect``) a punch from
+    ``own_ip`` (our address as others see it) dials, in their order: at most
+    ``MAX_TARGETS``, of ``own_ip``'s family, none repeated, none multicast, unspecified,
+    broadcast or link-local, none loopback unless ``own_ip`` is. With ``source_ip`` (the
+    dialer's IP as the relay saw it), only addresses with that IP."""
+    own = _ip(own_ip)
+    if own is None:
+        return ()
+    source = None if source_ip is None else _ip(source_ip)
+    if source_ip is not None and source is None:
+        return ()
+    family = ipaddress.ip_address(own_ip).version  # of the sockets: a mapped one is IPv6
+    out: list[tuple[str, int]] = []
+    seen: set[tuple[Address, int]] = set()
+    for host, port in offered:
+        ip = _ip(host)
+        if ip is None or ipaddress.ip_address(host).version != family:
+            continue
+        if not 0 < port < 65536 or (source is not None and ip != source):
+            continue
+        if not _dialable(ip, own.is_loopback) or (ip, port) in seen:
+            continue
+        seen.add((ip, port))
+        out.append((host, port))
+        if len(out) == MAX_TARGETS:
+            break
+    return tuple(out)
 
 
 def upgrade_delay(failures: int) -> float:

@@ -5,7 +5,8 @@ A payload is a ``u8`` kind, then its body:
 
 - ``PunchConnect`` (kind 0): ``u8 count`` (1..``MAX_PUNCH_ADDRESSES``), then the
   addresses (``wire/address.py``; port 1..65535): where the sender will dial from (and
-  accept on);
+  accept on); the receiver dials at most two of them, by the rules of
+  ``reach/punch.punch_targets`` (the frame may come from a hostile relay);
 - ``PunchSync`` (kind 1): empty: the dialer starts its attempts (see ``reach/punch.py``).
 
 Every payload fits ``MAX_HANDSHAKE_FRAME`` (512 bytes). ``decode_punch`` is strict (every

@@ -14,7 +14,7 @@ import os
 import secrets
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -71,6 +71,36 @@ table inet punchtest {{
     subprocess.run(
         ["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True, timeout=10
     )
+
+
+def syn_counter(match: str) -> Callable[[], int]:
+    """Count every TCP SYN (without ACK) this namespace sends that matches ``match`` (an
+    nft expression), dropped or not: returns a function reading the count so far."""
+    name = f"syns{secrets.token_hex(2)}"
+    rules = f"""
+table inet {name} {{
+  counter seen {{ }}
+  chain out {{
+    type filter hook output priority raw; policy accept;
+    tcp flags & (syn | ack) == syn {match} counter name seen
+  }}
+}}
+"""
+    subprocess.run(
+        ["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True, timeout=10
+    )
+
+    def count() -> int:
+        out = subprocess.run(
+            ["nft", "list", "counter", "inet", name, "seen"],
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=10,
+        ).stdout
+        return int(out.split("packets")[1].split()[0])
+
+    return count
 
 
 def free_port() -> int:

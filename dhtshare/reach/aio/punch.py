@@ -16,8 +16,11 @@ Both ends run this inside a fresh circuit, before any peer handshake
    watching the circuit: a ``CLIENT_HELLO`` there (D fell back to the relayed route)
    hands the circuit to ``adopt(circuit, bytes_read)``; end of stream closes it.
 
-Everything is bounded: each wait has a deadline, each side makes ``ATTEMPTS`` connects,
-and every socket this module opened and did not hand over is closed.
+Everything is bounded: each wait has a deadline, each side makes ``ATTEMPTS`` connects
+to each of at most ``MAX_TARGETS`` addresses (``reach/punch.punch_targets``: the offer is
+not trusted; the provider dials only the IP the relay saw the dialer come from), a target
+that refused a connect (a reset) is not tried again, and every socket this module opened
+and did not hand over is closed.
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ import time
 from collections.abc import Callable
 
 from dhtshare.errors import ProtocolError
-from dhtshare.reach.punch import CONNECT_TIMEOUT, SYNC_TIMEOUT, PunchSchedule
+from dhtshare.reach.punch import CONNECT_TIMEOUT, SYNC_TIMEOUT, PunchSchedule, punch_targets
 from dhtshare.wire.frames import FRAME_HEADER_SIZE, MAX_HANDSHAKE_FRAME, FrameType
 from dhtshare.wire.punch import (
-    MAX_PUNCH_ADDRESSES,
     PunchConnect,
     PunchMessage,
     PunchSync,
@@ -160,7 +162,8 @@ def bind_reusable(
 async def _connect_once(
     bind: tuple[str, int], target: tuple[str, int], limit: float, new_socket: NewSocket
 ) -> socket.socket | None:
-    """One connect from ``bind`` to ``target`` within ``limit`` seconds; the socket or None."""
+    """One connect from ``bind`` to ``target`` within ``limit`` seconds; the socket or None.
+    Raises ``ConnectionRefusedError`` if the target answered with a reset."""
     if limit <= 0:
         return None
     try:
@@ -171,6 +174,9 @@ async def _connect_once(
     try:
         async with asyncio.timeout(limit):
             await asyncio.get_running_loop().sock_connect(sock, target)
+    except ConnectionRefusedError:
+        sock.close()
+        raise
     except (OSError, TimeoutError) as exc:
         if not isinstance(exc, OSError) or exc.errno not in (errno.ECONNREFUSED, None):
             log.debug("punch: connect %s -> %s: %r", bind, target, exc)
@@ -190,13 +196,18 @@ async def _attempts(
     clock: Callable[[], float],
     new_socket: NewSocket,
 ) -> socket.socket | None:
-    """Connect from ``bind`` to ``target`` at each attempt time of ``schedule``."""
+    """Connect from ``bind`` to ``target`` at each attempt time of ``schedule``, until
+    one connects or the target refuses (a reset: nobody punches there, so no more SYNs)."""
     for k in range(schedule.attempts):
         wait = schedule.attempt_start(start, k) - clock()
         if wait > 0:
             await asyncio.sleep(wait)
         left = schedule.attempt_deadline(start, k) - clock()
-        sock = await _connect_once(bind, target, left, new_socket)
+        try:
+            sock = await _connect_once(bind, target, left, new_socket)
+        except ConnectionRefusedError:
+            log.debug("punch: %s refused: not tried again", target)
+            return None
         if sock is not None:
             return sock
     return None
@@ -260,12 +271,6 @@ async def simultaneous_open(
     return winner
 
 
-def _usable(
-    addresses: tuple[tuple[str, int], ...], family: socket.AddressFamily
-) -> tuple[tuple[str, int], ...]:
-    return tuple((h, p) for h, p in addresses[:MAX_PUNCH_ADDRESSES] if _family(h) == family)
-
-
 async def punch_as_dialer(
     circuit_sock: socket.socket,
     leftover: bytes,
@@ -305,7 +310,7 @@ async def punch_as_dialer(
         if not isinstance(answer, PunchConnect) or reader.buffered:
             return None  # the provider does not punch: the circuit carries the session
         schedule = PunchSchedule(clock() - sent)
-        targets = _usable(answer.addresses, family)
+        targets = punch_targets(answer.addresses, public_ip)
         if not targets or not schedule.worth_trying:
             return None
         await loop.sock_sendall(circuit_sock, punch_frame(PunchSync()))
@@ -340,6 +345,7 @@ async def punch_as_listener(
     adopt: Adopt,
     *,
     bind_host: str = "",
+    source_ip: str | None = None,
     fallback_wait: float = FALLBACK_WAIT,
     clock: Callable[[], float] = time.monotonic,
     new_socket: NewSocket = tcp_socket,
@@ -348,7 +354,9 @@ async def punch_as_listener(
 
     ``bind_host``: the address the peer listener is bound to (its port is
     ``listen_port``); ``public_ip``: ours as others see it (``None``: unknown, so no
-    punch is offered and the dialer falls back to the circuit when its wait ends).
+    punch is offered and the dialer falls back to the circuit when its wait ends);
+    ``source_ip``: the dialer's IP as the relay saw it (its ``Incoming``): only offered
+    addresses with that IP are dialled (``None``: no such filter; see ``punch_targets``).
     Every connection ends in ``adopt`` or closed: a connection made by
     the punch is adopted at once; the circuit is adopted when the dialer's first frame
     is not a PUNCH frame (it does not punch, or it fell back), with the bytes read.
@@ -372,7 +380,7 @@ async def punch_as_listener(
                     return await _hand_circuit(reader, adopt, punched)
                 return "closed"
             family = _family(public_ip)
-            targets = _usable(first.addresses, family)
+            targets = punch_targets(first.addresses, public_ip, source_ip)
             sent = clock()
             await asyncio.get_running_loop().sock_sendall(
                 circuit_sock, punch_frame(PunchConnect(((public_ip, listen_port),)))
