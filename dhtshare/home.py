@@ -97,3 +97,8 @@ class Home:
     def bootstrap(self) -> Path:
         """A bootstrap node's DHT id and contacts (``dhtshare bootstrap --state DIR``)."""
         return self.root / "bootstrap.json"
+
+    @property
+    def held_records(self) -> Path:
+        """The DHT records this node stored for others, kept across a restart."""
+        return self.root / "records.bin"

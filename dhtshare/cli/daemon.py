@@ -29,6 +29,7 @@ from dhtshare.home import Home
 from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig
 from dhtshare.reach.aio.relay import RelayServer
+from dhtshare.text import plural
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import ShareRegistry
 
@@ -189,23 +190,34 @@ def run_bootstrap(
         stop = asyncio.Event()
         _stop_on_signals(stop)
         node = await _open_bootstrap(path, host, port)
+        held = node.load_records(state.held_records)
         relaying: asyncio.Task[None] | None = None
         try:
             if relay:
                 relaying = await _start_relay(host, node.address[1])
             if peers:
                 await node.bootstrap(list(peers))
-            log.info("bootstrap node %s listening on %s:%d", node.node.id.hex(), host, port)
+            log.info(
+                "bootstrap node %s listening on %s:%d; %s kept from the last run",
+                node.node.id.hex(),
+                host,
+                port,
+                plural(held, "record"),
+            )
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(60):
                         await stop.wait()
                 node.save_state(path)
+                with contextlib.suppress(OSError):
+                    node.save_records(state.held_records)
         finally:
             if relaying is not None:
                 relaying.cancel()
                 await asyncio.gather(relaying, return_exceptions=True)
             node.save_state(path)
+            with contextlib.suppress(OSError):
+                node.save_records(state.held_records)
             await node.aclose()
             log.info("bootstrap node stopped; state saved to %s", path)
 

@@ -21,6 +21,7 @@ import asyncio
 import bisect
 import logging
 import os
+import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -31,13 +32,13 @@ from typing import Any
 from kademlia.network import Server
 from kademlia.node import Node
 
-from dhtshare.atomic import read_json, write_json
+from dhtshare.atomic import read_json, write_atomic, write_json
 from dhtshare.dht.protocol import DhtProtocol, DialBackSink, ReachReply, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.sources import source_of
 from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.errors import DhtError, RecordError
-from dhtshare.records import SignedRecord, decode_record, verify_record
+from dhtshare.records import MAX_RECORD_SIZE, SignedRecord, decode_record, verify_record
 from dhtshare.stats import Counters
 
 __all__ = ["DhtNode", "LookupStats"]
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _MAX_SAVED_CONTACTS = 200
+_HELD = struct.Struct(">H")  # a saved record: u16 size, the 20-byte key, the record
+_KEY_LEN = 20
 _JOIN_ATTEMPTS = 3
 _JOIN_BACKOFF = 0.5  # seconds, times the attempt number
 Address = tuple[str, int]
@@ -600,6 +603,38 @@ class DhtNode(Server):  # type: ignore[misc]
             "contacts": [[n.id.hex(), n.ip, n.port] for n in self.contacts()[:_MAX_SAVED_CONTACTS]],
         }
         write_json(Path(fname), doc)
+
+    def save_records(self, fname: str | os.PathLike[str]) -> int:
+        """Write every record this node holds to ``fname`` (atomically), so a restart keeps
+        them: on a network where most nodes are behind NAT (DHT clients, which store
+        nothing), the few public nodes hold every record. How many were written."""
+        chunks = [
+            _HELD.pack(len(raw)) + key + raw
+            for key, raw in self.storage
+            if len(key) == _KEY_LEN and len(raw) <= MAX_RECORD_SIZE
+        ]
+        write_atomic(Path(fname), b"".join(chunks))
+        return len(chunks)
+
+    def load_records(self, fname: str | os.PathLike[str]) -> int:
+        """Store again the records ``save_records`` wrote (each checked as on a ``store``:
+        signature, key and expiry; expired ones drop out); how many were kept. A missing
+        or damaged file keeps what could be read."""
+        try:
+            data = Path(fname).read_bytes()
+        except OSError:
+            return 0
+        now, kept, pos = self.storage.clock(), 0, 0
+        while pos + _HELD.size + _KEY_LEN <= len(data):
+            (size,) = _HELD.unpack_from(data, pos)
+            start = pos + _HELD.size
+            key = data[start : start + _KEY_LEN]
+            raw = data[start + _KEY_LEN : start + _KEY_LEN + size]
+            if size > MAX_RECORD_SIZE or len(raw) < size:
+                break
+            kept += self.storage.offer(key, raw, now)
+            pos = start + _KEY_LEN + size
+        return kept
 
     @classmethod
     async def load_state(

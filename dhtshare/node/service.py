@@ -370,6 +370,9 @@ class Node:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.server.close()
         self.save_state()
+        if self.config.control:  # what we held for others comes back on the next start
+            with contextlib.suppress(OSError):
+                self.dht.save_records(self.home.held_records)
         await self.dht.aclose()
         log.info("node %s stopped; state saved", self.identity.id)
         with contextlib.suppress(Exception):
@@ -650,7 +653,9 @@ async def _open_dht(config: NodeConfig, home: Home, port: int) -> DhtNode:
     and its saved contacts that answer a ping) if ``home.dht`` is usable, else a new one."""
     if home.dht.exists():
         with contextlib.suppress(DhtError):
-            return await DhtNode.load_state(home.dht, port, config.host)
+            dht = await DhtNode.load_state(home.dht, port, config.host)
+            dht.load_records(home.held_records)
+            return dht
     dht = DhtNode(config.ksize)
     try:
         await dht.listen(port, config.host)

@@ -1,0 +1,36 @@
+"""A node keeps the records it holds for others across a restart (``save_records`` /
+``load_records``): where most nodes are behind NAT (DHT clients store nothing), the few
+public nodes hold every record, and a restart of one must not lose a group."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from conftest import peer_record
+
+from dhtshare.dht.server import DhtNode
+from dhtshare.identity import Identity
+
+
+async def test_records_held_for_others_come_back_after_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "records.bin"
+    now = time.time()
+    records = [peer_record(Identity.generate(), now, ttl=600) for _ in range(5)]
+    expired = peer_record(Identity.generate(), now - 700, ttl=600)
+    first = DhtNode()
+    for rec in records:
+        assert first.storage.offer(rec.dht_key, rec.encode(), now, source="127.0.0.9")
+    assert first.save_records(path) == 5
+    second = DhtNode()
+    assert second.load_records(path) == 5
+    for rec in records:
+        assert second.storage.reply_records(rec.dht_key, 10_000, now) == [rec.encode()]
+    # A damaged tail costs only what it damaged; a forged or expired record is refused.
+    data = path.read_bytes()
+    forged = bytearray(expired.encode())
+    tail = len(forged).to_bytes(2, "big") + expired.dht_key + bytes(forged)
+    path.write_bytes(data + tail + data[: len(data) // 7])
+    third = DhtNode()
+    assert third.load_records(path) == 5
+    assert third.load_records(tmp_path / "missing.bin") == 0
