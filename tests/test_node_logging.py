@@ -81,7 +81,16 @@ def test_log_level_and_rate_limits_are_kept_across_restarts(users: Users) -> Non
     assert status["log_level"] == "warning"
     u.run("carol", "node", "stop")
     saved = json.loads((u.home("carol") / "settings.json").read_text())
-    assert saved == {"upload_limit": None, "download_limit": 3.5e6, "log_level": "warning"}
+    assert saved == {
+        "upload_limit": None,
+        "download_limit": 3.5e6,
+        "log_level": "warning",
+        "bootstrap": [["127.0.0.1", u.boot.port]],
+    }
+
+    u.start("carol", "--alone")  # no --bootstrap: the last one given
+    assert u.json("carol", "node", "status")["dht_contacts"] >= 1
+    u.run("carol", "node", "stop")
 
 
 def test_verbose_reaches_a_detached_node(users: Users) -> None:
@@ -98,9 +107,18 @@ def test_damaged_settings_give_the_defaults(tmp_path: Path) -> None:
         "upload_limit": None,
         "download_limit": None,
         "log_level": "info",
+        "bootstrap": (),
     }
     (tmp_path / "settings.json").write_text('{"upload_limit": -5, "download_limit": 1e6}')
     loaded = settings.load(Home(tmp_path))
     assert (loaded["upload_limit"], loaded["download_limit"]) == (None, 1e6)
     merged = settings.merge(loaded, upload_limit=0.0, download_limit=None, log_level="debug")
-    assert merged == {"upload_limit": None, "download_limit": 1e6, "log_level": "debug"}
+    assert merged == {
+        "upload_limit": None,
+        "download_limit": 1e6,
+        "log_level": "debug",
+        "bootstrap": (),
+    }
+    doc = '{"bootstrap": [["203.0.113.7", 4000], ["name.example", 1], ["::1", 0], "x", [1, 2]]}'
+    (tmp_path / "settings.json").write_text(doc)
+    assert settings.load(Home(tmp_path))["bootstrap"] == (("203.0.113.7", 4000),)

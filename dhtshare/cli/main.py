@@ -366,12 +366,13 @@ def node_start(
         upload_limit=None if upload_limit is None else upload_limit * 1e6,
         download_limit=None if download_limit is None else download_limit * 1e6,
         log_level=log_level,
+        bootstrap=tuple(parse_hostport(b) for b in bootstraps),
     )
     config = NodeConfig(
         home=home.root,
         host=host,
         port=port,
-        bootstrap=tuple(parse_hostport(b) for b in bootstraps),
+        bootstrap=kept["bootstrap"],
         passphrase=read_passphrase(passphrase_file),
         provider_timeout=provider_timeout,
         advertise=advertise,

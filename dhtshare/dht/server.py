@@ -576,6 +576,13 @@ class DhtNode(Server):  # type: ignore[misc]
             done += await self._republish_one(pub, now)
         return done
 
+    async def republish_all(self) -> int:
+        """Put every published record now, due or not (after a rejoin); how many."""
+        now = self.clock()
+        for pub in self._published.values():
+            pub.due = min(pub.due, now)
+        return await self.republish(now)
+
     async def _republish_one(self, pub: _Publication, now: float) -> int:
         if pub.renew is not None and pub.record.expires <= now + self.republish_interval:
             pub.record = pub.renew(pub.record)

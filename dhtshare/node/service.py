@@ -261,6 +261,7 @@ class Node:
             "upload_limit": c.upload_limit,
             "download_limit": c.download_limit,
             "log_level": c.log_level,
+            "bootstrap": [list(address) for address in c.bootstrap],
         }
 
     def _log_started(self) -> None:
@@ -481,8 +482,10 @@ class Node:
                 log.exception("maintenance round failed; the next one runs as usual")
 
     async def maintain(self) -> None:
-        """Apply leaves, take over handed groups, refresh rosters, save state."""
+        """Join again if every contact is gone; apply leaves, take over handed groups,
+        refresh rosters, save state."""
         try:
+            await self._rejoin_if_alone()
             await self.groups.maintain()
             for gid in list(self.groups.state.groups):
                 with contextlib.suppress(DhtshareError):
@@ -493,6 +496,16 @@ class Node:
         self._log_membership()
         self._report_stale()
         self.save_state()
+
+    async def _rejoin_if_alone(self) -> None:
+        """A node that lost every DHT contact (its bootstrap node was down a while, its
+        router forgot it) joins again through ``--bootstrap``, then stores its own records
+        again at once: the nodes that held them may have restarted empty."""
+        if self.dht.contact_count() > 0 or not self.config.bootstrap:
+            return
+        if await self.dht.bootstrap(list(self.config.bootstrap)):
+            log.info("joined the DHT again through %s", _addresses(list(self.config.bootstrap)))
+            await self.dht.republish_all()
 
     def _membership(self) -> dict[bytes, dict[bytes, str]]:
         """My groups and their members (key -> name), as last read."""

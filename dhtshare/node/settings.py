@@ -1,4 +1,5 @@
-"""Node settings kept across restarts (``home/settings.json``): rate limits and log level.
+"""Node settings kept across restarts (``home/settings.json``): rate limits, log level and
+bootstrap nodes.
 
 ``node start`` options that are not given take the value of the last start; options that
 are given replace it. The node writes the file once it is up, so a start that fails does
@@ -8,6 +9,7 @@ not change what the next one uses.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from typing import Any
 
 from dhtshare.atomic import read_json, write_json
@@ -18,7 +20,11 @@ __all__ = ["LOG_LEVELS", "Settings", "load", "merge", "save"]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_LEVEL = "info"
 Settings = dict[str, Any]
-"""``upload_limit`` and ``download_limit`` (bytes/s, ``None``: no limit), ``log_level``."""
+"""``upload_limit`` and ``download_limit`` (bytes/s, ``None``: no limit), ``log_level``,
+``bootstrap`` (the ``--bootstrap`` addresses last given: a node that loses every contact
+joins again through them, also after a restart without ``--bootstrap``)."""
+
+MAX_BOOTSTRAP = 8
 
 
 def _limit(value: Any) -> float | None:
@@ -39,7 +45,24 @@ def load(home: Home) -> Settings:
         "upload_limit": _limit(doc.get("upload_limit")),
         "download_limit": _limit(doc.get("download_limit")),
         "log_level": level if level in LOG_LEVELS else DEFAULT_LOG_LEVEL,
+        "bootstrap": _addresses(doc.get("bootstrap")),
     }
+
+
+def _addresses(value: Any) -> tuple[tuple[str, int], ...]:
+    """The saved ``--bootstrap`` addresses that are IP addresses and ports (at most 8)."""
+    out: list[tuple[str, int]] = []
+    for item in value[:MAX_BOOTSTRAP] if isinstance(value, list) else ():
+        if not isinstance(item, list) or len(item) != 2:
+            continue
+        host, port = item
+        if not isinstance(host, str) or isinstance(port, bool) or not isinstance(port, int):
+            continue
+        if not 0 < port < 65536:
+            continue
+        with contextlib.suppress(TypeError, ValueError):
+            out.append((str(ipaddress.ip_address(host)), port))
+    return tuple(out)
 
 
 def merge(saved: Settings, **given: Any) -> Settings:
@@ -47,7 +70,7 @@ def merge(saved: Settings, **given: Any) -> Settings:
     on the command line means no limit, and is kept as such)."""
     out = dict(saved)
     for key, value in given.items():
-        if value is not None:
+        if value is not None and value != ():
             out[key] = _limit(value) if key.endswith("_limit") else value
     return out
 
