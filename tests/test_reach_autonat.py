@@ -13,11 +13,13 @@ from dhtshare.reach.autonat import (
     Verdict,
     dialback_wait,
     format_address,
+    network_of,
 )
 from dhtshare.wire.dialback import decode_dialback, dialback_frame
 from dhtshare.wire.frames import FrameType
 
-A, B, C = ("10.0.0.1", 4000), ("10.0.0.2", 4000), ("10.0.0.3", 4000)
+# three peers in three networks (/24s): agreement needs two of them
+A, B, C = ("10.0.1.1", 4000), ("10.0.2.2", 4000), ("10.0.3.3", 4000)
 ME = ("203.0.113.9", 4001)
 N1, N2, N3 = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
 
@@ -92,14 +94,54 @@ def test_confirmation_counts_only_for_the_majority_address() -> None:
     assert r.verdict(101.0) is Verdict.UNKNOWN  # a peer confirmed: not private either
 
 
-def test_observed_address_tie_keeps_the_previous_one() -> None:
-    r = asked((A, N1), (B, N2))
+def test_an_observed_address_tie_gives_no_address_whoever_was_asked_first() -> None:
     other = ("198.51.100.1", 4001)
-    r.answered(A, other, True, 0.01, 100.0)
+    for first, second in ((A, B), (B, A)):
+        r = asked((first, N1), (second, N2))
+        r.answered(first, other, True, 0.01, 100.0)
+        r.answered(second, ME, True, 0.01, 100.0)
+        assert r.observed() is None
+        assert not r.varies()
+
+
+def test_sybils_in_one_network_count_once_and_confirm_only_their_own_address() -> None:
+    """Finding 1 of the issue-16 hostile test: three sybils in one /24 report a victim's
+    address and confirm (they dial our real address); one honest peer reports ours."""
+    victim = ("198.51.100.66", 80)
+    sybils = [(f"192.0.2.{i}", 4100) for i in (31, 32, 33)]
+    r = asked(*zip(sybils, (N1, N2, N3), strict=True), (A, b"\x04" * 16))
+    for sybil, nonce in zip(sybils, (N1, N2, N3), strict=True):
+        r.answered(sybil, victim, True, 0.01, 100.0)
+        r.arrived(nonce, False, (sybil[0], 50000))
+        r.arrived(nonce, True, (sybil[0], 50001))
+    r.answered(A, ME, True, 0.01, 100.0)
+    assert network_of(sybils[0][0]) == network_of(sybils[2][0]) == "192.0.2.0/24"
+    assert r.observed() is None  # one network each: no agreement
+    assert r.verdict(100.0) is Verdict.PUBLIC  # reachable (the sybils reached us) ...
+    p = Reachability()
+    state = p.finish(r, Verdict.PUBLIC, 100.0)
+    assert state.observed is None and state.public_address is None  # ... at no known address
+
+
+def test_one_network_is_not_enough_unless_the_address_is_our_own() -> None:
+    near = ("10.0.1.2", 4000)  # A's /24
+    for own, want in (((), None), ((ME,), ME)):
+        r = ReachRound(100.0, own=frozenset(own))
+        r.ask(A, N1)
+        r.ask(near, N2)
+        r.answered(A, ME, True, 0.01, 100.0)
+        r.answered(near, ME, True, 0.01, 100.0)
+        assert r.observed() == want
+    r = asked((A, N1), (B, N2))
+    r.answered(A, ME, True, 0.01, 100.0)
     r.answered(B, ME, True, 0.01, 100.0)
-    assert r.observed() == other
-    assert r.observed(previous=ME) == ME
-    assert not r.varies()
+    assert r.observed() == ME  # two networks agree
+
+
+def test_networks_are_a_24_or_a_48_loopback_and_lan_included() -> None:
+    assert network_of("127.0.0.66") == network_of("127.0.0.1") == "127.0.0.0/24"
+    assert network_of("::ffff:203.0.113.9") == "203.0.113.0/24"
+    assert network_of("2001:db8:1:2::1") == "2001:db8:1::/48"
 
 
 def test_one_ip_at_different_ports_is_a_symmetric_nat() -> None:
@@ -132,10 +174,13 @@ def test_format_address() -> None:
 def finish(
     policy: Reachability, verdict: Verdict, now: float, observed: tuple[str, int] = ME
 ) -> Verdict:
-    """One round with one answer, recorded as ``verdict``; the node's verdict after it."""
+    """One round with two answers from two networks, recorded as ``verdict``; the node's
+    verdict after it."""
     r = policy.begin(now)
     r.ask(A, N1)
+    r.ask(B, N2)
     r.answered(A, observed, True, 0.01, now)
+    r.answered(B, observed, True, 0.01, now)
     return policy.finish(r, verdict, now).verdict
 
 
@@ -143,7 +188,7 @@ def test_schedule_quick_while_unknown_then_slow_then_settled() -> None:
     p = Reachability(unknown_every=5.0, quick_rounds=2, slow_every=60.0, settled_every=300.0)
     assert p.due(0.0) == 0.0
     assert finish(p, Verdict.UNKNOWN, 0.0) is Verdict.UNKNOWN
-    assert p.state.public_address == "203.0.113.9:4001"
+    assert p.state.public_address is None  # an unknown round records no address
     assert p.due(0.0) == 5.0
     finish(p, Verdict.UNKNOWN, 5.0)
     assert p.due(5.0) == 5.0
@@ -209,3 +254,85 @@ def test_dialback_frame_carries_exactly_the_nonce() -> None:
             decode_dialback(bad)
     with pytest.raises(ValueError, match="16 bytes"):
         dialback_frame(b"short")
+
+
+def test_an_unknown_round_keeps_the_observed_address() -> None:
+    p = Reachability()
+    finish(p, Verdict.PUBLIC, 0.0)
+    assert finish(p, Verdict.UNKNOWN, 400.0, observed=("198.51.100.66", 80)) is Verdict.PUBLIC
+    assert p.state.observed == ME
+
+
+def test_a_decided_round_without_agreement_keeps_the_address_only_if_still_seen() -> None:
+    p = Reachability()
+    finish(p, Verdict.PUBLIC, 0.0)
+    r = p.begin(300.0)
+    r.ask(A, N1)
+    r.ask(B, N2)
+    r.answered(A, ME, True, 0.01, 300.0)
+    r.answered(B, ("198.51.100.66", 80), True, 0.01, 300.0)  # a tie: no agreement
+    assert p.finish(r, Verdict.PUBLIC, 300.0).observed == ME  # A still saw ME
+    r = p.begin(600.0)
+    r.ask(A, N1)
+    r.answered(A, ("198.51.100.7", 4001), True, 0.01, 600.0)
+    assert p.finish(r, Verdict.PUBLIC, 600.0).observed is None  # ME no longer seen
+
+
+def private_round(policy: Reachability, now: float, *peers: tuple[str, int]) -> Verdict:
+    """A round in which ``peers`` all said they were dialing and none confirmed."""
+    r = policy.begin(now)
+    for i, peer in enumerate(peers):
+        r.ask(peer, bytes([i + 1]) * 16)
+        r.answered(peer, ME, True, 0.01, now)
+    verdict = r.verdict(now + 5.0)
+    assert verdict is Verdict.PRIVATE
+    return policy.finish(r, verdict, now + 5.0).verdict
+
+
+def test_a_public_node_goes_private_only_after_two_refuting_rounds_from_two_networks() -> None:
+    """Finding 2 of the issue-16 hostile test: two liars (one network) that never dial,
+    while an honest contact's dial-back budget is spent, must not flip a public node."""
+    p = Reachability(unknown_every=5.0)
+    finish(p, Verdict.PUBLIC, 0.0)
+    liars = ("192.0.2.21", 4100), ("192.0.2.22", 4100)
+    for t in range(10):
+        assert private_round(p, 300.0 + 10 * t, *liars) is Verdict.PUBLIC
+    assert private_round(p, 500.0, A, B) is Verdict.PUBLIC  # one round from two networks
+    assert p.due(505.0) == 5.0  # ... tested again soon
+    assert private_round(p, 510.0, *liars) is Verdict.PUBLIC  # breaks the streak
+    assert private_round(p, 520.0, A, B) is Verdict.PUBLIC
+    assert private_round(p, 530.0, A, C) is Verdict.PRIVATE  # two in a row
+    # from unknown (a node just started) one round still decides
+    fresh = Reachability()
+    assert private_round(fresh, 0.0, *liars) is Verdict.PRIVATE
+
+
+def test_dial_back_limit_counts_an_ipv6_64_as_one_asker() -> None:
+    lim = DialBackLimit(per_ip=2, per_ip_every=10.0)
+    assert lim.allow("2001:db8:1:2::1", 0.0)
+    assert lim.allow("2001:db8:1:2::2", 0.0)
+    assert not lim.allow("2001:db8:1:2:ffff::3", 0.0)  # same /64: its bucket is empty
+    assert lim.allow("2001:db8:1:3::1", 0.0)  # another /64
+    assert lim.allow("10.0.0.1", 0.0) and lim.allow("10.0.0.1", 0.0)
+    assert lim.allow("10.0.0.2", 0.0)  # IPv4: per address
+
+
+def test_dial_back_limit_counts_a_network_together() -> None:
+    lim = DialBackLimit(per_net=3, per_net_every=1.0)
+    assert all(lim.allow(f"192.0.2.{i}", 0.0) for i in range(3))
+    assert not lim.allow("192.0.2.9", 0.0)  # the /24's bucket is empty
+    assert lim.allow("198.51.100.1", 0.0)
+    assert lim.allow("192.0.2.9", 1.0)
+
+
+def test_dial_back_limit_keeps_a_reserve_for_routing_table_contacts() -> None:
+    """Finding 2: a flood from many validated addresses spends the total bucket; a
+    contact in our routing table is still dialled back (from the reserve)."""
+    lim = DialBackLimit(total=4, total_every=1.0, reserved=2, reserved_every=10.0)
+    flood = [f"198.51.{i}.1" for i in range(100)]
+    assert sum(lim.allow(ip, 0.0) for ip in flood) == 4
+    assert not lim.allow("203.0.113.1", 0.0)  # a stranger waits for the total bucket
+    assert lim.allow("203.0.113.2", 0.0, known=True)
+    assert lim.allow("203.0.113.3", 0.0, known=True)
+    assert not lim.allow("203.0.113.4", 0.0, known=True)  # the reserve is spent too
+    assert lim.allow("203.0.113.4", 10.0, known=True)

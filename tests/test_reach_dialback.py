@@ -20,6 +20,7 @@ import pytest
 from conftest import peer_record
 from support.nodes import NodeCluster
 
+from dhtshare.dht.antiamp import DialBackLimit
 from dhtshare.dht.dialback import send_tcp
 from dhtshare.dht.protocol import DhtProtocol, packb
 from dhtshare.dht.server import DhtNode
@@ -271,6 +272,73 @@ async def test_lying_dial_backs_count_for_nothing(net: Net, mode: str) -> None:
     service.candidates = lambda: [liar.address for liar in liars]  # type: ignore[method-assign]
     state = await service.test_once()
     assert state.verdict is Verdict.PRIVATE  # never public on lies
+
+
+VICTIM = ("127.0.0.66", 80)
+
+
+class Poisoner(DhtProtocol):
+    """Reports a victim's address as the one it saw, and confirms correctly: its real
+    dial-backs (UDP from a fresh port, TCP) go to the asker's real address."""
+
+    def rpc_reach(self, sender: Address, nodeid: bytes, nonce: bytes) -> list[Any]:
+        super().rpc_reach(sender, nodeid, nonce)
+        return [*VICTIM, True]
+
+
+async def test_sybils_in_one_network_cannot_name_our_public_address(net: Net) -> None:
+    """Hostile test of issue 16, finding 1: three sybils in one /24 (127.200.0.x) report
+    a victim's address and confirm; one honest peer reports ours. Before, the sybils'
+    majority made the node public at the victim's address."""
+    boot = await net.node()
+    sybils = []
+    for i in (31, 32, 33):
+        dht = DhtNode(ksize=8)
+        await dht.listen(0, f"127.200.0.{i}")
+        dht._proto().__class__ = Poisoner
+        net.nodes.append(dht)
+        await dht.bootstrap([boot.address])
+        sybils.append(dht)
+    me = await net.node()
+    await net.settle()
+    service = net.service(me, own=lambda: ())  # no own-address shortcut: peers must agree
+    peers = [boot.address, *(s.address for s in sybils)]
+    service.candidates = lambda: peers  # type: ignore[method-assign]
+    for _ in range(2):  # whoever answers first
+        state = await service.test_once()
+        assert state.verdict is Verdict.PUBLIC  # reachable: honest and sybils reached us
+        assert state.observed != VICTIM and state.public_address != "127.0.0.66:80"
+        assert state.observed is None  # one network each: no agreement
+        peers.reverse()
+
+
+async def test_a_dial_back_flood_leaves_a_reserve_for_routing_table_contacts(net: Net) -> None:
+    """Hostile test of issue 16, finding 2: validated addresses flooding ``reach`` spend the
+    responder's total dial-back budget; before, a contact in its routing table was then
+    refused like everyone else (and two liars could flip it to private)."""
+    responder = await net.node()
+    contact = await net.node()  # joined: in the responder's routing table
+    # clients: validated by the ping-back, but kept out of the routing table
+    stranger = await net.node(join=False, client=True)
+    flooders = [await net.node(join=False, client=True) for _ in range(4)]
+    for asker in (stranger, *flooders):
+        reply = await asker.reach(responder.address, os.urandom(16))
+        assert reply is not None and not reply.dialing  # not validated yet
+    await net.settle()
+    proto = responder._proto()
+    assert proto.router.id_at(*contact.address) == contact.node.id
+    assert proto.router.id_at(*stranger.address) is None
+    proto.dialback_limit = DialBackLimit(
+        total=4, total_every=1000.0, reserved=1, reserved_every=1000.0
+    )
+    for flooder in flooders:
+        reply = await flooder.reach(responder.address, os.urandom(16))
+        assert reply is not None and reply.dialing
+    reply = await stranger.reach(responder.address, os.urandom(16))
+    assert reply is not None and not reply.dialing  # the total bucket is spent
+    reply = await contact.reach(responder.address, os.urandom(16))
+    assert reply is not None and reply.dialing  # the reserve
+    assert responder.stats["dialback.sent"] == 5
 
 
 async def test_client_nodes_stay_out_of_tables_but_look_up_and_store(net: Net) -> None:

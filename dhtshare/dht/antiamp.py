@@ -13,7 +13,8 @@ publicly reachable): it is validated, and marked a *client* until a given time, 
 which it is neither added to the routing table nor pinged back again.
 
 ``DialBackLimit`` bounds the reachability dial-backs (RPC ``reach``) a node sends: a
-token bucket per asker IP and one over all askers.
+token bucket per asker (an IPv4 address, an IPv6 /64), one per asker network (/24,
+/48), one over all askers, and a reserve only askers in our routing table may draw on.
 
 Every table is a bounded LRU. Forgetting an unvalidated address drops its received and
 sent counts together, so over any run the bytes sent to an address stay within
@@ -22,6 +23,7 @@ sent counts together, so over any run the bytes sent to an address stay within
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from typing import Generic, TypeVar
 
@@ -155,14 +157,36 @@ class AntiAmplification:
         return self._heard.get(addr) is not None
 
 
-class DialBackLimit:
-    """Token buckets for reachability dial-backs: one per asker IP, one over all askers.
+def _groups(ip: str) -> tuple[str, str]:
+    """``(asker, network)`` keys of ``ip``: the IPv4 address and its /24, or the IPv6
+    /64 (one host's usual allocation) and /48. An IPv4-mapped IPv6 address is IPv4."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip, ip
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    if addr.version == 4:
+        return str(addr), str(ipaddress.ip_network(f"{addr}/24", strict=False))
+    return (
+        str(ipaddress.ip_network(f"{addr}/64", strict=False)),
+        str(ipaddress.ip_network(f"{addr}/48", strict=False)),
+    )
 
-    Each IP may have ``per_ip`` dial-backs at once and earns one back every
-    ``per_ip_every`` seconds; all askers together ``total`` at once and one back every
-    ``total_every`` seconds. At most ``max_ips`` IPs are remembered (least recently
-    used forgotten: a forgotten IP starts full again, so the total bucket is what
-    bounds an asker with many addresses).
+
+class DialBackLimit:
+    """Token buckets for reachability dial-backs.
+
+    Each asker (an IPv4 address; an IPv6 /64, since one host gets 2^64 addresses) may
+    have ``per_ip`` dial-backs at once and earns one back every ``per_ip_every``
+    seconds; each network (/24, /48) ``per_net`` at once and one back every
+    ``per_net_every`` seconds; all askers together ``total`` at once and one back every
+    ``total_every`` seconds. When the total bucket is empty, an asker in our routing
+    table (``known``) draws on a reserve of ``reserved``, one back every
+    ``reserved_every`` seconds: a flood from many addresses cannot keep our contacts
+    from being dialled back. At most ``max_ips`` askers and networks each are
+    remembered (least recently used forgotten: a forgotten one starts full again, so
+    the total bucket is what bounds an asker with many networks).
     """
 
     def __init__(
@@ -170,15 +194,24 @@ class DialBackLimit:
         *,
         per_ip: int = 3,
         per_ip_every: float = 20.0,
+        per_net: int = 16,
+        per_net_every: float = 1.0,
         total: int = 32,
         total_every: float = 0.1,
+        reserved: int = 16,
+        reserved_every: float = 0.2,
         max_ips: int = 4096,
     ) -> None:
         self.per_ip, self.per_ip_every = per_ip, per_ip_every
+        self.per_net, self.per_net_every = per_net, per_net_every
         self.total, self.total_every = total, total_every
-        self._ips: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> (tokens, at)
+        self.reserved, self.reserved_every = reserved, reserved_every
+        # asker or network -> (tokens, at)
+        self._ips: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._nets: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self._max_ips = max_ips
         self._all: tuple[float, float] | None = None
+        self._reserve: tuple[float, float] | None = None
 
     @staticmethod
     def _refill(held: tuple[float, float] | None, cap: int, every: float, now: float) -> float:
@@ -187,16 +220,31 @@ class DialBackLimit:
         tokens, at = held
         return min(float(cap), tokens + max(0.0, now - at) / every)
 
-    def allow(self, ip: str, now: float) -> bool:
-        """Take one dial-back for ``ip`` at ``now`` if both buckets have a token."""
-        mine = self._refill(self._ips.get(ip), self.per_ip, self.per_ip_every, now)
+    def _keep(
+        self, table: OrderedDict[str, tuple[float, float]], key: str, held: tuple[float, float]
+    ) -> None:
+        table[key] = held
+        table.move_to_end(key)
+        while len(table) > self._max_ips:
+            table.popitem(last=False)
+
+    def allow(self, ip: str, now: float, *, known: bool = False) -> bool:
+        """Take one dial-back for ``ip`` at ``now`` if its buckets have a token;
+        ``known``: the asker is in our routing table (it may use the reserve)."""
+        asker, net = _groups(ip)
+        mine = self._refill(self._ips.get(asker), self.per_ip, self.per_ip_every, now)
+        ours = self._refill(self._nets.get(net), self.per_net, self.per_net_every, now)
         everyone = self._refill(self._all, self.total, self.total_every, now)
-        ok = mine >= 1 and everyone >= 1
+        spare = self._refill(self._reserve, self.reserved, self.reserved_every, now)
+        ok = mine >= 1 and ours >= 1 and (everyone >= 1 or (known and spare >= 1))
         if ok:
-            mine, everyone = mine - 1, everyone - 1
-        self._ips[ip] = (mine, now)
-        self._ips.move_to_end(ip)
-        while len(self._ips) > self._max_ips:
-            self._ips.popitem(last=False)
+            mine, ours = mine - 1, ours - 1
+            if everyone >= 1:
+                everyone -= 1
+            else:
+                spare -= 1
+        self._keep(self._ips, asker, (mine, now))
+        self._keep(self._nets, net, (ours, now))
         self._all = (everyone, now)
+        self._reserve = (spare, now)
         return ok

@@ -956,11 +956,14 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         """``[ip, port, dialing]``: where the request came from, and whether we dial it back.
 
         Only ``sender`` is ever dialled, only if it is validated (it answered one of our
-        requests, so it is not a spoofed third party) and ``dialback_limit`` allows. The
+        requests, so it is not a spoofed third party) and ``dialback_limit`` allows (a
+        contact in our routing table may use its reserve). The
         dial-back task starts after this reply is sent.
         """
+        id_at = getattr(self.router, "id_at", None)  # a DiverseRoutingTable (server.py)
+        known = id_at is not None and id_at(sender[0], sender[1]) is not None
         dialing = self._amp.is_validated(sender) and self.dialback_limit.allow(
-            sender[0], time.monotonic()
+            sender[0], time.monotonic(), known=known
         )
         if dialing:
             self.stats.incr("dialback.sent")

@@ -110,7 +110,9 @@ class Node:
         )
         self.liveness = Liveness(self._answers, lambda: self.advertised)
         # reachability: ``.state`` (verdict, observed address); started after the join
-        self.reachability = ReachabilityService(dht, extra_peers=lambda: config.bootstrap)
+        self.reachability = ReachabilityService(
+            dht, extra_peers=lambda: config.bootstrap, own=self._own_dht_addresses
+        )
         # relays: we relay while public (unless --no-relay); we hold reservations while private
         self.relay_server = RelayServer() if config.relay else None
         local = None if config.host in ("", "0.0.0.0", "::") else config.host
@@ -207,15 +209,22 @@ class Node:
     def more_addresses(self) -> tuple[PeerAddress, ...]:
         """What our provider records add to the advertised address: the public address
         others dialled us back on (when it is another one, e.g. a host behind a router
-        that forwards the port), then our relays."""
+        that forwards the port; only at our own port number, so a lie about our address
+        cannot point downloaders at a third party's service), then our relays."""
         state = self.reachability.state
         seen = state.observed if state.verdict is Verdict.PUBLIC else None
-        if seen is None or seen == self.advertised:
+        advertised = self.advertised
+        if seen is None or seen == advertised or seen[1] != advertised[1]:
             return self.relay_addresses()
         return (PeerAddress(AddressKind.DIRECT, *seen), *self.relay_addresses())
 
+    def _own_dht_addresses(self) -> tuple[tuple[str, int], ...]:
+        """Where our DHT socket listens as far as we know: the advertised host, its port."""
+        return ((self.advertised[0], self.dht.address[1]),)
+
     def public_ip(self) -> str | None:
-        """Our address as others see it: the one most peers observed, else a relay's view."""
+        """Our address as others see it: the one peers in most networks observed (at least
+        two agreeing, ``reach/autonat.py``), else a relay's view."""
         observed = self.reachability.state.observed
         if observed is not None:
             return observed[0]

@@ -1,30 +1,40 @@
 """The reachability test's rules: observed-address votes, dial-back evidence, the verdict.
 
 A node asks a few DHT peers ``reach`` with a fresh random nonce each. Every answer is a
-vote for the address that peer saw us at; the address most peers saw is the node's
-observed (public) address. A peer that says it is dialing back sends the nonce twice,
-unsolicited: by UDP from a fresh port and by a new TCP connection. A peer *confirms*
-only if its nonce arrived on both (a UDP nonce from the very address we asked counts
-for nothing: it came back through our own NAT mapping). Nonces are unguessable, so a
+vote for the address that peer saw us at, counted once per network (``network_of``: a
+/24 or /48, loopback and LAN addresses included). The node's observed (public) address
+is the one seen from the most networks, if no other address ties with it and at least
+``MIN_NETWORKS`` networks saw it (or it is one of our own listening addresses, which no
+peer can forge); otherwise there is none. So sybils in one network count once, and a
+tie is never broken by who was asked first. A peer that says it is dialing back sends
+the nonce twice, unsolicited: by UDP from a fresh port and by a new TCP connection. A
+peer *confirms* only if its nonce arrived on both (a UDP nonce from the very address we
+asked counts for nothing: it came back through our own NAT mapping). Nonces are unguessable, so a
 third party cannot confirm for a peer, and a peer that lies about dialing (or sends
 nothing) only fails to confirm.
 
 Verdict of one round (``ReachRound.verdict``):
 
-- ``PUBLIC``: every asked peer answered or failed, and a peer that observed the
-  majority address confirmed;
+- ``PUBLIC``: every asked peer answered or failed, and a peer that reported the observed
+  address confirmed (a confirmation counts only for the address its peer reported); or
+  there is no observed address and some peer confirmed (reachable, address not agreed);
 - ``PRIVATE``: the dial-back deadline passed, at least ``min_private`` peers answered
   that they were dialing, and none confirmed;
 - ``UNKNOWN``: the deadline passed without either (too few peers, none dialing).
 
 The deadline is the last answer's time plus ``dialback_wait(rtt)`` of the slowest
 answering peer. ``Reachability`` keeps the node's verdict across rounds and says when
-to test again. Pure: no I/O, no clock; every time is passed in (seconds).
+to test again; a ``PUBLIC`` node becomes ``PRIVATE`` only after ``leave_public``
+consecutive private rounds whose dialing, non-confirming peers come from at least
+``MIN_NETWORKS`` networks (two liars in one network, or an honest peer whose dial-back
+budget an attacker spent, do not flip it). Pure: no I/O, no clock; every time is
+passed in (seconds).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -35,6 +45,7 @@ __all__ = [
     "Verdict",
     "dialback_wait",
     "format_address",
+    "network_of",
 ]
 
 Address = tuple[str, int]
@@ -42,6 +53,8 @@ Address = tuple[str, int]
 #: Bounds of the wait for dial-backs after a peer's answer (seconds).
 MIN_WAIT = 1.0
 MAX_WAIT = 5.0
+#: Distinct networks that must agree on an observed address, or refute a public verdict.
+MIN_NETWORKS = 2
 
 
 class Verdict(StrEnum):
@@ -59,6 +72,20 @@ def dialback_wait(rtt: float) -> float:
     handshake); four leave room for a busy peer.
     """
     return min(max(4 * rtt, MIN_WAIT), MAX_WAIT)
+
+
+def network_of(host: str) -> str:
+    """The network a peer at ``host`` is counted under: its /24 (IPv4, also when mapped
+    into IPv6) or /48 (IPv6). Unlike the routing table's prefixes (``dht/sources.py``),
+    loopback and private addresses are grouped too: sybils on one LAN count once."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    bits = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
 
 
 def format_address(address: Address | None) -> str | None:
@@ -90,6 +117,8 @@ class ReachRound:
 
     started: float
     min_private: int = 2
+    #: our own listening addresses: one of them needs only one network to be observed
+    own: frozenset[Address] = frozenset()
     _asked: dict[bytes, _Asked] = field(default_factory=dict)  # nonce -> peer's entry
     _deadline: float | None = None
 
@@ -150,15 +179,32 @@ class ReachRound:
         entry = self._entry(peer)
         return None if entry is None else entry.nonce
 
-    def observed(self, previous: Address | None = None) -> Address | None:
-        """The address most answering peers saw us at (a tie keeps ``previous`` if it is
-        among the most seen, else the one seen first), or None if nobody answered."""
-        votes = Counter(a.observed for a in self._asked.values() if a.observed is not None)
-        if not votes:
+    def reported(self) -> set[Address]:
+        """Every address some answering peer saw us at."""
+        return {a.observed for a in self._asked.values() if a.observed is not None}
+
+    def observed(self) -> Address | None:
+        """The address seen from the most networks, or None: nobody answered, another
+        address ties with it, or fewer than ``MIN_NETWORKS`` networks saw it (unless it
+        is one of ``own``)."""
+        networks: dict[Address, set[str]] = {}
+        for a in self._asked.values():
+            if a.observed is not None:
+                networks.setdefault(a.observed, set()).add(network_of(a.peer[0]))
+        if not networks:
             return None
-        best = max(votes.values())
-        tied = [address for address, n in votes.items() if n == best]
-        return previous if previous in tied else tied[0]
+        best = max(len(n) for n in networks.values())
+        tied = [address for address, n in networks.items() if len(n) == best]
+        if len(tied) > 1:
+            return None
+        address = tied[0]
+        return address if best >= MIN_NETWORKS or address in self.own else None
+
+    def refuting_networks(self) -> int:
+        """Distinct networks of the peers that said they were dialing and did not confirm."""
+        return len(
+            {network_of(a.peer[0]) for a in self._asked.values() if a.dialing and not a.confirmed}
+        )
 
     def varies(self) -> bool:
         """True if peers saw one IP at different ports: the NAT gives each destination
@@ -183,13 +229,13 @@ class ReachRound:
         """When the wait for dial-backs ends (None until a peer answered)."""
         return self._deadline
 
-    def verdict(self, now: float, previous: Address | None = None) -> Verdict | None:
+    def verdict(self, now: float) -> Verdict | None:
         """The round's verdict at ``now``, or None while it must wait for more."""
         if not self.settled:
             return None
-        address = self.observed(previous)
+        address = self.observed()
         entries = list(self._asked.values())
-        if any(a.confirmed and a.observed == address for a in entries):
+        if any(a.confirmed and (address is None or a.observed == address) for a in entries):
             return Verdict.PUBLIC
         if self._deadline is not None and now < self._deadline:
             return None
@@ -204,14 +250,14 @@ class ReachState:
     """What the node knows of its reachability: the verdict and its observed address."""
 
     verdict: Verdict = Verdict.UNKNOWN
-    observed: Address | None = None  # the address most peers saw us at
+    observed: Address | None = None  # the address peers in most networks saw us at
     tested_at: float | None = None  # when the last round ended
     rounds: int = 0
     varies: bool = False  # the last round's peers saw us at different ports (symmetric NAT)
 
     @property
     def public_address(self) -> str | None:
-        """``"IP:port"`` of the observed address, or None before any peer answered."""
+        """``"IP:port"`` of the observed address, or None while peers do not agree on one."""
         return format_address(self.observed)
 
 
@@ -224,6 +270,11 @@ class Reachability:
     knows. A round whose observed address differs from the last one's is followed at
     once by another, which tests the new address again (once: a NAT that maps every
     destination to another port changes it every round).
+
+    An ``UNKNOWN`` round keeps the observed address; a decided round without one keeps
+    it only if some peer still reported it. A ``PRIVATE`` round of a ``PUBLIC`` node
+    counts as ``UNKNOWN`` unless its refuting peers come from ``MIN_NETWORKS`` networks,
+    and the node becomes private after ``leave_public`` such rounds in a row.
     """
 
     def __init__(
@@ -235,6 +286,7 @@ class Reachability:
         quick_rounds: int = 6,
         slow_every: float = 60.0,
         settled_every: float = 300.0,
+        leave_public: int = 2,
     ) -> None:
         self.peers = peers
         self.min_private = min_private
@@ -242,19 +294,34 @@ class Reachability:
         self.quick_rounds = quick_rounds
         self.slow_every = slow_every
         self.settled_every = settled_every
+        self.leave_public = leave_public
+        self._refuted = 0  # consecutive private rounds against a public verdict
         self.state = ReachState()
         self._inconclusive = 0
         self._next: float | None = None  # None: test now
         self._retesting = False
 
-    def begin(self, now: float) -> ReachRound:
-        """A new round starting at ``now``."""
-        return ReachRound(now, self.min_private)
+    def begin(self, now: float, own: Iterable[Address] = ()) -> ReachRound:
+        """A new round starting at ``now``; ``own``: our own listening addresses."""
+        return ReachRound(now, self.min_private, frozenset(own))
 
     def finish(self, done: ReachRound, verdict: Verdict, now: float) -> ReachState:
         """Record ``done``'s ``verdict`` (from ``ReachRound.verdict``); the new state."""
         old = self.state
-        observed = done.observed(old.observed) or old.observed
+        confirm_soon = False
+        if verdict is Verdict.PRIVATE and old.verdict is Verdict.PUBLIC:
+            refuted = done.refuting_networks() >= MIN_NETWORKS
+            self._refuted = self._refuted + 1 if refuted else 0
+            if self._refuted < self.leave_public:
+                verdict = Verdict.UNKNOWN  # not yet
+                confirm_soon = refuted  # test again soon
+        else:
+            self._refuted = 0
+        if verdict is Verdict.UNKNOWN:
+            observed = old.observed
+        else:
+            kept = old.observed if old.observed in done.reported() else None
+            observed = done.observed() or kept
         changed = old.observed is not None and observed != old.observed
         if verdict is Verdict.UNKNOWN:
             self._inconclusive += 1
@@ -264,10 +331,12 @@ class Reachability:
         else:
             self._inconclusive = 0
             self._next = now + self.settled_every
+        if confirm_soon:
+            self._next = now + self.unknown_every
         self._retesting = changed and not self._retesting
         if self._retesting:
             self._next = now
-        varies = done.varies() if done.observed() is not None else old.varies
+        varies = done.varies() if done.reported() else old.varies
         self.state = ReachState(verdict, observed, now, old.rounds + 1, varies)
         return self.state
 

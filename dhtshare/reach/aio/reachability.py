@@ -42,7 +42,10 @@ class ReachabilityService:
     """Runs the reachability test for ``dht`` and holds the result (``state``).
 
     ``extra_peers`` (e.g. the bootstrap addresses) are candidates besides the routing
-    table. ``attach`` connects the dial-back sinks; ``run`` tests forever.
+    table. ``own`` gives our own listening addresses (default: the DHT's, when bound to
+    a specific host): a peer that saw us at one of them needs no second network to agree
+    (``ReachRound.observed``). ``attach`` connects the dial-back sinks; ``run`` tests
+    forever.
     """
 
     def __init__(
@@ -51,12 +54,14 @@ class ReachabilityService:
         *,
         policy: Reachability | None = None,
         extra_peers: Callable[[], Iterable[Address]] = tuple,
+        own: Callable[[], Iterable[Address]] | None = None,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.dht = dht
         self.policy = policy or Reachability()
         self.extra_peers = extra_peers
+        self.own = own or self._bound
         self.clock = clock
         self.rng = rng or random.Random()
         self._round: ReachRound | None = None
@@ -64,6 +69,10 @@ class ReachabilityService:
         self._wake = asyncio.Event()
         self._listeners: list[Listener] = []
         self.tcp_attached = False
+
+    def _bound(self) -> tuple[Address, ...]:
+        host, port = self.dht.address
+        return () if host in ("", "0.0.0.0", "::") else ((host, port),)
 
     # ---- state ---------------------------------------------------------------------
 
@@ -120,15 +129,14 @@ class ReachabilityService:
         if len(peers) < self.policy.min_private and self.dht.contact_count():
             await self.dht.find_more()  # too few to ask: meet more nodes first
             peers = self.candidates()
-        current = self.policy.begin(self.clock())
+        current = self.policy.begin(self.clock(), self.own())
         before = self.state
-        previous = before.observed
         for peer in peers:
             current.ask(peer, os.urandom(NONCE_SIZE))
         self._round = current
         asks = [asyncio.ensure_future(self._ask(current, peer)) for peer in peers]
         try:
-            verdict = await self._decide(current, previous)
+            verdict = await self._decide(current)
         finally:
             self._round = None
             for task in asks:
@@ -165,10 +173,10 @@ class ReachabilityService:
             current.failed(peer)  # no-op if it answered
             self._news.set()
 
-    async def _decide(self, current: ReachRound, previous: Address | None) -> Verdict:
+    async def _decide(self, current: ReachRound) -> Verdict:
         while True:
             self._news.clear()
-            verdict = current.verdict(self.clock(), previous)
+            verdict = current.verdict(self.clock())
             if verdict is not None:
                 return verdict
             deadline = current.deadline if current.settled else None
