@@ -132,6 +132,13 @@ def status_summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {k: doc.get(k, "(absent)") for k in keys}
 
 
+def test_a_private_sharer_counts_as_online(lab: Lab) -> None:
+    """keep1 is behind NAT: no ping reaches its address, but its record names a relay."""
+    for role in MEMBERS:
+        rows = {f["name"]: f for f in lab.n.json(role, "files", "crag")}
+        assert rows["big.bin"]["online"] == 1, f"{role}: {rows['big.bin']}"
+
+
 def test_a_private_member_downloads_over_a_punched_connection(lab: Lab) -> None:
     """keep2 -> keep1, both behind port-keeping routers: a hole is punched."""
     assert set(get(lab, "keep2", "big.bin").values()) == {"punched"}

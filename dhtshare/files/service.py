@@ -29,6 +29,7 @@ from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_ADDRESSES,
     MAX_TTL,
+    AddressKind,
     FileEntry,
     Kind,
     PeerAddress,
@@ -56,6 +57,9 @@ class ListedFile:
     shared_at: int
     providers: int
     addresses: tuple[tuple[str, int], ...] = ()  # where the providers say they serve it
+    #: for each of ``addresses``: its provider names a relay (it is behind NAT, so a ping
+    #: cannot reach it; a clean stop withdraws its record)
+    relayed: tuple[bool, ...] = ()
 
 
 class FileService:
@@ -240,7 +244,14 @@ class FileService:
         live = {cid: pick_entry(recs) for cid, recs in by_cid.items()}
         counts = await asyncio.gather(*(self.providers(group_id, cid, is_member) for cid in live))
         infos = [
-            ListedFile(_entry(rec), rec.signer, shared_at(rec), len(provs), _addresses(provs))
+            ListedFile(
+                _entry(rec),
+                rec.signer,
+                shared_at(rec),
+                len(provs),
+                _addresses(provs),
+                _relayed(provs),
+            )
             for rec, provs in zip(live.values(), counts, strict=True)
         ]
         return sorted(infos, key=lambda i: (i.entry.name, i.entry.content_id))
@@ -308,6 +319,10 @@ def _provider(rec: SignedRecord) -> Provider:
     body = rec.payload()
     assert isinstance(body, Provider)
     return body
+
+
+def _relayed(records: list[SignedRecord]) -> tuple[bool, ...]:
+    return tuple(any(a.kind is AddressKind.RELAY for a in _provider(r).addresses) for r in records)
 
 
 def _addresses(records: list[SignedRecord]) -> tuple[tuple[str, int], ...]:

@@ -478,7 +478,9 @@ class Commands:
                 "sharer": format_id(f.sharer),
                 "sharer_name": names.get(f.sharer, ""),
                 "providers": f.providers,
-                "online": sum(1 for a in f.addresses if a in live),
+                "online": sum(
+                    1 for a, r in zip(f.addresses, f.relayed, strict=True) if r or a in live
+                ),
                 "shared": _when(f.shared_at),
             }
             for f in found
