@@ -207,6 +207,20 @@ def test_nobody_serving_fails_the_download_after_provider_timeout() -> None:
     assert error.message == "no providers for f.bin (nobody served it for 60 s)"
 
 
+def test_providers_none_could_reach_fail_with_the_relay_hint() -> None:
+    """Listed, but every connection failed (a sharer behind a router with no relay)."""
+    swarm = make()
+    connect(swarm, A, now=0.0)
+    swarm.session_ended(A, now=1.0)  # the connection failed
+    assert swarm.update_stall(59.9) is None
+    error = swarm.update_stall(60.0)
+    assert error is not None
+    assert error.message == (
+        "no providers for f.bin (nobody served it for 60 s: 1 listed, none could be reached)"
+    )
+    assert "relay" in error.hint
+
+
 def test_a_peer_that_serves_keeps_the_download_alive_and_its_ban_is_counted() -> None:
     swarm = make(pieces=2)
     connect(swarm, A, B)

@@ -354,6 +354,14 @@ class Swarm:
             return None
         dropped = len(self.banned)
         why = f"; {dropped} dropped for bad data or protocol errors" if dropped else ""
+        if candidates and not self._sessions:
+            return FileShareError(
+                f"no providers for {self.name} (nobody served it for {timeout:g} s:"
+                f" {len(candidates)} listed, none could be reached{why})",
+                "a member behind a home router is reached through a relay: see `relays` in"
+                " its `dhtshare node status` (a bootstrap node started with --relay is one);"
+                " or try again later",
+            )
         return FileShareError(
             f"no providers for {self.name} (nobody served it for {timeout:g} s{why})",
             "try again later, when a member who holds the file is online",
