@@ -27,7 +27,8 @@ from dhtshare.dht.server import DhtNode
 from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
 from dhtshare.reach.aio.reachability import ReachabilityService
-from dhtshare.reach.autonat import Verdict
+from dhtshare.reach.autonat import ReachState, Verdict
+from dhtshare.records import AddressKind, PeerAddress
 from dhtshare.sim.network import loopback_host
 from dhtshare.wire.dialback import decode_dialback
 from dhtshare.wire.frames import FRAME_HEADER_SIZE, FrameType
@@ -370,6 +371,26 @@ async def test_a_node_on_its_own_address_finds_itself_public_and_says_so(tmp_pat
             assert status["reachability"] == "public"
             assert status["public_address"] == "{}:{}".format(*node.address)
             assert not node.dht.client_mode
+
+
+async def test_an_observed_address_is_published_as_direct_only_at_our_port(
+    tmp_path: Path,
+) -> None:
+    """Hostile test of issue 16, finding 1: a public node published whatever address
+    peers agreed on (a victim's web server at port 80) as a direct address."""
+    async with NodeCluster.running(tmp_path, own_hosts=True) as cluster:
+        node = await cluster.node("n0")
+        port = node.advertised[1]
+        assert port != 80
+        policy = node.reachability.policy
+        policy.state = ReachState(Verdict.PUBLIC, ("203.0.113.9", 80))
+        assert node.more_addresses() == node.relay_addresses()
+        assert node.public_ip() == "203.0.113.9"  # the address others saw, all the same
+        policy.state = ReachState(Verdict.PUBLIC, ("203.0.113.9", port))  # a forwarded port
+        direct = PeerAddress(AddressKind.DIRECT, "203.0.113.9", port)
+        assert node.more_addresses() == (direct, *node.relay_addresses())
+        policy.state = ReachState(Verdict.UNKNOWN, ("203.0.113.9", port))
+        assert node.more_addresses() == node.relay_addresses()  # not known public
 
 
 async def known(service: ReachabilityService) -> None:
