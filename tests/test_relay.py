@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import random
 import socket
 import struct
@@ -30,7 +32,7 @@ from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
 from dhtshare.reach.aio.relay import SPLICE_BUFFER, RelayKeeper, RelayServer, open_circuit
 from dhtshare.reach.autonat import ReachState, Verdict
-from dhtshare.reach.relaylimits import RelayLimits
+from dhtshare.reach.relaylimits import KeeperLimits, RelayLimits, renew_after
 from dhtshare.records import AddressKind
 from dhtshare.transfer.aio.peer import open_peer_on
 from dhtshare.transfer.aio.serve import PeerServer
@@ -41,6 +43,8 @@ from dhtshare.wire.frames import encode_frame
 from dhtshare.wire.relay import (
     RESERVE_PURPOSE,
     Accept,
+    Incoming,
+    Ready,
     RefuseCode,
     Refused,
     RelayMessage,
@@ -56,6 +60,16 @@ GROUP = bytes(range(32))
 RELAY_HOST = "127.0.16.1"
 PROVIDER_HOST = "127.0.16.2"
 WAIT = 10.0
+
+
+def signed_reserve(
+    me: Identity, relay: tuple[str, int], when: int | None = None, signer: Identity | None = None
+) -> Reserve:
+    """``me``'s ``Reserve`` addressed to ``relay`` (signed by ``signer``: default ``me``)."""
+    when = int(time.time()) if when is None else when
+    message = reserve_message(me.public, when, *relay)
+    sig = crypto.sign((signer or me).signing_key, RESERVE_PURPOSE, message)
+    return Reserve(me.public, when, *relay, sig)
 
 
 @dataclass
@@ -283,9 +297,7 @@ async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGrou
             sock.setblocking(False)
             held.append(sock)
             await loop.sock_connect(sock, relay.address)
-            when = int(time.time())
-            sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
-            await loop.sock_sendall(sock, relay_frame(Reserve(me.public, when, sig)))
+            await loop.sock_sendall(sock, relay_frame(signed_reserve(me, relay.address)))
             async with asyncio.timeout(WAIT):
                 reply = await loop.sock_recv(sock, 4096)
             answers.append(decode_relay(reply[5:]))
@@ -301,12 +313,11 @@ async def test_forged_reservation_is_refused(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg)
     loop = asyncio.get_running_loop()
     victim, forger = Identity.generate(), Identity.generate()
-    when = int(time.time())
-    sig = crypto.sign(forger.signing_key, RESERVE_PURPOSE, reserve_message(victim.public, when))
+    forged = signed_reserve(victim, relay.address, signer=forger)
     with socket.socket() as sock:
         sock.setblocking(False)
         await loop.sock_connect(sock, relay.address)
-        await loop.sock_sendall(sock, relay_frame(Reserve(victim.public, when, sig)))
+        await loop.sock_sendall(sock, relay_frame(forged))
         async with asyncio.timeout(WAIT):
             reply = decode_relay((await loop.sock_recv(sock, 4096))[5:])
     assert isinstance(reply, Refused) and reply.code == RefuseCode.BAD_REQUEST
@@ -457,18 +468,20 @@ async def no_progress(doc: dict[str, Any]) -> None:
 
 
 async def raw_reserve(
-    relay: tuple[str, int], me: Identity, source: str = "127.0.17.9"
+    relay: tuple[str, int],
+    me: Identity,
+    source: str = "127.0.17.9",
+    addressed: tuple[str, int] | None = None,
 ) -> tuple[socket.socket, RelayMessage]:
-    """A reservation made by hand: the socket holding it and the relay's answer."""
+    """A reservation made by hand: the socket holding it and the relay's answer
+    (``addressed``: the relay address the ``Reserve`` names, default ``relay``)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     try:
         sock.bind((source, 0))
         sock.setblocking(False)
         await loop.sock_connect(sock, relay)
-        when = int(time.time())
-        sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
-        await loop.sock_sendall(sock, relay_frame(Reserve(me.public, when, sig)))
+        await loop.sock_sendall(sock, relay_frame(signed_reserve(me, addressed or relay)))
         async with asyncio.timeout(WAIT):
             reply = await loop.sock_recv(sock, 4096)
     except BaseException:
@@ -515,6 +528,7 @@ async def test_keeper_renews_and_skips_relays_that_refuse(tg: asyncio.TaskGroup)
         lambda: [plain.address, relay.address],
         lambda s, _: s.close(),
         on_change=changed.set,
+        limits=KeeperLimits(min_renew=0.0),  # renew every half ttl, however short
     )
     tg.create_task(keeper.run(), name="relaytest-keeper")
     async with asyncio.timeout(WAIT):
@@ -587,8 +601,7 @@ async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.Tas
     loop = asyncio.get_running_loop()
     me = Identity.generate()
     when = int(time.time())
-    sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when))
-    frame = relay_frame(Reserve(me.public, when, sig))  # in the clear: anyone on path has it
+    frame = relay_frame(signed_reserve(me, relay.address, when))  # in the clear: on path
     answers = []
     with socket.socket() as first, socket.socket() as replay, socket.socket() as later:
         for sock, what in ((first, frame), (replay, frame)):
@@ -601,10 +614,9 @@ async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.Tas
         assert isinstance(answers[1], Refused) and answers[1].code == RefuseCode.BAD_REQUEST
         assert relay.relay.reservations == 1
         # the key's owner, reconnecting later, takes its reservation over
-        sig = crypto.sign(me.signing_key, RESERVE_PURPOSE, reserve_message(me.public, when + 1))
         later.setblocking(False)
         await loop.sock_connect(later, relay.address)
-        await loop.sock_sendall(later, relay_frame(Reserve(me.public, when + 1, sig)))
+        await loop.sock_sendall(later, relay_frame(signed_reserve(me, relay.address, when + 1)))
         async with asyncio.timeout(WAIT):
             assert isinstance(decode_relay((await loop.sock_recv(later, 4096))[5:]), Reserved)
             with contextlib.suppress(ConnectionResetError):
@@ -645,3 +657,318 @@ async def test_circuit_past_its_time_limit_is_cut(tg: asyncio.TaskGroup) -> None
         sock.close()
         far.close()
     assert relay.relay.stats["circuit.cut.limit"] == 1
+
+
+class FloodingRelay:
+    """A hostile relay: grants every ``Reserve``, then sends ``count`` ``Incoming`` at once
+    (each naming ``source``); it answers each ``Accept`` with ``Ready`` and holds it open."""
+
+    def __init__(self, count: int, source: tuple[str, int], ttl: int = 600) -> None:
+        self.count, self.source, self.ttl = count, source, ttl
+        self.reserves: list[float] = []  # when each Reserve arrived (loop time)
+        self.reserve_conns = 0
+        self.accepts = 0
+        self.got_reserve = asyncio.Event()
+        self._held: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._held.append(writer)
+        first = True
+        try:
+            while True:
+                head = await reader.readexactly(5)
+                msg = decode_relay(await reader.readexactly(int.from_bytes(head[:4], "big")))
+                if isinstance(msg, Accept):
+                    self.accepts += 1
+                    writer.write(relay_frame(Ready()))
+                    continue  # held open, never a byte more
+                assert isinstance(msg, Reserve)
+                self.reserves.append(asyncio.get_running_loop().time())
+                self.got_reserve.set()
+                self.reserve_conns += first
+                peer = writer.get_extra_info("peername")
+                writer.write(relay_frame(Reserved(self.ttl, peer[0], peer[1])))
+                if first:
+                    for _ in range(self.count):
+                        writer.write(relay_frame(Incoming(os.urandom(16), *self.source)))
+                first = False
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    def close(self) -> None:
+        for writer in self._held:
+            writer.close()
+
+
+async def test_keeper_bounds_the_circuits_of_a_relay_flooding_incoming(
+    tg: asyncio.TaskGroup,
+) -> None:
+    """A relay sending Incoming after Incoming gets at most ``circuits_per_relay`` circuits
+    (held open by an ``on_circuit`` that does not return), the rest are ignored, and the
+    relay is dropped and not tried again for ``drop_seconds``."""
+    fake = FloodingRelay(200, ("127.0.24.9", 5555))
+    server = await asyncio.start_server(fake.serve, "127.0.24.1", 0)
+    relay = server.sockets[0].getsockname()[:2]
+    held = asyncio.Event()  # never set: each circuit handed over stays with on_circuit
+    sources: list[tuple[str, int]] = []
+    polled, changed = asyncio.Event(), asyncio.Event()
+
+    async def on_circuit(sock: socket.socket, leftover: bytes, source: tuple[str, int]) -> None:
+        sources.append(source)
+        with sock:
+            await held.wait()
+
+    def candidates() -> list[tuple[str, int]]:
+        polled.set()
+        return [relay]
+
+    keeper = RelayKeeper(
+        Identity.generate(),
+        candidates,
+        on_circuit,
+        retry_after=0.0,  # a relay that merely failed is tried again at once
+        check_every=0.05,
+        on_change=changed.set,
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    try:
+        async with asyncio.timeout(WAIT):
+            while keeper.stats["drop.relay"] == 0:
+                changed.clear()
+                await changed.wait()
+            for _ in range(3):  # the keeper looks at its candidates again, and again
+                polled.clear()
+                await polled.wait()
+        assert keeper.relays == []
+        assert fake.reserve_conns == 1  # dropped, not retried
+        assert keeper.stats["drop.incoming"] >= KeeperLimits().max_strikes - 1
+        assert fake.accepts <= KeeperLimits().circuits_per_relay
+        assert len(sources) <= KeeperLimits().circuits_per_relay
+        assert set(sources) == {("127.0.24.9", 5555)}  # the source the relay reported
+    finally:
+        fake.close()
+        server.close()
+
+
+async def test_keeper_renews_no_faster_than_its_floor(tg: asyncio.TaskGroup) -> None:
+    """A relay naming a zero ttl does not make the keeper sign Reserve after Reserve."""
+    fake = FloodingRelay(0, ("127.0.24.9", 1), ttl=0)
+    server = await asyncio.start_server(fake.serve, "127.0.24.2", 0)
+    relay = server.sockets[0].getsockname()[:2]
+    keeper = RelayKeeper(
+        Identity.generate(),
+        lambda: [relay],
+        lambda s, _: s.close(),
+        limits=KeeperLimits(min_renew=0.3),
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    try:
+        async with asyncio.timeout(WAIT):
+            while len(fake.reserves) < 3:
+                fake.got_reserve.clear()
+                await fake.got_reserve.wait()
+        gaps = [b - a for a, b in zip(fake.reserves, fake.reserves[1:], strict=False)]
+        assert min(gaps) >= 0.29
+        assert fake.reserve_conns == 1
+    finally:
+        fake.close()
+        server.close()
+    assert renew_after(0, KeeperLimits()) == 60.0  # the default floor
+
+
+async def test_on_circuit_gets_the_downloaders_address(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg)
+    target = Identity.generate()
+    got: asyncio.Queue[tuple[socket.socket, tuple[str, int]]] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target,
+        lambda: [relay.address],
+        lambda s, _, source: got.put_nowait((s, source)),
+        on_change=changed.set,
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    sock, _ = await open_circuit(relay.address, target.public, local="127.0.24.7")
+    with sock:
+        async with asyncio.timeout(WAIT):
+            far, source = await got.get()
+        far.close()
+        assert source == sock.getsockname()[:2] == ("127.0.24.7", sock.getsockname()[1])
+
+
+async def wait_closed(sock: socket.socket) -> None:
+    """Until the far end closes or resets ``sock`` (whatever it sends is read and dropped)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionResetError):
+        while await loop.sock_recv(sock, 4096):
+            pass
+
+
+async def test_idle_circuit_is_cut(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(circuit_idle=0.3))
+    loop = asyncio.get_running_loop()
+    sock, far = await reserved_circuit(tg, relay)
+    try:
+        for _ in range(3):  # traffic keeps it open past the idle time
+            await loop.sock_sendall(sock, b"ping")
+            async with asyncio.timeout(WAIT):
+                assert await loop.sock_recv(far, 16) == b"ping"
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await loop.sock_recv(far, 16)
+        started = loop.time()
+        async with asyncio.timeout(WAIT):
+            await wait_closed(sock)
+            await wait_closed(far)
+        assert 0.05 <= loop.time() - started < 2.0
+    finally:
+        sock.close()
+        far.close()
+    assert relay.relay.stats["circuit.cut.idle"] == 1
+    assert relay.relay.circuits == 0
+
+
+async def test_half_closed_circuit_is_cut(tg: asyncio.TaskGroup) -> None:
+    """One end ends its side; the other (never closing) keeps the circuit
+    ``half_close_seconds`` at most, even while it still sends."""
+    relay = await start_relay(tg, RelayLimits(half_close_seconds=0.3))
+    loop = asyncio.get_running_loop()
+    sock, far = await reserved_circuit(tg, relay)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        started = loop.time()
+        async with asyncio.timeout(WAIT):
+            assert await loop.sock_recv(far, 16) == b""  # the EOF went through
+            await loop.sock_sendall(far, b"still here")
+            assert await loop.sock_recv(sock, 16) == b"still here"  # half-close works
+            await wait_closed(sock)
+        assert 0.25 <= loop.time() - started < 2.0
+    finally:
+        sock.close()
+        far.close()
+    assert relay.relay.stats["circuit.cut.half_closed"] == 1
+    assert relay.relay.circuits == 0
+
+
+async def test_one_downloader_source_cannot_take_every_circuit(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(tg, RelayLimits(max_circuits_per_source=2))
+    target = Identity.generate()
+    circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target, lambda: [relay.address], lambda s, _: circuits.put_nowait(s), on_change=changed.set
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        await changed.wait()
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            opened.append((await open_circuit(relay.address, target.public, local="127.0.25.1"))[0])
+        with pytest.raises(ProtocolError, match="refused the circuit: limit"):
+            await open_circuit(relay.address, target.public, local="127.0.25.1")
+        opened.append((await open_circuit(relay.address, target.public, local="127.0.25.2"))[0])
+        async with asyncio.timeout(WAIT):  # the target's ends of the three
+            for _ in range(3):
+                opened.append(await circuits.get())
+    finally:
+        for sock in opened:
+            sock.close()
+    assert relay.relay.stats["refuse.limit"] == 1
+
+
+async def test_one_holder_source_cannot_take_every_circuit(tg: asyncio.TaskGroup) -> None:
+    """Circuits to all the reservations held from one source count together."""
+    relay = await start_relay(tg, RelayLimits(max_circuits_per_holder=2))
+    keys = [Identity.generate() for _ in range(3)]
+    held = [await raw_reserve(relay.address, k, source="127.0.25.10") for k in keys[:2]]
+    held.append(await raw_reserve(relay.address, keys[2], source="127.0.25.11"))
+    loop = asyncio.get_running_loop()
+    pending = []
+    try:
+        assert all(isinstance(answer, Reserved) for _, answer in held)
+        # the holders never accept: each Connect waits, holding its slot meanwhile
+        for n, k in enumerate(keys[:2]):
+            pending.append(
+                asyncio.ensure_future(
+                    open_circuit(relay.address, k.public, local=f"127.0.25.{20 + n}")
+                )
+            )
+        async with asyncio.timeout(WAIT):
+            for sock, _ in held[:2]:  # each got its Incoming: both circuits are counted
+                assert (await loop.sock_recv(sock, 4096))[4] == FrameType.RELAY
+        with pytest.raises(ProtocolError, match="refused the circuit: limit"):
+            await open_circuit(relay.address, keys[0].public, local="127.0.25.30")
+        pending.append(
+            asyncio.ensure_future(open_circuit(relay.address, keys[2].public, local="127.0.25.31"))
+        )
+        async with asyncio.timeout(WAIT):  # another holder's key still gets one
+            assert (await loop.sock_recv(held[2][0], 4096))[4] == FrameType.RELAY
+    finally:
+        for task in pending:
+            task.cancel()
+        for sock, _ in held:
+            sock.close()
+    assert relay.relay.stats["refuse.limit"] == 1
+
+
+async def test_reservations_from_one_network_are_capped(tg: asyncio.TaskGroup) -> None:
+    relay = await start_relay(
+        tg, RelayLimits(max_reservations_per_source=4, max_reservations_per_network=3)
+    )
+    held = []
+    try:
+        for n in range(4):
+            held.append(await raw_reserve(relay.address, Identity.generate(), f"127.0.26.{n + 1}"))
+        held.append(await raw_reserve(relay.address, Identity.generate(), "127.0.27.1"))
+        answers = [type(answer) for _, answer in held]
+    finally:
+        for sock, _ in held:
+            sock.close()
+    assert answers == [Reserved, Reserved, Reserved, Refused, Reserved]
+
+
+async def test_a_reserve_for_another_relay_is_refused(tg: asyncio.TaskGroup) -> None:
+    """A relay the node uses cannot replay the node's Reserve to another relay: the
+    signature covers the relay's address, and a relay takes only its own."""
+    relay = await start_relay(tg)
+    me = Identity.generate()
+    elsewhere = ("127.0.28.1", 4601)  # the relay the Reserve was meant for
+    sock, answer = await raw_reserve(relay.address, me, addressed=elsewhere)
+    sock.close()
+    assert isinstance(answer, Refused) and answer.code == RefuseCode.BAD_REQUEST
+    assert "another relay" in answer.text
+    # the same address with the signature changed to name this relay: a bad signature
+    forged = dataclasses.replace(
+        signed_reserve(me, elsewhere), host=relay.address[0], port=relay.address[1]
+    )
+    loop = asyncio.get_running_loop()
+    with socket.socket() as raw:
+        raw.setblocking(False)
+        await loop.sock_connect(raw, relay.address)
+        await loop.sock_sendall(raw, relay_frame(forged))
+        async with asyncio.timeout(WAIT):
+            reply = decode_relay((await loop.sock_recv(raw, 4096))[5:])
+    assert isinstance(reply, Refused) and reply.text == "bad signature"
+    assert relay.relay.reservations == 0
+
+
+async def test_a_reserve_for_an_own_address_is_accepted(tg: asyncio.TaskGroup) -> None:
+    """Behind a forwarded port the node's address (``own_addresses``) is not the socket's."""
+    public = ("203.0.113.5", 4000)
+    server = PeerServer(Identity.generate(), RELAY_HOST, shares=ShareRegistry(lambda g, k: False))
+    relay = RelayServer(own_addresses=lambda: [public])
+    server.relay_handler = relay.handle
+    await server.start()
+    tg.create_task(server.serve(), name="relaytest-relay")
+    await server.serving.wait()
+    sock, answer = await raw_reserve(server.address, Identity.generate(), addressed=public)
+    sock.close()
+    assert isinstance(answer, Reserved)
+    sock, answer = await raw_reserve(
+        server.address, Identity.generate(), addressed=("203.0.113.5", 4001)
+    )
+    sock.close()
+    assert isinstance(answer, Refused)

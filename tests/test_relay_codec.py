@@ -28,7 +28,8 @@ from dhtshare.wire.relay import (
 KEY = bytes(range(32))
 CIRCUIT = bytes(range(100, 116))
 MESSAGES: list[RelayMessage] = [
-    Reserve(KEY, 1_700_000_000, bytes(64)),
+    Reserve(KEY, 1_700_000_000, "203.0.113.9", 4000, bytes(64)),
+    Reserve(KEY, 0, "2001:db8::7", 1, bytes(64)),
     Reserved(600, "203.0.113.7", 40000),
     Reserved(0, "2001:db8::1", 65535),
     Refused(RefuseCode.NO_RESERVATION),

@@ -5,9 +5,11 @@ bytes (under the pre-handshake frame limit). Addresses are ``u8 length`` (4 or 1
 raw IP bytes, ``u16 port``. ``decode_relay`` is strict (every byte consumed) and the one
 place where ``DecodeError`` and bad field values become ``RemoteProtocolError``.
 
-- ``Reserve(key, time, signature)``: a private node asks for a reservation on the TCP
-  connection it keeps open; ``signature`` is its key's over ``reserve_message(key, time)``
-  (purpose ``RESERVE_PURPOSE``), so nobody reserves in another key's name.
+- ``Reserve(key, time, host, port, signature)``: a private node asks for a reservation on
+  the TCP connection it keeps open; ``host:port`` is the relay's address as the node
+  dialled it, and ``signature`` is its key's over ``reserve_message(key, time, host, port)``
+  (purpose ``RESERVE_PURPOSE``), so nobody reserves in another key's name, and a relay
+  cannot replay the request to another relay (which accepts only its own address).
 - ``Reserved(ttl, host, port)``: granted for ``ttl`` seconds; the address the relay saw.
 - ``Refused(code, text)``: no (``RefuseCode``), to a ``Reserve`` or a ``Connect``.
 - ``Connect(target_key)``: a downloader asks for a circuit to the holder of ``target_key``.
@@ -92,6 +94,8 @@ class RefuseCode(IntEnum):
 class Reserve:
     key: bytes
     time: int
+    host: str  # the relay, as the node dialled it
+    port: int
     signature: bytes
 
     def __post_init__(self) -> None:
@@ -101,6 +105,7 @@ class Reserve:
             raise ValueError(f"signature must be {SIGNATURE_SIZE} bytes")
         if not 0 <= self.time < 1 << 64:
             raise ValueError("time out of range")
+        check_address(self.host, self.port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,17 +170,22 @@ class Ready:
 RelayMessage: TypeAlias = Reserve | Reserved | Refused | Connect | Incoming | Accept | Ready
 
 
-def reserve_message(key: bytes, time: int) -> bytes:
-    """What a ``Reserve`` signature covers."""
-    return bytes(key) + _RESERVE_TIME.pack(time)
+def reserve_message(key: bytes, time: int, host: str, port: int) -> bytes:
+    """What a ``Reserve`` signature covers: the key, the time and the relay's address
+    (encoded as on the wire)."""
+    w = Writer()
+    push_address(w, host, port)
+    return bytes(key) + _RESERVE_TIME.pack(time) + w.getvalue()
 
 
 def encode_relay(msg: RelayMessage) -> bytes:
     """The payload of a RELAY frame carrying ``msg``."""
     w = Writer()
     match msg:
-        case Reserve(key, time, signature):
-            w.push_u8(RelayKind.RESERVE).push_bytes(key).push_u64(time).push_bytes(signature)
+        case Reserve(key, time, host, port, signature):
+            w.push_u8(RelayKind.RESERVE).push_bytes(key).push_u64(time)
+            push_address(w, host, port)
+            w.push_bytes(signature)
         case Reserved(ttl, host, port):
             w.push_u8(RelayKind.RESERVED).push_u32(ttl)
             push_address(w, host, port)
@@ -210,8 +220,9 @@ def decode_relay(payload: bytes | bytearray | memoryview) -> RelayMessage:
         msg: RelayMessage
         match kind:
             case RelayKind.RESERVE:
-                key = r.pull_bytes(PUBLIC_KEY_SIZE)
-                msg = Reserve(key, r.pull_u64(), r.pull_bytes(SIGNATURE_SIZE))
+                key, when = r.pull_bytes(PUBLIC_KEY_SIZE), r.pull_u64()
+                host, port = pull_address(r)
+                msg = Reserve(key, when, host, port, r.pull_bytes(SIGNATURE_SIZE))
             case RelayKind.RESERVED:
                 ttl = r.pull_u32()
                 msg = Reserved(ttl, *pull_address(r))

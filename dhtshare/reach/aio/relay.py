@@ -3,26 +3,33 @@
 ``RelayServer`` takes over the connections whose first frame is ``RELAY`` (it is a
 ``PeerServer.relay_handler``):
 
-- ``Reserve`` (signed by the key it names, its time within ``RESERVE_SKEW`` of ours): a
-  reservation, held while that connection stays open and is renewed before its ttl runs out
-  (``RelayBook`` admits it); a reservation of the same key on a new connection replaces
-  the held one only if its time is later (so a replayed ``Reserve`` cannot);
+- ``Reserve`` (signed by the key it names, its time within ``RESERVE_SKEW`` of ours, naming
+  one of our own addresses: the connection's local address or one of ``own_addresses()``,
+  so a ``Reserve`` sent to another relay cannot be replayed here): a reservation, held
+  while that connection stays open and is renewed before its ttl runs out (``RelayBook``
+  admits it); a reservation of the same key on a new connection replaces the held one
+  only if its time is later (so a replayed ``Reserve`` cannot);
 - ``Connect(key)``: the relay sends ``Incoming`` on ``key``'s reservation connection and
   waits (``accept_timeout``) for a connection whose first frame is ``Accept`` with that
   circuit id; then ``Ready`` to both, and from the next byte it splices the two sockets:
   two ``BufferedProtocol`` s write each read (up to ``SPLICE_BUFFER`` bytes) straight into
   the other's transport, pausing a side's reading while the other's write buffer is full;
-  no task per byte. A circuit is cut at ``circuit_bytes`` or ``circuit_seconds``.
-  Otherwise ``Refused``: no reservation, a limit, or a target that did not accept.
+  no task per byte. A circuit is cut at ``circuit_bytes`` or ``circuit_seconds``, after
+  ``circuit_idle`` seconds with no byte either way, and ``half_close_seconds`` after one
+  end ended its side. Otherwise ``Refused``: no reservation, a limit, or a target that
+  did not accept.
 
 The relay reads only the control frames; what follows ``Ready`` is the two ends' business
 (their peer handshake is end-to-end encrypted).
 
 ``RelayKeeper`` runs on a private node: it holds reservations at up to ``max_relays`` of
-the candidates it is given (public DHT contacts: TCP to the UDP port number), renews them,
-and answers ``Incoming`` by opening the circuit (``Accept``, wait for ``Ready``) and handing
-``(socket, bytes read past Ready)`` to ``on_circuit`` (``PeerServer.adopt``, or the punch).
-``open_circuit`` is the downloader's side.
+the candidates it is given (public DHT contacts: TCP to the UDP port number), renews them
+(no more often than ``KeeperLimits.min_renew``), and answers ``Incoming`` by opening the
+circuit (``Accept``, wait for ``Ready``) and handing ``(socket, bytes read past Ready,
+the downloader's address as the relay reported it)`` to ``on_circuit`` (the punch, or
+``PeerServer.adopt``). Each relay's ``Incoming`` pass an ``IncomingGate`` (a few circuits
+at once, a rate); a relay that keeps sending more is dropped and not tried again for
+``KeeperLimits.drop_seconds``. ``open_circuit`` is the downloader's side.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import ipaddress
 import logging
 import os
 import socket
@@ -40,7 +48,15 @@ from typing import Any
 from dhtshare import crypto
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
-from dhtshare.reach.relaylimits import RelayBook, RelayLimits
+from dhtshare.reach.relaylimits import (
+    CircuitSlot,
+    IncomingGate,
+    KeeperLimits,
+    RelayBook,
+    RelayLimits,
+    Verdict,
+    renew_after,
+)
 from dhtshare.stats import Counters
 from dhtshare.transfer.aio.serve import handshake_source
 from dhtshare.wire.frames import FRAME_HEADER_SIZE, FrameType
@@ -67,6 +83,7 @@ __all__ = [
     "MAX_OPENING",
     "RESERVE_SKEW",
     "SPLICE_BUFFER",
+    "OnCircuit",
     "RelayKeeper",
     "RelayServer",
     "open_circuit",
@@ -170,6 +187,17 @@ def _ip_literal(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host.split("%", 1)[0]
 
 
+def _same_address(host: str, port: int) -> tuple[str, int]:
+    """``host:port`` in one spelling (IPv4-mapped IPv6 as IPv4), to compare addresses."""
+    try:
+        ip = ipaddress.ip_address(_ip_literal(host))
+    except ValueError:
+        return host, port
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), port
+
+
 # ---- splicing -----------------------------------------------------------------------
 
 
@@ -210,8 +238,10 @@ class _Pipe(asyncio.BufferedProtocol):
         out = self.other.transport
         if self.other.eof:
             self.circuit.close()
-        elif not out.is_closing() and out.can_write_eof():
-            out.write_eof()
+        else:
+            if not out.is_closing() and out.can_write_eof():
+                out.write_eof()
+            self.circuit.half_closed()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -219,7 +249,8 @@ class _Pipe(asyncio.BufferedProtocol):
 
 
 class _Circuit:
-    """Two spliced transports, cut by the relay's byte and time limits."""
+    """Two spliced transports, cut by the relay's byte and time limits (``circuit_deadline``:
+    its age, idleness, an end's half-close; times on the loop's clock)."""
 
     def __init__(
         self,
@@ -231,7 +262,12 @@ class _Circuit:
         self.relay = relay
         self.bytes = 0
         self.started = relay.clock()
-        self.done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._began = self._active = loop.time()
+        self._half_closed: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.done = loop.create_future()
         self._lost: set[_Pipe] = set()
         self.a, self.b = _Pipe(self, a.transport), _Pipe(self, b.transport)
         self.a.other, self.b.other = self.b, self.a
@@ -247,11 +283,29 @@ class _Circuit:
                 pipe.eof_received()
             else:
                 pipe.transport.resume_reading()
-        limit = relay.limits.circuit_seconds
-        self._timer = asyncio.get_running_loop().call_later(limit, self.cut, "limit")
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """(Re)arm the timer for the earliest time limit; cut if it has passed."""
+        if self.done.done():
+            return
+        when, why = self.relay.book.circuit_deadline(self._began, self._active, self._half_closed)
+        if when <= self._loop.time():
+            self.cut(why)
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._schedule)
+
+    def half_closed(self) -> None:
+        """One end ended its side (or its connection): the other has a little while."""
+        if self._half_closed is None:
+            self._half_closed = self._loop.time()
+            self._schedule()
 
     def carried(self, nbytes: int, data: bytes | memoryview) -> None:
         self.bytes += nbytes
+        self._active = self._loop.time()
         if self.relay.tap is not None:
             self.relay.tap(bytes(data))
         if self.relay.book.circuit_over(self.bytes, self.started, self.relay.clock()):
@@ -269,7 +323,6 @@ class _Circuit:
             pipe.transport.close()
 
     def abort(self) -> None:
-        self._timer.cancel()
         for pipe in (self.a, self.b):
             pipe.transport.abort()
         self._finish()
@@ -279,9 +332,12 @@ class _Circuit:
         pipe.other.transport.close()  # flushes what it still has to write
         if len(self._lost) == 2:
             self._finish()
+        else:
+            self.half_closed()  # the flush gets ``half_close_seconds``
 
     def _finish(self) -> None:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if not self.done.done():
             self.done.set_result(None)
 
@@ -292,17 +348,22 @@ class _Circuit:
 class RelayServer:
     """Grants reservations and splices circuits (the module doc); ``handle`` is a
     ``PeerServer.relay_handler``. ``tap`` (tests only) sees every byte a circuit forwards.
-    ``clock`` is wall-clock seconds (a ``Reserve`` carries unix time)."""
+    ``clock`` is wall-clock seconds (a ``Reserve`` carries unix time). A ``Reserve`` must
+    name the address its connection reached (the local address) or one of
+    ``own_addresses()`` (e.g. the node's verified public address, when a NAT forwards a
+    port to it)."""
 
     def __init__(
         self,
         limits: RelayLimits | None = None,
         *,
         clock: Callable[[], float] = time.time,
+        own_addresses: Callable[[], Iterable[tuple[str, int]]] | None = None,
     ) -> None:
         self.limits = limits or RelayLimits()
         self.book = RelayBook(self.limits)
         self.clock = clock
+        self.own_addresses = own_addresses
         self.stats = Counters()
         self.tap: Callable[[bytes], None] | None = None
         self._holders: dict[bytes, _Control] = {}  # key -> its reservation connection
@@ -352,17 +413,38 @@ class RelayServer:
         ctl.send(Refused(code, text))
         ctl.close()
 
-    def _valid(self, msg: Reserve) -> bool:
-        fresh = abs(msg.time - self.clock()) <= RESERVE_SKEW
-        signed = crypto.verify(
-            msg.key, RESERVE_PURPOSE, reserve_message(msg.key, msg.time), msg.signature
-        )
-        return fresh and signed
+    def _ours(self, ctl: _Control, host: str, port: int) -> bool:
+        """Whether ``host:port`` is this relay: where ``ctl`` connected, or an own address."""
+        wanted = _same_address(host, port)
+        assert ctl.transport is not None
+        local = ctl.transport.get_extra_info("sockname")
+        if local and _same_address(str(local[0]), int(local[1])) == wanted:
+            return True
+        if self.own_addresses is None:
+            return False
+        try:
+            return any(_same_address(h, p) == wanted for h, p in self.own_addresses())
+        except Exception:  # a broken callback must not end the relay
+            log.exception("own_addresses failed")
+            return False
+
+    def _valid(self, ctl: _Control, msg: Reserve) -> str | None:
+        """Why ``msg`` is refused, or ``None``."""
+        if abs(msg.time - self.clock()) > RESERVE_SKEW:
+            return "clock skew"
+        signed = reserve_message(msg.key, msg.time, msg.host, msg.port)
+        if not crypto.verify(msg.key, RESERVE_PURPOSE, signed, msg.signature):
+            return "bad signature"
+        if not self._ours(ctl, msg.host, msg.port):
+            self.stats.incr("refuse.not_ours")
+            return "addressed to another relay"
+        return None
 
     def _grant(self, ctl: _Control, msg: Reserve, source: str) -> float | None:
         """Admit (or renew) ``msg``: its expiry, or ``None`` once refused (and closed)."""
-        if not self._valid(msg):
-            self._refuse(ctl, RefuseCode.BAD_REQUEST, "bad signature or clock skew")
+        why = self._valid(ctl, msg)
+        if why is not None:
+            self._refuse(ctl, RefuseCode.BAD_REQUEST, why)
             return None
         granted = self.book.reserve(msg.key, source, self.clock())
         if isinstance(granted, RefuseCode):
@@ -416,13 +498,14 @@ class RelayServer:
     async def _connect(self, ctl: _Control, target: bytes) -> None:
         assert ctl.transport is not None
         holder = self._holders.get(target)
-        refusal = self.book.open_circuit(target, self.clock())
-        if refusal is None and holder is None:  # booked but its connection is gone
-            self.book.close_circuit(target)
-            refusal = RefuseCode.NO_RESERVATION
-        if refusal is not None:
-            text = "no reservation" if refusal is RefuseCode.NO_RESERVATION else "limit"
-            self._refuse(ctl, refusal, text)
+        source = handshake_source(_peer_of(ctl.transport)[0])
+        slot = self.book.open_circuit(target, source, self.clock())
+        if isinstance(slot, CircuitSlot) and holder is None:  # booked but its connection is gone
+            self.book.close_circuit(slot)
+            slot = RefuseCode.NO_RESERVATION
+        if not isinstance(slot, CircuitSlot):
+            text = "no reservation" if slot is RefuseCode.NO_RESERVATION else "limit"
+            self._refuse(ctl, slot, text)
             return
         assert holder is not None
         circuit_id = os.urandom(CIRCUIT_ID_SIZE)
@@ -455,7 +538,7 @@ class RelayServer:
                 circuit.abort()
         finally:
             self._pending.pop(circuit_id, None)
-            self.book.close_circuit(target)
+            self.book.close_circuit(slot)
             if not spliced:  # refused, or the relay stops: neither end is left open
                 ctl.close()
                 if accepted.done() and not accepted.cancelled():
@@ -554,18 +637,46 @@ def _refusal_text(msg: Refused) -> str:
     return f"{name} ({msg.text})" if msg.text and msg.text != name else name
 
 
-OnCircuit = Callable[[socket.socket, bytes], Any]
+OnCircuit = Callable[[socket.socket, bytes, tuple[str, int]], Any]
+"""``on_circuit(sock, leftover, source)``: a circuit opened to us, the bytes read past
+``Ready``, and the downloader's address as the relay reported it (in ``Incoming``)."""
+
+
+def _with_source(
+    on_circuit: OnCircuit | Callable[[socket.socket, bytes], Any],
+) -> OnCircuit:
+    """``on_circuit`` as an ``OnCircuit``: one that takes only ``(sock, leftover)``, as
+    ``PeerServer.adopt`` does, is wrapped to ignore the source."""
+    try:
+        inspect.signature(on_circuit).bind(None, b"", ("", 0))
+    except TypeError:
+        two = on_circuit
+
+        def wrapped(sock: socket.socket, leftover: bytes, source: tuple[str, int]) -> Any:
+            return two(sock, leftover)  # type: ignore[call-arg]
+
+        return wrapped
+    except ValueError:  # no signature to inspect: assume the current one
+        pass
+    return on_circuit  # type: ignore[return-value]
+
+
+class _Flooded(Exception):
+    """A relay sent ``Incoming`` past its gate again and again."""
 
 
 class RelayKeeper:
     """Holds reservations at up to ``max_relays`` relays for a private node (module doc).
 
     ``candidates()`` lists relays to try, best first (public DHT contacts); a relay that
-    failed or refused is not tried again for ``retry_after`` seconds. ``relays`` is where
+    failed or refused is not tried again for ``retry_after`` seconds, one dropped for
+    flooding us with ``Incoming`` not for ``limits.drop_seconds``. ``relays`` is where
     reservations are held now; ``on_change()`` runs whenever that list changes.
-    ``on_circuit(sock, leftover)`` gets each circuit opened to us (it owns the socket; if
-    it returns an awaitable, that runs in the keeper's task group).
-    ``local`` is the address to connect from (default: the system's choice).
+    ``on_circuit(sock, leftover, source)`` gets each circuit opened to us (it owns the
+    socket; if it returns an awaitable, that runs in the keeper's task group, and the
+    circuit counts against its relay's ``limits.circuits_per_relay`` until it is done); a
+    callable of ``(sock, leftover)`` only, like ``PeerServer.adopt``, is called without
+    the source. ``local`` is the address to connect from (default: the system's choice).
     ``run()`` works until cancelled.
     """
 
@@ -573,7 +684,7 @@ class RelayKeeper:
         self,
         identity: Identity,
         candidates: Callable[[], Iterable[tuple[str, int]]],
-        on_circuit: OnCircuit,
+        on_circuit: OnCircuit | Callable[[socket.socket, bytes], Any],
         *,
         max_relays: int = 2,
         retry_after: float = 60.0,
@@ -581,20 +692,23 @@ class RelayKeeper:
         on_change: Callable[[], None] | None = None,
         local: str | None = None,
         clock: Callable[[], float] = time.time,
+        limits: KeeperLimits | None = None,
     ) -> None:
         self.identity = identity
         self.local = local
         self.candidates = candidates
-        self.on_circuit = on_circuit
+        self.on_circuit = _with_source(on_circuit)
         self.max_relays = max_relays
         self.retry_after = retry_after
         self.check_every = check_every
         self.on_change = on_change
         self.clock = clock
+        self.limits = limits or KeeperLimits()
         self.observed: dict[tuple[str, int], tuple[str, int]] = {}  # relay -> how it sees us
         self.stats = Counters()
         self._held: dict[tuple[str, int], asyncio.Task[None]] = {}
-        self._failed: dict[tuple[str, int], float] = {}  # relay -> monotonic time
+        self._retry_at: dict[tuple[str, int], float] = {}  # relay -> monotonic time
+        self._gates: dict[tuple[str, int], IncomingGate] = {}  # each relay's Incoming
         self._wake = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._opening = 0  # circuits being opened (Accept sent, Ready not yet read)
@@ -616,33 +730,38 @@ class RelayKeeper:
 
     def _fill(self, tg: asyncio.TaskGroup) -> None:
         now = time.monotonic()
-        for relay in [r for r, at in self._failed.items() if now - at >= self.retry_after]:
-            del self._failed[relay]
+        for relay in [r for r, at in self._retry_at.items() if now >= at]:
+            del self._retry_at[relay]
         for relay in self.candidates():
             if len(self._held) >= self.max_relays:
                 return
-            if relay in self._held or now - self._failed.get(relay, -1e9) < self.retry_after:
+            if relay in self._held or relay in self._retry_at:
                 continue
             self._held[relay] = tg.create_task(self._hold(relay))
 
-    def _reserve(self) -> Reserve:
-        key, when = self.identity.public, int(self.clock())
+    def _reserve(self, relay: tuple[str, int]) -> Reserve:
+        """A fresh ``Reserve`` for the relay we reached at ``relay`` (an IP literal)."""
+        (host, port), key, when = relay, self.identity.public, int(self.clock())
         signature = crypto.sign(
-            self.identity.signing_key, RESERVE_PURPOSE, reserve_message(key, when)
+            self.identity.signing_key, RESERVE_PURPOSE, reserve_message(key, when, host, port)
         )
-        return Reserve(key, when, signature)
+        return Reserve(key, when, host, port, signature)
 
     async def _hold(self, relay: tuple[str, int]) -> None:
         sock: socket.socket | None = None
+        retry = self.retry_after
         try:
             sock = await _connect_socket(relay, CONTROL_TIMEOUT, self.local)
             await self._keep(relay, sock)
+        except _Flooded:
+            retry = self.limits.drop_seconds
+            log.info("relay %s:%d sends too many circuits: dropped", *relay)
         except (OSError, ProtocolError, TimeoutError) as exc:
             log.debug("relay %s:%d: %s", *relay, exc)
         finally:
             if sock is not None:
                 sock.close()
-            self._failed[relay] = time.monotonic()
+            self._retry_at[relay] = max(self._retry_at.get(relay, 0.0), time.monotonic() + retry)
             self._held.pop(relay, None)
             if self.observed.pop(relay, None) is not None and self.on_change is not None:
                 self.on_change()
@@ -651,7 +770,9 @@ class RelayKeeper:
     async def _keep(self, relay: tuple[str, int], sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         buf = bytearray()
-        await loop.sock_sendall(sock, relay_frame(self._reserve()))
+        peer = sock.getpeername()  # the relay as we reached it: what our Reserve names
+        dialled = (_ip_literal(str(peer[0])), int(peer[1]))
+        await loop.sock_sendall(sock, relay_frame(self._reserve(dialled)))
         async with asyncio.timeout(CONTROL_TIMEOUT):
             msg = await _read_message(sock, buf)
         if not isinstance(msg, Reserved):
@@ -662,8 +783,11 @@ class RelayKeeper:
         self.observed[relay] = (msg.host, msg.port)
         if self.on_change is not None:
             self.on_change()
-        renew_at = time.monotonic() + msg.ttl / 2
+        renew_at = time.monotonic() + renew_after(msg.ttl, self.limits)
         renewing = False
+        gate = self._gates.get(relay)
+        if gate is None:
+            gate = self._gates[relay] = IncomingGate(self.limits, time.monotonic())
         assert self._tg is not None
         while True:
             wait = renew_at - time.monotonic()
@@ -675,38 +799,54 @@ class RelayKeeper:
             except TimeoutError:
                 if renewing:
                     raise ProtocolError("the relay did not renew the reservation") from None
-                await loop.sock_sendall(sock, relay_frame(self._reserve()))
+                await loop.sock_sendall(sock, relay_frame(self._reserve(dialled)))
                 renewing = True
                 continue
             match msg:
-                case Incoming(circuit_id):
-                    if self._opening >= MAX_OPENING:  # a relay flooding us with Incoming
+                case Incoming(circuit_id, host, port):
+                    verdict = gate.admit(time.monotonic())
+                    if verdict is Verdict.OPEN and self._opening >= MAX_OPENING:
+                        gate.done()
+                        verdict = Verdict.IGNORE
+                    if verdict is Verdict.DROP:
+                        self.stats.incr("drop.relay")
+                        raise _Flooded
+                    if verdict is Verdict.IGNORE:  # a relay flooding us with Incoming
                         self.stats.incr("drop.incoming")
                         continue
                     self._opening += 1
-                    self._tg.create_task(self._accept(relay, circuit_id))
+                    self._tg.create_task(self._accept(relay, gate, circuit_id, (host, port)))
                 case Reserved(ttl):
                     renewing = False
-                    renew_at = time.monotonic() + ttl / 2
+                    renew_at = time.monotonic() + renew_after(ttl, self.limits)
                 case _:
                     raise ProtocolError(f"the relay sent {type(msg).__name__}")
 
-    async def _accept(self, relay: tuple[str, int], circuit_id: bytes) -> None:
+    async def _accept(
+        self,
+        relay: tuple[str, int],
+        gate: IncomingGate,
+        circuit_id: bytes,
+        source: tuple[str, int],
+    ) -> None:
         """Open the circuit ``Incoming`` announced and hand it to ``on_circuit``."""
         try:
-            opened = await self._open(relay, circuit_id)
+            try:
+                opened = await self._open(relay, circuit_id)
+            finally:
+                self._opening -= 1
+            if opened is None:
+                return
+            sock, leftover = opened
+            self.stats.incr("circuit")
+            try:
+                handed = self.on_circuit(sock, leftover, source)
+                if inspect.isawaitable(handed):  # e.g. a hole punch over the circuit
+                    await handed
+            except Exception:  # one circuit's trouble must not end the reservation
+                log.exception("a circuit from relay %s:%d failed", *relay)
         finally:
-            self._opening -= 1
-        if opened is None:
-            return
-        sock, leftover = opened
-        self.stats.incr("circuit")
-        try:
-            handed = self.on_circuit(sock, leftover)
-            if inspect.isawaitable(handed):  # e.g. a hole punch over the circuit
-                await handed
-        except Exception:  # one circuit's trouble must not end the reservation
-            log.exception("a circuit from relay %s:%d failed", *relay)
+            gate.done()
 
     async def _open(
         self, relay: tuple[str, int], circuit_id: bytes
