@@ -336,3 +336,56 @@ def test_dial_back_limit_keeps_a_reserve_for_routing_table_contacts() -> None:
     assert lim.allow("203.0.113.3", 0.0, known=True)
     assert not lim.allow("203.0.113.4", 0.0, known=True)  # the reserve is spent too
     assert lim.allow("203.0.113.4", 10.0, known=True)
+
+
+# A home: we are 192.168.1.2 on our LAN, our router is 198.51.100.7 to the outside.
+HOME = ("192.168.1.2", 4001)
+MATE = ("192.168.1.3", 4001)  # a LAN-mate
+NAT = ("198.51.100.7", 31000)
+
+
+def at_home(*peers: tuple[tuple[str, int], bytes]) -> ReachRound:
+    r = ReachRound(100.0, own=frozenset({HOME}))
+    for peer, nonce in peers:
+        r.ask(peer, nonce)
+    return r
+
+
+def test_a_lan_mates_dial_back_says_nothing_about_the_outside() -> None:
+    """The LAN-mate confirms across the LAN; the one peer outside (a bootstrap node) saw
+    our router and its dial-back never came: private, with no address agreed."""
+    r = at_home((MATE, N1), (A, N2))
+    r.answered(MATE, HOME, True, 0.001, 100.0)
+    r.answered(A, NAT, True, 0.02, 100.02)
+    r.arrived(N1, False, ("192.168.1.3", 50000))
+    r.arrived(N1, True, ("192.168.1.3", 50001))
+    assert r.verdict(100.5) is None  # waiting for A's dial-back
+    assert r.verdict(101.02) is Verdict.PRIVATE
+    assert r.observed() is None  # one network saw NAT: not enough to name it
+
+
+def test_one_peer_that_saw_a_nat_and_never_dialled_through_is_enough() -> None:
+    r = at_home((A, N1))
+    r.answered(A, NAT, True, 0.02, 100.02)
+    assert r.verdict(101.02) is Verdict.PRIVATE
+
+
+def test_one_peer_that_saw_our_own_address_and_never_dialled_is_not_enough() -> None:
+    """A public node (seen at its own address) with one peer: rate limited, say."""
+    r = ReachRound(100.0, own=frozenset({ME}))
+    r.ask(A, N1)
+    r.answered(A, ME, True, 0.02, 100.02)
+    assert r.verdict(101.02) is Verdict.UNKNOWN
+
+
+def test_a_liar_naming_another_address_cannot_hide_an_honest_confirmation() -> None:
+    """A peer outside our network that saw our own address is not a LAN-mate: its
+    confirmation counts, whatever a liar says it saw."""
+    r = ReachRound(100.0, own=frozenset({ME}))
+    r.ask(A, N1)
+    r.ask(B, N2)
+    r.answered(A, ("192.0.2.66", 80), True, 0.02, 100.02)  # the liar
+    r.answered(B, ME, True, 0.02, 100.02)
+    r.arrived(N2, False, ("10.0.2.2", 50000))
+    r.arrived(N2, True, ("10.0.2.2", 50001))
+    assert r.verdict(100.03) is Verdict.PUBLIC

@@ -19,8 +19,13 @@ Verdict of one round (``ReachRound.verdict``):
   address confirmed (a confirmation counts only for the address its peer reported); or
   there is no observed address and some peer confirmed (reachable, address not agreed);
 - ``PRIVATE``: the dial-back deadline passed, at least ``min_private`` peers answered
-  that they were dialing, and none confirmed;
+  that they were dialing (or one, if every dialing peer saw us at an address not our
+  own: a NAT between), and none confirmed;
 - ``UNKNOWN``: the deadline passed without either (too few peers, none dialing).
+
+Peers on our own LAN (in our network, seeing us at one of our own addresses) are left
+out once a peer outside answered: they can dial us across the LAN, which says nothing
+about the outside (``ReachRound._counted``).
 
 The deadline is the last answer's time plus ``dialback_wait(rtt)`` of the slowest
 answering peer. ``Reachability`` keeps the node's verdict across rounds and says when
@@ -183,12 +188,26 @@ class ReachRound:
         """Every address some answering peer saw us at."""
         return {a.observed for a in self._asked.values() if a.observed is not None}
 
+    def _counted(self) -> list[_Asked]:
+        """The peers whose view counts. A LAN peer (in our own network, seeing us at one of
+        our own addresses) says nothing about the outside: once a peer outside our network
+        answered, LAN peers are left out (a LAN-mate would confirm a dial-back across the
+        LAN, and keep a node behind a router from ever being found private)."""
+        lan = {network_of(host) for host, _ in self.own}
+        entries = list(self._asked.values())
+
+        def on_lan(a: _Asked) -> bool:
+            return a.observed in self.own and network_of(a.peer[0]) in lan
+
+        outside = [a for a in entries if a.observed is not None and not on_lan(a)]
+        return [a for a in entries if not on_lan(a)] if outside else entries
+
     def observed(self) -> Address | None:
         """The address seen from the most networks, or None: nobody answered, another
         address ties with it, or fewer than ``MIN_NETWORKS`` networks saw it (unless it
         is one of ``own``)."""
         networks: dict[Address, set[str]] = {}
-        for a in self._asked.values():
+        for a in self._counted():
             if a.observed is not None:
                 networks.setdefault(a.observed, set()).add(network_of(a.peer[0]))
         if not networks:
@@ -203,7 +222,7 @@ class ReachRound:
     def refuting_networks(self) -> int:
         """Distinct networks of the peers that said they were dialing and did not confirm."""
         return len(
-            {network_of(a.peer[0]) for a in self._asked.values() if a.dialing and not a.confirmed}
+            {network_of(a.peer[0]) for a in self._counted() if a.dialing and not a.confirmed}
         )
 
     def varies(self) -> bool:
@@ -234,14 +253,18 @@ class ReachRound:
         if not self.settled:
             return None
         address = self.observed()
-        entries = list(self._asked.values())
+        entries = self._counted()
         if any(a.confirmed and (address is None or a.observed == address) for a in entries):
             return Verdict.PUBLIC
         if self._deadline is not None and now < self._deadline:
             return None
         dialing = [a for a in entries if a.dialing]
-        if len(dialing) >= self.min_private and not any(a.confirmed for a in dialing):
-            return Verdict.PRIVATE
+        if dialing and not any(a.confirmed for a in dialing):
+            # A peer that saw us at an address not ours saw a NAT between us: one such
+            # peer is enough (a network of home nodes may have one public node)
+            behind_nat = self.own and all(a.observed not in self.own for a in dialing)
+            if behind_nat or len(dialing) >= self.min_private:
+                return Verdict.PRIVATE
         return Verdict.UNKNOWN
 
 
