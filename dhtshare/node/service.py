@@ -514,6 +514,7 @@ class Node:
             return
         if await self.dht.bootstrap(list(self.config.bootstrap)):
             log.info("joined the DHT again through %s", _addresses(list(self.config.bootstrap)))
+            self.reachability.retest()  # the network around us may have changed
             await self.dht.republish_all()
 
     def _membership(self) -> dict[bytes, dict[bytes, str]]:
