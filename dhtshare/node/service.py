@@ -125,6 +125,7 @@ class Node:
         )
         self._keeping: asyncio.Task[Any] | None = None
         self._announced_more: tuple[PeerAddress, ...] = ()  # more_addresses last announced
+        self._warned_no_relay = False
         self.reachability.add_listener(self._reach_changed)
         self.downloads = DownloadManager(
             self.home,
@@ -361,6 +362,23 @@ class Node:
             log.info("roster of %s fresh again, serving it", self.groups.state.name_of(gid))
         self._reported_stale = set(stale)
 
+    def _report_no_relay(self) -> None:
+        """Warn once while we are private and hold no relay: nobody outside our network
+        can reach us (the first maintenance round after the verdict leaves the keeper
+        time to find one)."""
+        stranded = (
+            self.reachability.state.verdict is Verdict.PRIVATE
+            and self._keeping is not None
+            and not self.relays
+        )
+        if stranded and not self._warned_no_relay:
+            log.warning(
+                "behind a router and no relay holds a reservation for us: members outside"
+                " this network cannot download from us (a bootstrap node started with"
+                " --relay, or a public member, relays)"
+            )
+        self._warned_no_relay = stranded
+
     async def _refresh_quietly(self, group_id: bytes) -> None:
         with contextlib.suppress(DhtshareError):
             await self.groups.refresh(group_id)
@@ -504,6 +522,7 @@ class Node:
             log.warning("maintenance: %s", exc)
         self._log_membership()
         self._report_stale()
+        self._report_no_relay()
         self.save_state()
 
     async def _rejoin_if_alone(self) -> None:
