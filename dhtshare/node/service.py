@@ -126,6 +126,7 @@ class Node:
         self._keeping: asyncio.Task[Any] | None = None
         self._announced_more: tuple[PeerAddress, ...] = ()  # more_addresses last announced
         self._warned_no_relay = False
+        self._readdressing = asyncio.Lock()
         self.reachability.add_listener(self._reach_changed)
         self.downloads = DownloadManager(
             self.home,
@@ -204,7 +205,10 @@ class Node:
         return self.keeper.relays
 
     def relay_addresses(self) -> tuple[PeerAddress, ...]:
-        """Our relays as provider-record addresses (``AddressKind.RELAY``)."""
+        """Our relays as provider-record addresses (``AddressKind.RELAY``); none once the
+        keeper is stopped (public), even while its reservations are still closing."""
+        if self._keeping is None:
+            return ()
         return tuple(PeerAddress(AddressKind.RELAY, host, port) for host, port in self.relays)
 
     def more_addresses(self) -> tuple[PeerAddress, ...]:
@@ -260,7 +264,8 @@ class Node:
 
     async def _readdress(self) -> None:
         try:
-            await self.files.readdress()
+            async with self._readdressing:  # one at a time: each compares with what is out
+                await self.files.readdress()
         except DhtshareError as exc:  # republishing carries the new addresses later
             log.warning("could not announce our new relays yet: %s", exc.message)
 
