@@ -624,6 +624,27 @@ async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.Tas
     assert relay.relay.stats["reserve"] == 2
 
 
+async def test_a_renewal_flood_on_one_connection_ends_it(tg: asyncio.TaskGroup) -> None:
+    """Each renewal costs a signature check: one sent too soon after the last ends the
+    connection, so one connection cannot keep the relay verifying."""
+    relay = await start_relay(tg)
+    loop = asyncio.get_running_loop()
+    me = Identity.generate()
+    sock, answer = await raw_reserve(relay.address, me)
+    with sock:
+        assert isinstance(answer, Reserved)
+        frame = relay_frame(signed_reserve(me, relay.address))
+        async with asyncio.timeout(WAIT):
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                for _ in range(1000):  # the relay hangs up long before this ends
+                    await loop.sock_sendall(sock, frame)
+            with contextlib.suppress(ConnectionResetError):
+                while await loop.sock_recv(sock, 4096):
+                    pass  # until the relay closed it
+    assert relay.relay.stats["drop.renewal"] == 1
+    assert relay.relay.stats["reserve.renewed"] == 0
+
+
 async def test_a_circuit_to_a_reader_that_stops_holds_little(tg: asyncio.TaskGroup) -> None:
     """Flow control: while the far end reads nothing, the relay stops reading the near end
     (its buffers stay near one splice read), so the sender blocks."""

@@ -94,6 +94,8 @@ log = logging.getLogger(__name__)
 SPLICE_BUFFER = 256 * 1024
 """Bytes one splice read may take (and the per-direction write buffer high mark)."""
 RESERVE_SKEW = 300.0
+RENEW_GAP = 30.0
+"""Seconds a renewal must come after the last one at least (less for a short lifetime)."""
 """How far a ``Reserve``'s time may be from the relay's clock (seconds)."""
 CONTROL_TIMEOUT = 10.0
 """How long either side waits for the other's next control frame (connect included)."""
@@ -472,6 +474,11 @@ class RelayServer:
         if old is not None:
             old.close()
         self.stats.incr("reserve")
+        # A renewal costs a signature check: it must be no older than the last one and come
+        # no sooner than a quarter of the lifetime (30 s at most) after it, else the
+        # connection ends (one connection could otherwise make us verify without end).
+        gap = min(RENEW_GAP, self.limits.reservation_ttl / 4)
+        renewed_at = self.clock()
         try:
             while True:
                 try:
@@ -482,6 +489,10 @@ class RelayServer:
                     return
                 if not isinstance(msg, Reserve) or msg.key != key:
                     return  # end of stream, or a message not allowed here
+                if msg.time < ctl.reserved_at or self.clock() - renewed_at < gap:
+                    self.stats.incr("drop.renewal")
+                    return
+                renewed_at = self.clock()
                 renewed = self._grant(ctl, msg, source)
                 if renewed is None:
                     return
