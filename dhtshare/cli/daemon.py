@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,10 @@ def run_bootstrap(
         node = await _open_bootstrap(path, host, port)
         held = node.load_records(state.held_records)
         relaying: asyncio.Task[None] | None = None
+        seen: set[tuple[str, int]] = set()  # where our contacts see us: what Reserves name
         try:
             if relay:
-                relaying = await _start_relay(host, node.address[1])
+                relaying = await _start_relay(host, node.address[1], seen.copy)
             if peers:
                 await node.bootstrap(list(peers))
             log.info(
@@ -205,6 +207,8 @@ def run_bootstrap(
                 plural(held, "record"),
             )
             while not stop.is_set():
+                if relay:
+                    seen.update(await _seen_at(node))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(60):
                         await stop.wait()
@@ -224,11 +228,24 @@ def run_bootstrap(
     asyncio.run(main())
 
 
-async def _start_relay(host: str, port: int) -> asyncio.Task[None]:
+async def _seen_at(node: DhtNode, asked: int = 3) -> set[tuple[str, int]]:
+    """The addresses a few contacts see us at (``reach``): behind a router that forwards
+    the port (a cloud server's 1:1 NAT), a Reserve names one of them, not our socket's."""
+    found: set[tuple[str, int]] = set()
+    for contact in node.contacts()[:asked]:
+        reply = await node.reach((str(contact.ip), int(contact.port)), os.urandom(16))
+        if reply is not None:
+            found.add((reply.host, reply.port))
+    return found
+
+
+async def _start_relay(
+    host: str, port: int, own: Callable[[], Iterable[tuple[str, int]]]
+) -> asyncio.Task[None]:
     """A relay on TCP ``host:port``: a peer server sharing nothing, whose RELAY connections
-    go to a ``RelayServer`` (the task serving it)."""
+    go to a ``RelayServer`` (the task serving it); ``own``: where others see us."""
     server = PeerServer(Identity.generate(), host, port, shares=ShareRegistry(lambda g, k: False))
-    server.relay_handler = RelayServer().handle
+    server.relay_handler = RelayServer(own_addresses=own).handle
     await server.start()
     log.info("relaying for private nodes on TCP %s:%d", *server.address)
     return asyncio.create_task(server.serve())

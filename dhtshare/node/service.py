@@ -114,7 +114,7 @@ class Node:
             dht, extra_peers=lambda: config.bootstrap, own=self._own_dht_addresses
         )
         # relays: we relay while public (unless --no-relay); we hold reservations while private
-        self.relay_server = RelayServer() if config.relay else None
+        self.relay_server = RelayServer(own_addresses=self._seen_public) if config.relay else None
         local = None if config.host in ("", "0.0.0.0", "::") else config.host
         self.keeper = RelayKeeper(
             identity,
@@ -203,6 +203,14 @@ class Node:
     def relays(self) -> list[tuple[str, int]]:
         """Relays holding a reservation for us now."""
         return self.keeper.relays
+
+    def _seen_public(self) -> list[tuple[str, int]]:
+        """Where others reach us, verified (a Reserve names it: a relay behind a router
+        that forwards the port is not reached at its socket's address)."""
+        state = self.reachability.state
+        if state.verdict is Verdict.PUBLIC and state.observed is not None:
+            return [state.observed]
+        return []
 
     def relay_addresses(self) -> tuple[PeerAddress, ...]:
         """Our relays as provider-record addresses (``AddressKind.RELAY``); none once the
