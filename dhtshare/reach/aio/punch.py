@@ -19,7 +19,7 @@ Both ends run this inside a fresh circuit, before any peer handshake
 Everything is bounded: each wait has a deadline, each side makes ``ATTEMPTS`` connects
 to each of at most ``MAX_TARGETS`` addresses (``reach/punch.punch_targets``: the offer is
 not trusted; the provider dials only the IP the relay saw the dialer come from), a target
-that refused a connect (a reset) is not tried again, and every socket this module opened
+that refused a connect twice (a reset) is not tried again, and every socket this module opened
 and did not hand over is closed.
 """
 
@@ -59,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+RESET_TRIES = 2
+"""Connects a target that answers with a reset gets in one punch."""
 
 FALLBACK_WAIT = 30.0
 """How long the provider keeps a circuit after its punch, for the dialer's fallback
@@ -197,7 +200,10 @@ async def _attempts(
     new_socket: NewSocket,
 ) -> socket.socket | None:
     """Connect from ``bind`` to ``target`` at each attempt time of ``schedule``, until
-    one connects or the target refuses (a reset: nobody punches there, so no more SYNs)."""
+    one connects or the target refused ``RESET_TRIES`` times (a router may answer our SYN
+    with a reset until the other side's has gone out: one more try; after that nobody
+    punches there, so no more SYNs)."""
+    refused = 0
     for k in range(schedule.attempts):
         wait = schedule.attempt_start(start, k) - clock()
         if wait > 0:
@@ -206,8 +212,11 @@ async def _attempts(
         try:
             sock = await _connect_once(bind, target, left, new_socket)
         except ConnectionRefusedError:
-            log.debug("punch: %s refused: not tried again", target)
-            return None
+            refused += 1
+            if refused >= RESET_TRIES:
+                log.debug("punch: %s refused %d times: not tried again", target, refused)
+                return None
+            continue
         if sock is not None:
             return sock
     return None
