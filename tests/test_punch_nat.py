@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support.netns import Topology, topology, unavailable
+from support.netns import Topology, sh, topology, unavailable
 
 from dhtshare.reach.aio.punch import NewSocket, bind_reusable, punch_as_dialer, punch_as_listener
 
@@ -132,3 +132,23 @@ async def test_a_public_dialer_gets_a_reverse_connection_even_from_a_random_port
     ok, _ = await punches(topo, "public", "rand", 10)
     print(f"public -> rand: {ok}/10 connected")
     assert ok >= 9
+
+
+async def test_routers_that_reset_unsolicited_syns_are_punched_too(topo: Topology) -> None:
+    """Some routers answer an unsolicited SYN with a reset instead of dropping it: the
+    first SYN to cross may meet one before the other side's SYN went out; the second
+    try gets through."""
+    rule = 'iifname "wan" tcp flags syn reject with tcp reset'
+    for router in ("r-keep1", "r-keep2"):
+        topo_nft(topo, router, f"add rule inet filter forward {rule}")
+    try:
+        ok, _ = await punches(topo, "keep1", "keep2", 10)
+    finally:
+        for router in ("r-keep1", "r-keep2"):
+            topo.set_nat(router[2:], "masquerade")  # the rules as they were
+    print(f"keep1 -> keep2 through resetting routers: {ok}/10 punched")
+    assert ok >= 9
+
+
+def topo_nft(topo: Topology, router: str, command: str) -> None:
+    sh("ip", "netns", "exec", topo.ns(router), "nft", *command.split())
