@@ -42,17 +42,6 @@ def test_a_long_round_trip_is_capped_or_not_worth_it() -> None:
     assert not PunchSchedule(3.5).worth_trying
 
 
-def test_next_attempt() -> None:
-    s = PunchSchedule(0.0)  # interval 0.25
-    assert s.next_attempt(10.0, 9.0) == 0
-    assert s.next_attempt(10.0, 10.0) == 0
-    assert s.next_attempt(10.0, 10.1) == 1
-    assert s.next_attempt(10.0, 10.25) == 1
-    assert s.next_attempt(10.0, 10.6) == 3
-    assert s.next_attempt(10.0, 10.8) is None
-    assert s.next_attempt(10.0, 11.0) is None
-
-
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="not negative"):
         PunchSchedule(-0.1)

@@ -171,7 +171,7 @@ class DownloadManager:
             bucket=None if self.bucket.unlimited else self.bucket,
             dial=dialer.dial if dialer is not None else None,
             upgrade=dialer.upgrade if dialer is not None else None,
-            upgrade_delay=upgrade_delay,
+            upgrade_delay=upgrade_delay if dialer is not None else None,
         )
         return Handle(info, out_dir, download)
 

@@ -106,18 +106,6 @@ class PunchSchedule:
         """When the whole punch is given up."""
         return start + self.attempts * self.interval
 
-    def next_attempt(self, start: float, now: float) -> int | None:
-        """The first attempt not begun before ``now`` (or the one running at ``now``
-        if it has not begun yet), ``None`` once the punch is over."""
-        if now >= self.deadline(start):
-            return None
-        if now <= start:
-            return 0
-        k = int((now - start) // self.interval)
-        if start + k * self.interval < now:
-            k += 1
-        return k if k < self.attempts else None
-
     def _check(self, attempt: int) -> None:
         if not 0 <= attempt < self.attempts:
             raise ValueError(f"attempt {attempt} of {self.attempts}")

@@ -135,10 +135,6 @@ DRAIN_QUIET = 2.0
 to requests sent on it), then closed."""
 
 
-def _upgrade_delay(failures: int) -> float:
-    return min(300.0, 10.0 * 2.0 ** min(failures, 32))
-
-
 @dataclass(frozen=True, slots=True)
 class FileInfo:
     """What the file entry says about the file to download; ``name`` is the output
@@ -213,7 +209,7 @@ class Download:
         clock: Callable[[], float] = time.monotonic,
         dial: Dial | None = None,
         upgrade: Upgrade | None = None,
-        upgrade_delay: Callable[[int], float] = _upgrade_delay,
+        upgrade_delay: Callable[[int], float] | None = None,
     ) -> None:
         check_info(info)  # before anything is sized by it
         self.identity = identity
@@ -228,8 +224,10 @@ class Download:
         self.options = options or DownloadOptions()
         self.clock = clock
         self.dial: Dial = dial or self._dial_direct
+        if (upgrade is None) != (upgrade_delay is None):
+            raise ValueError("an upgrade comes with its delay (reach.punch.upgrade_delay)")
         self.upgrade = upgrade  # None: a relayed session stays relayed
-        self.upgrade_delay = upgrade_delay
+        self.upgrade_delay = upgrade_delay or (lambda failures: 0.0)
         self.routes: dict[bytes, str] = {}  # peer -> the route of its latest session
         # A shared ``bucket`` is one limit over several downloads (the node's); else our own.
         self.bucket = bucket or TokenBucket(None, now=clock())
