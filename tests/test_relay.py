@@ -398,8 +398,8 @@ async def test_stalling_or_dropping_relay_costs_bounded_time() -> None:
 
 
 async def test_first_frame_demux(tg: asyncio.TaskGroup) -> None:
-    """DIALBACK goes to the sink; a RELAY frame on a server that does not relay, garbage,
-    and an oversized first frame are closed; the server goes on serving."""
+    """DIALBACK goes to the sink; a RELAY frame on a server that does not relay is refused
+    (NOT_RELAYING); garbage and an oversized first frame are closed; the server goes on."""
     server = PeerServer(Identity.generate(), RELAY_HOST, shares=ShareRegistry(lambda g, k: False))
     got: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
     server.dialback_sink = lambda nonce, source: got.put_nowait((nonce, source))
@@ -424,10 +424,12 @@ async def test_first_frame_demux(tg: asyncio.TaskGroup) -> None:
     assert await send_first(dialback_frame(nonce)) == b""
     async with asyncio.timeout(WAIT):
         assert (await got.get())[0] == nonce
-    assert await send_first(relay_frame(Reserved(1, "127.0.0.1", 1))) == b""
+    refused = decode_relay((await send_first(relay_frame(Reserved(1, "127.0.0.1", 1))))[5:])
+    assert isinstance(refused, Refused) and refused.code == RefuseCode.NOT_RELAYING
     assert await send_first(encode_frame(99, b"x" * 10)) == b""
     assert await send_first((10_000).to_bytes(4, "big") + bytes([1])) == b""
-    assert server.stats["drop.first_frame"] == 3
+    assert server.stats["drop.first_frame"] == 2
+    assert server.stats["refuse.not_relaying"] == 1
     assert server.handshakes == 0
 
 

@@ -33,7 +33,8 @@ one address; a new one past that is refused); and each must finish within
 
 The first frame of a connection picks its handler (``_FirstFrame``): ``CLIENT_HELLO`` a
 peer session; ``DIALBACK`` a reachability dial-back, handed to ``dialback_sink`` (then
-closed); ``RELAY`` the relay server (``relay_handler``), which takes the connection over;
+closed); ``RELAY`` the relay server (``relay_handler``), which takes the connection over (a
+node that does not relay answers ``Refused(NOT_RELAYING)``);
 anything else (or a handler that is not set) is closed. Until it is handed over the
 connection counts as a handshake (the limits above; the first frame is at most
 ``MAX_HANDSHAKE_FRAME`` bytes). ``adopt`` serves a socket connected elsewhere (a punched
@@ -91,6 +92,7 @@ from dhtshare.wire import (
 )
 from dhtshare.wire.dialback import decode_dialback
 from dhtshare.wire.frames import FRAME_HEADER_SIZE
+from dhtshare.wire.relay import RefuseCode, Refused, relay_frame
 
 __all__ = [
     "MAX_HANDSHAKES",
@@ -365,6 +367,10 @@ class PeerServer:
                 self.stats.incr("drop.bug")
                 log.exception("relay connection crashed")
                 transport.abort()
+        elif kind == FrameType.RELAY and not first.peer_only:  # say so: the asker moves on
+            self.stats.incr("refuse.not_relaying")
+            transport.write(relay_frame(Refused(RefuseCode.NOT_RELAYING, "not relaying")))
+            transport.close()
         else:
             self.stats.incr("drop.first_frame")
             transport.abort()
