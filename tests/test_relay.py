@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.firstframe import send_first as send_first_frame
 from support.nodes import NodeCluster
 
 from dhtshare import crypto
@@ -406,19 +407,9 @@ async def test_first_frame_demux(tg: asyncio.TaskGroup) -> None:
     await server.start()
     tg.create_task(server.serve(), name="relaytest-demux")
     await server.serving.wait()
-    loop = asyncio.get_running_loop()
 
     async def send_first(data: bytes) -> bytes:
-        with socket.socket() as sock:
-            sock.bind(("127.0.19.1", 0))
-            sock.setblocking(False)
-            await loop.sock_connect(sock, server.address)
-            await loop.sock_sendall(sock, data)
-            async with asyncio.timeout(WAIT):
-                try:
-                    return await loop.sock_recv(sock, 4096)  # b"": the server closed
-                except ConnectionResetError:
-                    return b""
+        return await send_first_frame(server.address, data, "127.0.19.1")
 
     nonce = bytes(range(16))
     assert await send_first(dialback_frame(nonce)) == b""

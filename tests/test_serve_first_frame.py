@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import socket
 
+from support.firstframe import send_first
+
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import ShareRegistry
@@ -15,20 +17,6 @@ from dhtshare.wire.dialback import dialback_frame
 
 HOST = "127.0.31.1"
 WAIT = 5.0
-
-
-async def _send_first(server: PeerServer, data: bytes) -> bytes:
-    loop = asyncio.get_running_loop()
-    with socket.socket() as sock:
-        sock.bind(("127.0.31.2", 0))
-        sock.setblocking(False)
-        await loop.sock_connect(sock, server.address)
-        await loop.sock_sendall(sock, data)
-        async with asyncio.timeout(WAIT):
-            try:
-                return await loop.sock_recv(sock, 4096)  # b"": the server closed
-            except ConnectionResetError:
-                return b""
 
 
 async def _accepted(server: PeerServer) -> None:
@@ -65,7 +53,10 @@ async def test_a_dialback_sink_that_raises_does_not_stop_the_server() -> None:
     try:
         await server.serving.wait()
         for i in range(2):  # the second one proves the server outlived the first
-            assert await _send_first(server, dialback_frame(bytes([i]) * 16)) == b""
+            assert (
+                await send_first(server.address, dialback_frame(bytes([i]) * 16), "127.0.31.2")
+                == b""
+            )
         async with asyncio.timeout(WAIT):
             await both.wait()
         assert server.stats["drop.bug"] == 2
