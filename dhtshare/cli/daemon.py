@@ -207,8 +207,9 @@ def run_bootstrap(
                 plural(held, "record"),
             )
             while not stop.is_set():
-                if relay:
-                    seen.update(await _seen_at(node))
+                if relay and (found := await _seen_at(node)):
+                    seen.clear()  # the last answers only: a liar cannot pile addresses up
+                    seen.update(found)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(60):
                         await stop.wait()
