@@ -29,6 +29,7 @@ from dhtshare.wire import (
     encode_frame,
     encode_message,
 )
+from dhtshare.wire.frames import FrameType, peek_header, take_frame
 from dhtshare.wire.suites import AEADS
 
 FRAMES = [(1, b""), (4, b"hello"), (2, bytes(range(256)) * 3), (5, b"\x00" * 70000)]
@@ -283,3 +284,17 @@ def test_buffer_updated_beyond_the_room_is_refused() -> None:
     room = len(dec.get_buffer(16))
     with pytest.raises(ValueError, match="do not fit"):
         dec.buffer_updated(room + 1)
+
+
+def test_peek_header_and_take_frame() -> None:
+    """A reader that decides by a frame's type before taking it (first frames, punch
+    frames): nothing is taken until the frame is all there."""
+    frame = encode_frame(FrameType.PUNCH, b"abc")
+    buf = bytearray(frame[:4])
+    assert peek_header(buf) is None and take_frame(buf) is None
+    buf = bytearray(frame[:6])
+    assert peek_header(buf) == (FrameType.PUNCH, 3)
+    assert take_frame(buf) is None and buf == frame[:6]
+    buf = bytearray(frame + b"rest")
+    assert take_frame(buf) == (FrameType.PUNCH, b"abc")
+    assert buf == b"rest"

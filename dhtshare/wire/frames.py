@@ -30,6 +30,8 @@ __all__ = [
     "Reason",
     "encode_frame",
     "frame_header",
+    "peek_header",
+    "take_frame",
 ]
 
 MAX_FRAME = 1024 * 1024 + 64
@@ -81,6 +83,29 @@ def frame_header(frame_type: int, length: int) -> bytes:
     if not 0 <= length <= MAX_FRAME:
         raise ValueError(f"frame payload of {length} bytes exceeds {MAX_FRAME}")
     return _HEADER.pack(length, frame_type)
+
+
+def peek_header(data: bytes | bytearray) -> tuple[int, int] | None:
+    """``(type, payload length)`` of the frame at the front of ``data``, or ``None`` while
+    its header is not all there. For readers that decide by a frame's type before they
+    take it (the first frame of a connection, frames before a circuit's handshake)."""
+    if len(data) < FRAME_HEADER_SIZE:
+        return None
+    length, frame_type = _HEADER.unpack_from(data)
+    return frame_type, length
+
+
+def take_frame(buf: bytearray) -> tuple[int, bytes] | None:
+    """Remove the first frame from ``buf``: ``(type, payload)``, or ``None`` (``buf``
+    untouched) while it is not all there. The caller checks the length first
+    (``peek_header``): this takes whatever the header announces."""
+    head = peek_header(buf)
+    if head is None or len(buf) < FRAME_HEADER_SIZE + head[1]:
+        return None
+    end = FRAME_HEADER_SIZE + head[1]
+    payload = bytes(buf[FRAME_HEADER_SIZE:end])
+    del buf[:end]
+    return head[0], payload
 
 
 def encode_frame(frame_type: int, payload: bytes) -> bytes:

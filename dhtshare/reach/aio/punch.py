@@ -31,13 +31,12 @@ import inspect
 import ipaddress
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 
 from dhtshare.errors import ProtocolError
 from dhtshare.reach.punch import CONNECT_TIMEOUT, SYNC_TIMEOUT, PunchSchedule, punch_targets
-from dhtshare.wire.frames import FRAME_HEADER_SIZE, MAX_HANDSHAKE_FRAME, FrameType
+from dhtshare.wire.frames import MAX_HANDSHAKE_FRAME, FrameType, peek_header, take_frame
 from dhtshare.wire.punch import (
     PunchConnect,
     PunchMessage,
@@ -66,7 +65,6 @@ RESET_TRIES = 2
 FALLBACK_WAIT = 30.0
 """How long the provider keeps a circuit after its punch, for the dialer's fallback
 handshake (or its end of stream)."""
-_HEADER = struct.Struct(">IB")
 _READ = 4096
 
 NewSocket = Callable[[socket.AddressFamily], socket.socket]
@@ -110,20 +108,18 @@ class CircuitReader:
         return True
 
     async def next_punch(self) -> PunchMessage | None:
-        while len(self.buffered) < FRAME_HEADER_SIZE:
+        while (head := peek_header(self.buffered)) is None:
             if not await self._fill():
                 return None
-        length, kind = _HEADER.unpack_from(self.buffered)
+        kind, length = head
         if kind != FrameType.PUNCH:
             return None
         if length > MAX_HANDSHAKE_FRAME:
             raise ProtocolError(f"punch frame of {length} bytes")
-        while len(self.buffered) < FRAME_HEADER_SIZE + length:
+        while (frame := take_frame(self.buffered)) is None:
             if not await self._fill():
                 return None
-        payload = bytes(self.buffered[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length])
-        del self.buffered[: FRAME_HEADER_SIZE + length]
-        return decode_punch(payload)
+        return decode_punch(frame[1])
 
     def take(self) -> bytes:
         """Every buffered byte (handed to whoever reads the circuit next)."""

@@ -59,7 +59,7 @@ from dhtshare.reach.relaylimits import (
 )
 from dhtshare.stats import Counters
 from dhtshare.transfer.aio.serve import handshake_source
-from dhtshare.wire.frames import FRAME_HEADER_SIZE, FrameType
+from dhtshare.wire.frames import FrameType, peek_header, take_frame
 from dhtshare.wire.relay import (
     CIRCUIT_ID_SIZE,
     MAX_RELAY_PAYLOAD,
@@ -167,16 +167,14 @@ class _Control(asyncio.Protocol):
 
 def _parse_frame(buf: bytearray) -> RelayMessage | None:
     """Take one RELAY frame off the front of ``buf`` (``None``: not all there yet)."""
-    if len(buf) < FRAME_HEADER_SIZE:
+    head = peek_header(buf)
+    if head is None:
         return None
-    length = int.from_bytes(buf[:4], "big")
-    if buf[4] != FrameType.RELAY or length > MAX_RELAY_PAYLOAD:
-        raise ProtocolError(f"not a relay control frame (type {buf[4]}, {length} bytes)")
-    if len(buf) < FRAME_HEADER_SIZE + length:
-        return None
-    msg = decode_relay(bytes(buf[FRAME_HEADER_SIZE : FRAME_HEADER_SIZE + length]))
-    del buf[: FRAME_HEADER_SIZE + length]
-    return msg
+    kind, length = head
+    if kind != FrameType.RELAY or length > MAX_RELAY_PAYLOAD:
+        raise ProtocolError(f"not a relay control frame (type {kind}, {length} bytes)")
+    frame = take_frame(buf)
+    return None if frame is None else decode_relay(frame[1])
 
 
 def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, int]:

@@ -91,7 +91,7 @@ from dhtshare.wire import (
     Request,
 )
 from dhtshare.wire.dialback import decode_dialback
-from dhtshare.wire.frames import FRAME_HEADER_SIZE
+from dhtshare.wire.frames import FRAME_HEADER_SIZE, peek_header, take_frame
 from dhtshare.wire.relay import RefuseCode, Refused, relay_frame
 
 __all__ = [
@@ -539,17 +539,17 @@ class _FirstFrame(asyncio.BufferedProtocol):
         self._parse()
 
     def _parse(self) -> None:
-        if self.frame.done() or len(self.received) < FRAME_HEADER_SIZE:
+        head = None if self.frame.done() else peek_header(self.received)
+        if head is None:
             return
-        length = int.from_bytes(self.received[:4], "big")
-        if length > MAX_HANDSHAKE_FRAME:
+        if head[1] > MAX_HANDSHAKE_FRAME:
             self.frame.set_result(None)
-        elif len(self.received) >= FRAME_HEADER_SIZE + length:
-            end = FRAME_HEADER_SIZE + length
-            data = bytes(self.received)
-            self.frame.set_result((data[4], data[FRAME_HEADER_SIZE:end], data[end:]))
         else:
-            return
+            rest = bytearray(self.received)
+            frame = take_frame(rest)
+            if frame is None:
+                return
+            self.frame.set_result((frame[0], frame[1], bytes(rest)))
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
