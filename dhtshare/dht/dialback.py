@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 
 from dhtshare.wire.dialback import dialback_frame
 
-__all__ = ["CONNECT_TIMEOUT", "dial_back", "send_tcp", "send_udp"]
+__all__ = ["CONNECT_TIMEOUT", "dial_back", "family_of", "send_tcp", "send_udp"]
 
 #: Seconds a TCP dial-back may take to connect and write its frame.
 CONNECT_TIMEOUT = 3.0
@@ -23,18 +24,19 @@ CONNECT_TIMEOUT = 3.0
 Address = tuple[str, int]
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
+def family_of(host: str) -> socket.AddressFamily:
+    """The socket family of an IP address (``ValueError`` if ``host`` is not one)."""
+    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
 
 
 def send_udp(address: Address, datagram: bytes, local_host: str | None = None) -> bool:
     """Send ``datagram`` to ``address`` from a new UDP socket (a fresh port); True if sent."""
     try:
-        with socket.socket(_family(address[0]), socket.SOCK_DGRAM) as sock:
+        with socket.socket(family_of(address[0]), socket.SOCK_DGRAM) as sock:
             sock.setblocking(False)
             sock.bind((local_host or "", 0))
             sock.sendto(datagram, address)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: not an IP address
         return False
     return True
 

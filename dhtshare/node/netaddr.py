@@ -14,9 +14,10 @@ Reaching a node behind NAT needs more than this (the address found is the privat
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable, Iterable
+
+from dhtshare.dht.dialback import family_of
 
 __all__ = ["WILDCARDS", "choose_advertised", "is_wildcard", "local_address_toward"]
 
@@ -30,7 +31,7 @@ def is_wildcard(host: str) -> bool:
 
 def _family(host: str) -> socket.AddressFamily | None:
     try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        return family_of(host)
     except ValueError:
         return None
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import inspect
-import ipaddress
 import logging
 import socket
 import time
 from collections.abc import Callable
 
+from dhtshare.dht.dialback import family_of
 from dhtshare.errors import ProtocolError
 from dhtshare.reach.punch import CONNECT_TIMEOUT, SYNC_TIMEOUT, PunchSchedule, punch_targets
 from dhtshare.wire.frames import MAX_HANDSHAKE_FRAME, FrameType, peek_header, take_frame
@@ -128,10 +128,6 @@ class CircuitReader:
         return data
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-
-
 def tcp_socket(family: socket.AddressFamily) -> socket.socket:
     """A new TCP socket (the default ``new_socket``; tests make them in namespaces)."""
     return socket.socket(family, socket.SOCK_STREAM)
@@ -166,7 +162,7 @@ async def _connect_once(
     if limit <= 0:
         return None
     try:
-        sock = bind_reusable(bind[0], bind[1], _family(target[0]), new_socket)
+        sock = bind_reusable(bind[0], bind[1], family_of(target[0]), new_socket)
     except OSError as exc:
         log.debug("punch: cannot bind %s:%d: %s", bind[0], bind[1], exc)
         return None
@@ -293,7 +289,7 @@ async def punch_as_dialer(
     is never closed here. ``leftover``: bytes already read from the circuit.
     """
     loop = asyncio.get_running_loop()
-    family = _family(public_ip)
+    family = family_of(public_ip)
     host = bind_host or ("::" if family == socket.AF_INET6 else "0.0.0.0")
     try:
         listener = bind_reusable(host, 0, family, new_socket)
@@ -384,7 +380,7 @@ async def punch_as_listener(
                 if after is None:
                     return await _hand_circuit(reader, adopt, punched)
                 return "closed"
-            family = _family(public_ip)
+            family = family_of(public_ip)
             targets = punch_targets(first.addresses, public_ip, source_ip)
             sent = clock()
             await asyncio.get_running_loop().sock_sendall(
