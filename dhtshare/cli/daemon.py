@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
+import random
 import selectors
 import signal
 import subprocess
@@ -30,6 +32,7 @@ from dhtshare.home import Home
 from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig
 from dhtshare.reach.aio.relay import RelayServer
+from dhtshare.reach.autonat import MIN_NETWORKS, network_of
 from dhtshare.text import plural
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import ShareRegistry
@@ -175,10 +178,25 @@ def _read_line(fd: int, timeout: float) -> bytes:
 
 
 def run_bootstrap(
-    state: Home, host: str, port: int, peers: tuple[tuple[str, int], ...], *, relay: bool = False
+    state: Home,
+    host: str,
+    port: int,
+    peers: tuple[tuple[str, int], ...],
+    *,
+    relay: bool = False,
+    advertise: str | None = None,
 ) -> None:
     """A DHT-only node with a stable id and routing table (in ``state.bootstrap``);
-    foreground; logs to stderr. ``relay``: also a circuit relay, on TCP (same port number)."""
+    foreground; logs to stderr. ``relay``: also a circuit relay, on TCP (same port number);
+    ``advertise``: our public IP, if not on our interface (Reserves may name it)."""
+    if advertise is not None:
+        try:
+            advertise = str(ipaddress.ip_address(advertise))
+        except ValueError:
+            raise NodeError(
+                f"--advertise {advertise[:64]!r} is not an IP address",
+                "give the server's public IP",
+            ) from None
     handler = logging.StreamHandler()
     handler.setFormatter(CleanFormatter(LOG_FORMAT))
     # force: the CLI already configured WARNING; a server logs INFO
@@ -194,6 +212,9 @@ def run_bootstrap(
         held = node.load_records(state.held_records)
         relaying: asyncio.Task[None] | None = None
         seen: set[tuple[str, int]] = set()  # where our contacts see us: what Reserves name
+        if advertise is not None:
+            seen.add((advertise, port))
+        told = set(seen)
         try:
             if relay:
                 relaying = await _start_relay(host, node.address[1], seen.copy)
@@ -207,9 +228,9 @@ def run_bootstrap(
                 plural(held, "record"),
             )
             while not stop.is_set():
-                if relay and (found := await _seen_at(node)):
+                if relay and (found := await _seen_at(node, port)):
                     seen.clear()  # the last answers only: a liar cannot pile addresses up
-                    seen.update(found)
+                    seen.update(told | found)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(60):
                         await stop.wait()
@@ -229,15 +250,21 @@ def run_bootstrap(
     asyncio.run(main())
 
 
-async def _seen_at(node: DhtNode, asked: int = 3) -> set[tuple[str, int]]:
-    """The addresses a few contacts see us at (``reach``): behind a router that forwards
-    the port (a cloud server's 1:1 NAT), a Reserve names one of them, not our socket's."""
-    found: set[tuple[str, int]] = set()
-    for contact in node.contacts()[:asked]:
-        reply = await node.reach((str(contact.ip), int(contact.port)), os.urandom(16))
-        if reply is not None:
-            found.add((reply.host, reply.port))
-    return found
+async def _seen_at(node: DhtNode, port: int, asked: int = 4) -> set[tuple[str, int]]:
+    """Where a few contacts, picked at random, see us (``reach``): behind a router that
+    forwards the port (a cloud server's 1:1 NAT), a Reserve names that, not our socket's
+    address. Only an address at our port that peers in ``MIN_NETWORKS`` networks agree on
+    counts (one liar cannot make us accept Reserves naming its own relay)."""
+    contacts = node.contacts()
+    picked = random.sample(contacts, min(asked, len(contacts)))
+    replies = await asyncio.gather(
+        *(node.reach((str(c.ip), int(c.port)), os.urandom(16)) for c in picked)
+    )
+    networks: dict[tuple[str, int], set[str]] = {}
+    for contact, reply in zip(picked, replies, strict=True):
+        if reply is not None and reply.port == port:
+            networks.setdefault((reply.host, reply.port), set()).add(network_of(str(contact.ip)))
+    return {address for address, nets in networks.items() if len(nets) >= MIN_NETWORKS}
 
 
 async def _start_relay(

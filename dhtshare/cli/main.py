@@ -903,6 +903,12 @@ def shares(ctx: click.Context, group_ref: str | None, as_json: bool) -> None:
     is_flag=True,
     help="Also relay for private nodes (listens on TCP too, on the same port number).",
 )
+@click.option(
+    "--advertise",
+    metavar="IP",
+    help="The public address of this server, if it is not on its interface (a cloud"
+    " server's 1:1 NAT); relays accept reservations naming it.",
+)
 @click.pass_context
 def bootstrap(
     ctx: click.Context,
@@ -911,6 +917,7 @@ def bootstrap(
     state: str | None,
     bootstraps: tuple[str, ...],
     relay: bool,
+    advertise: str | None,
 ) -> None:
     """Run a DHT-only bootstrap node in the foreground (for a server).
 
@@ -924,6 +931,7 @@ def bootstrap(
         port,
         tuple(parse_hostport(b) for b in bootstraps),
         relay=relay,
+        advertise=advertise,
     )
 
 
