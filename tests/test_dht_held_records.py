@@ -26,10 +26,18 @@ async def test_records_held_for_others_come_back_after_a_restart(tmp_path: Path)
     assert second.load_records(path) == 5
     for rec in records:
         assert second.storage.reply_records(rec.dht_key, 10_000, now) == [rec.encode()]
-    # A damaged tail costs only what it damaged; a forged or expired record is refused.
+    # A damaged tail costs only what it damaged; a forged, misfiled or expired record is
+    # refused as on a store.
     data = path.read_bytes()
-    forged = bytearray(expired.encode())
-    tail = len(forged).to_bytes(2, "big") + expired.dht_key + bytes(forged)
+    fresh = peer_record(Identity.generate(), now, ttl=600)
+    forged = bytearray(fresh.encode())
+    forged[-1] ^= 1  # the signature
+    tails = [
+        (fresh.dht_key, bytes(forged)),
+        (records[0].dht_key, fresh.encode()),  # under another record's key
+        (expired.dht_key, expired.encode()),
+    ]
+    tail = b"".join(len(raw).to_bytes(2, "big") + key + raw for key, raw in tails)
     path.write_bytes(data + tail + data[: len(data) // 7])
     third = DhtNode()
     assert third.load_records(path) == 5

@@ -216,7 +216,7 @@ def test_providers_none_could_reach_fail_with_the_relay_hint() -> None:
     error = swarm.update_stall(60.0)
     assert error is not None
     assert error.message == (
-        "no providers for f.bin (nobody served it for 60 s: 1 listed, none could be reached)"
+        "no providers for f.bin (nobody served it for 60 s: 1 listed, none connected now)"
     )
     assert "relay" in error.hint
 

@@ -126,6 +126,7 @@ class Node:
         self._keeping: asyncio.Task[Any] | None = None
         self._announced_more: tuple[PeerAddress, ...] = ()  # more_addresses last announced
         self._warned_no_relay = False
+        self._keeping_since = 0.0  # monotonic time the keeper started
         self._readdressing = asyncio.Lock()
         self.reachability.add_listener(self._reach_changed)
         self.downloads = DownloadManager(
@@ -256,6 +257,7 @@ class Node:
         self.server.relay_handler = relay.handle if public and relay is not None else None
         if state.verdict is Verdict.PRIVATE and self._keeping is None:
             self._keeping = spawn_logged(self.keeper.run(), self._tasks, "relay keeper", logger=log)
+            self._keeping_since = time.monotonic()
         elif public and self._keeping is not None:
             self._keeping.cancel()
             self._keeping = None
@@ -377,11 +379,11 @@ class Node:
 
     def _report_no_relay(self) -> None:
         """Warn once while we are private and hold no relay: nobody outside our network
-        can reach us (the first maintenance round after the verdict leaves the keeper
-        time to find one)."""
+        can reach us (once the keeper has looked for one for a maintenance interval)."""
         stranded = (
             self.reachability.state.verdict is Verdict.PRIVATE
             and self._keeping is not None
+            and time.monotonic() - self._keeping_since >= self.config.maintenance_interval
             and not self.relays
         )
         if stranded and not self._warned_no_relay:

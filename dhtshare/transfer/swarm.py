@@ -357,10 +357,10 @@ class Swarm:
         if candidates and not self._sessions:
             return FileShareError(
                 f"no providers for {self.name} (nobody served it for {timeout:g} s:"
-                f" {len(candidates)} listed, none could be reached{why})",
-                "a member behind a home router is reached through a relay: see `relays` in"
-                " its `dhtshare node status` (a bootstrap node started with --relay is one);"
-                " or try again later",
+                f" {len(candidates)} listed, none connected now{why})",
+                "try again later; if a member who holds it is online behind a home router,"
+                " it needs a relay: see `relays` in its `dhtshare node status` (a bootstrap"
+                " node started with --relay is one)",
             )
         return FileShareError(
             f"no providers for {self.name} (nobody served it for {timeout:g} s{why})",
