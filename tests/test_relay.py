@@ -31,7 +31,13 @@ from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
-from dhtshare.reach.aio.relay import SPLICE_BUFFER, RelayKeeper, RelayServer, open_circuit
+from dhtshare.reach.aio.relay import (
+    REHOLD_AFTER,
+    SPLICE_BUFFER,
+    RelayKeeper,
+    RelayServer,
+    open_circuit,
+)
 from dhtshare.reach.autonat import ReachState, Verdict
 from dhtshare.reach.relaylimits import KeeperLimits, RelayLimits, renew_after
 from dhtshare.records import AddressKind
@@ -986,3 +992,42 @@ async def test_a_reserve_for_an_own_address_is_accepted(tg: asyncio.TaskGroup) -
     )
     sock.close()
     assert isinstance(answer, Refused)
+
+
+async def test_a_keeper_reserves_again_soon_after_its_relay_restarts(
+    tg: asyncio.TaskGroup,
+) -> None:
+    """A reservation that worked and then ended (the relay restarted) is asked for again
+    after ``REHOLD_AFTER`` seconds, not after ``retry_after`` (60 s): members behind NAT
+    are unreachable while they hold no relay."""
+    first = await start_relay(tg)
+    host, port = first.address
+    target = Identity.generate()
+    changed = asyncio.Event()
+    keeper = RelayKeeper(
+        target,
+        lambda: [(host, port)],
+        lambda s, _: s.close(),
+        on_change=changed.set,
+        check_every=1.0,
+    )
+    tg.create_task(keeper.run(), name="relaytest-keeper")
+    async with asyncio.timeout(WAIT):
+        while not keeper.relays:
+            changed.clear()
+            await changed.wait()
+    first.server.close()  # the relay stops ...
+    async with asyncio.timeout(WAIT):
+        while keeper.relays:
+            changed.clear()
+            await changed.wait()
+    again = PeerServer(Identity.generate(), host, port, shares=ShareRegistry(lambda g, k: False))
+    again.relay_handler = RelayServer().handle  # ... and is back on the same address
+    await again.start()
+    tg.create_task(again.serve(), name="relaytest-relay-again")
+    lost = asyncio.get_running_loop().time()
+    async with asyncio.timeout(REHOLD_AFTER + 5.0):
+        while not keeper.relays:
+            changed.clear()
+            await changed.wait()
+    assert asyncio.get_running_loop().time() - lost < keeper.retry_after

@@ -94,6 +94,9 @@ log = logging.getLogger(__name__)
 SPLICE_BUFFER = 256 * 1024
 """Bytes one splice read may take (and the per-direction write buffer high mark)."""
 RESERVE_SKEW = 300.0
+REHOLD_AFTER = 5.0
+"""Seconds before a keeper asks again a relay whose reservation worked and then ended
+(a relay that restarts is back within seconds; one that failed waits ``retry_after``)."""
 RENEW_GAP = 30.0
 """Seconds a renewal must come after the last one at least (less for a short lifetime)."""
 """How far a ``Reserve``'s time may be from the relay's clock (seconds)."""
@@ -770,6 +773,8 @@ class RelayKeeper:
         finally:
             if sock is not None:
                 sock.close()
+            if retry == self.retry_after and relay in self.observed:
+                retry = REHOLD_AFTER  # it worked until now (the relay restarted, say)
             self._retry_at[relay] = max(self._retry_at.get(relay, 0.0), time.monotonic() + retry)
             self._held.pop(relay, None)
             if self.observed.pop(relay, None) is not None and self.on_change is not None:
