@@ -528,7 +528,8 @@ class DhtNode(Server):  # type: ignore[misc]
         if stored == 0 and self.contact_count() == 0:
             raise DhtError(
                 "not connected to any node: this node knows no other DHT node",
-                hint="restart it with a bootstrap node: dhtshare node stop, then"
+                hint="a node started with --bootstrap joins again by itself once that node"
+                " answers: retry then; else restart it with one: dhtshare node stop, then"
                 " dhtshare node start --bootstrap HOST:PORT --detach",
             )
         if stored == 0:
