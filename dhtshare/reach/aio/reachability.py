@@ -145,9 +145,9 @@ class ReachabilityService:
         state = self.policy.finish(current, verdict, self.clock())
         if (state.verdict, state.observed) != (before.verdict, before.observed):
             log.info(
-                "reachability %s, seen at %s by %d of %d peers asked",
+                "reachability %s (public address %s; %d of %d peers asked answered)",
                 state.verdict.value,
-                state.public_address,
+                state.public_address or "not agreed",
                 sum(1 for p in peers if current.answered_by(p)),
                 len(peers),
             )
@@ -187,10 +187,10 @@ class ReachabilityService:
 
     def _apply(self, state: ReachState) -> None:
         if state.verdict is Verdict.PRIVATE and not self.dht.client_mode:
-            log.info("not reachable from outside at %s: DHT client mode", state.public_address)
+            log.info("not reachable from outside: DHT client mode")
             self.dht.set_client_mode(True)
         elif state.verdict is Verdict.PUBLIC and self.dht.client_mode:
-            log.info("reachable at %s: DHT server mode", state.public_address)
+            log.info("reachable from outside: DHT server mode")
             self.dht.set_client_mode(False)
         for listener in list(self._listeners):
             try:
