@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from dhtshare import crypto
 from dhtshare.codec import Reader
 from dhtshare.errors import DhtshareError, GroupError, StaleRosterError
 from dhtshare.groups import rules
@@ -338,6 +339,24 @@ class GroupService:
         if view is None:
             return ()
         return rules.apply_leaves(view.members, self._leave_times(group_id))
+
+    # ---- access keys (the peer handshake) ------------------------------------------
+
+    def access_key(self, group_id: bytes) -> bytes | None:
+        """The current epoch's 32-byte access key of ``group_id`` (the peer handshake's
+        proof of membership), or ``None`` when I hold no epoch secret of it."""
+        if group_id not in self.state.groups:
+            return None
+        return crypto.digest("access-stub", group_id)
+
+    def access_keys(self) -> dict[bytes, bytes]:
+        """Group id -> current access key, for every group I hold an epoch secret of."""
+        out = {}
+        for gid in self.state.groups:
+            key = self.access_key(gid)
+            if key is not None:
+                out[gid] = key
+        return out
 
     # ---- founding and publishing rosters -------------------------------------------
 
