@@ -33,15 +33,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOCK_SKEW",
+    "INNER_KINDS",
     "MAX_RECORD_SIZE",
     "MAX_TTL",
     "AddressKind",
     "Body",
     "Decision",
     "DirectoryEntry",
+    "EpochBox",
+    "EpochPage",
     "FileEntry",
     "Genesis",
+    "Grant",
     "Handover",
+    "InviteInfo",
     "JoinRequest",
     "Kind",
     "Leave",
@@ -52,6 +57,7 @@ __all__ = [
     "Rank",
     "Roster",
     "RosterPage",
+    "Sealed",
     "SignedRecord",
     "decode_record",
     "every_address",
@@ -69,11 +75,18 @@ MAX_TTL = 7 * 24 * 3600  # a record may not claim to live longer than a week
 CLOCK_SKEW = 600  # seconds of clock difference tolerated between signer and reader
 MAX_NAME = 64  # bytes of UTF-8 in a group or member display name
 MAX_TEXT = 280  # bytes in a join message or rejection reason
+MAX_INVITE = 80  # bytes of an invite token in a directory entry
 MAX_HANDOVERS = 16
-INLINE_MEMBERS = 40  # members carried in the roster record itself
-PAGE_MEMBERS = 70  # members per roster page (names up to 64 bytes)
-MAX_PAGES = 40  # so a group holds up to 40 + 40 * 70 = 2,840 members
+INLINE_MEMBERS = 38  # members carried in the roster record itself
+PAGE_MEMBERS = 65  # members per roster page (names up to 64 bytes; fits a sealed record)
+MAX_PAGES = 40  # so a group holds up to 38 + 40 * 65 = 2,638 members
 MAX_ADDRESSES = 8
+SECRET_SIZE = 32  # epoch, invite and mailbox secrets
+LOCATOR_SIZE = 20  # a sealed record's locator (the salt of its DHT key)
+TAG_SIZE = 16  # a sealed record's opaque slot
+BOX_SIZE = 80  # crypto_box_seal of a 32-byte secret to one member's X25519 key
+HINT_SIZE = 8  # which box of an epoch page is whose (keyed by the old epoch secret)
+EPOCH_PAGE_BOXES = 80  # boxes per epoch page: 2,000 members take 25 pages
 _ID = crypto.HASH_SIZE  # group ids, content ids, page digests
 _KEY = crypto.PUBLIC_KEY_SIZE  # signers, owners, members
 _SIG = crypto.SIGNATURE_SIZE
@@ -92,6 +105,10 @@ class Kind(IntEnum):
     PROVIDER = 7
     PEER = 8
     DIRECTORY = 9
+    SEALED = 10  # the only kind a private group puts in the DHT: opaque to storing nodes
+    GRANT = 11  # inside a sealed record: an epoch secret for one new member
+    EPOCH = 12  # inside a sealed record: one page of the next epoch's secret, per member
+    INVITE = 13  # inside a sealed record: what an invite holder may know of the group
 
     @property
     def label(self) -> str:
@@ -342,19 +359,24 @@ class JoinRequest:
     group_id: bytes
     name: str
     message: str = ""
+    #: the requester's mailbox secret: the owner answers (a grant or a rejection) there
+    reply: bytes = bytes(SECRET_SIZE)
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_text(self.name, MAX_NAME, "name")
         _check_text(self.message, MAX_TEXT, "message")
+        _check_id(self.reply, "reply secret", SECRET_SIZE)
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
-        return w.push_str(self.message, MAX_TEXT).getvalue()
+        return w.push_str(self.message, MAX_TEXT).push_bytes(self.reply).getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> JoinRequest:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_str(MAX_TEXT))
+        return cls(
+            r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_str(MAX_TEXT), r.pull_bytes(SECRET_SIZE)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +464,129 @@ class FileEntry:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """An encrypted record of a private group, as storing nodes see it.
+
+    The envelope's signer is a write key derived from a group secret (an epoch's, an
+    invite's or a mailbox's), and the DHT key is ``key_for(SEALED, signer, locator)``, so
+    only holders of the secret can write under a key (BEP 44's H(key || salt)). ``tag``
+    names the slot; ``box`` is the AEAD ciphertext (nonce first) of a padded inner record.
+    """
+
+    locator: bytes
+    tag: bytes
+    box: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.locator, "locator", LOCATOR_SIZE)
+        _check_id(self.tag, "tag", TAG_SIZE)
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.locator).push_bytes(self.tag)
+        return w.push_varbytes(self.box, MAX_BODY).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> Sealed:
+        return cls(r.pull_bytes(LOCATOR_SIZE), r.pull_bytes(TAG_SIZE), r.pull_varbytes(MAX_BODY))
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The owner gives one accepted requester the group's current epoch secret (sealed in
+    the requester's mailbox, which only the two of them can find)."""
+
+    group_id: bytes
+    epoch: int
+    secret: bytes
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_id(self.secret, "epoch secret", SECRET_SIZE)
+        _check_text(self.name, MAX_NAME, "name")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_u32(self.epoch).push_bytes(self.secret)
+        return w.push_str(self.name, MAX_NAME).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> Grant:
+        return cls(r.pull_bytes(_ID), r.pull_u32(), r.pull_bytes(SECRET_SIZE), r.pull_str(MAX_NAME))
+
+
+@dataclass(frozen=True, slots=True)
+class EpochBox:
+    """One member's copy of the next epoch secret: ``hint`` says whose, ``box`` is the
+    secret sealed to that member's X25519 key."""
+
+    hint: bytes
+    box: bytes
+
+    def __post_init__(self) -> None:
+        _check_id(self.hint, "hint", HINT_SIZE)
+        _check_id(self.box, "box", BOX_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochPage:
+    """Page ``index`` of ``count`` announcing epoch ``epoch`` of ``group_id`` (sealed under
+    the previous epoch, signed by the owner): the new secret for each remaining member."""
+
+    group_id: bytes
+    epoch: int
+    index: int
+    count: int
+    boxes: tuple[EpochBox, ...]
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        if not 0 <= self.index < self.count <= 255:
+            raise RecordError("epoch page index out of range")
+        if len(self.boxes) > EPOCH_PAGE_BOXES:
+            raise RecordError(f"more than {EPOCH_PAGE_BOXES} boxes in an epoch page")
+
+    def encode(self) -> bytes:
+        w = Writer().push_bytes(self.group_id).push_u32(self.epoch)
+        w.push_u8(self.index).push_u8(self.count).push_u16(len(self.boxes))
+        for b in self.boxes:
+            w.push_bytes(b.hint).push_bytes(b.box)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> EpochPage:
+        gid, epoch, index, count, n = (
+            r.pull_bytes(_ID),
+            r.pull_u32(),
+            r.pull_u8(),
+            r.pull_u8(),
+            r.pull_u16(),
+        )
+        if n > EPOCH_PAGE_BOXES:
+            raise DecodeError("too many boxes")
+        boxes = tuple(EpochBox(r.pull_bytes(HINT_SIZE), r.pull_bytes(BOX_SIZE)) for _ in range(n))
+        return cls(gid, epoch, index, count, boxes)
+
+
+@dataclass(frozen=True, slots=True)
+class InviteInfo:
+    """What an invite holder reads in the group's inbox: which group it asks to join."""
+
+    group_id: bytes
+    name: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.group_id, "group id")
+        _check_text(self.name, MAX_NAME, "name")
+
+    def encode(self) -> bytes:
+        return Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME).getvalue()
+
+    @classmethod
+    def decode(cls, r: Reader) -> InviteInfo:
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME))
+
+
 def check_peer_address(host: str, port: int) -> None:
     """``ValueError`` unless ``host`` is an IP address one can connect to and ``port`` is
     1..65535. A provider's address is checked here, once, when its record is built or
@@ -468,25 +613,42 @@ class AddressKind(IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class PeerAddress:
-    """One way to reach a record's signer."""
+    """One way to reach a record's signer. A ``RELAY`` address carries ``key``: the
+    signer's relay key (``wire.relay.RelayKey``: random per node start, never its identity
+    key), which a downloader names in the relay's ``Connect``. A relay address without one
+    (the layout before issue 17) still reads, but leads nowhere."""
 
     kind: AddressKind
     host: str
     port: int
+    key: bytes | None = None
 
     def __post_init__(self) -> None:
         check_peer_address(self.host, self.port)
+        if self.key is not None:
+            if self.kind is not AddressKind.RELAY:
+                raise ValueError("only a relay address carries a key")
+            _check_id(self.key, "relay key", _KEY)
 
     def encode_into(self, w: Writer) -> None:
-        w.push_u8(self.kind).push_str(self.host, 255).push_u16(self.port)
+        keyed = 0 if self.key is None else _KEYED
+        w.push_u8(self.kind | keyed).push_str(self.host, 255).push_u16(self.port)
+        if self.key is not None:
+            w.push_bytes(self.key)
 
     @classmethod
     def pull(cls, r: Reader) -> PeerAddress:
+        byte = r.pull_u8()
         try:
-            kind = AddressKind(r.pull_u8())
+            kind = AddressKind(byte & ~_KEYED)
         except ValueError:
             raise DecodeError("unknown address kind") from None
-        return cls(kind, r.pull_str(255), r.pull_u16())
+        host, port = r.pull_str(255), r.pull_u16()
+        return cls(kind, host, port, r.pull_bytes(_KEY) if byte & _KEYED else None)
+
+
+_KEYED = 0x80
+"""In an address's kind byte: a relay key (32 bytes) follows the port."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -577,24 +739,34 @@ class PeerInfo:
 
 @dataclass(frozen=True, slots=True)
 class DirectoryEntry:
-    """A group listed in the public directory by its owner (readers check the roster)."""
+    """A group listed in the public directory by its owner, with its invite (the owner's
+    choice: anyone may then ask to join; readers check the owner signed it)."""
 
     group_id: bytes
     name: str
     member_count: int
     withdrawn: bool = False
+    invite: str = ""
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_text(self.name, MAX_NAME, "group name")
+        _check_text(self.invite, MAX_INVITE, "invite")
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
-        return w.push_u32(self.member_count).push_u8(int(self.withdrawn)).getvalue()
+        w.push_u32(self.member_count).push_u8(int(self.withdrawn))
+        return w.push_str(self.invite, MAX_INVITE).getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> DirectoryEntry:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), r.pull_u32(), _pull_bool(r))
+        gid, name, count, withdrawn = (
+            r.pull_bytes(_ID),
+            r.pull_str(MAX_NAME),
+            r.pull_u32(),
+            _pull_bool(r),
+        )
+        return cls(gid, name, count, withdrawn, r.pull_str(MAX_INVITE) if r.remaining else "")
 
 
 Body: TypeAlias = (
@@ -607,6 +779,10 @@ Body: TypeAlias = (
     | Provider
     | PeerInfo
     | DirectoryEntry
+    | Sealed
+    | Grant
+    | EpochPage
+    | InviteInfo
 )
 
 
@@ -654,8 +830,17 @@ _SPECS: dict[type, _KindSpec] = {
     DirectoryEntry: _KindSpec(
         Kind.DIRECTORY, DirectoryEntry.decode, lambda b, s: (), lambda b, s: s + b.group_id
     ),
+    Sealed: _KindSpec(Kind.SEALED, Sealed.decode, lambda b, s: (s, b.locator), lambda b, s: b.tag),
+    # inner kinds: these never reach a storing node in the clear (``groups/sealing.py``)
+    Grant: _KindSpec(Kind.GRANT, Grant.decode, lambda b, s: (b.group_id,), _by_signer),
+    EpochPage: _KindSpec(
+        Kind.EPOCH, EpochPage.decode, lambda b, s: (b.group_id, bytes([b.index])), _by_signer
+    ),
+    InviteInfo: _KindSpec(Kind.INVITE, InviteInfo.decode, lambda b, s: (), lambda b, s: b""),
 }
 _SPEC_BY_KIND = {spec.kind: spec for spec in _SPECS.values()}
+INNER_KINDS = frozenset({Kind.GRANT, Kind.EPOCH, Kind.INVITE})
+"""Kinds that exist only inside a sealed record: a storing node refuses them in the clear."""
 
 
 def kind_of(body: Body) -> Kind:

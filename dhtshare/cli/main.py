@@ -477,25 +477,50 @@ def group() -> None:
 
 @group.command("create", context_settings=CONTEXT)
 @click.argument("name")
-@click.option("--public", is_flag=True, help="List the group in the public directory.")
+@click.option(
+    "--public", is_flag=True, help="List the group, with its invite, in the public directory."
+)
+@json_option
 @click.pass_context
-def group_create(ctx: click.Context, name: str, public: bool) -> None:
-    """Create a group you own; prints its id.
+def group_create(ctx: click.Context, name: str, public: bool, as_json: bool) -> None:
+    """Create a group you own; prints its invite (give it to the people who should join),
+    then its id.
 
-    Example: dhtshare group create climbers --public
+    Example: dhtshare group create climbers
     """
-    result = Reply(node_call(ctx, "group.create", name=name, public=public), "group create")
-    click.echo(clean(result.text("group_id")))
+
+    def render(doc: Any) -> str:
+        result = Reply(doc, "group create")
+        return f"{clean(result.text('invite'))}\ngroup id: {clean(result.text('group_id'))}"
+
+    doc = node_call(ctx, "group.create", name=name, public=public)
+    if as_json:
+        reply = Reply(doc, "group create")
+        doc = {"group_id": reply.text("group_id"), "invite": reply.text("invite")}
+    emit(ctx, doc, render)
+
+
+@group.command("invite", context_settings=CONTEXT)
+@click.argument("group_ref", metavar="GROUP")
+@click.option("--rotate", is_flag=True, help="Replace the invite: the old one stops working.")
+@click.pass_context
+def group_invite(ctx: click.Context, group_ref: str, rotate: bool) -> None:
+    """Print the group's invite (owner only).
+
+    Example: dhtshare group invite climbers --rotate
+    """
+    doc = node_call(ctx, "group.invite", group=group_ref, rotate=rotate)
+    click.echo(clean(Reply(doc, "group invite").text("invite")))
 
 
 @group.command("join", context_settings=CONTEXT)
-@click.argument("group_ref", metavar="GROUP")
+@click.argument("group_ref", metavar="INVITE")
 @click.option("--message", default="", help="A note for the owner.")
 @click.pass_context
 def group_join(ctx: click.Context, group_ref: str, message: str) -> None:
-    """Ask to join a group (by id, or by name from the directory).
+    """Ask to join a group by the invite its owner gave you (or a public group's name).
 
-    Example: dhtshare group join 3f2a...e1 --message "hi, it's alice"
+    Example: dhtshare group join AXk3...Qw --message "hi, it's alice"
     """
     result = Reply(node_call(ctx, "group.join", group=group_ref, message=message), "group join")
     click.echo(f"join request sent; status: {clean(result.text('status'))}")

@@ -47,7 +47,13 @@ from kademlia.storage import IStorage
 
 from dhtshare.dht.sources import Ledger, Source, Usage, source_of
 from dhtshare.errors import RecordError
-from dhtshare.records import MAX_RECORD_SIZE, SignedRecord, decode_record, verify_record
+from dhtshare.records import (
+    INNER_KINDS,
+    MAX_RECORD_SIZE,
+    SignedRecord,
+    decode_record,
+    verify_record,
+)
 from dhtshare.stats import Counters
 
 __all__ = ["DEFAULT_REPLY_BUDGET", "Quotas", "ValidatingStorage"]
@@ -188,6 +194,8 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]
             rec = decode_record(raw)
         except RecordError:
             return "malformed"
+        if rec.kind in INNER_KINDS:
+            return "inner_kind"  # a private group's secrets never travel in the clear
         if rec.dht_key != key:
             return "wrong_key"
         if rec.expires <= now:

@@ -23,8 +23,9 @@ from pathlib import Path
 import aiofiles.os
 
 from dhtshare.content import MAX_FILE_SIZE, FileLayout, hash_file, merkle_root
-from dhtshare.dht.server import DhtNode
-from dhtshare.errors import DhtError, FileShareError
+from dhtshare.errors import DhtError, FileShareError, RecordError
+from dhtshare.groups.keyring import Where
+from dhtshare.groups.sealeddht import SealedDht
 from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_ADDRESSES,
@@ -67,7 +68,7 @@ class FileService:
 
     def __init__(
         self,
-        dht: DhtNode,
+        dht: SealedDht,
         identity: Identity,
         address: Callable[[], tuple[str, int]],
         clock: Callable[[], float] = time.time,
@@ -176,10 +177,15 @@ class FileService:
         return len(stale)
 
     async def _publish(self, rec: SignedRecord, ttl: float) -> None:
+        where = Where("epoch", _group_of(rec))
         try:
-            await self.dht.publish(rec, self._renew(ttl))
+            await self.dht.publish(where, rec, self._renew(ttl))
         except DhtError as exc:
             raise DhtError(f"could not announce in the DHT: {exc.message}", exc.hint) from exc
+        except RecordError as exc:
+            raise FileShareError(
+                "this node holds no key of the group", "check: dhtshare group list"
+            ) from exc
 
     def _tombstone(self, group_id: bytes, content_id: bytes) -> SignedRecord:
         """A withdrawn provider record (higher seq than ours), no longer republished."""
@@ -220,7 +226,7 @@ class FileService:
     async def _entries(self, group_id: bytes) -> list[SignedRecord]:
         return [
             r
-            for r in await self.dht.get(key_for(Kind.FILE_ENTRY, group_id))
+            for r in await self.dht.get(group_id, key_for(Kind.FILE_ENTRY, group_id))
             if r.kind == Kind.FILE_ENTRY
         ]
 
@@ -228,7 +234,7 @@ class FileService:
         self, group_id: bytes, content_id: bytes, is_member: MemberCheck
     ) -> list[SignedRecord]:
         """Current, non-withdrawn provider records of members, newest first."""
-        records = await self.dht.get(key_for(Kind.PROVIDER, group_id, content_id))
+        records = await self.dht.get(group_id, key_for(Kind.PROVIDER, group_id, content_id))
         return [
             r for r in records if _serves(r, group_id, content_id) and is_member(group_id, r.signer)
         ]
@@ -347,8 +353,14 @@ def _schedule(
         pending.add(fut)
 
 
-async def _put_quietly(dht: DhtNode, rec: SignedRecord) -> None:
+async def _put_quietly(dht: SealedDht, rec: SignedRecord) -> None:
     try:
-        await dht.put(rec)
-    except DhtError:
+        await dht.put(Where("epoch", _group_of(rec)), rec)
+    except (DhtError, RecordError):
         pass  # a tombstone that nobody stores still stops our republishing
+
+
+def _group_of(rec: SignedRecord) -> bytes:
+    body = rec.payload()
+    assert isinstance(body, FileEntry | Provider)
+    return body.group_id

@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from dhtshare import crypto
 from dhtshare.codec import Reader
 from dhtshare.errors import DhtshareError, GroupError, StaleRosterError
 from dhtshare.groups import rules
+from dhtshare.groups.keyring import GroupKeys, Keyring, Where, keyring_from_json, keyring_to_json
 from dhtshare.groups.rules import JoinStatus, Known, PendingRequest, RosterView
+from dhtshare.groups.sealeddht import SealedDht
+from dhtshare.groups.secrets import Invite, epoch_pages, epoch_space, my_box, new_secret
 from dhtshare.identity import Identity
 from dhtshare.records import (
     CLOCK_SKEW,
@@ -39,7 +41,10 @@ from dhtshare.records import (
     Body,
     Decision,
     DirectoryEntry,
+    EpochPage,
+    Grant,
     Handover,
+    InviteInfo,
     JoinRequest,
     Kind,
     Leave,
@@ -112,6 +117,7 @@ class Listing:
     name: str
     members: int
     owner: bytes
+    invite: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +138,7 @@ class GroupState:
     known: dict[bytes, Known] = field(default_factory=dict)  # gid -> highest verified roster
     drafts: dict[bytes, Draft] = field(default_factory=dict)  # gid -> my roster as owner
     request_names: dict[bytes, str] = field(default_factory=dict)  # gid -> name, requested
+    keys: Keyring = field(default_factory=dict)  # gid -> the group's secrets I hold
 
     def name_of(self, group_id: bytes) -> str:
         """The name of one of my groups or requested groups ("" if not known yet)."""
@@ -148,6 +155,7 @@ class GroupState:
             },
             "drafts": {g.hex(): _draft_doc(d) for g, d in self.drafts.items()},
             "request_names": {g.hex(): n for g, n in self.request_names.items()},
+            "keys": keyring_to_json(self.keys),
         }
 
     @classmethod
@@ -162,6 +170,7 @@ class GroupState:
                 {bytes.fromhex(g): _known(k) for g, k in doc["known"].items()},
                 {bytes.fromhex(g): _draft(d) for g, d in doc["drafts"].items()},
                 {bytes.fromhex(g): str(n) for g, n in doc.get("request_names", {}).items()},
+                keyring_from_json(doc.get("keys", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise GroupError(
@@ -196,16 +205,22 @@ class GroupService:
 
     def __init__(
         self,
-        dht: GroupDht,
+        dht: GroupDht | SealedDht,
         identity: Identity,
         state: GroupState | None = None,
         *,
         clock: Callable[[], float] = time.time,
         max_age: float | None = None,
     ) -> None:
-        self._dht = dht
         self._me = identity
         self.state = state if state is not None else GroupState()
+        self.sealed: SealedDht
+        if isinstance(dht, SealedDht):
+            dht.ring = self.state.keys
+            self.sealed = dht
+        else:
+            self.sealed = SealedDht(dht, self.state.keys, identity, clock)
+        self._dht = self.sealed
         self._clock = clock
         self.max_age = max_age  # None: a cached view never goes stale (tests, simulations)
         self._views: dict[bytes, RosterView] = {}
@@ -240,7 +255,7 @@ class GroupService:
 
     async def fetch_roster(self, group_id: bytes) -> RosterView:
         """The latest verified roster with all its pages; remembers its seq (no rollback)."""
-        found = await self._dht.get(key_for(Kind.ROSTER, group_id))
+        found = await self._dht.get(group_id, key_for(Kind.ROSTER, group_id))
         known = self.state.known.get(group_id)
         rec, roster = rules.pick_roster(found, group_id, self._clock(), known)
         pages = await self._fetch_pages(group_id, rec.signer, len(roster.page_digests))
@@ -252,7 +267,7 @@ class GroupService:
         self, group_id: bytes, owner: bytes, count: int
     ) -> dict[int, list[SignedRecord]]:
         keys = [_page_key(group_id, owner, i) for i in range(count)]
-        found = await asyncio.gather(*(self._dht.get(k) for k in keys))
+        found = await asyncio.gather(*(self._dht.get(group_id, k) for k in keys))
         return dict(enumerate(found))
 
     def _remember(self, view: RosterView) -> None:
@@ -262,7 +277,7 @@ class GroupService:
         self._views[view.group_id] = view
 
     async def _fetch_leaves(self, group_id: bytes) -> dict[bytes, SignedRecord]:
-        found = await self._dht.get(key_for(Kind.LEAVE, group_id))
+        found = await self._dht.get(group_id, key_for(Kind.LEAVE, group_id))
         leaves = rules.latest_leaves(found, group_id)
         self._leaves[group_id] = leaves
         return leaves
@@ -273,6 +288,7 @@ class GroupService:
     async def refresh(self, group_id: bytes) -> RosterView:
         """Fetch the roster and the leaves again; ``member_since`` answers from them. Only a
         refresh that read both keeps the group's membership fresh (``stale_since``)."""
+        await self.catch_up(group_id)
         view = await self.fetch_roster(group_id)
         await self._fetch_leaves(group_id)
         self._mark_fresh(group_id)
@@ -345,9 +361,10 @@ class GroupService:
     def access_key(self, group_id: bytes) -> bytes | None:
         """The current epoch's 32-byte access key of ``group_id`` (the peer handshake's
         proof of membership), or ``None`` when I hold no epoch secret of it."""
-        if group_id not in self.state.groups:
+        keys = self.state.keys.get(group_id)
+        if group_id not in self.state.groups or keys is None or keys.removed:
             return None
-        return crypto.digest("access-stub", group_id)
+        return keys.access_key
 
     def access_keys(self) -> dict[bytes, bytes]:
         """Group id -> current access key, for every group I hold an epoch secret of."""
@@ -373,10 +390,30 @@ class GroupService:
                 "choose another name, or use that group by its name",
             )
         gid = base.group_id
+        keys = self.state.keys[gid] = GroupKeys(invite=Invite.new(self._me.public).token)
+        keys.install(0, new_secret())
         self.state.groups[gid] = base.genesis.name
         self._leaves[gid] = {}
+        await self._publish_invite(gid, base.genesis.name)
         await self._publish_roster(base, members, 1)
         return gid
+
+    async def _publish_invite(self, group_id: bytes, name: str) -> None:
+        rec = self._sign_note(InviteInfo(group_id, name), NOTE_TTL)
+        await self._dht.publish(Where("inbox", group_id), rec, self._renewer(NOTE_TTL))
+
+    async def invite(self, group_id: bytes, *, rotate: bool = False) -> str:
+        """The group's invite (owner only); ``rotate`` replaces it, so the old one stops
+        working for new requests."""
+        draft = await self._as_owner(group_id)
+        keys = self.state.keys[group_id]
+        if rotate or not keys.invite or Invite.parse(keys.invite).owner != self._me.public:
+            keys.invite = Invite.new(self._me.public).token
+            await self._publish_invite(group_id, draft.roster.genesis.name)
+            view = self._views.get(group_id)
+            if view is not None:
+                await self._publish_directory(view)
+        return keys.invite
 
     def owned_named(self, name: str) -> list[bytes]:
         """My groups that I own (as far as my drafts say) and that are called ``name``."""
@@ -391,10 +428,11 @@ class GroupService:
         roster, pages = rules.layout(base, members, seq)
         page_recs = [self._sign(p, seq=seq, ttl=ROSTER_TTL) for p in pages]
         rec = self._sign(roster, seq=seq, ttl=ROSTER_TTL)
-        await asyncio.gather(*(self._dht.publish(p) for p in page_recs))
+        here = Where("epoch", gid)
+        await asyncio.gather(*(self._dht.publish(here, p) for p in page_recs))
         for index in range(len(pages), MAX_PAGES):
             self._dht.withdraw(_page_key(gid, self._me.public, index), self._me.public)
-        await self._dht.publish(rec)
+        await self._dht.publish(here, rec)
         self.state.drafts[gid] = Draft(seq, roster, members)
         view = RosterView(rec, roster, members)
         self._remember(view)
@@ -404,11 +442,12 @@ class GroupService:
         return view
 
     async def _publish_directory(self, view: RosterView) -> None:
-        entry = DirectoryEntry(view.group_id, view.name, len(view.members))
-        if not view.roster.public:
+        keys = self.state.keys.get(view.group_id)
+        if not view.roster.public or keys is None or not keys.invite:
             return
+        entry = DirectoryEntry(view.group_id, view.name, len(view.members), invite=keys.invite)
         rec = self._sign_note(entry, DIRECTORY_TTL)
-        await self._dht.publish(rec, self._renewer(DIRECTORY_TTL))
+        await self.sealed.dht.publish(rec, self._renewer(DIRECTORY_TTL))  # public by choice
 
     def _withdraw_owned(self, group_id: bytes) -> None:
         """Stop republishing my roster, pages and directory entry of ``group_id``."""
@@ -416,7 +455,8 @@ class GroupService:
         self._dht.withdraw(key_for(Kind.ROSTER, group_id), b"")
         for index in range(MAX_PAGES):
             self._dht.withdraw(_page_key(group_id, me, index), me)
-        self._dht.withdraw(key_for(Kind.DIRECTORY), me + group_id)
+        self.sealed.dht.withdraw(key_for(Kind.DIRECTORY), me + group_id)
+        self._dht.withdraw(key_for(Kind.INVITE), b"", group_id)
         self.state.drafts.pop(group_id, None)
 
     async def _as_owner(self, group_id: bytes) -> Draft:
@@ -430,31 +470,118 @@ class GroupService:
             return draft
         return Draft(view.seq, view.roster, view.members)
 
-    async def _next_roster(self, draft: Draft, members: tuple[Member, ...]) -> RosterView:
-        known = self.state.known.get(draft.roster.group_id)
+    async def _next_roster(
+        self, draft: Draft, members: tuple[Member, ...], *, rekey: bool = False
+    ) -> RosterView:
+        """Publish the next roster version; ``rekey``: in a new epoch whose secret only
+        ``members`` receive (a removal, a leave, a hand-over)."""
+        gid = draft.roster.group_id
+        known = self.state.known.get(gid)
         seq = max(draft.seq, known.seq if known else 0) + 1
+        if rekey:
+            await self._rekey(gid, [m.key for m in members])
         return await self._publish_roster(draft.roster, members, seq)
+
+    async def _rekey(self, group_id: bytes, members: list[bytes]) -> None:
+        """Start the next epoch: its secret boxed for each of ``members`` in pages sealed
+        under the current epoch (where they look for it), then move my records over."""
+        keys = self.state.keys[group_id]
+        old = keys.secrets[keys.epoch]
+        epoch, secret = keys.epoch + 1, new_secret()
+        others = [m for m in members if m != self._me.public]
+        pages = epoch_pages(group_id, epoch, old, secret, others)
+        here = Where("epoch", group_id, at=keys.epoch)
+        recs = [self._sign_note(p, NOTE_TTL) for p in pages]
+        await asyncio.gather(*(self._dht.publish(here, r) for r in recs))
+        keys.install(epoch, secret)
+        await self._dht.reseal(group_id)
+
+    async def catch_up(self, group_id: bytes) -> int:
+        """Follow the epoch changes I missed (each announced under the epoch before it);
+        how many epochs I moved. An announcement without a box for me: I was removed."""
+        keys = self.state.keys.get(group_id)
+        moved = 0
+        while keys is not None and keys.epoch >= 0 and moved < 64:
+            secret = await self._next_epoch(group_id, keys)
+            if secret is None:
+                break
+            keys.install(keys.epoch + 1, secret)
+            moved += 1
+        if moved:
+            await self._dht.reseal(group_id)
+        return moved
+
+    async def _next_epoch(self, group_id: bytes, keys: GroupKeys) -> bytes | None:
+        space = keys.space()
+        assert space is not None
+        first = await self._dht.find([space], key_for(Kind.EPOCH, group_id, bytes([0])))
+        for head in first:
+            body = head.payload()
+            if not isinstance(body, EpochPage) or body.epoch != keys.epoch + 1:
+                continue
+            keys_ = [key_for(Kind.EPOCH, group_id, bytes([i])) for i in range(1, body.count)]
+            rest = await asyncio.gather(*(self._dht.find([space], k) for k in keys_))
+            pages = [body] + [
+                r.payload()
+                for recs in rest
+                for r in recs
+                if r.signer == head.signer and isinstance(r.payload(), EpochPage)
+            ]
+            typed = [p for p in pages if isinstance(p, EpochPage) and p.epoch == body.epoch]
+            secret = my_box(self._me, keys.secrets[keys.epoch], typed)
+            if secret is not None:
+                if await self._verify_epoch(group_id, secret, head.signer):
+                    return secret
+                continue
+            view = self._views.get(group_id)
+            if len({p.index for p in typed}) == body.count and view and view.owner == head.signer:
+                keys.removed = True  # my owner announced an epoch without a box for me
+        return None
+
+    async def _verify_epoch(self, group_id: bytes, secret: bytes, signer: bytes) -> bool:
+        """The epoch of ``secret`` holds a roster that extends the chain I know, signed by
+        ``signer`` (who announced the epoch): a member cannot move me to an epoch of its own."""
+        found = await self._dht.find([epoch_space(secret)], key_for(Kind.ROSTER, group_id))
+        try:
+            _rec, roster = rules.pick_roster(
+                found, group_id, self._clock(), self.state.known.get(group_id)
+            )
+        except GroupError:
+            return False
+        return roster.owner == signer
 
     # ---- joining -------------------------------------------------------------------
 
-    async def request_join(self, group_id: bytes, message: str = "") -> None:
-        """Publish my signed join request for ``group_id`` (the owner decides). The group's
-        name is taken from its roster when the DHT has one, so I can name it from then on."""
+    async def read_invite(self, invite: Invite) -> InviteInfo:
+        """Which group ``invite`` opens (read in its inbox, signed by its owner)."""
+        found = await self._dht.find([invite.space], key_for(Kind.INVITE))
+        for rec in found:
+            body = rec.payload()
+            if isinstance(body, InviteInfo) and rec.signer == invite.owner:
+                return body
+        raise GroupError(
+            "no group was found for this invite (or it was replaced by a new one)",
+            "check the invite, or ask the owner for a new one (see also: dhtshare node status)",
+        )
+
+    async def request_join(self, invite_text: str, message: str = "") -> bytes:
+        """Publish my signed join request into the inbox of the group ``invite_text`` opens
+        (sealed to its owner); return the group id. The owner answers in my mailbox."""
         rules.check_text(message, "join message")
-        view = await self._try_refresh(group_id)
-        if view is None:
-            raise GroupError(
-                f"no group {group_id.hex()[:16]}… was found in the DHT",
-                "check the id the owner sent you (see also: dhtshare node status)",
-            )
-        me = self._me.public
-        decisions = await self._dht.get(key_for(Kind.DECISION, group_id, me))
-        after = rules.request_not_before(me, view.roster, decisions, self._leave_times(group_id))
-        body = JoinRequest(group_id, self._me.name, message)
-        rec = self._sign_note(body, NOTE_TTL, not_before=after)
-        await self._dht.publish(rec)
-        self.state.requested[group_id] = rec.issued
-        self.state.request_names[group_id] = view.name
+        invite = Invite.parse(invite_text)
+        info = await self.read_invite(invite)
+        gid = info.group_id
+        if gid in self.state.groups:
+            raise GroupError(f"you are already a member of {info.name!r}", "nothing to join")
+        keys = self.state.keys.setdefault(gid, GroupKeys())
+        keys.invite, keys.reply = invite.token, new_secret()  # a fresh mailbox per request
+        body = JoinRequest(gid, self._me.name, message, keys.reply)
+        rec = self._sign_note(body, NOTE_TTL)
+        self._dht.withdraw(key_for(Kind.LEAVE, gid), self._me.public)  # an earlier cancel
+        await self._dht.publish(Where("inbox", gid), rec, to_owner=invite.owner)
+        self.state.requested[gid] = rec.issued
+        self.state.request_names[gid] = info.name
+        return gid
 
     async def requests(self, group_id: bytes) -> list[PendingRequest]:
         """Join requests the owner has not decided yet, oldest first."""
@@ -462,18 +589,38 @@ class GroupService:
         return await self._pending(group_id, draft)
 
     async def _pending(self, group_id: bytes, draft: Draft) -> list[PendingRequest]:
-        found = await self._dht.get(key_for(Kind.JOIN_REQUEST, group_id))
+        inbox = Where("inbox", group_id).resolve(self.state.keys)
+        found, cancels = await asyncio.gather(
+            self._dht.find([inbox], key_for(Kind.JOIN_REQUEST, group_id), to_me=True),
+            self._dht.find([inbox], key_for(Kind.LEAVE, group_id), to_me=True),
+        )
+        keys = self.state.keys[group_id]
+        for rec in found:
+            body = rec.payload()
+            if isinstance(body, JoinRequest) and body.group_id == group_id:
+                keys.replies[rec.signer] = body.reply
         decisions = await self._decisions(group_id, [r.signer for r in found])
-        leaves = self._leave_times(group_id)
+        leaves = dict(self._leave_times(group_id))
+        for key, rec in rules.latest_leaves(cancels, group_id).items():
+            leaves[key] = max(leaves.get(key, 0), rec.issued)
         return rules.pending_requests(found, decisions, draft.roster, draft.members, leaves)
 
     async def _decisions(self, group_id: bytes, requesters: Iterable[bytes]) -> list[SignedRecord]:
-        keys = [key_for(Kind.DECISION, group_id, r) for r in set(requesters)]
-        found = await asyncio.gather(*(self._dht.get(k) for k in keys))
+        wanted = sorted(set(requesters))
+        found = await asyncio.gather(
+            *(
+                self._dht.find(
+                    [Where("mailbox", group_id, requester=r).resolve(self.state.keys)],
+                    key_for(Kind.DECISION, group_id, r),
+                )
+                for r in wanted
+            )
+        )
         return [rec for recs in found for rec in recs]
 
     async def accept(self, group_id: bytes, requester: bytes) -> RosterView:
-        """Add a pending requester to the roster (a new version, seq + 1)."""
+        """Add a pending requester to the roster (a new version, seq + 1) and give it the
+        current epoch secret in its mailbox."""
         draft = await self._as_owner(group_id)
         pending = {p.requester: p for p in await self._pending(group_id, draft)}
         current = rules.apply_leaves(draft.members, self._leave_times(group_id))
@@ -487,25 +634,65 @@ class GroupService:
         left = self._leave_times(group_id).get(requester)
         name, now = pending[requester].name, self._clock()
         members = rules.accept_member(current, requester, name, now, left)
-        return await self._next_roster(draft, members)
+        view = await self._next_roster(draft, members)
+        await self._grant(group_id, requester, view.name)
+        return view
+
+    async def _grant(self, group_id: bytes, member: bytes, name: str) -> None:
+        keys = self.state.keys[group_id]
+        grant = Grant(group_id, keys.epoch, keys.secrets[keys.epoch], name)
+        rec = self._sign_note(grant, NOTE_TTL)
+        await self._dht.publish(Where("mailbox", group_id, requester=member), rec)
 
     async def reject(self, group_id: bytes, requester: bytes, reason: str = "") -> None:
-        """Publish a rejection the requester can read."""
+        """Publish a rejection the requester can read (in its mailbox)."""
         rules.check_text(reason, "reason")
         await self._as_owner(group_id)
+        if Where("mailbox", group_id, requester=requester).resolve(self.state.keys) is None:
+            await self.requests(group_id)  # learn its mailbox from its request
+        where = Where("mailbox", group_id, requester=requester)
+        if where.resolve(self.state.keys) is None:
+            raise GroupError("no join request from that member", "list the requests")
         body = Decision(group_id, requester, False, reason)
-        await self._dht.publish(self._sign_note(body, NOTE_TTL))
+        await self._dht.publish(where, self._sign_note(body, NOTE_TTL))
+
+    async def _mailbox(self, group_id: bytes) -> list[SignedRecord]:
+        """What the owner put in my mailbox (grants and decisions), signed by the owner the
+        invite names."""
+        keys = self.state.keys.get(group_id)
+        if keys is None or not keys.reply or not keys.invite:
+            return []
+        owner = Invite.parse(keys.invite).owner
+        space = Where("mailbox", group_id).resolve(self.state.keys)
+        me = self._me.public
+        found = await asyncio.gather(
+            self._dht.find([space], key_for(Kind.GRANT, group_id)),
+            self._dht.find([space], key_for(Kind.DECISION, group_id, me)),
+        )
+        return [r for recs in found for r in recs if r.signer == owner]
 
     async def status(self, group_id: bytes) -> tuple[JoinStatus, str]:
         """My join status (none, pending, accepted, rejected) and a rejection's reason."""
-        view = await self._try_refresh(group_id)
-        decisions = await self._dht.get(key_for(Kind.DECISION, group_id, self._me.public))
-        leaves = self._leave_times(group_id)
         mine = self.state.requested.get(group_id)
-        result = rules.join_status(self._me.public, mine, view, leaves, decisions)
-        if result[0] == "accepted" and view is not None:
-            self._settle_request(group_id, view.name)
-        return result
+        keys = self.state.keys.get(group_id)
+        if group_id in self.state.groups:
+            return "accepted", ""
+        if mine is None or keys is None:
+            return "none", ""
+        answers = await self._mailbox(group_id)
+        for rec in answers:
+            body = rec.payload()
+            if isinstance(body, Grant) and body.group_id == group_id and keys.epoch < 0:
+                keys.install(body.epoch, body.secret)
+        if keys.epoch >= 0:
+            view = await self._try_refresh(group_id)
+            if view is not None and self.is_member(group_id, self._me.public):
+                return "accepted", ""
+        for rec in answers:
+            body = rec.payload()
+            if isinstance(body, Decision) and not body.accepted and rec.issued >= mine:
+                return "rejected", body.reason
+        return "pending", ""
 
     # ---- leaving and removing ------------------------------------------------------
 
@@ -520,10 +707,9 @@ class GroupService:
                 "you are not a member of this group", "list yours with: dhtshare group list"
             )
         if group_id in state.requested:
-            view = await self._try_refresh(group_id)  # an accepted request becomes a group
+            await self.status(group_id)  # an accepted request becomes a group
             if group_id in state.requested:
-                if view is not None:  # the owner stops seeing the request
-                    await self._publish_leave(group_id, None)
+                await self._cancel_request(group_id)  # the owner stops seeing the request
                 self.forget(group_id)
                 return Departure("cancelled")
         view = await self._try_refresh(group_id)
@@ -545,14 +731,28 @@ class GroupService:
 
     async def _publish_leave(self, group_id: bytes, handover: Handover | None) -> None:
         rec = self._sign_note(Leave(group_id, handover), NOTE_TTL)
-        await self._dht.publish(rec)
+        await self._dht.publish(Where("epoch", group_id), rec)
         self._leaves.setdefault(group_id, {})[self._me.public] = rec
+
+    async def _cancel_request(self, group_id: bytes) -> None:
+        keys = self.state.keys.get(group_id)
+        if keys is None or not keys.invite:
+            return
+        rec = self._sign_note(Leave(group_id, None), NOTE_TTL)
+        owner = Invite.parse(keys.invite).owner
+        try:
+            await self._dht.put(Where("inbox", group_id), rec, to_owner=owner)
+        except DhtshareError:
+            pass  # the request expires by itself
 
     def forget(self, group_id: bytes) -> None:
         """Drop ``group_id`` from my groups and requests, and stop republishing my join
         request; nothing is published (``leave`` tells the group). A group I own keeps its
         drafts until its heir takes over (``maintain``)."""
         self._dht.withdraw(key_for(Kind.JOIN_REQUEST, group_id), self._me.public)
+        if group_id not in self.state.drafts:
+            self._dht.forget_group(group_id)
+            self.state.keys.pop(group_id, None)
         self.state.groups.pop(group_id, None)
         self.state.requested.pop(group_id, None)
         self.state.request_names.pop(group_id, None)
@@ -562,8 +762,9 @@ class GroupService:
         draft = await self._as_owner(group_id)
         current = rules.apply_leaves(draft.members, self._leave_times(group_id))
         members = rules.remove_member(current, member, self._me.public)
-        view = await self._next_roster(draft, members)
-        await self.reject(group_id, member, "removed by the owner")  # closes its old request
+        view = await self._next_roster(draft, members, rekey=True)
+        if Where("mailbox", group_id, requester=member).resolve(self.state.keys) is not None:
+            await self.reject(group_id, member, "removed by the owner")  # closes its request
         return view
 
     # ---- maintenance ---------------------------------------------------------------
@@ -599,9 +800,17 @@ class GroupService:
         current = rules.apply_leaves(draft.members, self._leave_times(group_id))
         expiring = view.record.expires - self._clock() < RENEW_MARGIN
         if current != draft.members or expiring:
-            await self._next_roster(draft, current)
+            await self._next_roster(draft, current, rekey=current != draft.members)
             return True
+        await self._ensure_invite(group_id, view.name)
         return False
+
+    async def _ensure_invite(self, group_id: bytes, name: str) -> None:
+        """Keep the inbox's invite record published (after a restart too)."""
+        if self._dht.where_of(group_id, key_for(Kind.INVITE), b"") is None:
+            keys = self.state.keys.get(group_id)
+            if keys is not None and keys.invite:
+                await self._publish_invite(group_id, name)
 
     async def claim(self, group_id: bytes) -> RosterView:
         """``refresh``, then take the group over if its owner left and handed it to me (what
@@ -631,7 +840,10 @@ class GroupService:
         leaves = self._leave_times(view.group_id)
         draft = Draft(view.seq, base, members)
         self.state.groups[view.group_id] = view.name
-        await self._next_roster(draft, rules.apply_leaves(members, leaves))
+        keys = self.state.keys[view.group_id]
+        keys.invite = Invite.new(self._me.public).token  # requests are sealed to the owner
+        await self._publish_invite(view.group_id, view.name)
+        await self._next_roster(draft, rules.apply_leaves(members, leaves), rekey=True)
         return True
 
     # ---- listing -------------------------------------------------------------------
@@ -671,23 +883,26 @@ class GroupService:
         return ("member" if since is not None else None), ""
 
     async def directory(self) -> list[Listing]:
-        """Publicly listed groups whose entry checks out against the group's roster."""
-        found = await self._dht.get(key_for(Kind.DIRECTORY))
+        """Publicly listed groups whose entry its invite's owner signed."""
+        found = await self.sealed.dht.get(key_for(Kind.DIRECTORY))
         out: dict[bytes, Listing] = {}
         for rec in found:
-            listing = await self._check_listing(rec)
+            listing = _check_listing(rec)
             if listing is not None:
                 out[listing.group_id] = listing
         return sorted(out.values(), key=lambda g: (g.name, g.group_id))
 
-    async def _check_listing(self, rec: SignedRecord) -> Listing | None:
-        entry = rec.payload()
-        if not isinstance(entry, DirectoryEntry) or entry.withdrawn:
-            return None
-        try:
-            view = await self.fetch_roster(entry.group_id)
-        except GroupError:
-            return None
-        if not rules.directory_entry_is_plausible(entry, rec.signer, view, {}):
-            return None
-        return Listing(view.group_id, view.name, len(view.members), view.owner)
+
+def _check_listing(rec: SignedRecord) -> Listing | None:
+    """A listing from a directory entry its invite's owner signed (the roster is for
+    members only, so the member count is as the owner claims it)."""
+    entry = rec.payload()
+    if not isinstance(entry, DirectoryEntry) or entry.withdrawn or not entry.invite:
+        return None
+    try:
+        invite = Invite.parse(entry.invite)
+    except GroupError:
+        return None
+    if invite.owner != rec.signer:
+        return None
+    return Listing(entry.group_id, entry.name, entry.member_count, rec.signer, entry.invite)

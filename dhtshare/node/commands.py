@@ -26,6 +26,7 @@ from dhtshare.errors import (
 )
 from dhtshare.files.liveness import Liveness
 from dhtshare.files.service import FileService, ListedFile
+from dhtshare.groups.secrets import Invite
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity, format_id, parse_id
 from dhtshare.node import eventlog
@@ -199,6 +200,9 @@ class Commands:
         state = self.node.groups.state
         known = set(state.groups) | set(state.requested)
         text = ref.strip().lower()
+        by_invite = [g for g in known if state.keys.get(g) and state.keys[g].invite == ref.strip()]
+        if by_invite:
+            return by_invite[0]
         if len(text) == 64:
             try:
                 return bytes.fromhex(text)
@@ -295,30 +299,46 @@ class Commands:
     async def cmd_group_create(
         self, progress: Progress, name: str, public: bool = False
     ) -> dict[str, Any]:
-        gid = await self.node.groups.create(name, public=public)
+        groups = self.node.groups
+        gid = await groups.create(name, public=public)
         self.node.save_state()
-        return {"group_id": gid.hex(), "name": self.node.groups.state.name_of(gid)}
+        invite = groups.state.keys[gid].invite
+        return {"group_id": gid.hex(), "name": groups.state.name_of(gid), "invite": invite}
+
+    @command("group.invite")
+    async def cmd_group_invite(
+        self, progress: Progress, group: str, rotate: bool = False
+    ) -> dict[str, Any]:
+        """The group's invite (owner only); ``rotate`` replaces it."""
+        gid = self._lookup(group)
+        invite = await self.node.groups.invite(gid, rotate=rotate)
+        self.node.save_state()
+        return {"group_id": gid.hex(), "invite": invite}
 
     @command("group.join")
     async def cmd_group_join(
         self, progress: Progress, group: str, message: str = ""
     ) -> dict[str, Any]:
-        gid = await self._joinable(group)
-        await self.node.groups.request_join(gid, message)
+        invite = await self._joinable(group)
+        gid = await self.node.groups.request_join(invite, message)
         self.node.save_state()
         status, _ = await self.node.groups.status(gid)
+        self.node.save_state()
         return {"group_id": gid.hex(), "status": status}
 
-    async def _joinable(self, ref: str) -> bytes:
+    async def _joinable(self, ref: str) -> str:
+        """The invite ``ref`` is, or the invite of the public group ``ref`` names."""
         try:
-            return self._lookup(ref)
+            Invite.parse(ref)
+            return ref.strip()
         except GroupError:
-            listed = [
-                g.group_id
-                for g in await self.node.groups.directory()
-                if g.name == ref or g.group_id.hex() == ref
-            ]
-            return bytes(_unique(listed, "group", ref, "give the group id the owner sent you"))
+            pass
+        listed = [
+            g.invite
+            for g in await self.node.groups.directory()
+            if g.name == ref or g.group_id.hex() == ref.strip().lower()
+        ]
+        return str(_unique(listed, "group", ref, "paste the invite the owner gave you"))
 
     @command("group.leave")
     async def cmd_group_leave(self, progress: Progress, group: str) -> dict[str, Any]:
@@ -418,6 +438,7 @@ class Commands:
                     "name": g.name,
                     "members": g.members,
                     "owner": format_id(g.owner),
+                    "invite": g.invite,
                 }
                 for g in await self.node.groups.directory()
             ]

@@ -190,7 +190,8 @@ async def _transfer(sc: Scenario, tmp: Path, log: _Log) -> dict[str, Any]:
 async def _form_group(run: _Run, nodes: list[Node], log: _Log) -> bytes:
     owner, members = nodes[0], nodes[1:]
     gid = await owner.groups.create("simulated group")
-    await asyncio.gather(*(m.groups.request_join(gid, "let me in") for m in members))
+    invite = await owner.groups.invite(gid)
+    await asyncio.gather(*(m.groups.request_join(invite, "let me in") for m in members))
     pending = await owner.groups.requests(gid)
     for request in pending:
         await owner.groups.accept(gid, request.requester)

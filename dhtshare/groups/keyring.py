@@ -1,0 +1,113 @@
+"""What a node keeps secret about each group (pure state, persisted as JSON by the node).
+
+Per group: the epochs whose secret I hold (the current one and a few before it, so records
+of the previous epoch still open during a change), the invite (the owner's current one, or
+the one I joined with), my mailbox secret while I ask to join, and as owner the mailbox
+secret of each requester. ``Where`` names a space by role, resolved against this state at
+the moment a record is sealed, so a record republished after an epoch change moves to the
+new epoch's keys by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dhtshare.groups.secrets import Invite, Space, access_key, epoch_space, mailbox
+
+__all__ = ["KEEP_EPOCHS", "GroupKeys", "Keyring", "Where", "keyring_from_json", "keyring_to_json"]
+
+KEEP_EPOCHS = 8  # epoch secrets kept per group (the current one and the ones before it)
+
+
+@dataclass
+class GroupKeys:
+    """The secrets of one group that this node holds."""
+
+    epoch: int = -1  # -1: no epoch secret yet (a requester)
+    secrets: dict[int, bytes] = field(default_factory=dict)
+    invite: str = ""  # token: the owner's current invite, or the one I joined with
+    reply: bytes = b""  # my mailbox secret, while I ask to join (and after: grants)
+    replies: dict[bytes, bytes] = field(default_factory=dict)  # owner: requester -> mailbox
+    removed: bool = False  # an epoch change left me out: I was removed
+
+    def install(self, epoch: int, secret: bytes) -> bool:
+        """Hold ``secret`` for ``epoch``; True if it is newer than the current one."""
+        self.secrets[epoch] = secret
+        for old in sorted(self.secrets)[:-KEEP_EPOCHS]:
+            del self.secrets[old]
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self.removed = False
+            return True
+        return False
+
+    def space(self, epoch: int | None = None) -> Space | None:
+        """The space of ``epoch`` (default: the current one), if I hold its secret."""
+        secret = self.secrets.get(self.epoch if epoch is None else epoch)
+        return None if secret is None else epoch_space(secret)
+
+    def read_spaces(self) -> list[Space]:
+        """Where members' records are read: the current epoch, then the previous one (its
+        records stay readable until their signers republish them in the new epoch)."""
+        return [s for s in (self.space(), self.space(self.epoch - 1)) if s is not None]
+
+    @property
+    def access_key(self) -> bytes | None:
+        secret = self.secrets.get(self.epoch)
+        return None if secret is None else access_key(secret)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "secrets": {str(n): s.hex() for n, s in self.secrets.items()},
+            "invite": self.invite,
+            "reply": self.reply.hex(),
+            "replies": {k.hex(): v.hex() for k, v in self.replies.items()},
+            "removed": self.removed,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> GroupKeys:
+        return cls(
+            int(doc["epoch"]),
+            {int(n): bytes.fromhex(s) for n, s in doc["secrets"].items()},
+            str(doc["invite"]),
+            bytes.fromhex(doc["reply"]),
+            {bytes.fromhex(k): bytes.fromhex(v) for k, v in doc["replies"].items()},
+            bool(doc["removed"]),
+        )
+
+
+Keyring = dict[bytes, GroupKeys]
+
+
+def keyring_to_json(ring: Keyring) -> dict[str, Any]:
+    return {g.hex(): k.to_json() for g, k in ring.items()}
+
+
+def keyring_from_json(doc: Any) -> Keyring:
+    return {bytes.fromhex(g): GroupKeys.from_json(k) for g, k in doc.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    """A space named by role: ``epoch`` (the current epoch, or epoch ``at``), ``inbox``
+    (the invite's), ``mailbox`` (``requester``'s; mine when ``requester`` is empty)."""
+
+    role: Literal["epoch", "inbox", "mailbox"]
+    group_id: bytes
+    at: int | None = None
+    requester: bytes = b""
+
+    def resolve(self, ring: Keyring) -> Space | None:
+        """The space this names now, or ``None`` when I hold no secret for it."""
+        keys = ring.get(self.group_id)
+        if keys is None:
+            return None
+        if self.role == "epoch":
+            return keys.space(self.at)
+        if self.role == "inbox":
+            return Invite.parse(keys.invite).space if keys.invite else None
+        reply = keys.replies.get(self.requester) if self.requester else keys.reply
+        return mailbox(reply) if reply else None
