@@ -106,7 +106,10 @@ class Node:
             max_age=STALE_ROUNDS * config.maintenance_interval,
         )
         self.files = FileService(
-            dht, identity, lambda: self.advertised, more_addresses=lambda: self.more_addresses()
+            self.groups.sealed,
+            identity,
+            lambda: self.advertised,
+            more_addresses=lambda: self.more_addresses(),
         )
         self.liveness = Liveness(self._answers, lambda: self.advertised)
         # reachability: ``.state`` (verdict, observed address); started after the join
