@@ -574,17 +574,19 @@ class InviteInfo:
 
     group_id: bytes
     name: str
+    withdrawn: bool = False  # the owner replaced this invite (``group invite --rotate``)
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_text(self.name, MAX_NAME, "name")
 
     def encode(self) -> bytes:
-        return Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME).getvalue()
+        w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
+        return w.push_u8(int(self.withdrawn)).getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> InviteInfo:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME))
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), _pull_bool(r))
 
 
 def check_peer_address(host: str, port: int) -> None:
@@ -836,7 +838,7 @@ _SPECS: dict[type, _KindSpec] = {
     EpochPage: _KindSpec(
         Kind.EPOCH, EpochPage.decode, lambda b, s: (b.group_id, bytes([b.index])), _by_signer
     ),
-    InviteInfo: _KindSpec(Kind.INVITE, InviteInfo.decode, lambda b, s: (), lambda b, s: b""),
+    InviteInfo: _KindSpec(Kind.INVITE, InviteInfo.decode, lambda b, s: (), _by_signer),
 }
 _SPEC_BY_KIND = {spec.kind: spec for spec in _SPECS.values()}
 INNER_KINDS = frozenset({Kind.GRANT, Kind.EPOCH, Kind.INVITE})

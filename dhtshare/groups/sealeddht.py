@@ -25,6 +25,7 @@ from dhtshare.records import SignedRecord, time_seq
 __all__ = ["Dht", "SealedDht"]
 
 Renew = Callable[[SignedRecord], SignedRecord]
+SENDING = 4  # records stored at once
 
 
 class Dht(Protocol):
@@ -58,6 +59,9 @@ class SealedDht:
         self.dht, self.ring, self.identity, self.clock = dht, ring, identity, clock
         self._pubs: dict[tuple[bytes, bytes, bytes], _Publication] = {}  # gid, key, slot
         self._last_seq = 0
+        # a big roster or epoch change is dozens of 7 KiB records: sent all at once, k
+        # copies each overflow the UDP buffers (the stores are lost and contacts evicted)
+        self._sending = asyncio.Semaphore(SENDING)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -133,7 +137,8 @@ class SealedDht:
             raise RecordError("no key to seal this record with")
         pub.outer = outer
         self._pubs[where_key] = pub
-        return await self.dht.publish(outer, self._renewer(pub))
+        async with self._sending:
+            return await self.dht.publish(outer, self._renewer(pub))
 
     async def put(
         self, where: Where, record: SignedRecord, *, to_owner: bytes | None = None
@@ -143,7 +148,8 @@ class SealedDht:
         if space is None:
             raise RecordError("no key to seal this record with")
         outer = seal(space, record, seq=self._seq(), now=self.clock(), to_owner=to_owner)
-        return await self.dht.put(outer)
+        async with self._sending:
+            return await self.dht.put(outer)
 
     def withdraw(self, inner_key: bytes, inner_slot: bytes, group_id: bytes | None = None) -> None:
         """Stop republishing my record in ``inner_slot`` under ``inner_key`` (of
@@ -187,7 +193,8 @@ class SealedDht:
 
     async def _publish_outer(self, pub: _Publication) -> bool:
         assert pub.outer is not None
-        await self.dht.publish(pub.outer, self._renewer(pub))
+        async with self._sending:
+            await self.dht.publish(pub.outer, self._renewer(pub))
         return True
 
     def forget_group(self, group_id: bytes, keep: Sequence[Where] = ()) -> None:

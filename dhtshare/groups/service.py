@@ -402,12 +402,23 @@ class GroupService:
         rec = self._sign_note(InviteInfo(group_id, name), NOTE_TTL)
         await self._dht.publish(Where("inbox", group_id), rec, self._renewer(NOTE_TTL))
 
+    async def _retire_invite(self, group_id: bytes, name: str) -> None:
+        """Mark the current invite replaced in its inbox (new requests there are not read)."""
+        rec = self._sign_note(InviteInfo(group_id, name, withdrawn=True), NOTE_TTL)
+        self._dht.withdraw(key_for(Kind.INVITE), self._me.public, group_id)
+        try:
+            await self._dht.put(Where("inbox", group_id), rec)
+        except DhtshareError:
+            pass  # the old record expires; its requests are not read either way
+
     async def invite(self, group_id: bytes, *, rotate: bool = False) -> str:
         """The group's invite (owner only); ``rotate`` replaces it, so the old one stops
         working for new requests."""
         draft = await self._as_owner(group_id)
         keys = self.state.keys[group_id]
         if rotate or not keys.invite or Invite.parse(keys.invite).owner != self._me.public:
+            if keys.invite:
+                await self._retire_invite(group_id, draft.roster.genesis.name)
             keys.invite = Invite.new(self._me.public).token
             await self._publish_invite(group_id, draft.roster.genesis.name)
             view = self._views.get(group_id)
@@ -456,7 +467,7 @@ class GroupService:
         for index in range(MAX_PAGES):
             self._dht.withdraw(_page_key(group_id, me, index), me)
         self.sealed.dht.withdraw(key_for(Kind.DIRECTORY), me + group_id)
-        self._dht.withdraw(key_for(Kind.INVITE), b"", group_id)
+        self._dht.withdraw(key_for(Kind.INVITE), self._me.public, group_id)
         self.state.drafts.pop(group_id, None)
 
     async def _as_owner(self, group_id: bytes) -> Draft:
@@ -557,7 +568,7 @@ class GroupService:
         found = await self._dht.find([invite.space], key_for(Kind.INVITE))
         for rec in found:
             body = rec.payload()
-            if isinstance(body, InviteInfo) and rec.signer == invite.owner:
+            if isinstance(body, InviteInfo) and rec.signer == invite.owner and not body.withdrawn:
                 return body
         raise GroupError(
             "no group was found for this invite (or it was replaced by a new one)",
@@ -807,7 +818,7 @@ class GroupService:
 
     async def _ensure_invite(self, group_id: bytes, name: str) -> None:
         """Keep the inbox's invite record published (after a restart too)."""
-        if self._dht.where_of(group_id, key_for(Kind.INVITE), b"") is None:
+        if self._dht.where_of(group_id, key_for(Kind.INVITE), self._me.public) is None:
             keys = self.state.keys.get(group_id)
             if keys is not None and keys.invite:
                 await self._publish_invite(group_id, name)

@@ -1,0 +1,289 @@
+"""Private groups on a real DHT (sim network of real nodes on 127.0.0.1): what storing nodes
+and outsiders see, who can write, and epochs (issue #17)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from kademlia.node import Node as KNode
+
+from dhtshare.errors import GroupError
+from dhtshare.files.service import FileService
+from dhtshare.groups import secrets
+from dhtshare.groups.keyring import GroupKeys
+from dhtshare.groups.service import GroupService
+from dhtshare.identity import Identity, format_id
+from dhtshare.records import (
+    EpochPage,
+    FileEntry,
+    Kind,
+    Member,
+    Sealed,
+    decode_record,
+    key_for,
+    sign_record,
+)
+from dhtshare.sim import Network
+
+pytestmark = pytest.mark.timeout(120)
+
+NODES = 10
+
+
+def _people(*names: str) -> list[Identity]:
+    return [Identity.generate(n) for n in names]
+
+
+async def _group(net: Network, *people: Identity) -> tuple[list[GroupService], bytes]:
+    """The first person owns a group ``zq-climbers`` the others joined by invite."""
+    services = [GroupService(net.nodes[i + 1], p) for i, p in enumerate(people)]
+    owner = services[0]
+    gid = await owner.create("zq-climbers")
+    invite = await owner.invite(gid)
+    for s in services[1:]:
+        assert await s.request_join(invite, "zq-let-me-in") == gid
+        await owner.accept(gid, s._me.public)
+        assert await s.status(gid) == ("accepted", "")
+    return services, gid
+
+
+def _stored(net: Network) -> list[bytes]:
+    now = time.time()
+    return [raw for node in net.nodes for _key, raw in node.storage.items(now)]
+
+
+async def test_storing_nodes_hold_only_opaque_sealed_records() -> None:
+    owner, alice = _people("zq-owner-name", "zq-alice-name")
+    async with Network.start(NODES) as net:
+        (_so, sa), gid = await _group(net, owner, alice)
+        files = FileService(sa.sealed, alice, lambda: ("127.0.0.1", 4242))
+        cid = os.urandom(32)
+        entry = FileEntry(gid, cid, "zq-secret-route.mp4", 5_000_000, 262144)
+        await files._publish(files._sign(entry, 3600), 3600)
+        stored = _stored(net)
+        assert stored, "the group's records must be somewhere"
+        kinds = {decode_record(raw).kind for raw in stored}
+        assert kinds == {Kind.SEALED}
+        secret_words = [
+            gid,
+            gid.hex().encode(),
+            cid,
+            cid.hex().encode(),
+            owner.public,
+            alice.public,
+            format_id(owner.public).encode(),
+            b"zq-climbers",
+            b"zq-owner-name",
+            b"zq-alice-name",
+            b"zq-secret-route",
+            b"zq-let-me-in",
+            b"127.0.0.1",
+        ]
+        blob = b"\n".join(stored)
+        assert [w for w in secret_words if w in blob] == []
+
+
+async def test_an_outsider_who_knows_the_group_id_finds_nothing() -> None:
+    owner, alice, eve = _people("owner", "alice", "eve")
+    async with Network.start(NODES) as net:
+        (_so, _sa), gid = await _group(net, owner, alice)
+        outsider = GroupService(net.nodes[7], eve)
+        with pytest.raises(GroupError):
+            await outsider.fetch_roster(gid)
+        for kind in (Kind.ROSTER, Kind.LEAVE, Kind.FILE_ENTRY, Kind.JOIN_REQUEST):
+            assert await net.nodes[7].get(key_for(kind, gid)) == []
+        # even with a keyring entry of its own making, it reads nothing of the group
+        outsider.state.keys[gid] = GroupKeys()
+        outsider.state.keys[gid].install(0, secrets.new_secret())
+        with pytest.raises(GroupError):
+            await outsider.fetch_roster(gid)
+
+
+async def test_throwaway_keys_cannot_write_under_a_groups_keys() -> None:
+    """1,000 values from 1,000 throw-away keys under each of the group's DHT keys: every one
+    refused by the nodes that store the group's records; the group's records still read."""
+    owner, alice = _people("owner", "alice")
+    async with Network.start(NODES) as net:
+        (so, sa), gid = await _group(net, owner, alice)
+        group_keys = sorted({rec.dht_key for rec in so.sealed.dht.published})
+        assert len(group_keys) >= 3  # invite, roster, grant at least
+        now = time.time()
+        holders = {k: [n for n in net.nodes if n.storage.records(k, now)] for k in group_keys}
+        assert all(holders.values())
+        refused: dict[str, int] = {}
+        kept = 0
+        for key in group_keys:
+            for i in range(1000):
+                junk = Identity.generate()
+                body = Sealed(os.urandom(20), os.urandom(16), os.urandom(600))
+                rec = sign_record(junk, body, seq=i + 1, now=now, ttl=3600)
+                raw = rec.encode()
+                for node in holders[key]:
+                    why = node.storage.add(key, raw, now, source="127.0.0.9")
+                    if why is None:
+                        kept += 1
+                    else:
+                        refused[why] = refused.get(why, 0) + 1
+        assert kept == 0
+        assert set(refused) == {"wrong_key"}
+        # the same over real UDP store requests (a sample: 20 per key to each holder)
+        proto = net.nodes[9].protocol
+        replies = []
+        for key in group_keys:
+            for _ in range(20):
+                body = Sealed(os.urandom(20), os.urandom(16), os.urandom(600))
+                raw = sign_record(Identity.generate(), body, seq=1, now=now, ttl=600).encode()
+                for node in holders[key]:
+                    peer = KNode(node.node.id, *node.address)
+                    replies.append(await proto.call_store(peer, key, raw))
+        assert replies and all(kept is not True for _ok, kept in replies)
+        assert (await sa.fetch_roster(gid)).members[-1].key == alice.public
+
+
+async def test_a_throwaway_key_cannot_answer_for_the_owner_in_the_inbox() -> None:
+    """An invite holder can write into the inbox, but cannot read other requests (they are
+    sealed to the owner), and a fake invite record it signs is ignored."""
+    owner, alice, mallory = _people("owner", "alice", "mallory")
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner)
+        sa, sm = GroupService(net.nodes[2], alice), GroupService(net.nodes[3], mallory)
+        gid = await so.create("zq-climbers")
+        invite = secrets.Invite.parse(await so.invite(gid))
+        await sa.request_join(invite.token, "zq-alice-note")
+        # mallory holds the invite: she finds alice's request but cannot open it
+        found = await sm.sealed.find([invite.space], key_for(Kind.JOIN_REQUEST, gid), to_me=True)
+        assert found == []
+        # a fake invite record under the inbox, signed by mallory, is not believed
+        from dhtshare.groups.keyring import Where
+        from dhtshare.records import InviteInfo
+
+        sm.state.keys[gid] = GroupKeys(invite=invite.token)
+        fake = sign_record(
+            mallory, InviteInfo(os.urandom(32), "zq-fake"), seq=2**40, now=time.time(), ttl=600
+        )
+        await sm.sealed.publish(Where("inbox", gid), fake)
+        assert (await sa.read_invite(invite)).group_id == gid
+        assert [p.message for p in await so.requests(gid)] == ["zq-alice-note"]
+
+
+async def test_removal_starts_an_epoch_the_removed_member_cannot_read() -> None:
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, sa, sb), gid = await _group(net, owner, alice, bob)
+        old_access = sb.access_key(gid)
+        assert old_access is not None and old_access == sa.access_key(gid)
+        await so.remove(gid, bob.public)
+        assert so.state.keys[gid].epoch == 1
+        view = await sa.refresh(gid)
+        assert [m.name for m in view.members] == ["owner", "alice"]
+        assert sa.access_key(gid) == so.access_key(gid) != old_access
+        await sb.refresh(gid)
+        assert sb.state.keys[gid].removed and sb.state.keys[gid].epoch == 0
+        assert sb.access_key(gid) is None
+        # what alice shares now, bob never finds
+        fa = FileService(sa.sealed, alice, lambda: ("127.0.0.1", 4242))
+        fb = FileService(sb.sealed, bob, lambda: ("127.0.0.1", 4243))
+        cid = os.urandom(32)
+        await fa._publish(fa._sign(FileEntry(gid, cid, "zq-after.bin", 10, 262144), 600), 600)
+        assert [f.entry.name for f in await fa.list_files(gid, sa.is_member)] == ["zq-after.bin"]
+        assert await fb._entries(gid) == []
+        # and what bob shares (in the old epoch) the members do not list
+        await fb._publish(
+            fb._sign(FileEntry(gid, os.urandom(32), "zq-bob.bin", 10, 262144), 600), 600
+        )
+        assert [f.entry.name for f in await fa.list_files(gid, sa.is_member)] == ["zq-after.bin"]
+
+
+async def test_a_member_offline_for_several_epochs_catches_up() -> None:
+    people = _people("owner", "alice", "b1", "b2", "b3")
+    async with Network.start(NODES) as net:
+        services, gid = await _group(net, *people)
+        so, sa = services[0], services[1]
+        for gone in people[2:]:
+            await so.remove(gid, gone.public)
+        assert so.state.keys[gid].epoch == 3
+        assert sa.state.keys[gid].epoch == 0
+        view = await sa.refresh(gid)  # one refresh follows the three changes
+        assert sa.state.keys[gid].epoch == 3
+        assert [m.name for m in view.members] == ["owner", "alice"]
+
+
+async def test_leave_and_hand_over_start_epochs() -> None:
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, sa, sb), gid = await _group(net, owner, alice, bob)
+        await sb.leave(gid)
+        await so.maintain()  # the owner sees the leave: a new epoch without bob
+        assert so.state.keys[gid].epoch == 1
+        await sa.refresh(gid)
+        assert sa.state.keys[gid].epoch == 1
+        await so.leave(gid)  # the owner hands the group to alice
+        await sa.maintain()  # alice takes over: another epoch, without the old owner
+        assert sa.state.keys[gid].epoch == 2
+        view = await sa.refresh(gid)
+        assert view.owner == alice.public and [m.name for m in view.members] == ["alice"]
+        new_invite = secrets.Invite.parse(await sa.invite(gid))
+        assert new_invite.owner == alice.public
+
+
+async def test_a_rotated_invite_stops_working_for_new_requests() -> None:
+    owner, alice = _people("owner", "alice")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        gid = await so.create("zq-climbers")
+        old = await so.invite(gid)
+        new = await so.invite(gid, rotate=True)
+        assert new != old
+        with pytest.raises(GroupError, match="no group was found for this invite"):
+            await sa.request_join(old)
+        assert await sa.request_join(new) == gid
+
+
+def test_a_2000_member_epoch_change_reaches_every_remaining_member() -> None:
+    """The pages of a 2,000-member re-key: each of the 1,999 remaining members finds its own
+    box by hint and opens the new secret; the removed member finds none."""
+    members = [Identity.generate() for _ in range(2000)]
+    removed, remaining = members[0], members[1:]
+    gid, old, new = os.urandom(32), secrets.new_secret(), secrets.new_secret()
+    pages = secrets.epoch_pages(gid, 1, old, new, [m.public for m in remaining])
+    assert len(pages) == 25
+    owner = Identity.generate()
+    for page in pages:  # each page fits one sealed record
+        rec = sign_record(owner, page, seq=1, now=time.time(), ttl=600)
+        sealed = secrets.seal(secrets.epoch_space(old), rec, seq=1, now=time.time())
+        assert len(sealed.encode()) <= 7680
+        assert isinstance(decode_record(sealed.encode()).payload(), Sealed)
+    assert all(secrets.my_box(m, old, pages) == new for m in remaining)
+    assert secrets.my_box(removed, old, pages) is None
+    assert isinstance(pages[0], EpochPage) and pages[0].count == 25
+
+
+async def test_a_2000_member_group_re_keys_through_the_dht() -> None:
+    """Removal in a 2,000-member group: the owner publishes the new epoch, and members
+    (first, last and a sample) follow it and read the 1,999-member roster."""
+    owner = Identity.generate("owner")
+    people = [Identity.generate(f"m{i}") for i in range(1999)]
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner)
+        gid = await so.create("zq-big")
+        draft = so.state.drafts[gid]
+        members = draft.members + tuple(Member(p.public, p.name, 1) for p in people)
+        await so._next_roster(draft, members)
+        sample = [people[0], people[-1], *people[1:1999:400]]
+        readers = []
+        for i, p in enumerate(sample):
+            r = GroupService(net.nodes[2 + i % 8], p)
+            r.state.keys[gid] = GroupKeys()
+            r.state.keys[gid].install(0, so.state.keys[gid].secrets[0])
+            r.state.groups[gid] = "zq-big"
+            readers.append(r)
+        await asyncio.gather(*(r.refresh(gid) for r in readers))
+        await so.remove(gid, people[0].public)
+        views = await asyncio.gather(*(r.refresh(gid) for r in readers[1:]))
+        assert all(len(v.members) == 1999 for v in views)
+        assert all(r.state.keys[gid].epoch == 1 for r in readers[1:])
+        await readers[0].refresh(gid)
+        assert readers[0].state.keys[gid].removed
