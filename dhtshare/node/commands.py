@@ -217,6 +217,12 @@ class Commands:
     async def require_member(self, gid: bytes) -> None:
         """``GroupError`` unless I am a member; a requester learns where its request stands."""
         node = self.node
+        keys = node.groups.state.keys.get(gid)
+        if keys is not None and keys.removed:
+            raise GroupError(
+                "you were removed from this group: it moved to keys you do not hold",
+                "ask the owner to invite you again",
+            )
         if node.groups.is_member(gid, node.identity.public):
             return
         if gid in node.groups.state.requested:
