@@ -82,6 +82,7 @@ PAGE_MEMBERS = 65  # members per roster page (names up to 64 bytes; fits a seale
 MAX_PAGES = 40  # so a group holds up to 38 + 40 * 65 = 2,638 members
 MAX_ADDRESSES = 8
 SECRET_SIZE = 32  # epoch, invite and mailbox secrets
+AUTHOR_PURPOSE = "space/author"  # a space key certifies an author key (``Sealed.cert``)
 LOCATOR_SIZE = 20  # a sealed record's locator (the salt of its DHT key)
 TAG_SIZE = 16  # a sealed record's opaque slot
 BOX_SIZE = 80  # crypto_box_seal of a 32-byte secret to one member's X25519 key
@@ -468,27 +469,41 @@ class FileEntry:
 class Sealed:
     """An encrypted record of a private group, as storing nodes see it.
 
-    The envelope's signer is a write key derived from a group secret (an epoch's, an
-    invite's or a mailbox's), and the DHT key is ``key_for(SEALED, signer, locator)``, so
-    only holders of the secret can write under a key (BEP 44's H(key || salt)). ``tag``
-    names the slot; ``box`` is the AEAD ciphertext (nonce first) of a padded inner record.
+    ``space`` is a write key derived from a group secret (an epoch's, an invite's or a
+    mailbox's) and the DHT key is ``key_for(SEALED, space, locator)``. The envelope's signer
+    is the writer's **author** key (one per writer and space, derived from both secrets), and
+    ``cert`` is the space key's signature of it: only holders of the secret can certify an
+    author, so only they can write under the key (BEP 44's H(key || salt)), and a slot is
+    the author's (``signer ‖ tag``), so no writer can replace another's record. ``box`` is
+    the AEAD ciphertext (nonce first) of a padded inner record.
     """
 
+    space: bytes
+    cert: bytes
     locator: bytes
     tag: bytes
     box: bytes
 
     def __post_init__(self) -> None:
+        _check_id(self.space, "space key", _KEY)
+        _check_id(self.cert, "certificate", _SIG)
         _check_id(self.locator, "locator", LOCATOR_SIZE)
         _check_id(self.tag, "tag", TAG_SIZE)
 
     def encode(self) -> bytes:
-        w = Writer().push_bytes(self.locator).push_bytes(self.tag)
+        w = Writer().push_bytes(self.space).push_bytes(self.cert)
+        w.push_bytes(self.locator).push_bytes(self.tag)
         return w.push_varbytes(self.box, MAX_BODY).getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> Sealed:
-        return cls(r.pull_bytes(LOCATOR_SIZE), r.pull_bytes(TAG_SIZE), r.pull_varbytes(MAX_BODY))
+        return cls(
+            r.pull_bytes(_KEY),
+            r.pull_bytes(_SIG),
+            r.pull_bytes(LOCATOR_SIZE),
+            r.pull_bytes(TAG_SIZE),
+            r.pull_varbytes(MAX_BODY),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -832,7 +847,9 @@ _SPECS: dict[type, _KindSpec] = {
     DirectoryEntry: _KindSpec(
         Kind.DIRECTORY, DirectoryEntry.decode, lambda b, s: (), lambda b, s: s + b.group_id
     ),
-    Sealed: _KindSpec(Kind.SEALED, Sealed.decode, lambda b, s: (s, b.locator), lambda b, s: b.tag),
+    Sealed: _KindSpec(
+        Kind.SEALED, Sealed.decode, lambda b, s: (b.space, b.locator), lambda b, s: s + b.tag
+    ),
     # inner kinds: these never reach a storing node in the clear (``groups/sealing.py``)
     Grant: _KindSpec(Kind.GRANT, Grant.decode, lambda b, s: (b.group_id,), _by_signer),
     EpochPage: _KindSpec(
@@ -986,6 +1003,10 @@ def verify_record(rec: SignedRecord, now: float) -> Body:
     if rec.seq > max_seq(now):
         raise RecordError("record seq dated too far ahead")
     body = rec.payload()
+    if isinstance(body, Sealed) and not crypto.verify(
+        body.space, AUTHOR_PURPOSE, rec.signer, body.cert
+    ):
+        raise RecordError("sealed record's author is not certified by its space key")
     if isinstance(body, Roster):
         if not body.chain_is_valid():
             raise RecordError("roster hand-over chain does not verify")

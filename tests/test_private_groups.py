@@ -24,6 +24,7 @@ from dhtshare.records import (
     Sealed,
     decode_record,
     key_for,
+    max_seq,
     sign_record,
 )
 from dhtshare.sim import Network
@@ -116,9 +117,14 @@ async def test_throwaway_keys_cannot_write_under_a_groups_keys() -> None:
         refused: dict[str, int] = {}
         kept = 0
         for key in group_keys:
+            real = holders[key][0].storage.records(key, now)[0].payload()
+            assert isinstance(real, Sealed)
             for i in range(1000):
                 junk = Identity.generate()
-                body = Sealed(os.urandom(20), os.urandom(16), os.urandom(600))
+                if i % 2:  # claims the group's space key and locator, with a forged cert
+                    body = Sealed(real.space, os.urandom(64), real.locator, os.urandom(16), b"x")
+                else:  # its own space key (a throw-away key certifying itself)
+                    body = Sealed(junk.public, os.urandom(64), os.urandom(20), os.urandom(16), b"x")
                 rec = sign_record(junk, body, seq=i + 1, now=now, ttl=3600)
                 raw = rec.encode()
                 for node in holders[key]:
@@ -128,13 +134,15 @@ async def test_throwaway_keys_cannot_write_under_a_groups_keys() -> None:
                     else:
                         refused[why] = refused.get(why, 0) + 1
         assert kept == 0
-        assert set(refused) == {"wrong_key"}
+        assert set(refused) == {"wrong_key", "not_certified"}
         # the same over real UDP store requests (a sample: 20 per key to each holder)
         proto = net.nodes[9].protocol
         replies = []
         for key in group_keys:
             for _ in range(20):
-                body = Sealed(os.urandom(20), os.urandom(16), os.urandom(600))
+                real = holders[key][0].storage.records(key, now)[0].payload()
+                assert isinstance(real, Sealed)
+                body = Sealed(real.space, os.urandom(64), real.locator, os.urandom(16), b"x")
                 raw = sign_record(Identity.generate(), body, seq=1, now=now, ttl=600).encode()
                 for node in holders[key]:
                     peer = KNode(node.node.id, *node.address)
@@ -253,7 +261,7 @@ def test_a_2000_member_epoch_change_reaches_every_remaining_member() -> None:
     owner = Identity.generate()
     for page in pages:  # each page fits one sealed record
         rec = sign_record(owner, page, seq=1, now=time.time(), ttl=600)
-        sealed = secrets.seal(secrets.epoch_space(old), rec, seq=1, now=time.time())
+        sealed = secrets.seal(secrets.epoch_space(old), rec, author=owner, seq=1, now=time.time())
         assert len(sealed.encode()) <= 7680
         assert isinstance(decode_record(sealed.encode()).payload(), Sealed)
     assert all(secrets.my_box(m, old, pages) == new for m in remaining)
@@ -287,3 +295,32 @@ async def test_a_2000_member_group_re_keys_through_the_dht() -> None:
         assert all(r.state.keys[gid].epoch == 1 for r in readers[1:])
         await readers[0].refresh(gid)
         assert readers[0].state.keys[gid].removed
+
+
+async def test_a_member_cannot_replace_another_members_sealed_record() -> None:
+    """Mallory holds the epoch secret and writes junk into the slot of alice's file entry
+    with the highest seq a storing node takes: her record lands in her own slot (one per
+    author), and alice's entry is still listed."""
+    owner, alice, mallory = _people("owner", "alice", "mallory")
+    async with Network.start(NODES) as net:
+        (_so, sa, sm), gid = await _group(net, owner, alice, mallory)
+        fa = FileService(sa.sealed, alice, lambda: ("127.0.0.1", 4242))
+        entry = fa._sign(FileEntry(gid, os.urandom(32), "zq-alice.bin", 10, 262144), 600)
+        await fa._publish(entry, 600)
+        space = sm.sealed.spaces(gid)[0]
+        inner_key = key_for(Kind.FILE_ENTRY, gid)
+        author, cert = space.author(mallory)
+        junk = Sealed(
+            space.writer.public,
+            cert,
+            space.locator(inner_key),
+            space.tag(inner_key, entry.slot),  # alice's slot, as far as the tag goes
+            os.urandom(700),
+        )
+        now = time.time()
+        forged = sign_record(author, junk, seq=max_seq(now), now=now, ttl=600)
+        assert await sm.sealed.dht.put(forged) > 0
+        listed = await fa.list_files(gid, sa.is_member)
+        assert [f.entry.name for f in listed] == ["zq-alice.bin"]
+        held = [n.storage.records(space.dht_key(inner_key), now) for n in net.nodes]
+        assert any(len(recs) == 2 for recs in held)  # both kept, side by side

@@ -64,6 +64,7 @@ _FRAMING = 3
 
 _REASON_WORDS = (
     ("signature", "bad_signature"),
+    ("certified", "not_certified"),
     ("ahead", "too_far_ahead"),
     ("expire", "expired"),
 )

@@ -20,7 +20,7 @@ from dhtshare.errors import RecordError
 from dhtshare.groups.keyring import Keyring, Where
 from dhtshare.groups.secrets import Space, open_sealed, seal
 from dhtshare.identity import Identity
-from dhtshare.records import SignedRecord, time_seq
+from dhtshare.records import Sealed, SignedRecord, time_seq
 
 __all__ = ["Dht", "SealedDht"]
 
@@ -104,7 +104,14 @@ class SealedDht:
         space = pub.where.resolve(self.ring)
         if space is None:
             return None
-        return seal(space, pub.inner, seq=self._seq(), now=self.clock(), to_owner=pub.to_owner)
+        return seal(
+            space,
+            pub.inner,
+            author=self.identity,
+            seq=self._seq(),
+            now=self.clock(),
+            to_owner=pub.to_owner,
+        )
 
     def _renewer(self, pub: _Publication) -> Renew:
         def renew(old: SignedRecord) -> SignedRecord:
@@ -147,7 +154,14 @@ class SealedDht:
         space = where.resolve(self.ring)
         if space is None:
             raise RecordError("no key to seal this record with")
-        outer = seal(space, record, seq=self._seq(), now=self.clock(), to_owner=to_owner)
+        outer = seal(
+            space,
+            record,
+            author=self.identity,
+            seq=self._seq(),
+            now=self.clock(),
+            to_owner=to_owner,
+        )
         async with self._sending:
             return await self.dht.put(outer)
 
@@ -179,7 +193,8 @@ class SealedDht:
             if pub.where.group_id != group_id or pub.outer is None:
                 continue
             space = pub.where.resolve(self.ring)
-            if space is None or space.writer.public == pub.outer.signer:
+            body = pub.outer.payload()
+            if space is None or (isinstance(body, Sealed) and body.space == space.writer.public):
                 continue
             self.dht.withdraw(pub.outer.dht_key, pub.outer.slot)
             new = self._seal(pub)

@@ -5,7 +5,10 @@ record of a **space**: a 32-byte secret and a purpose (``epoch``: the members of
 ``invite``: whoever holds the invite; ``mailbox``: the owner and one requester). From the
 secret come, by keyed BLAKE2b (``crypto.digest``):
 
-- the space's **write key**, an ed25519 key pair: the sealed record's signer;
+- the space's **write key**, an ed25519 key pair: it certifies each writer's **author**
+  key (derived from the space's secret and the writer's identity), which signs the sealed
+  record; a storing node keeps one record per author and tag, so no writer replaces
+  another's;
 - a **locator** per inner DHT key: the sealed record's DHT key is
   ``key_for(SEALED, write key, locator)``, so storing nodes accept a value there only when
   the write key signed it, and keys of different spaces cannot be linked;
@@ -38,6 +41,7 @@ from dhtshare.codec import Reader
 from dhtshare.errors import DecodeError, GroupError, RecordError
 from dhtshare.identity import Identity
 from dhtshare.records import (
+    AUTHOR_PURPOSE,
     BOX_SIZE,
     EPOCH_PAGE_BOXES,
     HINT_SIZE,
@@ -78,7 +82,7 @@ _INVITE_VERSION = 1
 _INVITE_BYTES = 1 + INVITE_SECRET_SIZE + crypto.PUBLIC_KEY_SIZE
 _INVITE_CHARS = 66  # base64url of 49 bytes, no padding
 _NONCE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
-PAD_SIZES = (512, 1024, 2048, 4096, 7424)
+PAD_SIZES = (512, 1024, 2048, 4096, 7360)
 """Inner records (with a 2-byte length) are padded to the first of these that fits; the
 largest keeps a sealed record within ``MAX_RECORD_SIZE`` even when sealed to the owner."""
 
@@ -104,6 +108,16 @@ class Space:
     def writer(self) -> Identity:
         seed = crypto.digest("space/write/" + self.purpose, self.secret)
         return Identity(SigningKey(seed))
+
+    def author(self, identity: Identity) -> tuple[Identity, bytes]:
+        """``identity``'s author key in this space and the space key's certificate of it:
+        the same each time, unlinkable to ``identity`` without both secrets."""
+        seed = crypto.digest(
+            "space/author/" + self.purpose, self.secret, bytes(identity.signing_key)
+        )
+        author = Identity(SigningKey(seed))
+        cert = crypto.sign(self.writer.signing_key, AUTHOR_PURPOSE, author.public)
+        return author, cert
 
     @cached_property
     def aead_key(self) -> bytes:
@@ -158,22 +172,26 @@ def seal(
     space: Space,
     inner: SignedRecord,
     *,
+    author: Identity,
     seq: int,
     now: float,
     to_owner: bytes | None = None,
 ) -> SignedRecord:
-    """``inner`` as a sealed record of ``space``, valid as long as ``inner``; sealed to the
-    X25519 key of ``to_owner`` as well when given (join requests)."""
+    """``inner`` as a sealed record of ``space`` written by ``author`` (its author key in
+    the space signs it), valid as long as ``inner``; sealed to the X25519 key of
+    ``to_owner`` as well when given (join requests)."""
     data = pad(inner.encode())
     if to_owner is not None:
         data = SealedBox(_x25519_public(to_owner)).encrypt(data)
     inner_key = inner.dht_key
     locator, tag = space.locator(inner_key), space.tag(inner_key, inner.slot)
+    writer, cert = space.author(author)
     nonce = os.urandom(_NONCE)
-    ad = space.writer.public + locator + tag
+    ad = space.writer.public + writer.public + locator + tag
     box = nonce + sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(data, ad, nonce, space.aead_key)
     ttl = max(1.0, inner.expires - now)
-    return sign_record(space.writer, Sealed(locator, tag, box), seq=seq, now=now, ttl=ttl)
+    body = Sealed(space.writer.public, cert, locator, tag, box)
+    return sign_record(writer, body, seq=seq, now=now, ttl=ttl)
 
 
 def open_sealed(
@@ -188,12 +206,12 @@ def open_sealed(
     ``RecordError`` if anything does not check (wrong space, tampered, wrong key or slot).
     ``owner``: this space's records are also sealed to my X25519 key (the inbox)."""
     body = outer.payload()
-    if not isinstance(body, Sealed) or outer.signer != space.writer.public:
+    if not isinstance(body, Sealed) or body.space != space.writer.public:
         raise RecordError("not a sealed record of this space")
     if body.locator != space.locator(inner_key) or len(body.box) < _NONCE:
         raise RecordError("sealed record under another locator")
     nonce, ct = body.box[:_NONCE], body.box[_NONCE:]
-    ad = space.writer.public + body.locator + body.tag
+    ad = space.writer.public + outer.signer + body.locator + body.tag
     try:
         data = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ct, ad, nonce, space.aead_key)
         if owner is not None:
