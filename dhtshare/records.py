@@ -60,6 +60,7 @@ __all__ = [
     "Sealed",
     "SignedRecord",
     "decode_record",
+    "epoch_key_ids",
     "every_address",
     "key_for",
     "max_seq",
@@ -133,6 +134,12 @@ def key_for(kind: Kind, *ids: bytes) -> bytes:
 def time_seq(now: float) -> int:
     """A sequence number from the clock (milliseconds): newer publications win."""
     return int(now * 1000)
+
+
+def epoch_key_ids(group_id: bytes, epoch: int, index: int) -> tuple[bytes, bytes, bytes]:
+    """The ids of the inner key of page ``index`` announcing ``epoch`` (each epoch's
+    announcement has its own keys, so announcing the next one does not replace it)."""
+    return group_id, epoch.to_bytes(4, "big"), bytes([index])
 
 
 def page_key_ids(group_id: bytes, signer: bytes, index: int) -> tuple[bytes, bytes, bytes]:
@@ -853,7 +860,10 @@ _SPECS: dict[type, _KindSpec] = {
     # inner kinds: these never reach a storing node in the clear (``groups/sealing.py``)
     Grant: _KindSpec(Kind.GRANT, Grant.decode, lambda b, s: (b.group_id,), _by_signer),
     EpochPage: _KindSpec(
-        Kind.EPOCH, EpochPage.decode, lambda b, s: (b.group_id, bytes([b.index])), _by_signer
+        Kind.EPOCH,
+        EpochPage.decode,
+        lambda b, s: epoch_key_ids(b.group_id, b.epoch, b.index),
+        _by_signer,
     ),
     InviteInfo: _KindSpec(Kind.INVITE, InviteInfo.decode, lambda b, s: (), _by_signer),
 }

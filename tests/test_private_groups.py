@@ -23,6 +23,7 @@ from dhtshare.records import (
     Member,
     Sealed,
     decode_record,
+    epoch_key_ids,
     key_for,
     max_seq,
     sign_record,
@@ -324,3 +325,26 @@ async def test_a_member_cannot_replace_another_members_sealed_record() -> None:
         assert [f.entry.name for f in listed] == ["zq-alice.bin"]
         held = [n.storage.records(space.dht_key(inner_key), now) for n in net.nodes]
         assert any(len(recs) == 2 for recs in held)  # both kept, side by side
+
+
+async def test_a_restarted_owner_announces_the_current_epoch_again() -> None:
+    """Epoch pages live while the node that made them runs: after the owner's restart, and
+    once the DHT dropped them, its maintenance round announces the current epoch again, so
+    a member that was offline during the change still follows it."""
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, sa, _sb), gid = await _group(net, owner, alice, bob)
+        await so.remove(gid, bob.public)
+        old_space = secrets.epoch_space(so.state.keys[gid].secrets[0])
+        page0 = old_space.dht_key(key_for(Kind.EPOCH, *epoch_key_ids(gid, 1, 0)))
+        so.sealed.forget_group(gid)  # the owner's node stops ...
+        now = time.time()
+        for node in net.nodes:  # ... and the storing nodes' hold time ran out
+            for rec in node.storage.records(page0, now):
+                node.storage.remove(page0, rec.slot)
+        assert await sa.refresh(gid) and sa.state.keys[gid].epoch == 0
+        restarted = GroupService(net.nodes[1], owner, so.state)
+        await restarted.maintain()
+        await sa.refresh(gid)
+        assert sa.state.keys[gid].epoch == 1
+        assert [m.name for m in sa.members(gid)] == ["owner", "alice"]

@@ -51,6 +51,7 @@ from dhtshare.records import (
     Member,
     Roster,
     SignedRecord,
+    epoch_key_ids,
     key_for,
     page_key_ids,
     sign_record,
@@ -525,12 +526,15 @@ class GroupService:
     async def _next_epoch(self, group_id: bytes, keys: GroupKeys) -> bytes | None:
         space = keys.space()
         assert space is not None
-        first = await self._dht.find([space], key_for(Kind.EPOCH, group_id, bytes([0])))
+        nxt = keys.epoch + 1
+        first = await self._dht.find([space], key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, 0)))
         for head in first:
             body = head.payload()
             if not isinstance(body, EpochPage) or body.epoch != keys.epoch + 1:
                 continue
-            keys_ = [key_for(Kind.EPOCH, group_id, bytes([i])) for i in range(1, body.count)]
+            keys_ = [
+                key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, i)) for i in range(1, body.count)
+            ]
             rest = await asyncio.gather(*(self._dht.find([space], k) for k in keys_))
             pages = [body] + [
                 r.payload()
@@ -814,7 +818,25 @@ class GroupService:
             await self._next_roster(draft, current, rekey=current != draft.members)
             return True
         await self._ensure_invite(group_id, view.name)
+        await self._ensure_announcement(group_id, current)
         return False
+
+    async def _ensure_announcement(self, group_id: bytes, members: tuple[Member, ...]) -> None:
+        """After a restart, announce the current epoch again under the previous one (its
+        pages are republished only while the node that made them runs), for the current
+        members: one who was offline during the change still finds its box."""
+        keys = self.state.keys.get(group_id)
+        if keys is None or keys.epoch < 1 or keys.epoch - 1 not in keys.secrets:
+            return
+        page0 = key_for(Kind.EPOCH, *epoch_key_ids(group_id, keys.epoch, 0))
+        if self._dht.where_of(group_id, page0, self._me.public) is not None:
+            return
+        old, secret = keys.secrets[keys.epoch - 1], keys.secrets[keys.epoch]
+        others = [m.key for m in members if m.key != self._me.public]
+        pages = epoch_pages(group_id, keys.epoch, old, secret, others)
+        here = Where("epoch", group_id, at=keys.epoch - 1)
+        recs = [self._sign_note(p, NOTE_TTL) for p in pages]
+        await asyncio.gather(*(self._dht.publish(here, r) for r in recs))
 
     async def _ensure_invite(self, group_id: bytes, name: str) -> None:
         """Keep the inbox's invite record published (after a restart too)."""
