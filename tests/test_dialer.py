@@ -29,6 +29,7 @@ from dhtshare.transfer.aio.peer import PeerStream
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.status import Complete
 from dhtshare.transfer.swarm import ProviderAddr
+from dhtshare.wire.relay import RelayKey
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=str(unavailabl
 class FakeRelay:
     """``open_circuit`` through a local listener; the provider's end goes to its punch,
     with the dialer's address as a relay's ``Incoming`` reports it (``source_ip``: a
-    relay that reports another IP)."""
+    relay that reports another IP). The provider's record names it with ``key``: a relay
+    key, which the dialer must name in place of the provider's identity."""
 
     def __init__(self, server: PeerServer) -> None:
         self.server = server
@@ -49,9 +51,11 @@ class FakeRelay:
         self.source_ip: str | None = None
         self.handler = circuit_handler(server.adopt, lambda: server.address, lambda: LOCAL)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.key = RelayKey.generate().public
 
     async def open_circuit(self, relay: tuple[str, int], key: bytes) -> tuple[socket.socket, bytes]:
         assert relay == (LOCAL, self.port)
+        assert key == self.key  # the relay key, never the provider's identity
         loop = asyncio.get_running_loop()
         d = socket.socket()
         d.setblocking(False)
@@ -82,7 +86,10 @@ async def relayed_provider(
         relay = FakeRelay(server)
         port = server.address[1]
         addr = ProviderAddr(
-            identity.public, LOCAL, port, (PeerAddress(AddressKind.RELAY, LOCAL, relay.port),)
+            identity.public,
+            LOCAL,
+            port,
+            (PeerAddress(AddressKind.RELAY, LOCAL, relay.port, relay.key),),
         )
         try:
             yield server, addr, relay

@@ -54,6 +54,7 @@ from dhtshare.wire.relay import (
     Ready,
     RefuseCode,
     Refused,
+    RelayKey,
     RelayMessage,
     Reserve,
     Reserved,
@@ -70,7 +71,7 @@ WAIT = 10.0
 
 
 def signed_reserve(
-    me: Identity, relay: tuple[str, int], when: int | None = None, signer: Identity | None = None
+    me: RelayKey, relay: tuple[str, int], when: int | None = None, signer: RelayKey | None = None
 ) -> Reserve:
     """``me``'s ``Reserve`` addressed to ``relay`` (signed by ``signer``: default ``me``)."""
     when = int(time.time()) if when is None else when
@@ -113,7 +114,7 @@ async def reserved_circuit(
 ) -> tuple[socket.socket, socket.socket]:
     """A new key's reservation at ``relay`` (its keeper in ``tg``), and a circuit to it:
     the downloader's socket and the target's."""
-    target = Identity.generate()
+    target = RelayKey.generate()
     circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
     changed = asyncio.Event()
     keeper = RelayKeeper(
@@ -136,7 +137,11 @@ async def start_provider(
     await server.serving.wait()
     changed = asyncio.Event()
     keeper = RelayKeeper(
-        identity, lambda: [relay.address], server.adopt, on_change=changed.set, local=PROVIDER_HOST
+        RelayKey.generate(),
+        lambda: [relay.address],
+        server.adopt,
+        on_change=changed.set,
+        local=PROVIDER_HOST,
     )
     tg.create_task(keeper.run(), name="relaytest-keeper")
     async with asyncio.timeout(WAIT):
@@ -230,7 +235,7 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     relay.relay.tap = captured.append
     wire = wire_capture(RELAY_HOST)
     try:
-        await relayed_download(tg, relay, shares, provider, me, data, hashes)
+        relay_key = await relayed_download(tg, relay, shares, provider, me, data, hashes)
     finally:
         if wire is not None:
             wire.close()
@@ -250,7 +255,7 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     flows = [bytes(f) for f in wire.flows.values()]
     assert wire.drops == 0  # the capture missed nothing
     assert sum(map(len, flows)) > 2 * len(data)  # in from the provider, out to us
-    assert any(provider.public in f for f in flows)  # the plaintext Reserve and Connect
+    assert any(relay_key in f for f in flows)  # the plaintext Reserve and Connect name it
     assert sum(hits(f, runs) for f in flows) == 0
 
 
@@ -262,15 +267,16 @@ async def relayed_download(
     me: Identity,
     data: bytes,
     hashes: list[bytes],
-) -> None:
-    """Fetch the whole file from ``provider``, reached only through ``relay``."""
+) -> bytes:
+    """Fetch the whole file from ``provider``, reached only through ``relay``; the relay
+    key it reserved under."""
     cid = merkle_root(hashes)
     server, keeper = await start_provider(tg, relay, shares, provider)
     assert keeper.relays == [relay.address]
     assert keeper.observed[relay.address][0] == PROVIDER_HOST
     assert relay.relay.reservations == 1
 
-    sock, rest = await open_circuit(relay.address, provider.public)
+    sock, rest = await open_circuit(relay.address, keeper.key.public)
     assert rest == b""
     got = bytearray(len(data))
     async with await open_peer_on(sock, me, GROUP, cid) as stream:
@@ -290,6 +296,7 @@ async def relayed_download(
     assert bytes(got) == data
     assert server.uploaded[me.public] == len(data)
     assert relay.relay.stats["circuit"] == 1
+    return keeper.key.public
 
 
 async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGroup) -> None:
@@ -299,7 +306,7 @@ async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGrou
     answers = []
     try:
         for _ in range(7):
-            me = Identity.generate()
+            me = RelayKey.generate()
             sock = socket.socket()
             sock.bind(("127.0.17.1", 0))
             sock.setblocking(False)
@@ -320,7 +327,7 @@ async def test_reservation_flood_from_one_address_is_capped(tg: asyncio.TaskGrou
 async def test_forged_reservation_is_refused(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg)
     loop = asyncio.get_running_loop()
-    victim, forger = Identity.generate(), Identity.generate()
+    victim, forger = RelayKey.generate(), RelayKey.generate()
     forged = signed_reserve(victim, relay.address, signer=forger)
     with socket.socket() as sock:
         sock.setblocking(False)
@@ -461,6 +468,11 @@ async def test_node_relays_when_public_and_reserves_when_private(tmp_path: Path)
         assert [(a.kind, a.host, a.port) for a in private.relay_addresses()] == [
             (AddressKind.RELAY, *public.address)
         ]
+        # the records name the relay key the reservation is held under, not the identity
+        relay_key = private.keeper.key.public
+        assert [a.key for a in private.relay_addresses()] == [relay_key]
+        assert relay_key != private.identity.public
+        assert public.relay_server._holders.keys() == {relay_key}
 
 
 async def no_progress(doc: dict[str, Any]) -> None:
@@ -469,7 +481,7 @@ async def no_progress(doc: dict[str, Any]) -> None:
 
 async def raw_reserve(
     relay: tuple[str, int],
-    me: Identity,
+    me: RelayKey,
     source: str = "127.0.17.9",
     addressed: tuple[str, int] | None = None,
 ) -> tuple[socket.socket, RelayMessage]:
@@ -492,7 +504,7 @@ async def raw_reserve(
 
 async def test_target_that_never_accepts_costs_the_accept_timeout(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg, RelayLimits(accept_timeout=0.3))
-    target = Identity.generate()
+    target = RelayKey.generate()
     sock, answer = await raw_reserve(relay.address, target)
     try:
         assert isinstance(answer, Reserved)
@@ -521,7 +533,7 @@ async def test_keeper_renews_and_skips_relays_that_refuse(tg: asyncio.TaskGroup)
     await plain.start()
     tg.create_task(plain.serve(), name="relaytest-plain")
     await plain.serving.wait()
-    target = Identity.generate()
+    target = RelayKey.generate()
     changed = asyncio.Event()
     keeper = RelayKeeper(
         target,
@@ -599,7 +611,7 @@ async def test_adopt_serves_a_socket_with_bytes_already_read(
 async def test_a_replayed_reserve_cannot_take_a_reservation_over(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg)
     loop = asyncio.get_running_loop()
-    me = Identity.generate()
+    me = RelayKey.generate()
     when = int(time.time())
     frame = relay_frame(signed_reserve(me, relay.address, when))  # in the clear: on path
     answers = []
@@ -629,7 +641,7 @@ async def test_a_renewal_flood_on_one_connection_ends_it(tg: asyncio.TaskGroup) 
     connection, so one connection cannot keep the relay verifying."""
     relay = await start_relay(tg)
     loop = asyncio.get_running_loop()
-    me = Identity.generate()
+    me = RelayKey.generate()
     sock, answer = await raw_reserve(relay.address, me)
     with sock:
         assert isinstance(answer, Reserved)
@@ -744,7 +756,7 @@ async def test_keeper_bounds_the_circuits_of_a_relay_flooding_incoming(
         return [relay]
 
     keeper = RelayKeeper(
-        Identity.generate(),
+        RelayKey.generate(),
         candidates,
         on_circuit,
         retry_after=0.0,  # a relay that merely failed is tried again at once
@@ -777,7 +789,7 @@ async def test_keeper_renews_no_faster_than_its_floor(tg: asyncio.TaskGroup) -> 
     server = await asyncio.start_server(fake.serve, "127.0.24.2", 0)
     relay = server.sockets[0].getsockname()[:2]
     keeper = RelayKeeper(
-        Identity.generate(),
+        RelayKey.generate(),
         lambda: [relay],
         lambda s, _: s.close(),
         limits=KeeperLimits(min_renew=0.3),
@@ -799,7 +811,7 @@ async def test_keeper_renews_no_faster_than_its_floor(tg: asyncio.TaskGroup) -> 
 
 async def test_on_circuit_gets_the_downloaders_address(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg)
-    target = Identity.generate()
+    target = RelayKey.generate()
     got: asyncio.Queue[tuple[socket.socket, tuple[str, int]]] = asyncio.Queue()
     changed = asyncio.Event()
     keeper = RelayKeeper(
@@ -875,7 +887,7 @@ async def test_half_closed_circuit_is_cut(tg: asyncio.TaskGroup) -> None:
 
 async def test_one_downloader_source_cannot_take_every_circuit(tg: asyncio.TaskGroup) -> None:
     relay = await start_relay(tg, RelayLimits(max_circuits_per_source=2))
-    target = Identity.generate()
+    target = RelayKey.generate()
     circuits: asyncio.Queue[socket.socket] = asyncio.Queue()
     changed = asyncio.Event()
     keeper = RelayKeeper(
@@ -903,7 +915,7 @@ async def test_one_downloader_source_cannot_take_every_circuit(tg: asyncio.TaskG
 async def test_one_holder_source_cannot_take_every_circuit(tg: asyncio.TaskGroup) -> None:
     """Circuits to all the reservations held from one source count together."""
     relay = await start_relay(tg, RelayLimits(max_circuits_per_holder=2))
-    keys = [Identity.generate() for _ in range(3)]
+    keys = [RelayKey.generate() for _ in range(3)]
     held = [await raw_reserve(relay.address, k, source="127.0.25.10") for k in keys[:2]]
     held.append(await raw_reserve(relay.address, keys[2], source="127.0.25.11"))
     loop = asyncio.get_running_loop()
@@ -942,8 +954,8 @@ async def test_reservations_from_one_network_are_capped(tg: asyncio.TaskGroup) -
     held = []
     try:
         for n in range(4):
-            held.append(await raw_reserve(relay.address, Identity.generate(), f"127.0.26.{n + 1}"))
-        held.append(await raw_reserve(relay.address, Identity.generate(), "127.0.27.1"))
+            held.append(await raw_reserve(relay.address, RelayKey.generate(), f"127.0.26.{n + 1}"))
+        held.append(await raw_reserve(relay.address, RelayKey.generate(), "127.0.27.1"))
         answers = [type(answer) for _, answer in held]
     finally:
         for sock, _ in held:
@@ -955,7 +967,7 @@ async def test_a_reserve_for_another_relay_is_refused(tg: asyncio.TaskGroup) -> 
     """A relay the node uses cannot replay the node's Reserve to another relay: the
     signature covers the relay's address, and a relay takes only its own."""
     relay = await start_relay(tg)
-    me = Identity.generate()
+    me = RelayKey.generate()
     elsewhere = ("127.0.28.1", 4601)  # the relay the Reserve was meant for
     sock, answer = await raw_reserve(relay.address, me, addressed=elsewhere)
     sock.close()
@@ -985,11 +997,11 @@ async def test_a_reserve_for_an_own_address_is_accepted(tg: asyncio.TaskGroup) -
     await server.start()
     tg.create_task(server.serve(), name="relaytest-relay")
     await server.serving.wait()
-    sock, answer = await raw_reserve(server.address, Identity.generate(), addressed=public)
+    sock, answer = await raw_reserve(server.address, RelayKey.generate(), addressed=public)
     sock.close()
     assert isinstance(answer, Reserved)
     sock, answer = await raw_reserve(
-        server.address, Identity.generate(), addressed=("203.0.113.5", 4001)
+        server.address, RelayKey.generate(), addressed=("203.0.113.5", 4001)
     )
     sock.close()
     assert isinstance(answer, Refused)
@@ -1003,7 +1015,7 @@ async def test_a_keeper_reserves_again_soon_after_its_relay_restarts(
     are unreachable while they hold no relay."""
     first = await start_relay(tg)
     host, port = first.address
-    target = Identity.generate()
+    target = RelayKey.generate()
     changed = asyncio.Event()
     keeper = RelayKeeper(
         target,

@@ -104,7 +104,8 @@ def test_a_relay_carries_a_transfer_to_a_host_behind_a_random_port_nat(
         common = {"content_id": ready["content_id"], "size": SIZE}
         rates: dict[str, list[float]] = {"relayed": [], "direct": []}
         for _ in range(3):
-            got = fetch(topo, "keep2", {**common, "key": provider.public.hex(), "relay": relay})
+            via = {"key": provider.public.hex(), "relay": relay, "relay_key": ready["relay_key"]}
+            got = fetch(topo, "keep2", {**common, **via})
             assert got["sha256"] == want
             rates["relayed"].append(SIZE / got["seconds"] / 1e6)
             direct = [PUBLIC["public"], 7100]

@@ -7,8 +7,10 @@
   before it failed), the main address first;
 - through each RELAY address (a relay holding a reservation for the provider), started
   ``relay_after`` seconds after the last direct try or as soon as it failed: a circuit
-  (``open_circuit``), then a hole punch (``reach/aio/punch.py``) when we know our public
-  address. A punched connection whose handshake succeeds closes the circuit: route
+  (``open_circuit``) to the provider's relay key that the address names (never its
+  identity key: the relay must not learn who is dialled; a relay address without a key,
+  from an older record, is skipped), then a hole punch (``reach/aio/punch.py``) when we
+  know our public address. A punched connection whose handshake succeeds closes the circuit: route
   ``"punched"`` if we are private (``is_private()``), ``"direct"`` otherwise (a public
   dialer is reached by the provider's connection: the reverse connection). Else the
   handshake runs over the circuit: ``"relayed"``.
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 DIRECT, PUNCHED, RELAYED = "direct", "punched", "relayed"
 
 OpenCircuit = Callable[[tuple[str, int], bytes], Awaitable[tuple[socket.socket, bytes]]]
-"""``reach/aio/relay.open_circuit``: a circuit to the key's holder through a relay."""
+"""``reach/aio/relay.open_circuit``: a circuit to a relay key's holder through a relay."""
 
 Try = Callable[[], Awaitable[tuple[PeerStream, str]]]
 
@@ -139,7 +141,7 @@ class FileDialer:
             at += d.stagger
         if d.open_circuit is not None:
             at += d.relay_after - d.stagger if out else 0.0
-            for a in (a for a in addresses if a.kind is AddressKind.RELAY):
+            for a in (a for a in addresses if a.kind is AddressKind.RELAY and a.key):
                 out.append((AddressKind.RELAY, (at, self._relay_try(addr, a, fallback))))
                 at += d.relay_stagger
         return out
@@ -162,17 +164,17 @@ class FileDialer:
 
     def _relay_try(self, addr: ProviderAddr, relay: PeerAddress, fallback: bool) -> Try:
         async def attempt() -> tuple[PeerStream, str]:
-            return await self._via_relay(addr, (relay.host, relay.port), fallback)
+            return await self._via_relay(addr, relay, fallback)
 
         return attempt
 
     async def _via_relay(
-        self, addr: ProviderAddr, relay: tuple[str, int], fallback: bool
+        self, addr: ProviderAddr, relay: PeerAddress, fallback: bool
     ) -> tuple[PeerStream, str]:
         d = self.dialer
-        assert d.open_circuit is not None
+        assert d.open_circuit is not None and relay.key is not None
         async with asyncio.timeout(d.circuit_timeout):
-            circuit, leftover = await d.open_circuit(relay, addr.peer_key)
+            circuit, leftover = await d.open_circuit((relay.host, relay.port), relay.key)
         owned: socket.socket | None = circuit
         try:
             ip = d.public_ip()
@@ -186,7 +188,7 @@ class FileDialer:
                     else:
                         return stream, PUNCHED if d.is_private() else DIRECT
             if not fallback:
-                raise ProtocolError(f"no punch through {relay[0]}:{relay[1]}")
+                raise ProtocolError(f"no punch through {relay.host}:{relay.port}")
             owned = None  # the stream owns the circuit from here
             return await self._session_on(circuit, addr), RELAYED
         finally:

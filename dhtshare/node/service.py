@@ -33,7 +33,7 @@ from dhtshare.node.dialer import Dialer, circuit_handler
 from dhtshare.node.downloads import DownloadManager
 from dhtshare.node.netaddr import choose_advertised, local_address_toward
 from dhtshare.reach.aio.reachability import ReachabilityService
-from dhtshare.reach.aio.relay import RelayKeeper, RelayServer, open_circuit
+from dhtshare.reach.aio.relay import RelayKeeper, RelayKey, RelayServer, open_circuit
 from dhtshare.reach.autonat import ReachState, Verdict
 from dhtshare.records import AddressKind, PeerAddress
 from dhtshare.tasks import spawn_logged
@@ -120,7 +120,7 @@ class Node:
         self.relay_server = RelayServer(own_addresses=self._seen_public) if config.relay else None
         local = None if config.host in ("", "0.0.0.0", "::") else config.host
         self.keeper = RelayKeeper(
-            identity,
+            RelayKey.generate(),  # never the identity: relays must not learn who we are
             self._relay_candidates,
             circuit_handler(server.adopt, lambda: server.address, self.public_ip),
             on_change=self._relays_changed,
@@ -217,11 +217,13 @@ class Node:
         return []
 
     def relay_addresses(self) -> tuple[PeerAddress, ...]:
-        """Our relays as provider-record addresses (``AddressKind.RELAY``); none once the
-        keeper is stopped (public), even while its reservations are still closing."""
+        """Our relays as provider-record addresses (``AddressKind.RELAY``, each with the
+        keeper's relay key: what a downloader names in ``Connect``); none once the keeper
+        is stopped (public), even while its reservations are still closing."""
         if self._keeping is None:
             return ()
-        return tuple(PeerAddress(AddressKind.RELAY, host, port) for host, port in self.relays)
+        key = self.keeper.key.public
+        return tuple(PeerAddress(AddressKind.RELAY, host, port, key) for host, port in self.relays)
 
     def more_addresses(self) -> tuple[PeerAddress, ...]:
         """What our provider records add to the advertised address: the public address

@@ -3,12 +3,13 @@ and what a reservation holder admits from a relay (``IncomingGate``).
 
 Rules (``RelayLimits`` holds the numbers):
 
-- A key holds at most one reservation; reserving again renews it (and moves it to the new
-  source). A new one is refused ``LIMIT`` once ``max_reservations`` are held,
-  ``max_reservations_per_source`` from the same source (an IPv4 address or IPv6 /64, as the
-  caller names it: ``transfer.aio.serve.handshake_source``), or
-  ``max_reservations_per_network`` from its network (``source_network``: the IPv4 /24, the
-  IPv6 /48). A reservation lapses ``reservation_ttl`` seconds after its last renewal.
+- A relay key (``wire.relay.RelayKey``, never a member's identity key) holds at most one
+  reservation; reserving again renews it (and moves it to the new source). A new one is
+  refused ``LIMIT`` once ``max_reservations`` are held, ``max_reservations_per_source``
+  from the same source (an IPv4 address or IPv6 /64, as the caller names it:
+  ``transfer.aio.serve.handshake_source``), or ``max_reservations_per_network`` from its
+  network (``source_network``: the IPv4 /24, the IPv6 /48). A reservation lapses
+  ``reservation_ttl`` seconds after its last renewal.
 - A circuit needs a live reservation of its target (else ``NO_RESERVATION``), fewer than
   ``max_circuits_per_reservation`` circuits on it, fewer than ``max_circuits_per_holder``
   on all the reservations of its holder's source, fewer than ``max_circuits_per_source``

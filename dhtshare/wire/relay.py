@@ -6,13 +6,16 @@ raw IP bytes, ``u16 port``. ``decode_relay`` is strict (every byte consumed) and
 place where ``DecodeError`` and bad field values become ``RemoteProtocolError``.
 
 - ``Reserve(key, time, host, port, signature)``: a private node asks for a reservation on
-  the TCP connection it keeps open; ``host:port`` is the relay's address as the node
-  dialled it, and ``signature`` is its key's over ``reserve_message(key, time, host, port)``
-  (purpose ``RESERVE_PURPOSE``), so nobody reserves in another key's name, and a relay
-  cannot replay the request to another relay (which accepts only its own address).
+  the TCP connection it keeps open; ``key`` is its *relay key* (``RelayKey``: random,
+  made per node start, never its identity key, which these frames never carry: issue 17);
+  ``host:port`` is the relay's address as the node dialled it, and ``signature`` is the
+  relay key's over ``reserve_message(key, time, host, port)`` (purpose
+  ``RESERVE_PURPOSE``), so nobody reserves in another key's name, and a relay cannot
+  replay the request to another relay (which accepts only its own address).
 - ``Reserved(ttl, host, port)``: granted for ``ttl`` seconds; the address the relay saw.
 - ``Refused(code, text)``: no (``RefuseCode``), to a ``Reserve`` or a ``Connect``.
-- ``Connect(target_key)``: a downloader asks for a circuit to the holder of ``target_key``.
+- ``Connect(target_key)``: a downloader asks for a circuit to the holder of the relay key
+  ``target_key`` (the holder's provider record names it with the relay's address).
 - ``Incoming(circuit_id, host, port)``: on the reservation connection: someone (seen at
   ``host:port``) wants a circuit; answer by a new connection whose first frame is
   ``Accept(circuit_id)``.
@@ -22,10 +25,13 @@ place where ``DecodeError`` and bad field values become ``RemoteProtocolError``.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
 
+from nacl.signing import SigningKey
+
+from dhtshare import crypto
 from dhtshare.codec import Reader, Writer
 from dhtshare.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from dhtshare.errors import DecodeError, Malformed, RemoteProtocolError
@@ -43,6 +49,7 @@ __all__ = [
     "Ready",
     "RefuseCode",
     "Refused",
+    "RelayKey",
     "RelayKind",
     "RelayMessage",
     "Reserve",
@@ -88,6 +95,32 @@ class RefuseCode(IntEnum):
     TIMEOUT = 3  # the target did not accept the circuit in time
     BAD_REQUEST = 4  # a bad signature, a stale time, an unknown circuit
     NOT_RELAYING = 5  # this node does not relay
+
+
+@dataclass(frozen=True, slots=True)
+class RelayKey:
+    """The key a node reserves under at relays, and that downloaders name in ``Connect``.
+
+    A fresh ed25519 key pair (``generate``: one per node start), never derived from the
+    node's identity: a relay, and anyone watching the reservation or the circuit, learns
+    this key and nothing that names the member (issue 17). The member's own key is
+    checked only inside the peer handshake, end to end."""
+
+    signing_key: SigningKey = field(default_factory=SigningKey.generate, repr=False)
+
+    @classmethod
+    def generate(cls) -> RelayKey:
+        return cls(SigningKey.generate())
+
+    @property
+    def public(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    def reserve(self, time: int, host: str, port: int) -> Reserve:
+        """A signed ``Reserve`` at ``time`` for the relay reached at ``host:port``."""
+        message = reserve_message(self.public, time, host, port)
+        signature = crypto.sign(self.signing_key, RESERVE_PURPOSE, message)
+        return Reserve(self.public, time, host, port, signature)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,14 @@
 python relay_roles.py provide '{"seed": HEX, "path": FILE, "relay": [HOST, PORT]}'
     serves FILE (any member) as a peer server on 0.0.0.0, reachable only through a
     reservation at the relay if "relay" is given; prints (on stderr) one JSON line once ready
-    ({"address": [...], "observed": [...] or null, "content_id": HEX}), then runs.
+    ({"address": [...], "observed": [...] or null, "relay_key": HEX or null,
+    "content_id": HEX}), then runs.
 python relay_roles.py fetch '{"key": HEX, "content_id": HEX, "size": N,
-                              "relay": [HOST, PORT] or null, "direct": [HOST, PORT]}'
-    fetches the whole file once (through a circuit at "relay", else from "direct") and
-    prints {"sha256": HEX, "seconds": S}.
+                              "relay": [HOST, PORT] or null, "relay_key": HEX,
+                              "direct": [HOST, PORT]}'
+    fetches the whole file once (through a circuit at "relay" to "relay_key", else from
+    "direct"), checks the far end's identity is "key", and prints
+    {"sha256": HEX, "seconds": S}.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from nacl.signing import SigningKey
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
-from dhtshare.reach.aio.relay import RelayKeeper, open_circuit
+from dhtshare.reach.aio.relay import RelayKeeper, RelayKey, open_circuit
 from dhtshare.transfer.aio.peer import open_peer, open_peer_on
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import Share, ShareRegistry
@@ -53,15 +56,23 @@ async def provide(args: dict[str, Any]) -> None:
     await server.start()
     async with asyncio.TaskGroup() as tg:
         tg.create_task(server.serve())
-        observed = None
+        observed, relay_key = None, None
         if args.get("relay"):
             relay = (str(args["relay"][0]), int(args["relay"][1]))
             changed = asyncio.Event()
-            keeper = RelayKeeper(identity, lambda: [relay], server.adopt, on_change=changed.set)
+            key = RelayKey.generate()
+            keeper = RelayKeeper(key, lambda: [relay], server.adopt, on_change=changed.set)
             tg.create_task(keeper.run())
             await changed.wait()
-            observed = keeper.observed[relay]
-        say({"address": server.address, "observed": observed, "content_id": cid.hex()})
+            observed, relay_key = keeper.observed[relay], key.public.hex()
+        say(
+            {
+                "address": server.address,
+                "observed": observed,
+                "relay_key": relay_key,
+                "content_id": cid.hex(),
+            }
+        )
 
 
 async def fetch(args: dict[str, Any]) -> None:
@@ -69,7 +80,8 @@ async def fetch(args: dict[str, Any]) -> None:
     key, cid, size = bytes.fromhex(args["key"]), bytes.fromhex(args["content_id"]), args["size"]
     started = time.perf_counter()
     if args.get("relay"):
-        sock, _ = await open_circuit((args["relay"][0], int(args["relay"][1])), key)
+        relay_key = bytes.fromhex(args["relay_key"])
+        sock, _ = await open_circuit((args["relay"][0], int(args["relay"][1])), relay_key)
         stream = await open_peer_on(sock, me, GROUP, cid)
     else:
         stream = await open_peer(me, args["direct"][0], int(args["direct"][1]), GROUP, cid)

@@ -3,7 +3,7 @@
 ``RelayServer`` takes over the connections whose first frame is ``RELAY`` (it is a
 ``PeerServer.relay_handler``):
 
-- ``Reserve`` (signed by the key it names, its time within ``RESERVE_SKEW`` of ours, naming
+- ``Reserve`` (signed by the relay key it names, its time within ``RESERVE_SKEW`` of ours, naming
   one of our own addresses: the connection's local address or one of ``own_addresses()``,
   so a ``Reserve`` sent to another relay cannot be replayed here): a reservation, held
   while that connection stays open and is renewed before its ttl runs out (``RelayBook``
@@ -22,7 +22,12 @@
 The relay reads only the control frames; what follows ``Ready`` is the two ends' business
 (their peer handshake is end-to-end encrypted).
 
-``RelayKeeper`` runs on a private node: it holds reservations at up to ``max_relays`` of
+A relay knows reservation holders only by their *relay key* (``wire.relay.RelayKey``:
+random per node start, never the identity key; issue 17), so neither it nor anyone
+watching the control frames learns which member holds a reservation or is dialled.
+
+``RelayKeeper`` runs on a private node: under its ``RelayKey`` (which the node's provider
+records name next to each relay), it holds reservations at up to ``max_relays`` of
 the candidates it is given (public DHT contacts: TCP to the UDP port number), renews them
 (no more often than ``KeeperLimits.min_renew``), and answers ``Incoming`` by opening the
 circuit (``Accept``, wait for ``Ready``) and handing ``(socket, bytes read past Ready,
@@ -47,7 +52,6 @@ from typing import Any
 
 from dhtshare import crypto
 from dhtshare.errors import ProtocolError
-from dhtshare.identity import Identity
 from dhtshare.reach.relaylimits import (
     CircuitSlot,
     IncomingGate,
@@ -70,6 +74,7 @@ from dhtshare.wire.relay import (
     Ready,
     RefuseCode,
     Refused,
+    RelayKey,
     RelayMessage,
     Reserve,
     Reserved,
@@ -85,6 +90,7 @@ __all__ = [
     "SPLICE_BUFFER",
     "OnCircuit",
     "RelayKeeper",
+    "RelayKey",
     "RelayServer",
     "open_circuit",
 ]
@@ -611,7 +617,8 @@ async def open_circuit(
     limit: float = 2 * CONTROL_TIMEOUT,
     local: str | None = None,
 ) -> tuple[socket.socket, bytes]:
-    """A circuit to the holder of ``target_key`` through ``relay``: the connected socket
+    """A circuit to the holder of the relay key ``target_key`` (from its provider record)
+    through ``relay``: the connected socket
     and any bytes read past ``Ready``. Raises ``ProtocolError`` if the relay refuses
     (its reason in the message), breaks the protocol or does not answer within
     ``limit`` seconds, and ``OSError`` if it cannot be reached. ``local``: the address
@@ -678,7 +685,8 @@ class _Flooded(Exception):
 
 
 class RelayKeeper:
-    """Holds reservations at up to ``max_relays`` relays for a private node (module doc).
+    """Holds reservations at up to ``max_relays`` relays for a private node (module doc),
+    under ``key`` (a ``RelayKey``; never the node's identity: a ``TypeError`` otherwise).
 
     ``candidates()`` lists relays to try, best first (public DHT contacts); a relay that
     failed or refused is not tried again for ``retry_after`` seconds, one dropped for
@@ -694,7 +702,7 @@ class RelayKeeper:
 
     def __init__(
         self,
-        identity: Identity,
+        key: RelayKey,
         candidates: Callable[[], Iterable[tuple[str, int]]],
         on_circuit: OnCircuit | Callable[[socket.socket, bytes], Any],
         *,
@@ -706,7 +714,9 @@ class RelayKeeper:
         clock: Callable[[], float] = time.time,
         limits: KeeperLimits | None = None,
     ) -> None:
-        self.identity = identity
+        if not isinstance(key, RelayKey):  # an identity would name the member to every relay
+            raise TypeError(f"a RelayKeeper reserves under a RelayKey, not {type(key).__name__}")
+        self.key = key
         self.local = local
         self.candidates = candidates
         self.on_circuit = _with_source(on_circuit)
@@ -753,11 +763,7 @@ class RelayKeeper:
 
     def _reserve(self, relay: tuple[str, int]) -> Reserve:
         """A fresh ``Reserve`` for the relay we reached at ``relay`` (an IP literal)."""
-        (host, port), key, when = relay, self.identity.public, int(self.clock())
-        signature = crypto.sign(
-            self.identity.signing_key, RESERVE_PURPOSE, reserve_message(key, when, host, port)
-        )
-        return Reserve(key, when, host, port, signature)
+        return self.key.reserve(int(self.clock()), *relay)
 
     async def _hold(self, relay: tuple[str, int]) -> None:
         sock: socket.socket | None = None
