@@ -33,6 +33,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from dhtshare.atomic import read_json, write_atomic, write_json
+from dhtshare.crypto import DHT_KEY_SIZE
 from dhtshare.dht.protocol import DhtProtocol, DialBackSink, ReachReply, Reply, RpcTimeouts
 from dhtshare.dht.routing import DiverseRoutingTable, pick_diverse
 from dhtshare.dht.sources import source_of
@@ -166,7 +167,12 @@ class _Crawl:
 
 
 class DhtNode(Server):  # type: ignore[misc]
-    """One DHT node holding and finding signed records. See docs/dht.md."""
+    """One DHT node holding and finding signed records. See docs/dht.md.
+
+    Without ``node_id`` the id is 20 bytes from ``os.urandom``: never derived from a
+    member's identity (issue 17), and unlike kademlia's default (``random``), not repeated
+    by a process that seeds the ``random`` module. A node keeps its id across restarts
+    only through its saved state (``save_state``, ``load_state``)."""
 
     protocol_class = DhtProtocol
 
@@ -188,7 +194,7 @@ class DhtNode(Server):  # type: ignore[misc]
             stats = storage.stats if storage is not None else Counters()
         self.stats = stats
         storage = storage or ValidatingStorage(clock=clock, stats=stats)
-        super().__init__(ksize, alpha, node_id, storage)
+        super().__init__(ksize, alpha, node_id or os.urandom(DHT_KEY_SIZE), storage)
         self.storage: ValidatingStorage = storage
         self.protocol: DhtProtocol | None = None
         self.clock = clock
