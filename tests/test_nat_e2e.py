@@ -68,7 +68,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         for role in (OWNER, "keep2", "rand"):  # a private provider names its relays
             left = deadline - time.monotonic()
             n.wait_status(role, lambda d: bool(d.get("relays")), max(left, 0.0))
-        gid = n.run(OWNER, "group", "create", "crag").stdout.strip()
+        # the invite (first line): every command takes it as GROUP
+        gid = n.run(OWNER, "group", "create", "crag").stdout.splitlines()[0]
         for member in MEMBERS:
             n.run(member, "group", "join", gid)
             n.run(OWNER, "group", "accept", "crag", member)
@@ -218,7 +219,7 @@ def test_a_member_whose_router_forgot_its_mappings_still_finds_new_records(lab: 
     while before & lab.topo.udp_mappings("rand", port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not before & lab.topo.udp_mappings("rand", port), "the router kept its mappings"
-    gid = lab.n.run(OWNER, "group", "create", "second").stdout.strip()
+    gid = lab.n.run(OWNER, "group", "create", "second").stdout.splitlines()[0]
     share(lab, OWNER, "late.bin", 64 * 1024)
     lab.n.run("rand", "group", "join", gid)
     get(lab, "rand", "late.bin")

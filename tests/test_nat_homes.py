@@ -54,7 +54,8 @@ def lan(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lan]:
         deadline = time.monotonic() + WITHIN
         for role in ROLES:
             n.wait_status(role, _known, max(deadline - time.monotonic(), 0.0))
-        gid = n.run("keep1", "group", "create", "home").stdout.strip()
+        # the invite (first line): every command takes it as GROUP
+        gid = n.run("keep1", "group", "create", "home").stdout.splitlines()[0]
         for member in ROLES[1:]:
             n.run(member, "group", "join", gid)
             n.run("keep1", "group", "accept", "home", member)
