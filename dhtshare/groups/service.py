@@ -766,7 +766,9 @@ class GroupService:
         drafts until its heir takes over (``maintain``)."""
         self._dht.withdraw(key_for(Kind.JOIN_REQUEST, group_id), self._me.public)
         if group_id not in self.state.drafts:
-            self._dht.forget_group(group_id)
+            # my leave (an epoch record) stays published until it expires: an owner that
+            # is away for a while still sees it
+            self._dht.forget_group(group_id, keep=[Where("epoch", group_id)])
             self.state.keys.pop(group_id, None)
         self.state.groups.pop(group_id, None)
         self.state.requested.pop(group_id, None)
