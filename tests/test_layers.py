@@ -57,7 +57,7 @@ PURE_LAYERS = frozenset({"wire", "transfer", "reach"})
 MIXED_LAYERS = frozenset({"dht", "groups"})  # pure, except modules named in IO_MODULE_NAMES
 # The I/O edge of a mixed layer: the modules built on the event loop or on kademlia's
 # asyncio classes (``kademlia.routing`` schedules pings itself).
-IO_MODULE_NAMES = frozenset({"server", "protocol", "routing", "service", "dialback"})
+IO_MODULE_NAMES = frozenset({"server", "protocol", "routing", "service", "dialback", "sealeddht"})
 BASE_IO = frozenset(
     {"dhtshare.atomic", "dhtshare.identity", "dhtshare.allocator", "dhtshare.tasks"}
 )
