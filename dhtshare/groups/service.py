@@ -475,7 +475,7 @@ class GroupService:
         """My latest draft of a group I own (checked against the DHT), with fresh leaves.
         A hand-over to me that I have not acted on yet is taken over first."""
         view = await self.claim(group_id)
-        if view.owner != self._me.public:
+        if view.owner != self._me.public or self._left_out(group_id):
             raise GroupError("only the group's owner can do this", "ask the owner")
         draft = self.state.drafts.get(group_id)
         if draft is not None and draft.seq >= view.seq:
@@ -549,8 +549,23 @@ class GroupService:
                     return secret
                 continue
             view = self._views.get(group_id)
-            if len({p.index for p in typed}) == body.count and view and view.owner == head.signer:
-                keys.removed = True  # my owner announced an epoch without a box for me
+            owners = (view.owner if view else None, self._my_heir(group_id))
+            if len({p.index for p in typed}) == body.count and head.signer in owners:
+                keys.removed = True  # my owner (or my heir) started an epoch without me
+        return None
+
+    def _left_out(self, group_id: bytes) -> bool:
+        """The group moved to an epoch without me (I was removed, or handed it over): what I
+        still read of it is its past."""
+        keys = self.state.keys.get(group_id)
+        return keys is not None and keys.removed
+
+    def _my_heir(self, group_id: bytes) -> bytes | None:
+        """The heir my own leave named, if I handed ``group_id`` over."""
+        rec = self._leaves.get(group_id, {}).get(self._me.public)
+        body = rec.payload() if rec is not None else None
+        if isinstance(body, Leave) and body.handover is not None:
+            return body.handover.new_owner
         return None
 
     async def _verify_epoch(self, group_id: bytes, secret: bytes, signer: bytes) -> bool:
@@ -690,7 +705,7 @@ class GroupService:
         """My join status (none, pending, accepted, rejected) and a rejection's reason."""
         mine = self.state.requested.get(group_id)
         keys = self.state.keys.get(group_id)
-        if group_id in self.state.groups:
+        if group_id in self.state.groups and not self._left_out(group_id):
             return "accepted", ""
         if mine is None or keys is None:
             return "none", ""
@@ -808,7 +823,7 @@ class GroupService:
         view = await self.refresh(group_id)
         mine = view.owner == self._me.public
         if group_id not in self.state.groups:  # I left: wait until my heir has taken over
-            if not mine:
+            if not mine or self._left_out(group_id):  # it has: the epoch moved on
                 self._withdraw_owned(group_id)
             return False
         if not mine:
@@ -909,7 +924,7 @@ class GroupService:
             view = await self.claim(group_id)
         except GroupError:
             view = self._views.get(group_id)  # keep the last verified view when unreachable
-        if view is None:
+        if view is None or self._left_out(group_id):
             return None, ""
         if view.owner == self._me.public:
             return "owner", ""
