@@ -10,11 +10,23 @@ from dataclasses import replace
 
 import pytest
 from conftest import FakeClock
-from support.groups import NODES, LyingDht, commands, grow, no_progress, people
+from support.groups import (
+    NODES,
+    LyingDht,
+    commands,
+    epoch_of,
+    grow,
+    invite_of,
+    no_progress,
+    people,
+    sealed_lies,
+)
 
 from dhtshare import crypto
 from dhtshare.errors import GroupError
 from dhtshare.groups import rules
+from dhtshare.groups.keyring import GroupKeys, Where
+from dhtshare.groups.secrets import Invite, Space, seal
 from dhtshare.groups.service import Draft, GroupService, GroupState
 from dhtshare.identity import Identity, format_id
 from dhtshare.records import (
@@ -36,8 +48,9 @@ async def test_create_request_accept_reject_and_list() -> None:
             GroupService(net.nodes[i + 1], p) for i, p in enumerate((owner, alice, bob, carol))
         )
         gid = await so.create("climbers", public=True)
+        invite = invite_of(so, gid)
         for s in (sa, sb, sc):
-            await s.request_join(gid, "let me in")
+            assert await s.request_join(invite, "let me in") == gid
         pending = await so.requests(gid)
         assert {(p.requester, p.name, p.message) for p in pending} == {
             (alice.public, "alice", "let me in"),
@@ -66,14 +79,17 @@ async def test_create_request_accept_reject_and_list() -> None:
         ]
         assert await GroupService(net.nodes[6], Identity.generate()).status(gid) == ("none", "")
 
-        reader = GroupService(net.nodes[7], carol)
-        await reader.refresh(gid)
-        assert reader.member_since(gid, owner.public) == view.roster.genesis.created
-        assert reader.member_since(gid, bob.public) is not None
-        assert reader.member_since(gid, carol.public) is None
-        listed = await reader.directory()
-        assert [(g.group_id, g.name, g.members, g.owner) for g in listed] == [
-            (gid, "climbers", 3, owner.public)
+        await sb.refresh(gid)  # a member reads the roster
+        assert sb.member_since(gid, owner.public) == view.roster.genesis.created
+        assert sb.member_since(gid, bob.public) is not None
+        assert sb.member_since(gid, carol.public) is None
+        # private groups: carol (rejected, holding the invite) and a stranger find no roster
+        for outsider in (sc, GroupService(net.nodes[7], carol)):
+            with pytest.raises(GroupError, match="no valid roster"):
+                await outsider.refresh(gid)
+        listed = await GroupService(net.nodes[7], carol).directory()  # public: anyone lists it
+        assert [(g.group_id, g.name, g.members, g.owner, g.invite) for g in listed] == [
+            (gid, "climbers", 3, owner.public, invite)
         ]
 
 
@@ -82,7 +98,7 @@ async def test_private_group_is_not_listed_and_pending_role_shows() -> None:
     async with Network.start(NODES) as net:
         so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
         gid = await so.create("secret")
-        await sa.request_join(gid)
+        await sa.request_join(invite_of(so, gid))
         assert [(g.group_id, g.role) for g in await sa.my_groups()] == [(gid, "pending")]
         assert await sa.directory() == []
 
@@ -101,63 +117,85 @@ def forged_rosters(owner: Identity, mallory: Identity, gid_roster: rules.RosterV
 
 
 async def test_forged_rosters_are_refused_by_storing_nodes_and_readers() -> None:
-    owner, mallory, reader_id = people("owner", "mallory", "reader")
+    """A throw-away key cannot write under the group's sealed roster key (storing nodes
+    refuse it); a member, who holds the epoch secret and so can seal, still cannot forge
+    the owner's roster: members refuse what is inside."""
+    owner, mallory, alice = people("owner", "mallory", "alice")
     async with Network.start(NODES) as net:
-        so = GroupService(net.nodes[1], owner)
+        so, sm, sa = (
+            GroupService(net.nodes[i + 1], p) for i, p in enumerate((owner, mallory, alice))
+        )
         gid = await so.create("climbers")
-        view = await so.fetch_roster(gid)
-        key = key_for(Kind.ROSTER, gid)
-        forged = forged_rosters(owner, mallory, view)
+        await grow(so, gid, [sm, sa])
+        view = await sa.fetch_roster(gid)
+        forged = [decode_record(raw) for raw in forged_rosters(owner, mallory, view)]
         sender = net.nodes[2]
         assert sender.protocol is not None
-        for raw in forged:
+        clear, now = key_for(Kind.ROSTER, gid), time.time()
+        for lie in forged:  # in the clear, under the old key: still refused
             for target in net.nodes[3:]:
                 answered, kept = await sender.protocol.store(
-                    target.address, sender.node.id, key, raw
+                    target.address, sender.node.id, clear, lie.encode()
                 )
                 assert answered and kept is False
-        for node in net.nodes:
-            assert all(r.signer == owner.public for r in node.storage.records(key, time.time()))
 
-        lies = [decode_record(raw) for raw in forged]
+        space = epoch_of(sm, gid)
+        key = space.dht_key(clear)
+        # a throw-away key (of a space it made up) writing under the group's sealed key
+        junk = seal(Space(os.urandom(32), "epoch"), forged[0], author=mallory, seq=9, now=now)
+        raw = junk.encode()
+        for target in net.nodes[3:]:
+            answered, kept = await sender.protocol.store(target.address, sender.node.id, key, raw)
+            assert answered and kept is False
+            assert target.storage.add(key, raw, now) == "wrong_key"
+
+        lies = sealed_lies(space, mallory, forged, now)  # a member can seal: it is opaque
+        assert set(lies) == {key}
 
         def inject(k: bytes) -> list[SignedRecord]:
-            return lies if k == key else []
+            return lies.get(k, [])
 
-        reader = GroupService(LyingDht(net.nodes[4], inject), reader_id)
+        reader = GroupService(LyingDht(net.nodes[4], inject), alice, sa.state)
         got = await reader.fetch_roster(gid)
-        assert got.seq == 1 and got.owner == owner.public
+        assert got.seq == view.seq and got.owner == owner.public
         only_lies = LyingDht(net.nodes[4], inject, only_extra=True)
         with pytest.raises(GroupError, match="no valid roster"):
-            await GroupService(only_lies, reader_id).fetch_roster(gid)
+            await GroupService(only_lies, alice, sa.state).fetch_roster(gid)
 
 
 async def test_stale_roster_is_not_accepted() -> None:
-    owner, alice, reader_id = people("owner", "alice", "reader")
+    owner, alice, bob = people("owner", "alice", "bob")
     async with Network.start(NODES) as net:
-        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        so, sa, sb = (GroupService(net.nodes[i + 1], p) for i, p in enumerate((owner, alice, bob)))
         gid = await so.create("climbers")
-        reader = GroupService(net.nodes[3], reader_id)
-        old = (await reader.fetch_roster(gid)).record
         await grow(so, gid, [sa])
-        assert (await reader.fetch_roster(gid)).seq == 2
-        key = key_for(Kind.ROSTER, gid)
+        reader = sa  # a member reads the roster
+        old = (await reader.fetch_roster(gid)).record
+        key = epoch_of(sa, gid).dht_key(key_for(Kind.ROSTER, gid))
+        olds = {r.encode() for n in net.nodes for r in n.storage.records(key, time.time())}
+        assert len(olds) == 1  # version 2, sealed as storing nodes hold it
+        [old_outer] = [decode_record(raw) for raw in olds]
+        await grow(so, gid, [sb])
+        assert (await reader.fetch_roster(gid)).seq == 3
         holders = [n for n in net.nodes if n.storage.count(key)]
         assert holders
-        for node in holders:  # nodes holding version 2 refuse version 1
-            assert node.storage.add(key, old.encode(), time.time()) == "stale"
+        for node in holders:  # nodes holding version 3 refuse version 2
+            assert node.storage.add(key, old_outer.encode(), time.time()) == "stale"
 
-        # a node that only has version 1 (or lies) cannot roll the reader back
-        stale = LyingDht(net.nodes[3], lambda k: [old] if k == key else [], only_extra=True)
-        rolled = GroupService(stale, reader_id, reader.state)
+        # a node that only has version 2 (or lies) cannot roll the reader back
+        stale = LyingDht(net.nodes[3], lambda k: [old_outer] if k == key else [], only_extra=True)
+        rolled = GroupService(stale, alice, reader.state)
         with pytest.raises(rules.StaleRosterError):
             await rolled.fetch_roster(gid)
         # ...also after the reader's state was saved and loaded again
         saved = GroupState.from_json(json.loads(json.dumps(reader.state.to_json())))
         with pytest.raises(rules.StaleRosterError):
-            await GroupService(stale, reader_id, saved).fetch_roster(gid)
-        # a reader that never saw version 2 takes version 1: that is all it can know
-        assert (await GroupService(stale, reader_id).fetch_roster(gid)).seq == 1
+            await GroupService(stale, alice, saved).fetch_roster(gid)
+        # a member that never saw version 3 takes version 2: that is all it can know
+        keys = GroupKeys.from_json(reader.state.keys[gid].to_json())
+        fresh = GroupService(stale, alice, GroupState(keys={gid: keys}))
+        got = await fresh.fetch_roster(gid)
+        assert got.seq == 2 and got.record == old
 
 
 async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
@@ -184,11 +222,8 @@ async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
         assert [(g.group_id, g.role) for g in await sa.my_groups()] == [(gid, "owner")]
         assert await so.my_groups() == []
         await so.maintain()  # the old owner sees the heir's roster and stops republishing it
-        assert all(
-            r.signer != owner.public for r in net.nodes[1].published if r.kind == Kind.ROSTER
-        )
-
-        await sd.request_join(gid)
+        assert all(r.signer != owner.public for r in so.sealed.published if r.kind == Kind.ROSTER)
+        await sd.request_join(invite_of(sa, gid))  # the heir's invite: requests are sealed to her
         assert [p.requester for p in await sa.requests(gid)] == [dave.public]
         after = await sa.accept(gid, dave.public)
         assert after.group_id == gid and after.owner == alice.public
@@ -227,10 +262,14 @@ async def test_removed_member_is_gone_for_every_member() -> None:
             await s.refresh(gid)
             assert s.is_member(gid, ids[2].public)
         await so.remove(gid, ids[2].public)
-        for s in services:
+        for s in (so, sa, sc):
             await s.refresh(gid)
             assert s.member_since(gid, ids[2].public) is None
             assert s.is_member(gid, ids[1].public)
+        # bob's node sees an epoch change without a key for it: it reads nothing new
+        await sb.refresh(gid)
+        assert sb.state.keys[gid].removed and sb.access_key(gid) is None
+        assert (await sb.fetch_roster(gid)).seq < (await so.fetch_roster(gid)).seq
         assert await sb.my_groups() == []
         assert await sb.status(gid) == ("none", "")  # no longer a member, no open request
         assert await so.requests(gid) == []  # its old request does not come back
@@ -246,11 +285,13 @@ async def test_thousand_member_roster_round_trips() -> None:
         extra = tuple(Member(os.urandom(32), f"member{i}", int(now)) for i in range(999))
         members = first.members + extra
         roster, pages = rules.layout(first.roster, members, 2)
+        here = Where("epoch", gid)
         for page in pages:
-            await net.nodes[1].publish(sign_record(owner, page, seq=2, now=now, ttl=3600))
-        await net.nodes[1].publish(sign_record(owner, roster, seq=2, now=now, ttl=3600))
+            await so.sealed.publish(here, sign_record(owner, page, seq=2, now=now, ttl=3600))
+        await so.sealed.publish(here, sign_record(owner, roster, seq=2, now=now, ttl=3600))
 
-        reader = GroupService(net.nodes[6], reader_id)
+        keys = GroupKeys.from_json(so.state.keys[gid].to_json())  # a member's secrets
+        reader = GroupService(net.nodes[6], reader_id, GroupState(keys={gid: keys}))
         view = await reader.refresh(gid)
         assert view.seq == 2 and len(view.members) == 1000
         assert view.members == members
@@ -278,9 +319,10 @@ async def test_requester_sees_pending_then_rejected_and_names_the_group() -> Non
     async with Network.start(NODES) as net:
         so = GroupService(net.nodes[1], owner, clock=clock)
         sd = GroupService(net.nodes[2], dave, clock=clock)
-        gid = await so.create("climbers")  # private: dave has only the id
-        await sd.request_join(gid, "hi")
-        assert sd.state.name_of(gid) == "climbers"  # learnt from the roster when requesting
+        gid = await so.create("climbers")  # private: dave has only the invite
+        invite = invite_of(so, gid)
+        assert await sd.request_join(invite, "hi") == gid
+        assert sd.state.name_of(gid) == "climbers"  # learnt from the invite when requesting
         cmds = commands(sd)
         assert [(g.role, g.name, g.reason) for g in await sd.my_groups()] == [
             ("pending", "climbers", "")
@@ -299,7 +341,7 @@ async def test_requester_sees_pending_then_rejected_and_names_the_group() -> Non
                 "group_id": gid.hex(),
                 "name": "climbers",
                 "role": "rejected",
-                "members": 1,
+                "members": 0,  # a requester cannot read the roster (members only)
                 "reason": "not this time",
             }
         ]
@@ -316,7 +358,7 @@ async def test_requester_sees_pending_then_rejected_and_names_the_group() -> Non
 
         # asking again after a rejection is pending again; leaving withdraws it entirely
         clock.advance(10)
-        await sd.request_join(gid, "please")
+        await sd.request_join(invite, "please")
         assert [g.role for g in await sd.my_groups()] == ["pending"]
         await sd.leave(gid)
         assert await sd.my_groups() == []
@@ -334,18 +376,24 @@ async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
         )
         gid = await so.create("climbers")
         await grow(so, gid, [sa, sb], clock)  # alice joined first: she is the heir
-        await sd.request_join(gid, "hi")
+        old_invite = invite_of(so, gid)
+        await sd.request_join(old_invite, "hi")
         clock.advance(10)
         before = (await so.fetch_roster(gid)).seq
         await so.leave(gid)
 
-        # no maintenance round: alice's owner commands take the group over on demand
+        # no maintenance round: alice's owner commands take the group over on demand; a
+        # request sealed to the old owner is not hers to read: she has an invite of her own
+        assert await sa.requests(gid) == []
+        assert invite_of(sa, gid) != old_invite
+        await sd.request_join(invite_of(sa, gid), "hi")
         assert [p.requester for p in await sa.requests(gid)] == [dave.public]
         view = await sa.fetch_roster(gid)
         assert view.owner == alice.public and view.seq == before + 1
         assert len(view.roster.handovers) == 1
         after = await sa.accept(gid, dave.public)
         assert after.owner == alice.public and after.seq == before + 2
+        assert await sd.status(gid) == ("accepted", "")  # dave reads his grant
         assert await sa.maintain() == []  # nothing left to take over or apply
         await sb.refresh(gid)
         assert sb.is_member(gid, dave.public) and not sb.is_member(gid, owner.public)
@@ -353,7 +401,6 @@ async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
             await sb.requests(gid)  # bob is no heir: nothing to take over
 
         # the same through the commands, and for `group list`, with a second hand-over
-        await se.request_join(gid)
         clock.advance(10)
         await sa.leave(gid)  # bob is the longest-standing member now
         cmds = commands(sb)
@@ -361,6 +408,7 @@ async def test_heir_acts_as_owner_right_after_the_hand_over() -> None:
         assert {(m["name"], m["role"]) for m in members} == {("bob", "owner"), ("dave", "member")}
         assert all(isinstance(m["since_ts"], int) and m["since"] for m in members)
         assert [(g.role, g.members) for g in await sb.my_groups()] == [("owner", 2)]
+        await se.request_join(invite_of(sb, gid))
         assert [r["name"] for r in await cmds.cmd_group_requests(no_progress, "climbers")] == [
             "erin"
         ]
@@ -387,7 +435,9 @@ async def test_concurrent_take_overs_publish_one_roster() -> None:
         before = (await so.fetch_roster(gid)).seq
         await so.leave(gid)
         await asyncio.gather(sa.maintain(), sa.requests(gid), sa.my_groups(), sa.claim(gid))
-        view = await GroupService(net.nodes[5], Identity.generate()).fetch_roster(gid)
+        keys = GroupKeys.from_json(sa.state.keys[gid].to_json())  # read afresh, as alice
+        reader = GroupService(net.nodes[5], alice, GroupState(keys={gid: keys}))
+        view = await reader.fetch_roster(gid)
         assert view.owner == alice.public and view.seq == before + 1
 
 
@@ -409,14 +459,16 @@ async def test_bad_names_and_long_texts_are_refused_before_signing() -> None:
 
         gid = await so.create("  climbers ")
         assert so.state.groups == {gid: "climbers"}
-        assert (await sa.fetch_roster(gid)).name == "climbers"
+        assert (await so.fetch_roster(gid)).name == "climbers"
+        invite = invite_of(so, gid)
+        assert (await sa.read_invite(Invite.parse(invite))).name == "climbers"
         assert rules.check_group_name("é" * 32) == "é" * 32  # 64 bytes: just fits
 
         with pytest.raises(GroupError, match="join message is at most 280 bytes") as caught:
-            await sa.request_join(gid, "m" * 281)
+            await sa.request_join(invite, "m" * 281)
         assert caught.value.hint == "shorten the join message"
         assert sa.state.requested == {} and not net.nodes[2].published
-        await sa.request_join(gid, "m" * 280)
+        await sa.request_join(invite, "m" * 280)
         with pytest.raises(GroupError, match="reason is at most 280 bytes"):
             await so.reject(gid, alice.public, "r" * 281)
         assert [p.requester for p in await so.requests(gid)] == [alice.public]

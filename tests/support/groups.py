@@ -1,5 +1,5 @@
-"""Group services on a sim network, for the group tests: a lying DHT, a stand-in node for
-``Commands``, and growing a group."""
+"""Group services on a sim network, for the group tests: a lying DHT (and lies sealed as a
+member would seal them), a stand-in node for ``Commands``, and growing a group by invite."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from conftest import FakeClock
 
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError
+from dhtshare.groups.secrets import Space, seal
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
@@ -68,12 +69,39 @@ def people(*names: str) -> list[Identity]:
     return [Identity.generate(n) for n in names]
 
 
+def invite_of(owner: GroupService, gid: bytes) -> str:
+    """The invite ``owner`` holds for ``gid`` (what it gives the people who should join)."""
+    return owner.state.keys[gid].invite
+
+
+def epoch_of(member: GroupService, gid: bytes) -> Space:
+    """The current epoch's space of ``gid``, as ``member`` holds it."""
+    space = member.state.keys[gid].space()
+    assert space is not None, "not a member: no epoch secret"
+    return space
+
+
+def sealed_lies(
+    space: Space, author: Identity, lies: list[SignedRecord], now: float
+) -> dict[bytes, list[SignedRecord]]:
+    """``lies`` (inner records) sealed into ``space`` by ``author``, as anyone holding its
+    secret can seal them, by the DHT key a reader looks them up under."""
+    out: dict[bytes, list[SignedRecord]] = {}
+    for i, rec in enumerate(lies):
+        outer = seal(space, rec, author=author, seq=1 + i, now=now)
+        out.setdefault(outer.dht_key, []).append(outer)
+    return out
+
+
 async def grow(
     owner: GroupService, gid: bytes, joiners: list[GroupService], clock: FakeClock | None = None
 ) -> None:
-    """Each joiner requests and the owner accepts it, in order (joins ``clock`` steps apart)."""
+    """Each joiner requests with the owner's invite, the owner accepts it, and the joiner
+    reads its grant (the epoch secret) in its mailbox, in order (joins ``clock`` steps
+    apart)."""
     for s in joiners:
         if clock is not None:
             clock.advance(10)
-        await s.request_join(gid, "hello")
+        await s.request_join(invite_of(owner, gid), "hello")
         await owner.accept(gid, s._me.public)
+        assert await s.status(gid) == ("accepted", "")

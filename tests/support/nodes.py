@@ -52,10 +52,12 @@ class NodeCluster:
 
 
 async def admit(owner: Node, gid: bytes, member: Node) -> None:
-    """``member`` asks to join ``owner``'s group ``gid``, is accepted, and reads the roster."""
-    await member.groups.request_join(gid)
+    """``member`` asks to join ``owner``'s group ``gid`` with its invite, is accepted, reads
+    its grant and the roster."""
+    await member.groups.request_join(owner.groups.state.keys[gid].invite)
     for request in await owner.groups.requests(gid):
         await owner.groups.accept(gid, request.requester)
+    assert await member.groups.status(gid) == ("accepted", "")
     await member.groups.refresh(gid)
 
 
@@ -63,8 +65,9 @@ async def form_group(owner: Node, members: list[Node]) -> bytes:
     """``owner``'s new group ``club`` with every one of ``members`` accepted; each node
     has run maintenance and read the roster since."""
     gid = await owner.groups.create("club")
+    invite = owner.groups.state.keys[gid].invite
     for m in members:
-        await m.groups.request_join(gid)
+        await m.groups.request_join(invite)
     for request in await owner.groups.requests(gid):
         await owner.groups.accept(gid, request.requester)
     for n in [owner, *members]:
