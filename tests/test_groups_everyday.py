@@ -8,6 +8,7 @@ import time
 import pytest
 
 from dhtshare.errors import GroupError
+from dhtshare.groups.secrets import Invite
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
 from dhtshare.node.commands import Commands
@@ -43,7 +44,7 @@ async def test_accept_twice_says_already_a_member_and_unknown_name_hints_request
     async with Network.start(6) as net:
         so, sb = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], bob)
         gid = await so.create("climbers")
-        await sb.request_join(gid)
+        await sb.request_join(so.state.keys[gid].invite)
         await so.accept(gid, bob.public)
         with pytest.raises(GroupError, match=r"^bob is already a member$"):
             await so.accept(gid, bob.public)
@@ -59,23 +60,46 @@ async def test_rejoin_in_the_same_second_as_the_leave_is_pending_and_accepted() 
         so = GroupService(net.nodes[1], owner, clock=clock)
         sb = GroupService(net.nodes[2], bob, clock=clock)
         gid = await so.create("climbers")
-        await sb.request_join(gid)
+        invite = so.state.keys[gid].invite
+        await sb.request_join(invite)
         await so.accept(gid, bob.public)
         await sb.leave(gid)
-        await sb.request_join(gid)  # same second as the leave
+        await sb.request_join(invite)  # same second as the leave
         assert [p.requester for p in await so.requests(gid)] == [bob.public]
         await so.accept(gid, bob.public)
+        assert await sb.status(gid) == ("accepted", "")  # bob reads his grant
         await sb.refresh(gid)
         assert sb.is_member(gid, bob.public)
+
+
+async def test_request_in_the_same_second_as_a_rejection_is_pending() -> None:
+    owner, bob = Identity.generate("owner"), Identity.generate("bob")
+    clock = FrozenClock()
+    async with Network.start(6) as net:
+        so = GroupService(net.nodes[1], owner, clock=clock)
+        sb = GroupService(net.nodes[2], bob, clock=clock)
+        gid = await so.create("climbers")
+        invite = so.state.keys[gid].invite
+        await sb.request_join(invite)
+        await so.reject(gid, bob.public, "not yet")
+        assert await sb.status(gid) == ("rejected", "not yet")
+        await sb.request_join(invite, "now?")  # same second as the rejection
+        assert [p.message for p in await so.requests(gid)] == ["now?"]
+        assert await sb.status(gid) == ("pending", "")
 
 
 async def test_join_unknown_group_leave_never_joined_and_duplicate_names() -> None:
     owner, carol = Identity.generate("owner"), Identity.generate("carol")
     async with Network.start(6) as net:
         so, sc = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], carol)
-        with pytest.raises(GroupError, match="no group 0000000000000000… was found"):
-            await sc.request_join(bytes(32))
+        nowhere = Invite.new(Identity.generate().public).token  # an invite nobody published
+        with pytest.raises(GroupError, match="no group was found for this invite"):
+            await sc.request_join(nowhere)
+        with pytest.raises(GroupError, match="that is not an invite") as caught:
+            await sc.request_join(bytes(32).hex())  # a group id is not enough any more
+        assert "whole invite" in caught.value.hint
         assert sc.state.requested == {} and sc.state.request_names == {}
+        assert sc.state.keys == {}
         gid = await so.create("climbers")
         with pytest.raises(GroupError, match="not a member"):
             await sc.leave(gid)
@@ -110,8 +134,9 @@ async def test_a_group_without_roster_cannot_be_left_but_can_be_forgotten() -> N
     async with Network.start(6) as net:
         so, sb = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], bob)
         gid = await so.create("climbers")
-        await sb.request_join(gid)
+        await sb.request_join(so.state.keys[gid].invite)
         await so.accept(gid, bob.public)
+        assert await sb.status(gid) == ("accepted", "")  # bob reads his grant
         await sb.refresh(gid)
         assert [g.role for g in await sb.my_groups()] == ["member"]
         lost = GroupService(EmptyDht(net.nodes[2]), bob, sb.state)  # type: ignore[arg-type]

@@ -237,8 +237,11 @@ class GroupService:
 
     def _sign_note(self, body: Body, ttl: float, not_before: float = 0.0) -> SignedRecord:
         """Sign a record whose seq comes from the clock, always above my last one in its slot,
-        issued no earlier than ``not_before`` (at most ``CLOCK_SKEW`` ahead of the clock)."""
-        now = min(max(self._clock(), not_before), self._clock() + CLOCK_SKEW / 2)
+        issued no earlier than ``not_before`` (at most ``CLOCK_SKEW`` ahead of the clock),
+        expiring when it would have if issued now (so it can be sealed: ``MAX_TTL`` from now)."""
+        clock = self._clock()
+        now = min(max(clock, not_before), clock + CLOCK_SKEW / 2)
+        ttl -= now - clock
         draft = sign_record(self._me, body, seq=0, now=now, ttl=ttl)
         where = (draft.dht_key, draft.slot)
         seq = max(time_seq(now), self._last_seq.get(where, 0) + 1)
@@ -603,15 +606,27 @@ class GroupService:
         gid = info.group_id
         if gid in self.state.groups:
             raise GroupError(f"you are already a member of {info.name!r}", "nothing to join")
+        after = await self._decided_at(gid) + 1  # pending compares whole seconds
         keys = self.state.keys.setdefault(gid, GroupKeys())
         keys.invite, keys.reply = invite.token, new_secret()  # a fresh mailbox per request
         body = JoinRequest(gid, self._me.name, message, keys.reply)
-        rec = self._sign_note(body, NOTE_TTL)
+        rec = self._sign_note(body, NOTE_TTL, not_before=after)
         self._dht.withdraw(key_for(Kind.LEAVE, gid), self._me.public)  # an earlier cancel
         await self._dht.publish(Where("inbox", gid), rec, to_owner=invite.owner)
         self.state.requested[gid] = rec.issued
         self.state.request_names[gid] = info.name
         return gid
+
+    async def _decided_at(self, group_id: bytes) -> int:
+        """When I last left ``group_id`` or its owner last rejected me (-1: never), as far as
+        I know: a new request must be issued after it to count as pending."""
+        left = self._leaves.get(group_id, {}).get(self._me.public)
+        times = [left.issued] if left is not None else []
+        for rec in await self._mailbox(group_id):
+            body = rec.payload()
+            if isinstance(body, Decision) and not body.accepted:
+                times.append(rec.issued)
+        return max(times, default=-1)
 
     async def requests(self, group_id: bytes) -> list[PendingRequest]:
         """Join requests the owner has not decided yet, oldest first."""
