@@ -86,12 +86,11 @@ class WireCapture:
         self._thread.start()
 
     def _run(self) -> None:
-        while True:
+        # stop as soon as told, busy ``lo`` or not: ``mark`` already waited for what counts
+        while not self._stop.is_set():
             try:
                 frame, where = self.sock.recvfrom(1 << 17)
             except TimeoutError:
-                if self._stop.is_set():
-                    return  # stopped, and nothing more waits
                 continue
             if where[2] == socket.PACKET_HOST:  # lo shows each packet leaving and arriving
                 self._take(frame[14:])  # after the (all-zero) Ethernet header of lo
