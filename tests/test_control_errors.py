@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.groups import NODES, FakeNode, LyingDht, grow, people
+from support.groups import NODES, FakeNode, LyingDht, epoch_of, grow, people
 
 from dhtshare import errors
 from dhtshare.errors import BY_NAME, DhtshareError, NodeError, StaleRosterError
@@ -55,17 +55,20 @@ async def test_a_stale_roster_reaches_the_client_as_itself(sock: Path) -> None:
 async def test_a_rolled_back_roster_met_by_a_command_reaches_the_cli_as_stale(
     tmp_path: Path,
 ) -> None:
-    """A member whose DHT offers only the group's first roster (it verified the second):
+    """A member whose DHT offers only an older roster of the group (it verified a newer one):
     ``group members`` fails with ``StaleRosterError`` at the client, message and hint kept."""
-    owner, alice = people("owner", "alice")
+    owner, alice, bob = people("owner", "alice", "bob")
     async with Network.start(NODES) as net:
         so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
         gid = await so.create("climbers")
-        old = (await sa.fetch_roster(gid)).record
         await grow(so, gid, [sa])
         assert (await sa.fetch_roster(gid)).seq == 2
-        key = key_for(Kind.ROSTER, gid)
-        stale = LyingDht(net.nodes[2], lambda k: [old] if k == key else [], only_extra=True)
+        key = epoch_of(sa, gid).dht_key(key_for(Kind.ROSTER, gid))
+        old = await net.nodes[2].get(key)  # version 2, sealed, as the DHT holds it
+        assert old
+        await grow(so, gid, [GroupService(net.nodes[3], bob)])
+        assert (await sa.fetch_roster(gid)).seq == 3
+        stale = LyingDht(net.nodes[2], lambda k: old if k == key else [], only_extra=True)
         rolled = GroupService(stale, alice, sa.state)  # type: ignore[arg-type]
         commands = Commands(FakeNode(rolled, alice))  # type: ignore[arg-type]
         path = control.socket_path(Home(tmp_path))
