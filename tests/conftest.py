@@ -12,13 +12,17 @@ import pytest
 from support.cli import Users, users_on_one_machine
 
 from dhtshare import crypto
+from dhtshare.groups.secrets import epoch_box, epoch_space, seal
 from dhtshare.identity import Identity
 from dhtshare.records import (
     Body,
     Decision,
     DirectoryEntry,
+    EpochPage,
     FileEntry,
     Genesis,
+    Grant,
+    InviteInfo,
     JoinRequest,
     Leave,
     Member,
@@ -62,7 +66,8 @@ def roster_body(owner: Identity, now: float) -> Roster:
 
 
 def bodies_of_every_kind(owner: Identity, now: float) -> list[Body]:
-    """One body of each record kind, all about one group that ``owner`` founded."""
+    """One body of each record kind a storing node takes in the clear, all about one group
+    that ``owner`` founded (the inner kinds: ``inner_bodies``; sealed: ``sealed_record``)."""
     roster = roster_body(owner, now)
     gid, cid = roster.group_id, os.urandom(32)
     return [
@@ -76,6 +81,24 @@ def bodies_of_every_kind(owner: Identity, now: float) -> list[Body]:
         PeerInfo((("127.0.0.1", 7001),)),
         DirectoryEntry(gid, "group", 1),
     ]
+
+
+def inner_bodies(owner: Identity, now: float) -> list[Body]:
+    """One body of each kind that exists only inside a sealed record."""
+    gid, secret = roster_body(owner, now).group_id, os.urandom(32)
+    box = epoch_box(os.urandom(32), owner.public, os.urandom(32))
+    return [
+        Grant(gid, 1, secret, "group"),
+        EpochPage(gid, 1, 0, 1, (box,)),
+        InviteInfo(gid, "group"),
+    ]
+
+
+def sealed_record(author: Identity, now: float, *, ttl: float = 600) -> SignedRecord:
+    """A join request of ``author``'s sealed into an epoch space, as storing nodes see it."""
+    gid = roster_body(author, now).group_id
+    inner = sign_record(author, JoinRequest(gid, "alice", "hi"), seq=1, now=now, ttl=ttl)
+    return seal(epoch_space(os.urandom(32)), inner, author=author, seq=1, now=now)
 
 
 def peer_record(ident: Identity, now: float, *, seq: int = 1, ttl: float = 600) -> SignedRecord:

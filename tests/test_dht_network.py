@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import umsgpack
-from conftest import SPARSE_K, FakeClock, bodies_of_every_kind, peer_record
+from conftest import SPARSE_K, FakeClock, bodies_of_every_kind, peer_record, sealed_record
 from kademlia.node import Node
 
 from dhtshare.dht import DhtNode
@@ -58,8 +58,11 @@ async def test_every_kind_put_and_got_from_random_nodes(
 ) -> None:
     net, rng = sparse_net, random.Random(1)
     owner = Identity.generate()
-    for body in bodies_of_every_kind(owner, clock()):
-        rec = sign_record(owner, body, seq=1, now=clock(), ttl=600)
+    records = [
+        sign_record(owner, b, seq=1, now=clock(), ttl=600)
+        for b in bodies_of_every_kind(owner, clock())
+    ]
+    for rec in [*records, sealed_record(owner, clock())]:
         writer = rng.choice(net.nodes)
         assert await writer.put(rec) == SPARSE_K
         others = [n for n in net.nodes if n is not writer]

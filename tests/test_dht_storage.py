@@ -5,11 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import START, FakeClock, bodies_of_every_kind, peer_record
+from conftest import (
+    START,
+    FakeClock,
+    bodies_of_every_kind,
+    inner_bodies,
+    peer_record,
+    sealed_record,
+)
 
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, ValidatingStorage
 from dhtshare.identity import Identity
 from dhtshare.records import (
+    INNER_KINDS,
     MAX_RECORD_SIZE,
     MAX_TTL,
     JoinRequest,
@@ -38,12 +46,22 @@ def forge(rec: SignedRecord) -> bytes:
     return bytes(raw)
 
 
-def test_accepts_every_kind(store: ValidatingStorage, alice: Identity) -> None:
+def test_accepts_every_kind_but_the_inner_ones(store: ValidatingStorage, alice: Identity) -> None:
     for body in bodies_of_every_kind(alice, NOW):
         rec = sign_record(alice, body, seq=1, now=NOW, ttl=600)
         assert store.add(rec.dht_key, rec.encode(), NOW) is None, rec.kind
         assert store.records(rec.dht_key, NOW + 1) == [rec]
-    assert store.stats["store.accepted"] == len(Kind)
+    sealed = sealed_record(alice, NOW)
+    assert sealed.kind == Kind.SEALED
+    assert store.add(sealed.dht_key, sealed.encode(), NOW) is None
+    assert store.records(sealed.dht_key, NOW + 1) == [sealed]
+    for body in inner_bodies(alice, NOW):  # a private group's secrets never go in the clear
+        rec = sign_record(alice, body, seq=1, now=NOW, ttl=600)
+        assert rec.kind in INNER_KINDS
+        assert store.add(rec.dht_key, rec.encode(), NOW) == "inner_kind", rec.kind
+        assert store.records(rec.dht_key, NOW + 1) == []
+    assert store.stats["store.accepted"] == len(Kind) - len(INNER_KINDS)
+    assert store.stats["refuse.inner_kind"] == len(INNER_KINDS)
 
 
 @pytest.mark.parametrize(
