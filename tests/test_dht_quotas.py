@@ -22,6 +22,7 @@ from dhtshare.dht import DhtNode, ValidatingStorage
 from dhtshare.dht.protocol import packb
 from dhtshare.dht.sources import UNVALIDATED
 from dhtshare.dht.storage import DEFAULT_REPLY_BUDGET, Quotas
+from dhtshare.groups.secrets import Invite, Space, seal
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
 from dhtshare.records import (
@@ -49,6 +50,13 @@ def join_request(gid: bytes, now: float, *, ahead: float = 0, text: int = 280) -
     """A valid join request (about 500 bytes) signed by a fresh key."""
     body = JoinRequest(gid, "n" * 64, "m" * text)
     return sign_record(Identity.generate(), body, seq=1, now=now + ahead, ttl=3600)
+
+
+def seal_request(space: Space, gid: bytes, owner: bytes, ahead: float) -> SignedRecord:
+    """A throw-away key's join request sealed into ``space`` (and to ``owner``)."""
+    now = time.time() + ahead
+    inner = join_request(gid, now - ahead, ahead=ahead)
+    return seal(space, inner, author=Identity.generate(), seq=1, now=now, to_owner=owner)
 
 
 async def flood(
@@ -125,10 +133,17 @@ async def test_join_request_flood_from_one_address_does_not_push_out_a_genuine_r
         so = GroupService(net.nodes[1], owner)
         sa = GroupService(net.nodes[2], alice)
         gid = await so.create("climbers")
-        await sa.request_join(gid, "let me in")
-        key = key_for(Kind.JOIN_REQUEST, gid)
-        # 64 throw-away requests, dated as far ahead as allowed, at every node
-        junk = [join_request(gid, time.time(), ahead=CLOCK_SKEW - 60) for _ in range(64)]
+        invite = Invite.parse(so.state.keys[gid].invite)
+        await sa.request_join(invite.token, "let me in")
+        key = invite.space.dht_key(key_for(Kind.JOIN_REQUEST, gid))  # the sealed inbox key
+        # without the invite, a throw-away key cannot write under the inbox key at all
+        outsider = seal_request(Space(os.urandom(32), "invite"), gid, owner.public, 0)
+        for node in net.nodes:
+            assert node.storage.add(key, outsider.encode(), time.time()) == "wrong_key"
+        # an invite holder's 64 throw-away requests, sealed to the owner, dated as far ahead
+        # as allowed, at every node
+        junk = [seal_request(invite.space, gid, owner.public, CLOCK_SKEW - 60) for _ in range(64)]
+        assert {r.dht_key for r in junk} == {key}
         async with asyncio.timeout(30):
             await flood(attacker, net.nodes, junk)
         assert any(n.storage.count(key) > 1 for n in net.nodes)  # the flood did land
@@ -237,7 +252,7 @@ def test_replaying_someone_elses_record_does_not_move_its_charge() -> None:
 
 def test_quota_refusal_comes_before_the_signature_check() -> None:
     store = ValidatingStorage(max_bytes=8 * 1024)  # address cap 512 bytes: one record
-    first, second = join_request(os.urandom(32), NOW), join_request(os.urandom(32), NOW)
+    first, second = (join_request(os.urandom(32), NOW, text=200) for _ in range(2))
     assert store.add(first.dht_key, first.encode(), NOW, source="8.8.8.8") is None
     forged = bytearray(second.encode())
     forged[-1] ^= 1
