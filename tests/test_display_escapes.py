@@ -64,8 +64,8 @@ async def test_hostile_names_and_messages_reach_the_terminal_as_visible_escapes(
     home = net.tmp / "owner"
     gid = await owner.groups.create("club")
 
-    # A join request from a non-member: its name and message.
-    await mallory.groups.request_join(gid, HOSTILE_MESSAGE)
+    # A join request from a non-member (it holds the invite): its name and message.
+    await mallory.groups.request_join(owner.groups.state.keys[gid].invite, HOSTILE_MESSAGE)
     lines = terminal_safe(await cli_run(home, "group", "requests", "club"), rows=1)
     assert len(lines) == 2 and "\\x1b]52;c;" in lines[1] and "\\x0abob  ok" in lines[1]
     as_json = await cli_run(home, "group", "requests", "club", "--json")
@@ -82,6 +82,7 @@ async def test_hostile_names_and_messages_reach_the_terminal_as_visible_escapes(
 
     # Once accepted: the member's name and the names of the files it shares.
     await owner.groups.accept(gid, mallory.identity.public)
+    assert await mallory.groups.status(gid) == ("accepted", "")
     await mallory.groups.refresh(gid)
     lines = terminal_safe(await cli_run(home, "group", "members", "club"), rows=2)
     assert len(lines) == 3
