@@ -66,7 +66,7 @@ def serve(lift_caps: bool) -> None:
             path.write_bytes(os.urandom(1024 * 1024))
             layout = FileLayout(1024 * 1024, 256 * 1024)
             hashes = hash_file(path, layout.piece_size)
-            registry = ShareRegistry(lambda group, key: True)
+            registry = ShareRegistry(lambda group, key: True, lambda: {bytes(32): bytes(32)})
             registry.add(Share(bytes(32), merkle_root(hashes), path, layout, hashes))
             kw: dict[str, Any] = {}
             if lift_caps and "max_handshakes" in inspect.signature(PeerServer).parameters:

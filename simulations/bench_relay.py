@@ -36,6 +36,7 @@ PIECE = 1024 * 1024
 BLOCK = 256 * 1024
 WINDOW = 16
 GROUP = bytes(range(32))
+ACCESS_KEY = b"\x5a" * 32  # the benchmark group's access key, known to both ends
 RELAY_HOST, PROVIDER_HOST, SINK_HOST = "127.0.21.1", "127.0.21.2", "127.0.21.3"
 
 
@@ -57,7 +58,7 @@ def run_provider(seed: bytes, path: str, relay: tuple[str, int], ready: mp.Queue
         identity = Identity(SigningKey(seed))
         hashes = hash_file(Path(path), PIECE)
         size = Path(path).stat().st_size  # noqa: ASYNC240 (once, before serving)
-        shares = ShareRegistry(lambda g, k: True)
+        shares = ShareRegistry(lambda g, k: True, lambda: {GROUP: ACCESS_KEY})
         shares.add(Share(GROUP, merkle_root(hashes), Path(path), FileLayout(size, PIECE), hashes))
         server = PeerServer(identity, PROVIDER_HOST, shares=shares, superseed=False)
         await server.start()
@@ -178,10 +179,10 @@ async def bench(
     me = Identity.generate()
     results: dict[str, list[float]] = {"direct": [], "relayed": []}
     for _ in range(args.rounds):
-        stream = await open_peer(me, *direct, GROUP, cid)
+        stream = await open_peer(me, *direct, GROUP, cid, access_key=ACCESS_KEY)
         results["direct"].append(size / await fetch(stream, size) / 1e6)
         sock, _ = await open_circuit(relay, key)
-        stream = await open_peer_on(sock, me, GROUP, cid)
+        stream = await open_peer_on(sock, me, GROUP, cid, access_key=ACCESS_KEY)
         results["relayed"].append(size / await fetch(stream, size) / 1e6)
     for route, rates in results.items():
         runs = [round(r) for r in rates]

@@ -63,6 +63,7 @@ from dhtshare.transfer.swarm import ProviderAddr
 
 MB = 1_000_000
 GROUP = bytes(32)
+ACCESS_KEY = b"\x5a" * 32  # the benchmark group's access key, known to both ends
 CHUNK = 1024 * 1024
 PIN = os.environ.get("DHTSHARE_BENCH_PIN", "1") != "0"  # read again in each spawned process
 TUNE = os.environ.get("DHTSHARE_BENCH_TUNE", "1") != "0"
@@ -177,7 +178,7 @@ def seeder_main(share: dict[str, Any], limit: float | None, ready_q: Queue[Any])
 
 async def run_seeder(share: dict[str, Any], limit: float | None, ready_q: Queue[Any]) -> None:
     identity = Identity.generate()
-    registry = ShareRegistry(lambda _group, _peer: True)
+    registry = ShareRegistry(lambda _group, _peer: True, lambda: {GROUP: ACCESS_KEY})
     layout = FileLayout(share["size"], share["piece_size"])
     registry.add(Share(GROUP, share["content_id"], share["path"], layout, share["hashes"]))
     server = PeerServer(identity, shares=registry, upload_rate=limit)
@@ -207,6 +208,7 @@ async def run_downloader(
         out,
         providers=lookup,
         is_member=lambda _group, _peer: True,
+        access_key=lambda _group: ACCESS_KEY,
         options=DownloadOptions(provider_timeout=30.0),
     )
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)

@@ -428,12 +428,23 @@ async def _provider_session(
         transport.abort()  # vanish: no Reject, no FIN
 
 
+ACCESS_KEYS: dict[bytes, bytes] = {}
+"""Group id -> the access key the soak's own clients and hostile providers hold (a member's:
+filled when the group is formed; a removed member keeps the one it had)."""
+
+
+def access_key(gid: bytes) -> bytes:
+    return ACCESS_KEYS.get(gid) or bytes(32)
+
+
 async def _crash_client(
     victim: tuple[str, int], ident: Identity, gid: bytes, cid: bytes, n: int, tally: TcpTally
 ) -> None:
     """The crashing member as a client of the victim: out-of-range asks, garbage, half frames."""
     loop = asyncio.get_running_loop()
-    conn = PeerConnection(Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid)
+    conn = PeerConnection(
+        Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid, access_key=access_key(gid)
+    )
     try:
         async with asyncio.timeout(10):
             _t, proto = await loop.create_connection(
@@ -488,7 +499,9 @@ async def fetch_block(
     (a Reject with NOT_MEMBER, in the handshake or later), ``"refused: <reason>"`` for any
     other Reject or end, or ``"unreachable"`` (no connection, or silence)."""
     loop = asyncio.get_running_loop()
-    conn = PeerConnection(Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid)
+    conn = PeerConnection(
+        Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid, access_key=access_key(gid)
+    )
     try:
         async with asyncio.timeout(10):
             _t, proto = await loop.create_connection(
@@ -725,6 +738,9 @@ async def _form_group(w: _World) -> None:
     for name in ("seeder", "dave"):
         await w.nodes[name].groups.maintain()
         await w.nodes[name].groups.refresh(w.gid)
+    key = owner.groups.access_key(w.gid)
+    if key is not None:
+        ACCESS_KEYS[w.gid] = key
 
 
 async def _victim_joins(w: _World, victim: Victim) -> None:
@@ -780,7 +796,9 @@ class HostileProviders:
         loop = asyncio.get_running_loop()
 
         def factory() -> PeerProtocol:
-            return server_protocol(ident, lambda proto: self._on_connect(mode, proto))
+            return server_protocol(
+                ident, lambda proto: self._on_connect(mode, proto), lambda: dict(ACCESS_KEYS)
+            )
 
         server = await loop.create_server(factory, CRASH, 0)
         self.servers.append(server)
@@ -895,7 +913,11 @@ async def _tcp_attacks(
     w: _World, victim: Victim, stop: asyncio.Event, loris: TcpTally, crash: TcpTally
 ) -> None:
     hello = PeerConnection(
-        Role.CLIENT, SigningKey(os.urandom(32)), group_id=w.gid, content_id=w.small_cid
+        Role.CLIENT,
+        SigningKey(os.urandom(32)),
+        group_id=w.gid,
+        content_id=w.small_cid,
+        access_key=os.urandom(32),  # a stranger's: it never gets past the hello anyway
     ).initiate()
     async with asyncio.TaskGroup() as tg:
         for i in range(w.opts.loris if "loris" in w.opts.attacks else 0):

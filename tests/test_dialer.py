@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from support.access import access_key
 from support.netns import unavailable
 from support.punchnet import LOCAL, drop_syns, inside_netns, provider, syn_counter
 from support.swarm import GROUP, Roster
@@ -106,6 +107,7 @@ def member(roster: Roster) -> Identity:
 def dialer(me: Identity, relay: FakeRelay, *, private: bool = True) -> Dialer:
     return Dialer(
         me,
+        access_key=access_key,
         open_circuit=relay.open_circuit,
         public_ip=lambda: LOCAL,
         is_private=lambda: private,
@@ -219,6 +221,7 @@ async def test_a_relayed_download_upgrades_to_punched_and_completes(tmp_path: Pa
                 FileInfo(GROUP, src.content_id, "copy.bin", size, src.layout.piece_size),
                 out,
                 providers=lambda: _one(addr),
+                access_key=access_key,
                 is_member=roster,
                 options=DownloadOptions(provider_timeout=30.0, retry_after=0.2),
                 dial=d.dial,

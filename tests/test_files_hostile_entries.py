@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.access import access_key
 
 from dhtshare import content, crypto
 from dhtshare.codec import Writer
@@ -172,7 +173,14 @@ async def test_download_of_an_unaffordable_layout_is_refused_before_allocating(
     me = Identity.generate()
     started = time.perf_counter()
     with pytest.raises(FileShareError, match="layout"):
-        Download(me, info, tmp_path, providers=nobody, is_member=lambda g, k: True)  # type: ignore[arg-type]
+        Download(
+            me,
+            info,
+            tmp_path,
+            providers=nobody,  # type: ignore[arg-type]
+            access_key=access_key,
+            is_member=lambda g, k: True,
+        )
     assert time.perf_counter() - started < 0.5  # O(1): microseconds, with room for a busy machine
 
 

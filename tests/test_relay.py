@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.access import access_key, access_keys
 from support.firstframe import send_first as send_first_frame
 from support.nodes import NodeCluster
 
@@ -227,7 +228,9 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     me, provider = Identity.generate(), Identity.generate()
-    shares = ShareRegistry(lambda g, k: g == GROUP and k in {me.public, provider.public})
+    shares = ShareRegistry(
+        lambda g, k: g == GROUP and k in {me.public, provider.public}, access_keys(GROUP)
+    )
     shares.add(Share(GROUP, cid, path, FileLayout(len(data), PIECE), hashes))
 
     relay = await start_relay(tg)
@@ -279,7 +282,7 @@ async def relayed_download(
     sock, rest = await open_circuit(relay.address, keeper.key.public)
     assert rest == b""
     got = bytearray(len(data))
-    async with await open_peer_on(sock, me, GROUP, cid) as stream:
+    async with await open_peer_on(sock, me, GROUP, cid, access_key=access_key(GROUP)) as stream:
         assert stream.peer_key == provider.public  # the handshake checked the far end
         async with asyncio.timeout(WAIT):
             bits = await anext(stream)
@@ -566,7 +569,7 @@ async def test_adopt_serves_a_socket_with_bytes_already_read(
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     me, provider = Identity.generate(), Identity.generate()
-    shares = ShareRegistry(lambda g, k: g == GROUP and k == me.public)
+    shares = ShareRegistry(lambda g, k: g == GROUP and k == me.public, access_keys(GROUP))
     shares.add(Share(GROUP, cid, path, FileLayout(len(data), PIECE), hashes))
     server = PeerServer(provider, PROVIDER_HOST, shares=shares)
     server.dialback_sink = lambda nonce, source: pytest.fail("an adopted socket is no dial-back")
@@ -588,7 +591,9 @@ async def test_adopt_serves_a_socket_with_bytes_already_read(
         return client, accepted
 
     client, far = await pair()
-    opening = asyncio.ensure_future(open_peer_on(client, me, GROUP, cid))
+    opening = asyncio.ensure_future(
+        open_peer_on(client, me, GROUP, cid, access_key=access_key(GROUP))
+    )
     async with asyncio.timeout(WAIT):
         head = await loop.sock_recv(far, 20)  # part of the ClientHello
     server.adopt(far, head)

@@ -14,6 +14,7 @@ import random
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
@@ -36,7 +37,11 @@ async def authenticate_and_hold(
     reader, writer = await asyncio.open_connection(host, port, local_addr=("127.0.6.2", 0))
     held.append(writer)
     conn = PeerConnection(
-        Role.CLIENT, Identity.generate().signing_key, group_id=GROUP, content_id=content_id
+        Role.CLIENT,
+        Identity.generate().signing_key,
+        group_id=GROUP,
+        content_id=content_id,
+        access_key=access_key(GROUP),
     )
     writer.write(conn.initiate())
     while conn.next_event() is None:
@@ -56,7 +61,9 @@ async def test_non_members_from_one_address_cannot_fill_the_session_places(
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     member = Identity.generate()
-    registry = ShareRegistry(lambda group, key: group == GROUP and key == member.public)
+    registry = ShareRegistry(
+        lambda group, key: group == GROUP and key == member.public, access_keys(GROUP)
+    )
     registry.add(Share(GROUP, cid, path, FileLayout(len(data), PIECE), hashes))
     identity = Identity.generate()
     server = PeerServer(identity, shares=registry, max_connections=16)
@@ -83,6 +90,7 @@ async def test_non_members_from_one_address_cannot_fill_the_session_places(
             info,
             tmp_path / "out",
             providers=providers,
+            access_key=access_key,
             is_member=lambda g, k: True,
             options=DownloadOptions(provider_timeout=5),
         )

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import ProtocolError
@@ -56,7 +57,7 @@ async def serving(
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     identity = Identity.generate()
-    registry = ShareRegistry(lambda group, key: group == GROUP)
+    registry = ShareRegistry(lambda group, key: group == GROUP, access_keys(GROUP))
     registry.add(Share(GROUP, cid, path, FileLayout(len(DATA), PIECE), hashes))
     server = PeerServer(identity, shares=registry, **options)  # type: ignore[arg-type]
     host, port = await server.start()
@@ -76,7 +77,13 @@ async def session(
 ) -> tuple[PeerStream, Bitfield | Reject | None]:
     """A member's session from ``source``: the stream and its first message (the server's
     Bitfield if it got a place, else its Reject; ``None``: closed during the handshake)."""
-    conn = PeerConnection(Role.CLIENT, member.signing_key, group_id=GROUP, content_id=cid)
+    conn = PeerConnection(
+        Role.CLIENT,
+        member.signing_key,
+        group_id=GROUP,
+        content_id=cid,
+        access_key=access_key(GROUP),
+    )
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(5):
         _, protocol = await loop.create_connection(
@@ -123,7 +130,8 @@ async def test_one_member_flooding_sessions_leaves_room_for_another_members_down
 
             info = FileInfo(GROUP, cid, "out.bin", len(DATA), PIECE)
             dl = Download(honest, info, tmp_path / "out", providers=providers,
-                          is_member=lambda g, k: True, options=DownloadOptions())  # fmt: skip
+                          access_key=access_key, is_member=lambda g, k: True,
+                          options=DownloadOptions())  # fmt: skip
             async with asyncio.timeout(20):
                 got = await dl.run()
             assert got.read_bytes() == DATA
@@ -209,7 +217,11 @@ async def test_handshake_flood_from_a_few_addresses_does_not_evict_an_honest_han
                 await flood.until_closed(rounds * len(sources) - cap)
 
             conn = PeerConnection(
-                Role.CLIENT, Identity.generate().signing_key, group_id=GROUP, content_id=cid
+                Role.CLIENT,
+                Identity.generate().signing_key,
+                group_id=GROUP,
+                content_id=cid,
+                access_key=access_key(GROUP),
             )
             writer.write(conn.initiate())
             async with asyncio.timeout(5):

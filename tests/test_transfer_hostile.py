@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.access import access_key, access_keys
 from support.swarm import GROUP, PIECE, Roster, Source, make_source
 
 from dhtshare.errors import FileShareError, ProtocolError
@@ -58,7 +59,7 @@ async def seeder(
     """An honest member serving ``src`` with the real ``PeerServer``."""
     identity = Identity.generate()
     members.keys.add(identity.public)
-    registry = ShareRegistry(members)
+    registry = ShareRegistry(members, access_keys(GROUP))
     registry.add(src.share())
     server = PeerServer(identity, shares=registry, upload_rate=upload_rate)
     host, port = await server.start()
@@ -110,7 +111,9 @@ class ScriptedPeer:
             self._server.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = PeerConnection(Role.SERVER, self.identity.signing_key)
+        conn = PeerConnection(
+            Role.SERVER, self.identity.signing_key, access_keys=access_keys(GROUP)
+        )
         try:
             async with asyncio.timeout(self.patience + 5):
                 await self._converse(conn, reader, writer)
@@ -173,7 +176,15 @@ def new_download(
     async def lookup() -> list[ProviderAddr]:
         return list(providers)
 
-    return Download(me, src.info(), out, providers=lookup, is_member=members, options=FAST)
+    return Download(
+        me,
+        src.info(),
+        out,
+        providers=lookup,
+        access_key=access_key,
+        is_member=members,
+        options=FAST,
+    )
 
 
 async def finish(dl: Download, src: Source, out: Path) -> None:
@@ -237,7 +248,15 @@ async def test_download_that_every_peer_fails_ends_failed(tmp_path: Path) -> Non
             return [addr]
 
         opts = DownloadOptions(provider_timeout=2.0, repoll_interval=0.2, retry_after=0.2)
-        dl = Download(me, src.info(), tmp_path, providers=lookup, is_member=members, options=opts)
+        dl = Download(
+            me,
+            src.info(),
+            tmp_path,
+            providers=lookup,
+            access_key=access_key,
+            is_member=members,
+            options=opts,
+        )
         with pytest.raises(FileShareError, match="no providers"):
             async with asyncio.timeout(20):
                 await dl.run()
@@ -269,7 +288,15 @@ async def test_member_that_claims_every_piece_and_sends_none_ends_the_download(
             retry_after=0.2,
             picker=PickerConfig(block_size=MAX_BLOCK, min_timeout=0.5),
         )
-        dl = Download(me, src.info(), tmp_path, providers=lookup, is_member=members, options=opts)
+        dl = Download(
+            me,
+            src.info(),
+            tmp_path,
+            providers=lookup,
+            access_key=access_key,
+            is_member=members,
+            options=opts,
+        )
         with pytest.raises(FileShareError, match="no providers"):
             async with asyncio.timeout(20):  # it kept the download "downloading" for good
                 await dl.run()
@@ -351,7 +378,13 @@ async def hostile_client(
     """A member connects to ``addr``, finishes the handshake, sends ``msgs`` and leaves."""
     me = Identity.generate()
     members.keys.add(me.public)
-    conn = PeerConnection(Role.CLIENT, me.signing_key, group_id=GROUP, content_id=src.content_id)
+    conn = PeerConnection(
+        Role.CLIENT,
+        me.signing_key,
+        group_id=GROUP,
+        content_id=src.content_id,
+        access_key=access_key(GROUP),
+    )
     reader, writer = await asyncio.open_connection(addr.host, addr.port)
     try:
         async with asyncio.timeout(5):

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import RemoteProtocolError
@@ -37,9 +38,15 @@ BIG_HELLO = struct.pack(">IB", 1024 * 1024, FrameType.CLIENT_HELLO)  # announces
 
 def handshaken_pair() -> tuple[PeerConnection, PeerConnection]:
     client = PeerConnection(
-        Role.CLIENT, Identity.generate().signing_key, group_id=GROUP, content_id=bytes(32)
+        Role.CLIENT,
+        Identity.generate().signing_key,
+        group_id=GROUP,
+        content_id=bytes(32),
+        access_key=access_key(GROUP),
     )
-    server = PeerConnection(Role.SERVER, Identity.generate().signing_key)
+    server = PeerConnection(
+        Role.SERVER, Identity.generate().signing_key, access_keys=access_keys(GROUP)
+    )
     server.receive_data(client.initiate())
     assert server.next_event() is None
     client.receive_data(server.data_to_send())
@@ -50,7 +57,9 @@ def handshaken_pair() -> tuple[PeerConnection, PeerConnection]:
 
 
 def test_frame_limit_and_read_room_depend_on_authentication() -> None:
-    server = PeerConnection(Role.SERVER, Identity.generate().signing_key)
+    server = PeerConnection(
+        Role.SERVER, Identity.generate().signing_key, access_keys=access_keys(GROUP)
+    )
     assert len(server.get_buffer(64 * 1024)) <= 1024  # no 64 KiB per half-open connection
     server.receive_data(BIG_HELLO)
     with pytest.raises(RemoteProtocolError) as err:
@@ -75,7 +84,7 @@ async def serving(tmp_path: Path) -> AsyncIterator[tuple[PeerServer, ProviderAdd
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     identity = Identity.generate()
-    registry = ShareRegistry(lambda group, key: group == GROUP)
+    registry = ShareRegistry(lambda group, key: group == GROUP, access_keys(GROUP))
     registry.add(Share(GROUP, cid, path, layout, hashes))
     server = PeerServer(identity, shares=registry)
     host, port = await server.start()
@@ -133,7 +142,8 @@ async def test_half_open_flood_is_capped_and_an_honest_download_completes(
 
             info = FileInfo(GROUP, cid, "out.bin", path.stat().st_size, PIECE)
             dl = Download(me, info, tmp_path / "out", providers=providers,
-                          is_member=lambda g, k: True, options=DownloadOptions())  # fmt: skip
+                          access_key=access_key, is_member=lambda g, k: True,
+                          options=DownloadOptions())  # fmt: skip
             async with asyncio.timeout(20):
                 got = await dl.run()
             assert got.read_bytes() == path.read_bytes()

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.access import access_key
 
 from dhtshare.content import FileLayout
 from dhtshare.errors import FileShareError
@@ -53,7 +54,7 @@ async def test_an_offline_holder_does_not_keep_the_download_alive(tmp_path: Path
     info = FileInfo(GROUP, cid, "gone.bin", size, layout.piece_size)
     dl = Download(
         Identity.generate("carol"), info, tmp_path, providers=providers,
-        is_member=lambda g, k: True, options=options,
+        access_key=access_key, is_member=lambda g, k: True, options=options,
     )  # fmt: skip
     began = time.monotonic()
     with pytest.raises(FileShareError, match=r"no providers for gone\.bin \(nobody served it"):

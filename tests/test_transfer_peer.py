@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.peer import (
@@ -39,12 +40,14 @@ async def connected() -> AsyncIterator[tuple[PeerStream, PeerStream]]:
 
     server_id = Identity.generate()
     server = await asyncio.get_running_loop().create_server(
-        lambda: server_protocol(server_id, on_connect), "127.0.0.1", 0
+        lambda: server_protocol(server_id, on_connect, access_keys(GROUP)), "127.0.0.1", 0
     )
     host, port = server.sockets[0].getsockname()[:2]
     try:
         async with asyncio.timeout(10):
-            client = await open_peer(Identity.generate(), host, port, GROUP, CONTENT)
+            client = await open_peer(
+                Identity.generate(), host, port, GROUP, CONTENT, access_key=access_key(GROUP)
+            )
             served = await accepted.get()
         yield client, served
         await client.aclose()

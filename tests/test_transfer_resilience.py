@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
@@ -27,7 +28,7 @@ async def test_a_crashing_session_does_not_stop_the_server(
     path.write_bytes(random.Random(1).randbytes(2 * PIECE))
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
-    registry = ShareRegistry(lambda g, k: True)
+    registry = ShareRegistry(lambda g, k: True, access_keys(GROUP))
     registry.add(Share(GROUP, cid, path, FileLayout(2 * PIECE, PIECE), hashes))
     server = PeerServer(Identity.generate(), shares=registry)
     host, port = await server.start()
@@ -47,12 +48,12 @@ async def test_a_crashing_session_does_not_stop_the_server(
         async with asyncio.timeout(5):
             await server.serving.wait()
         me = Identity.generate()
-        first = await open_peer(me, host, port, GROUP, cid)
+        first = await open_peer(me, host, port, GROUP, cid, access_key=access_key(GROUP))
         async with asyncio.timeout(5):
             events = [e async for e in first]  # the crashed session just closes
         assert not any(isinstance(e, Bitfield) for e in events)
         await first.aclose()
-        second = await open_peer(me, host, port, GROUP, cid)
+        second = await open_peer(me, host, port, GROUP, cid, access_key=access_key(GROUP))
         async with asyncio.timeout(5):
             event = await anext(second)
         assert isinstance(event, Bitfield)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.errors import NodeError
@@ -53,7 +54,7 @@ class Node:
 @pytest.fixture
 async def node() -> AsyncIterator[Node]:
     members: set[bytes] = set()
-    registry = ShareRegistry(lambda g, k: g == GROUP and k in members)
+    registry = ShareRegistry(lambda g, k: g == GROUP and k in members, access_keys(GROUP))
     server = PeerServer(Identity.generate(), shares=registry)
     members.add(server.identity.public)
     await server.start()
@@ -65,7 +66,7 @@ async def node() -> AsyncIterator[Node]:
 
 async def connect(node: Node, me: Identity, content_id: bytes) -> PeerStream:
     host, port = node.server.address
-    return await open_peer(me, host, port, GROUP, content_id)
+    return await open_peer(me, host, port, GROUP, content_id, access_key=access_key(GROUP))
 
 
 async def next_event(stream: PeerStream) -> Event:
@@ -189,7 +190,9 @@ async def test_garbage_instead_of_a_handshake_is_rejected(node: Node) -> None:
 
 async def test_connecting_to_nobody_is_an_os_error() -> None:
     with pytest.raises(ConnectionRefusedError):
-        await open_peer(Identity.generate(), "127.0.0.1", 1, GROUP, bytes(32))
+        await open_peer(
+            Identity.generate(), "127.0.0.1", 1, GROUP, bytes(32), access_key=access_key(GROUP)
+        )
 
 
 def test_status_json_shapes() -> None:

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.access import access_key, access_keys
+
 from dhtshare.content import FileLayout, hash_file, merkle_root
 from dhtshare.identity import Identity
 from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
@@ -126,7 +128,7 @@ async def start_peer(
 ) -> tuple[Peer, asyncio.Task[None]]:
     identity = Identity.generate()
     members.add(identity.public)
-    registry = ShareRegistry(lambda g, k: g == GROUP and k in members)
+    registry = ShareRegistry(lambda g, k: g == GROUP and k in members, access_keys(GROUP))
     server = PeerServer(identity, shares=registry, superseed_idle=0.25, **kw)  # type: ignore[arg-type]
     await server.start()
     task = tg.create_task(server.serve())
@@ -173,6 +175,7 @@ async def test_flash_crowd_seeder_uploads_about_twice_the_file(tmp_path: Path) -
                     FileInfo(GROUP, cid, "out.bin", layout.size, PIECE),
                     tmp_path / f"d{n}",
                     providers=lookup,
+                    access_key=access_key,
                     is_member=lambda g, k: g == GROUP and k in members,
                     shares=peer.registry,
                     on_first_piece=publish,
@@ -206,7 +209,9 @@ async def test_a_single_downloader_gets_the_full_bitfield(tmp_path: Path) -> Non
         me = Identity.generate()
         members.add(me.public)
         host, port = seeder.server.address
-        async with await open_peer(me, host, port, GROUP, cid) as stream:
+        async with await open_peer(
+            me, host, port, GROUP, cid, access_key=access_key(GROUP)
+        ) as stream:
             first = await next_event(stream)
             assert isinstance(first, Bitfield)
             assert first.pieces() == list(range(layout.piece_count))
@@ -215,6 +220,7 @@ async def test_a_single_downloader_gets_the_full_bitfield(tmp_path: Path) -> Non
             FileInfo(GROUP, cid, "out.bin", layout.size, PIECE),
             tmp_path / "d",
             providers=lambda: _const([seeder.addr]),
+            access_key=access_key,
             is_member=lambda g, k: g == GROUP and k in members,
         )
         async with asyncio.timeout(5):
@@ -237,9 +243,9 @@ async def test_a_second_session_gets_a_window_and_more_as_it_asks(tmp_path: Path
         ids = [Identity.generate() for _ in range(3)]
         members.update(i.public for i in ids)
         host, port = seeder.server.address
-        first = await open_peer(ids[0], host, port, GROUP, cid)
+        first = await open_peer(ids[0], host, port, GROUP, cid, access_key=access_key(GROUP))
         assert len(_bits(await next_event(first))) == 16  # alone: everything
-        second = await open_peer(ids[1], host, port, GROUP, cid)
+        second = await open_peer(ids[1], host, port, GROUP, cid, access_key=access_key(GROUP))
         window = _bits(await next_event(second))
         assert len(window) == 4
         second.send_nowait(GetHashes(0, 16))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.access import access_key, access_keys
 from support.swarm import GROUP, PIECE, Roster, Source, make_source
 
 from dhtshare.errors import FileShareError, StoreError
@@ -66,7 +67,7 @@ class Swarm:
         identity = Identity.generate()
         if member:
             self.roster.keys.add(identity.public)
-        registry = ShareRegistry(self.roster)
+        registry = ShareRegistry(self.roster, access_keys(GROUP))
         server = PeerServer(identity, shares=registry, upload_rate=upload_rate)
         await server.start()
         peer = Peer(identity, registry, server, self.tg.create_task(server.serve()))
@@ -113,6 +114,7 @@ def downloader(
         src.info(),
         out,
         providers=providers_of(peers),
+        access_key=access_key,
         is_member=sw.roster,
         **kw,  # type: ignore[arg-type]
     )
@@ -235,6 +237,7 @@ async def test_removed_member_is_cut_off(tmp_path: Path) -> None:
             src.info(),
             tmp_path / "out",
             providers=providers_of(seeders),
+            access_key=access_key,
             is_member=sw.roster,
             on_have=at_fraction(0.25, src.layout.piece_count, remove_me),
             options=slow,
@@ -316,6 +319,7 @@ async def test_second_downloader_swarms_from_the_first(tmp_path: Path) -> None:
             src.info(),
             tmp_path / "d1",
             providers=lookup,
+            access_key=access_key,
             is_member=sw.roster,
             shares=d1_peer.registry,
             on_first_piece=publish,
@@ -334,6 +338,7 @@ async def test_second_downloader_swarms_from_the_first(tmp_path: Path) -> None:
             src.info(),
             tmp_path / "d2",
             providers=lookup,
+            access_key=access_key,
             is_member=sw.roster,
             on_have=check_overlap,
             options=FAST,
@@ -414,6 +419,7 @@ async def test_a_download_leaves_a_complete_share_of_its_file_in_place(tmp_path:
             src.info(),
             tmp_path / "again",
             providers=providers_of([seeder]),
+            access_key=access_key,
             is_member=sw.roster,
             shares=me.registry,
             options=FAST,

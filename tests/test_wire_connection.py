@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nacl.signing import SigningKey
+from support.access import access_key, access_keys
 
 from dhtshare.errors import LocalProtocolError, RemoteProtocolError
 from dhtshare.wire import (
@@ -54,8 +55,14 @@ class ConnectionPair:
     """A client and a server whose bytes are carried by hand, in either chunking."""
 
     def __init__(self, chunk: int = 0) -> None:
-        self.client = PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT)
-        self.server = PeerConnection(Role.SERVER, SERVER_KEY)
+        self.client = PeerConnection(
+            Role.CLIENT,
+            CLIENT_KEY,
+            group_id=GROUP,
+            content_id=CONTENT,
+            access_key=access_key(GROUP),
+        )
+        self.server = PeerConnection(Role.SERVER, SERVER_KEY, access_keys=access_keys(GROUP))
         self.chunk = chunk
 
     def peer(self, conn: PeerConnection) -> PeerConnection:
@@ -167,18 +174,27 @@ def test_server_may_not_send_before_client_auth() -> None:
 
 
 def test_constructor_checks_role_arguments() -> None:
+    key = access_key(GROUP)
     with pytest.raises(ValueError, match="needs group_id"):
         PeerConnection(Role.CLIENT, CLIENT_KEY)
+    with pytest.raises(ValueError, match="access_key"):
+        PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT)
     with pytest.raises(ValueError, match="32 bytes"):
-        PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=b"x", content_id=CONTENT)
+        PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=b"x", content_id=CONTENT, access_key=key)
+    with pytest.raises(ValueError, match="access_key must be 32 bytes"):
+        PeerConnection(
+            Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, access_key=key[:31]
+        )
     with pytest.raises(ValueError, match="learns group_id"):
-        PeerConnection(Role.SERVER, SERVER_KEY, group_id=GROUP)
+        PeerConnection(Role.SERVER, SERVER_KEY, group_id=GROUP, access_keys=access_keys(GROUP))
+    with pytest.raises(ValueError, match="needs access_keys"):
+        PeerConnection(Role.SERVER, SERVER_KEY)
 
 
 def test_sealed_frame_before_handshake_is_refused() -> None:
     p = open_pair()
     stray = p.client.send(Have(0))
-    fresh = PeerConnection(Role.SERVER, SERVER_KEY)
+    fresh = PeerConnection(Role.SERVER, SERVER_KEY, access_keys=access_keys(GROUP))
     fresh.receive_data(stray)
     with pytest.raises(RemoteProtocolError, match="RECV_SEALED not allowed") as info:
         fresh.next_event()
@@ -336,8 +352,10 @@ def test_reject_after_remote_error_is_plaintext_before_keys() -> None:
     assert data[4] == FrameType.REJECT
     assert p.client.state is State.CLOSED
     # the server, which answered the hello, accepts the plaintext Reject
-    server = PeerConnection(Role.SERVER, SERVER_KEY)
-    client = PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT)
+    server = PeerConnection(Role.SERVER, SERVER_KEY, access_keys=access_keys(GROUP))
+    client = PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, access_key=access_key(GROUP)
+    )
     server.receive_data(client.initiate())
     assert server.next_event() is None
     server.receive_data(data)
@@ -348,7 +366,7 @@ def test_reject_after_remote_error_is_plaintext_before_keys() -> None:
 def test_server_rejects_bad_hello_in_plaintext_and_client_reads_it() -> None:
     p = ConnectionPair()
     p.client.initiate()
-    server = PeerConnection(Role.SERVER, SERVER_KEY)
+    server = PeerConnection(Role.SERVER, SERVER_KEY, access_keys=access_keys(GROUP))
     server.receive_data(encode_frame(FrameType.CLIENT_HELLO, b"NOTMAGIC" + bytes(145)))
     with pytest.raises(RemoteProtocolError) as info:
         server.next_event()
@@ -358,7 +376,9 @@ def test_server_rejects_bad_hello_in_plaintext_and_client_reads_it() -> None:
     assert p.client.state is State.CLOSED
 
 
-def test_server_rejects_bad_client_auth_sealed_and_client_reads_it() -> None:
+def test_a_client_auth_that_does_not_open_is_answered_in_plaintext() -> None:
+    # As to a prober that holds no access key: the server has no session keys yet, and
+    # the client (already OPEN) takes no plaintext frame.
     p = ConnectionPair()
     p.deliver(p.server, p.client.initiate())
     p.deliver(p.client, p.server.data_to_send())
@@ -366,9 +386,32 @@ def test_server_rejects_bad_client_auth_sealed_and_client_reads_it() -> None:
     auth[-1] ^= 1
     with pytest.raises(RemoteProtocolError) as info:
         p.deliver(p.server, bytes(auth))
+    assert info.value.reason == Reason.DECRYPT_FAILED
+    data = p.server.send(Reject(info.value.reason, str(info.value)))
+    assert data[4] == FrameType.REJECT
+    with pytest.raises(RemoteProtocolError):
+        p.deliver(p.client, data)
+
+
+def test_a_refused_client_auth_that_opened_is_rejected_sealed() -> None:
+    # The client holds the access key of GROUP but names another group in its ClientAuth:
+    # the server, which has the session keys once the ClientAuth opened, says why, sealed.
+    p = ConnectionPair()
+    p.client = PeerConnection(
+        Role.CLIENT,
+        CLIENT_KEY,
+        group_id=bytes(32),
+        content_id=CONTENT,
+        access_key=access_key(GROUP),
+    )
+    p.deliver(p.server, p.client.initiate())
+    p.deliver(p.client, p.server.data_to_send())
+    with pytest.raises(RemoteProtocolError) as info:
+        p.deliver(p.server, p.client.data_to_send())
+    assert info.value.reason == Reason.NOT_MEMBER
     data = p.server.send(Reject(info.value.reason))
     assert data[4] == FrameType.SEALED
-    assert p.deliver(p.client, data) == [Reject(Reason.BAD_SIGNATURE)]
+    assert p.deliver(p.client, data) == [Reject(Reason.NOT_MEMBER)]
 
 
 def test_membership_reject_reaches_the_client() -> None:

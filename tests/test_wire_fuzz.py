@@ -7,6 +7,7 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
+from support.access import access_key, access_keys
 
 from dhtshare.errors import RemoteProtocolError
 from dhtshare.wire import (
@@ -28,6 +29,15 @@ from dhtshare.wire import (
     decode_message,
     encode_frame,
     encode_message,
+)
+from dhtshare.wire.handshake import (
+    MAGIC,
+    VERSION,
+    ClientAuth,
+    ClientAuthBody,
+    ClientHello,
+    ServerHello,
+    ServerHelloBody,
 )
 
 CLIENT_KEY = SigningKey(b"\x01" * 32)
@@ -79,11 +89,13 @@ def states_around(conn: PeerConnection, msg: Message) -> tuple[State, State]:
 
 
 def client() -> PeerConnection:
-    return PeerConnection(Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT)
+    return PeerConnection(
+        Role.CLIENT, CLIENT_KEY, group_id=GROUP, content_id=CONTENT, access_key=access_key(GROUP)
+    )
 
 
 def server() -> PeerConnection:
-    return PeerConnection(Role.SERVER, SERVER_KEY)
+    return PeerConnection(Role.SERVER, SERVER_KEY, access_keys=access_keys(GROUP))
 
 
 def open_pair() -> tuple[PeerConnection, PeerConnection]:
@@ -137,6 +149,51 @@ def test_decode_message_takes_any_bytes(data: bytes) -> None:
     except RemoteProtocolError:
         return
     assert encode_message(msg) == data  # whatever decodes is canonical
+
+
+HANDSHAKE_PARSERS = [ClientHello, ServerHello, ServerHelloBody, ClientAuth, ClientAuthBody]
+
+
+@fuzz
+@given(st.sampled_from(HANDSHAKE_PARSERS), st.binary(max_size=300), st.data())
+def test_handshake_parsers_take_any_bytes(
+    parser: type[ClientHello], data: bytes, draw: st.DataObject
+) -> None:
+    # Also bytes of the right length (with the right magic), so the fuzzer gets past it.
+    size = {ClientHello: 90, ServerHello: 145, ServerHelloBody: 97, ClientAuth: 176}
+    sized = draw.draw(st.binary(min_size=size.get(parser, 160), max_size=size.get(parser, 160)))
+    if parser is ClientHello:
+        sized = MAGIC + bytes([VERSION]) + sized[9:]
+    for raw in (data, sized):
+        try:
+            msg = parser.decode(raw)
+        except RemoteProtocolError:
+            continue
+        assert msg.encode() == raw  # whatever decodes is canonical
+
+
+@fuzz
+@given(st.binary(min_size=81, max_size=81), st.binary(max_size=400))
+def test_a_server_answers_any_well_formed_hello_alike_and_never_completes(
+    body: bytes, auth: bytes
+) -> None:
+    # Any ClientHello of valid shape: a ServerHello of one length (or a refusal that does
+    # not depend on the groups served), and whatever follows gives no session.
+    answers = []
+    for served in (access_keys(GROUP), access_keys()):
+        conn = PeerConnection(Role.SERVER, SERVER_KEY, access_keys=served)
+        hello = encode_frame(FrameType.CLIENT_HELLO, MAGIC + bytes([VERSION]) + body)
+        conn.receive_data(hello)
+        try:
+            assert conn.next_event() is None
+        except RemoteProtocolError as exc:
+            answers.append(exc.reason)
+            continue
+        reply = conn.data_to_send()
+        answers.append(len(reply))
+        events = feed_all(conn, [encode_frame(FrameType.CLIENT_AUTH, auth)], eof=True)
+        assert not any(isinstance(e, HandshakeComplete) for e in events)
+    assert answers[0] == answers[1] and answers[0] in (150, 1, 14)
 
 
 @fuzz

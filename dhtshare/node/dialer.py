@@ -16,8 +16,9 @@
   handshake runs over the circuit: ``"relayed"``.
 
 The first route that works wins; every other try is cancelled and its sockets closed.
-Whatever connected, the handshake must authenticate ``addr.peer_key``: an address or a
-relay that leads to someone else counts as a failure. ``upgrade(addr)`` (a relayed
+Whatever connected, the handshake proves the group's current access key
+(``Dialer.access_key``, asked at each try) and must authenticate ``addr.peer_key``: an
+address or a relay that leads to someone else counts as a failure. ``upgrade(addr)`` (a relayed
 session's try for better) opens new circuits and punches, without the relayed fallback.
 """
 
@@ -42,6 +43,7 @@ from dhtshare.transfer.aio.peer import (
     open_peer,
     open_peer_on,
 )
+from dhtshare.transfer.share import AccessKey
 from dhtshare.transfer.swarm import ProviderAddr
 
 __all__ = [
@@ -71,10 +73,12 @@ class Dialer:
 
     ``open_circuit`` is ``None`` when the node cannot use relays; ``public_ip()`` our
     address as others see it (``None``: unknown, so no punch); ``is_private()`` whether
-    the reachability test found us private.
+    the reachability test found us private; ``access_key(group_id)`` the group's current
+    access key (``None``: we hold none, and every try fails).
     """
 
     identity: Identity
+    access_key: AccessKey = lambda group_id: None
     open_circuit: OpenCircuit | None = None
     public_ip: Callable[[], str | None] = lambda: None
     is_private: Callable[[], bool] = lambda: False
@@ -108,6 +112,12 @@ class FileDialer:
         self.dialer = dialer
         self.group_id, self.content_id = group_id, content_id
         self.handshake_timeout, self.read_timeout = handshake_timeout, read_timeout
+
+    def _access_key(self) -> bytes:
+        key = self.dialer.access_key(self.group_id)
+        if key is None:
+            raise ProtocolError("this node holds no access key of the group")
+        return key
 
     async def dial(self, addr: ProviderAddr) -> tuple[PeerStream, str]:
         """A session with ``addr``'s provider and its route (module doc). Raises
@@ -154,6 +164,7 @@ class FileDialer:
                 where.port,
                 self.group_id,
                 self.content_id,
+                access_key=self._access_key(),
                 handshake_timeout=self.handshake_timeout,
                 read_timeout=self.read_timeout,
             )
@@ -201,6 +212,7 @@ class FileDialer:
             self.dialer.identity,
             self.group_id,
             self.content_id,
+            access_key=self._access_key(),
             handshake_timeout=self.handshake_timeout,
             read_timeout=self.read_timeout,
         )

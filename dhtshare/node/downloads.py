@@ -27,9 +27,9 @@ from dhtshare.reach.punch import upgrade_delay
 from dhtshare.records import FileEntry, Provider
 from dhtshare.store.partial import free_name, read_owner
 from dhtshare.tasks import spawn_logged
-from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo
+from dhtshare.transfer.aio.download import Download, DownloadOptions, FileInfo, no_access_key
 from dhtshare.transfer.ratelimit import TokenBucket
-from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
+from dhtshare.transfer.share import AccessKey, MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, DownloadStatus, Failed, Paused
 from dhtshare.transfer.swarm import ProviderAddr
 
@@ -88,7 +88,10 @@ class Handle:
 
 
 class DownloadManager:
-    """Every download of one node, persisted in ``home.downloads``."""
+    """Every download of one node, persisted in ``home.downloads``.
+
+    ``access_key(group_id)``: the group's current access key, which every connection to
+    a provider proves (``None``: the node holds none, and a download cannot start)."""
 
     def __init__(
         self,
@@ -101,8 +104,11 @@ class DownloadManager:
         options: DownloadOptions | None = None,
         download_limit: float | None = None,
         dialer: Dialer | None = None,
+        *,
+        access_key: AccessKey,
     ) -> None:
         self.home, self.identity, self.files = home, identity, files
+        self.access_key = access_key
         self.is_member, self.registry, self.on_complete = is_member, registry, on_complete
         self.options = options or DownloadOptions()
         # How providers are reached (direct, punched, relayed); None: their main address only.
@@ -164,6 +170,7 @@ class DownloadManager:
             out_dir,
             providers=self._providers(info),
             is_member=self.is_member,
+            access_key=self.access_key,
             shares=self.registry,
             state_path=self.home.resume(info.content_id),
             on_first_piece=self._announce(info),
@@ -193,6 +200,8 @@ class DownloadManager:
         if running is not None:
             running.kept |= keep
             return running
+        if self.access_key(group_id) is None:
+            raise no_access_key(entry.name)
         held = self.registry.get(group_id, entry.content_id)
         if held is not None and held.complete:
             raise FileShareError(

@@ -144,8 +144,10 @@ class Node:
                 repoll_interval=min(DownloadOptions().repoll_interval, config.provider_timeout),
             ),
             download_limit=config.download_limit,
+            access_key=self.groups.access_key,
             dialer=Dialer(
                 identity,
+                access_key=self.groups.access_key,
                 open_circuit=functools.partial(open_circuit, local=local),
                 public_ip=self.public_ip,
                 is_private=lambda: self.reachability.state.verdict is not Verdict.PUBLIC,
@@ -174,7 +176,9 @@ class Node:
                 "stop it first with: dhtshare node stop",
             )
         identity = config.identity or Identity.load(home.identity, config.passphrase)
-        registry = ShareRegistry(lambda gid, key: node.is_member(gid, key))
+        registry = ShareRegistry(
+            lambda gid, key: node.is_member(gid, key), lambda: node.groups.access_keys()
+        )
         dht, server = await _bind(config, home, identity, registry)
         node = cls(config, identity, dht, server)
         if config.control:  # the next start tries this port first, with these settings

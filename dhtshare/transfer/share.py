@@ -3,21 +3,30 @@
 A ``Share`` is one file in one group (where it is, its piece hashes, the pieces we
 hold, what we uploaded of it). The ``ShareRegistry`` holds a node's shares by
 ``(group_id, content_id)`` with its ``MemberCheck``, the node's current view of each
-group's roster; ``transfer/aio/serve.py`` serves what the registry holds.
+group's roster, and its ``AccessKeys``, the current access key of each group it serves
+(the peer handshake's proof of membership, docs/wire.md); ``transfer/aio/serve.py``
+serves what the registry holds. A downloader's ``AccessKey`` gives the current access
+key of one group, or ``None`` when the node holds none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from dhtshare.content import FileLayout, merkle_root
-from dhtshare.wire import Bitfield
+from dhtshare.wire import AccessKeys, Bitfield
 
-__all__ = ["MemberCheck", "Share", "ShareRegistry"]
+__all__ = ["AccessKey", "AccessKeys", "MemberCheck", "Share", "ShareRegistry"]
 
 MemberCheck = Callable[[bytes, bytes], bool]
 """``is_member(group_id, peer_key)``: the node's current roster view."""
+AccessKey = Callable[[bytes], bytes | None]
+"""``access_key(group_id)``: that group's current access key, or ``None`` (not held)."""
+
+
+def _no_groups() -> Mapping[bytes, bytes]:
+    return {}
 
 
 class Share:
@@ -92,10 +101,14 @@ class Share:
 
 
 class ShareRegistry:
-    """The shares a node serves, by ``(group_id, content_id)``, and its membership check."""
+    """The shares a node serves, by ``(group_id, content_id)``, its membership check, and
+    the access keys of the groups it serves (asked at every handshake: they change at
+    every epoch). Without ``access_keys`` no client's handshake succeeds (a node that only
+    relays)."""
 
-    def __init__(self, is_member: MemberCheck) -> None:
+    def __init__(self, is_member: MemberCheck, access_keys: AccessKeys = _no_groups) -> None:
         self.is_member = is_member
+        self.access_keys = access_keys
         self._shares: dict[tuple[bytes, bytes], Share] = {}
 
     def add(self, share: Share) -> Share:

@@ -23,7 +23,7 @@ from dhtshare.wire.frames import (
     Reason,
     encode_frame,
 )
-from dhtshare.wire.handshake import MAGIC, VERSION
+from dhtshare.wire.handshake import ACCESS_KEY_SIZE, MAGIC, VERSION, AccessKeys
 from dhtshare.wire.messages import (
     MAX_BLOCK,
     MAX_HASHES,
@@ -45,6 +45,7 @@ from dhtshare.wire.messages import (
 )
 
 __all__ = [
+    "ACCESS_KEY_SIZE",
     "MAGIC",
     "MAX_BLOCK",
     "MAX_FRAME",
@@ -54,6 +55,7 @@ __all__ = [
     "MAX_REJECT_TEXT",
     "TRANSITIONS",
     "VERSION",
+    "AccessKeys",
     "Bitfield",
     "Cancel",
     "ConnectionClosed",

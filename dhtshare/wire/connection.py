@@ -36,6 +36,7 @@ from dhtshare.wire.frames import (
     encode_frame,
 )
 from dhtshare.wire.handshake import (
+    AccessKeys,
     ClientHandshake,
     ServerHandshake,
     SessionCipher,
@@ -142,8 +143,9 @@ _FRAME_INPUT: dict[int, Input] = {
 class HandshakeComplete:
     """The peer proved it holds ``peer_key``; the session is encrypted from here on.
 
-    The server learns ``group_id`` and ``content_id`` from the client's hello. The
-    adapter decides membership and may answer with a Reject.
+    The server learns ``group_id`` and ``content_id`` from the client's (sealed)
+    ClientAuth, and the group is the one whose access key the ClientHello proved; the
+    client gets its own back. The adapter decides membership and may answer with a Reject.
     """
 
     peer_key: bytes
@@ -167,6 +169,10 @@ class PeerConnection:
     ``buffer_updated``), call ``next_event()`` until it returns ``None``, and write
     ``data_to_send()`` (handshake replies that receiving produced). ``send(msg)``
     returns the bytes for ``msg``, preceded by any handshake bytes still queued.
+
+    A client names the ``group_id`` and ``content_id`` it wants and holds that group's
+    current ``access_key``; a server takes ``access_keys`` (asked at the ClientHello:
+    group id -> access key of every group it serves). See ``wire/handshake.py``.
     """
 
     def __init__(
@@ -176,6 +182,8 @@ class PeerConnection:
         *,
         group_id: bytes | None = None,
         content_id: bytes | None = None,
+        access_key: bytes | None = None,
+        access_keys: AccessKeys | None = None,
         suites: frozenset[Suite] | None = None,
     ) -> None:
         self._role = role
@@ -187,16 +195,20 @@ class PeerConnection:
         self._client: ClientHandshake | None = None
         self._server: ServerHandshake | None = None
         if role is Role.CLIENT:
-            if group_id is None or content_id is None:
-                raise ValueError("a client needs group_id and content_id")
+            if group_id is None or content_id is None or access_key is None:
+                raise ValueError("a client needs group_id, content_id and access_key")
+            if access_keys is not None:
+                raise ValueError("access_keys are a server's (a client has one access_key)")
             if len(group_id) != crypto.HASH_SIZE or len(content_id) != crypto.HASH_SIZE:
                 raise ValueError(f"group_id and content_id must be {crypto.HASH_SIZE} bytes")
-            self._client = ClientHandshake(identity, group_id, content_id, suites)
+            self._client = ClientHandshake(identity, access_key, group_id, content_id, suites)
             self._state = State.IDLE
         else:
-            if group_id is not None or content_id is not None:
+            if group_id is not None or content_id is not None or access_key is not None:
                 raise ValueError("a server learns group_id and content_id from the client")
-            self._server = ServerHandshake(identity, suites)
+            if access_keys is None:
+                raise ValueError("a server needs access_keys (the groups it serves)")
+            self._server = ServerHandshake(identity, access_keys, suites)
             self._state = State.AWAIT_HELLO
 
     @property
@@ -352,20 +364,22 @@ class PeerConnection:
     def _on_client_hello(self, payload: bytes) -> None:
         assert self._server is not None
         reply = self._server.on_client_hello(payload)
-        self._cipher = self._server.cipher
         self._pending.append(encode_frame(FrameType.SERVER_HELLO, reply.encode()))
 
     def _on_server_hello(self, payload: bytes) -> HandshakeComplete:
         assert self._client is not None
         server, self._cipher, auth = self._client.on_server_hello(payload)
         self._pending.append(encode_frame(FrameType.CLIENT_AUTH, auth.encode()))
-        hello = self._client.hello
-        return HandshakeComplete(server.identity_key, hello.group_id, hello.content_id)
+        client = self._client
+        return HandshakeComplete(server.identity_key, client.group_id, client.content_id)
 
     def _on_client_auth(self, payload: bytes) -> HandshakeComplete:
         assert self._server is not None
-        hello = self._server.on_client_auth(payload)
-        return HandshakeComplete(hello.identity_key, hello.group_id, hello.content_id)
+        try:
+            peer = self._server.on_client_auth(payload)
+        finally:  # keys once the ClientAuth opened: until then a Reject goes in plaintext
+            self._cipher = self._server.session
+        return HandshakeComplete(peer.peer_key, peer.group_id, peer.content_id)
 
     def _on_message(self, plaintext: bytearray) -> Message:
         msg = decode_message(plaintext)

@@ -23,6 +23,7 @@ from dhtshare.transfer.aio.peer import open_peer_on
 from dhtshare.transfer.aio.serve import PeerServer
 from dhtshare.transfer.share import ShareRegistry
 from dhtshare.wire import Bitfield
+from support.access import access_key, access_keys
 from support.netns import sh
 from support.swarm import GROUP, Roster, make_source
 
@@ -148,7 +149,7 @@ async def provider(
     identity = Identity.generate()
     roster.keys.add(identity.public)
     src = make_source(tmp_path, size)
-    registry = ShareRegistry(roster)
+    registry = ShareRegistry(roster, access_keys(GROUP))
     registry.add(src.share())
     server = PeerServer(identity, LOCAL, 0, shares=registry, upload_rate=upload_rate)
     await server.start()
@@ -172,7 +173,7 @@ async def session_works(
     and the provider's Bitfield arrives."""
     me = Identity.generate()
     roster.keys.add(me.public)
-    stream = await open_peer_on(sock, me, GROUP, server.content_id)  # type: ignore[attr-defined]
+    stream = await open_peer_on(sock, me, GROUP, server.content_id, access_key=access_key(GROUP))  # type: ignore[attr-defined]
     try:
         assert stream.peer_key == want
         async with asyncio.timeout(5):

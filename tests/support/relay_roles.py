@@ -37,6 +37,7 @@ PIECE = 1024 * 1024
 BLOCK = 256 * 1024
 WINDOW = 16
 GROUP = bytes(range(32))
+ACCESS_KEY = b"\x5a" * 32  # GROUP's access key: both roles run this script
 
 
 def say(doc: dict[str, Any]) -> None:
@@ -50,7 +51,7 @@ async def provide(args: dict[str, Any]) -> None:
     hashes = hash_file(path, PIECE)
     cid = merkle_root(hashes)
     size = path.stat().st_size  # noqa: ASYNC240 (once, before serving)
-    shares = ShareRegistry(lambda g, k: g == GROUP)
+    shares = ShareRegistry(lambda g, k: g == GROUP, lambda: {GROUP: ACCESS_KEY})
     shares.add(Share(GROUP, cid, path, FileLayout(size, PIECE), hashes))
     server = PeerServer(identity, "0.0.0.0", int(args.get("port", 0)), shares=shares)
     await server.start()
@@ -82,9 +83,10 @@ async def fetch(args: dict[str, Any]) -> None:
     if args.get("relay"):
         relay_key = bytes.fromhex(args["relay_key"])
         sock, _ = await open_circuit((args["relay"][0], int(args["relay"][1])), relay_key)
-        stream = await open_peer_on(sock, me, GROUP, cid)
+        stream = await open_peer_on(sock, me, GROUP, cid, access_key=ACCESS_KEY)
     else:
-        stream = await open_peer(me, args["direct"][0], int(args["direct"][1]), GROUP, cid)
+        host, port = args["direct"][0], int(args["direct"][1])
+        stream = await open_peer(me, host, port, GROUP, cid, access_key=ACCESS_KEY)
     assert stream.peer_key == key
     got = bytearray(size)
     blocks = [(off // PIECE, off % PIECE, min(BLOCK, size - off)) for off in range(0, size, BLOCK)]

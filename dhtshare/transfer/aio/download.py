@@ -21,6 +21,10 @@
 7. finalize (rename to the final name, never over an existing file) when
    every piece is verified.
 
+Every connection proves the group's current access key (``access_key(group_id)``, asked
+at each dial: it changes at every epoch); without one the download fails at once with
+``FileShareError``, before any file is created.
+
 It fails with ``FileShareError`` when no provider serves the file within
 ``provider_timeout`` seconds (or every provider refused us twice, ``retry_after``
 apart, with their reason: a provider's cached roster may not list a member accepted
@@ -67,7 +71,7 @@ from dhtshare.store.resume import ResumeState, load_or_new
 from dhtshare.transfer.aio.peer import READ_TIMEOUT, PeerStream, open_peer
 from dhtshare.transfer.picker import PickerConfig
 from dhtshare.transfer.ratelimit import TokenBucket
-from dhtshare.transfer.share import MemberCheck, Share, ShareRegistry
+from dhtshare.transfer.share import AccessKey, MemberCheck, Share, ShareRegistry
 from dhtshare.transfer.status import Complete, Downloading, DownloadStatus, Failed, Paused
 from dhtshare.transfer.swarm import (
     Action,
@@ -107,6 +111,7 @@ __all__ = [
     "ProviderSource",
     "Upgrade",
     "check_info",
+    "no_access_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,6 +161,15 @@ class FileInfo:
         return FileLayout(self.size, self.piece_size)
 
 
+def no_access_key(name: str) -> FileShareError:
+    """The error of a download whose group's access key the node does not hold."""
+    return FileShareError(
+        f"cannot fetch {name!r}: this node holds no access key of its group",
+        "only current members can download; check 'dhtshare group members GROUP',"
+        " or wait until your node has read the group's latest records",
+    )
+
+
 def check_info(info: FileInfo) -> None:
     """``FileShareError`` unless the layout is one a file entry may have
     (``content.check_layout``), before anything is sized by it: the picker, the resume
@@ -199,6 +213,7 @@ class Download:
         *,
         providers: ProviderSource,
         is_member: MemberCheck,
+        access_key: AccessKey,
         shares: ShareRegistry | None = None,
         state_path: Path | None = None,
         on_first_piece: Callable[[bytes], None] | None = None,
@@ -218,6 +233,7 @@ class Download:
         self.out_dir = Path(out_dir)
         self.providers = providers
         self.is_member = is_member
+        self.access_key = access_key
         self.shares = shares
         self.on_first_piece = on_first_piece
         self.on_have = on_have
@@ -323,6 +339,7 @@ class Download:
             addr.port,
             self.info.group_id,
             self.info.content_id,
+            access_key=self.current_access_key(),
             handshake_timeout=opts.connect_timeout,
             read_timeout=opts.read_timeout,
         )
@@ -349,7 +366,21 @@ class Download:
 
     # -- the run ------------------------------------------------------------------
 
+    def stop_with(self, error: DhtshareError) -> None:
+        """End the download with ``error`` (its main loop returns it)."""
+        if self._fatal is None:
+            self._fatal = error
+        self._wake.set()
+
+    def current_access_key(self) -> bytes:
+        """The group's access key now; ``FileShareError`` if the node holds none."""
+        key = self.access_key(self.info.group_id)
+        if key is None:
+            raise no_access_key(self.info.name)
+        return key
+
     async def _run(self) -> Path:
+        self.current_access_key()  # before any file is made
         if await asyncio.to_thread(self.final_path.exists):
             raise StoreError(
                 f"{self.final_path} already exists", "move it away or choose another directory"
@@ -707,6 +738,9 @@ class _Client:
         except (ProtocolError, OSError, TimeoutError) as exc:
             self.error = str(exc) or type(exc).__name__
             log.debug("provider %s:%d: %s", self.addr.host, self.addr.port, self.error)
+        except FileShareError as exc:  # the group's access key is gone: the download's end
+            self.error = exc.message
+            self.dl.stop_with(exc)
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             self.dl.peer_crashes += 1
@@ -719,6 +753,7 @@ class _Client:
     async def _run(self) -> None:
         dl, opts = self.dl, self.dl.options
         info = dl.info
+        dl.current_access_key()  # gone (a new epoch without us): the download ends
         async with asyncio.timeout(opts.connect_timeout * 3):  # every route's tries in all
             self.stream, self.route = await dl.dial(self.addr)
         dl.routes[self.addr.peer_key] = self.route

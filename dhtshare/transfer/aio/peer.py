@@ -29,6 +29,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dhtshare.errors import ProtocolError, RemoteProtocolError
 from dhtshare.identity import Identity
 from dhtshare.wire import (
+    AccessKeys,
     ConnectionClosed,
     Event,
     HandshakeComplete,
@@ -407,17 +408,18 @@ async def open_peer(
     group_id: bytes,
     content_id: bytes,
     *,
+    access_key: bytes,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     read_timeout: float | None = READ_TIMEOUT,
 ) -> PeerStream:
-    """Connect to ``host:port`` and run the client handshake; the stream is ready to use.
+    """Connect to ``host:port`` and run the client handshake with the group's current
+    ``access_key``; the stream is ready to use.
 
     Raises ``OSError`` if the connection cannot be made and ``ProtocolError`` if the
-    handshake fails; the socket is closed in both cases.
+    handshake fails (a peer that does not hold ``access_key`` fails it too); the socket
+    is closed in both cases.
     """
-    conn = PeerConnection(
-        Role.CLIENT, identity.signing_key, group_id=group_id, content_id=content_id
-    )
+    conn = _client(identity, group_id, content_id, access_key)
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(handshake_timeout):
         _, protocol = await loop.create_connection(lambda: PeerProtocol(conn), host, port)
@@ -430,6 +432,7 @@ async def open_peer_on(
     group_id: bytes,
     content_id: bytes,
     *,
+    access_key: bytes,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
     read_timeout: float | None = READ_TIMEOUT,
 ) -> PeerStream:
@@ -437,9 +440,11 @@ async def open_peer_on(
     circuit): the client handshake checks the peer's key as on any connection.
 
     The stream owns ``sock`` from the start: it is closed if the handshake fails."""
-    conn = PeerConnection(
-        Role.CLIENT, identity.signing_key, group_id=group_id, content_id=content_id
-    )
+    try:
+        conn = _client(identity, group_id, content_id, access_key)
+    except BaseException:
+        sock.close()
+        raise
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     try:
@@ -450,9 +455,25 @@ async def open_peer_on(
     return await _handshaken(protocol, handshake_timeout, read_timeout)
 
 
-def server_protocol(identity: Identity, on_connect: Callable[[PeerProtocol], None]) -> PeerProtocol:
-    """The protocol of one accepted connection (a server's ``create_server`` factory)."""
-    return PeerProtocol(PeerConnection(Role.SERVER, identity.signing_key), on_connect)
+def _client(
+    identity: Identity, group_id: bytes, content_id: bytes, access_key: bytes
+) -> PeerConnection:
+    return PeerConnection(
+        Role.CLIENT,
+        identity.signing_key,
+        group_id=group_id,
+        content_id=content_id,
+        access_key=access_key,
+    )
+
+
+def server_protocol(
+    identity: Identity, on_connect: Callable[[PeerProtocol], None], access_keys: AccessKeys
+) -> PeerProtocol:
+    """The protocol of one accepted connection (a server's ``create_server`` factory);
+    ``access_keys()``: the groups it serves, asked when the ClientHello arrives."""
+    conn = PeerConnection(Role.SERVER, identity.signing_key, access_keys=access_keys)
+    return PeerProtocol(conn, on_connect)
 
 
 async def accept_peer(

@@ -4,7 +4,9 @@ The node fills a ``ShareRegistry`` (``transfer/share.py``): one ``Share`` per
 ``(group_id, content_id)`` with the file's path, layout, piece hashes and the set of
 pieces we hold (all of them for a finished file; a growing set while we are still
 downloading it).
-``PeerServer`` accepts TCP connections, runs the server handshake, and then:
+``PeerServer`` accepts TCP connections, runs the server handshake (the client must prove
+it holds the current access key of a group in ``ShareRegistry.access_keys``; whoever does
+not learns nothing, not even our key: docs/wire.md), and then:
 
 - refuses (``Reject`` with ``NOT_MEMBER`` or ``UNKNOWN_CONTENT`` and a one-line
   text) a client that is not a current member of the group it named, or that asks
@@ -334,7 +336,7 @@ class PeerServer:
             return
         kind, payload, rest = frame
         if kind == FrameType.CLIENT_HELLO:
-            protocol = server_protocol(self.identity, _no_callback)
+            protocol = server_protocol(self.identity, _no_callback, self.shares.access_keys)
             transport.set_protocol(protocol)
             protocol.connection_made(transport)
             _feed(protocol, first.received)
