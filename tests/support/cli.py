@@ -159,6 +159,15 @@ def run_cli(
     return result
 
 
+def created(result: subprocess.CompletedProcess[str]) -> tuple[str, str]:
+    """The invite and the group id ``group create`` printed: the invite on the first line,
+    then ``group id: <hex>``."""
+    invite, id_line = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", invite), result.stdout
+    assert id_line.startswith("group id: "), result.stdout
+    return invite, id_line.removeprefix("group id: ")
+
+
 def default_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("DHTSHARE")}
 
@@ -212,11 +221,16 @@ class Users:
     def new_user(self, user: str) -> None:
         self.run(user, "id", "create", "--name", user)
 
+    def create_group(self, owner: str, name: str, *extra: str) -> tuple[str, str]:
+        """``owner`` founds group ``name``: its invite and id."""
+        return created(self.run(owner, "group", "create", name, *extra))
+
     def group_of(self, owner: str, name: str, *members: str) -> str:
-        """``owner`` founds group ``name``; each of ``members`` asks and is accepted."""
-        gid = self.run(owner, "group", "create", name).stdout.strip()
+        """``owner`` founds group ``name``; each of ``members`` asks with the invite and is
+        accepted. Returns the group id."""
+        invite, gid = self.create_group(owner, name)
         for member in members:
-            self.run(member, "group", "join", gid)
+            self.run(member, "group", "join", invite)
             self.run(owner, "group", "accept", name, member)
         return gid
 
@@ -265,6 +279,10 @@ class Cluster:
         """Run a listing with ``--json``: stdout must be exactly one JSON document."""
         out = self.run(user, *args, "--json").stdout
         return json.loads(out)  # json.loads refuses trailing data: one document only
+
+    def create_group(self, owner: str, name: str, *extra: str) -> tuple[str, str]:
+        """``owner`` founds group ``name``: its invite and id."""
+        return created(self.run(owner, "group", "create", name, *extra))
 
     def host(self, user: str) -> str:
         """The user's own loopback address, in a /24 of its own (127.0.N.1): the users stand
