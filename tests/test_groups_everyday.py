@@ -146,3 +146,18 @@ async def test_a_group_without_roster_cannot_be_left_but_can_be_forgotten() -> N
         done = await commands(lost).cmd_group_forget(None, "climbers")  # type: ignore[arg-type]
         assert done == {"group_id": gid.hex(), "name": "climbers", "stopped_shares": []}
         assert lost.state.groups == {} and await lost.my_groups() == []
+
+
+async def test_an_accepted_request_is_a_group_on_the_next_refresh() -> None:
+    """No maintenance round and no status call: a command's refresh reads the grant first
+    (what ``group members GROUP`` right after the owner's accept does)."""
+    owner, bob = Identity.generate("owner"), Identity.generate("bob")
+    async with Network.start(6) as net:
+        so, sb = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], bob)
+        gid = await so.create("climbers")
+        await sb.request_join(so.state.keys[gid].invite)
+        await so.accept(gid, bob.public)
+        view = await sb.refresh(gid)
+        assert {m.key for m in view.members} == {owner.public, bob.public}
+        assert sb.is_member(gid, bob.public)
+        assert sb.state.groups == {gid: "climbers"} and sb.state.requested == {}

@@ -291,7 +291,11 @@ class GroupService:
 
     async def refresh(self, group_id: bytes) -> RosterView:
         """Fetch the roster and the leaves again; ``member_since`` answers from them. Only a
-        refresh that read both keeps the group's membership fresh (``stale_since``)."""
+        refresh that read both keeps the group's membership fresh (``stale_since``). A
+        request of mine reads its mailbox first: an accepted one holds its grant there."""
+        keys = self.state.keys.get(group_id)
+        if group_id in self.state.requested and keys is not None and keys.epoch < 0:
+            await self._answers(group_id, keys)
         await self.catch_up(group_id)
         view = await self.fetch_roster(group_id)
         await self._fetch_leaves(group_id)
@@ -716,6 +720,15 @@ class GroupService:
         )
         return [r for recs in found for r in recs if r.signer == owner]
 
+    async def _answers(self, group_id: bytes, keys: GroupKeys) -> list[SignedRecord]:
+        """The owner's answers in my mailbox; a grant gives me the epoch secret."""
+        answers = await self._mailbox(group_id)
+        for rec in answers:
+            body = rec.payload()
+            if isinstance(body, Grant) and body.group_id == group_id and keys.epoch < 0:
+                keys.install(body.epoch, body.secret)
+        return answers
+
     async def status(self, group_id: bytes) -> tuple[JoinStatus, str]:
         """My join status (none, pending, accepted, rejected) and a rejection's reason."""
         mine = self.state.requested.get(group_id)
@@ -724,11 +737,7 @@ class GroupService:
             return "accepted", ""
         if mine is None or keys is None:
             return "none", ""
-        answers = await self._mailbox(group_id)
-        for rec in answers:
-            body = rec.payload()
-            if isinstance(body, Grant) and body.group_id == group_id and keys.epoch < 0:
-                keys.install(body.epoch, body.secret)
+        answers = await self._answers(group_id, keys)
         if keys.epoch >= 0:
             view = await self._try_refresh(group_id)
             if view is not None and self.is_member(group_id, self._me.public):
