@@ -78,6 +78,7 @@ class Climbers:
     """alice's public group ``climbers``, and what each step of making it printed."""
 
     gid: str
+    invite: str  # what `group create` printed first, given to bob, carol and dave
     joined: dict[str, str]  # user -> stdout of their `group join`
     requests: list[dict[str, Any]]  # alice's pending requests, before any decision
     accepted_bob: str  # stdout of `group accept climbers bob`
@@ -87,16 +88,16 @@ class Climbers:
 def climbers(nodes: Cluster) -> Climbers:
     """bob, carol and dave ask to join; alice accepts bob and carol and rejects dave."""
     c = nodes
-    gid = c.run("alice", "group", "create", "climbers", "--public").stdout.strip()
+    invite, gid = c.create_group("alice", "climbers", "--public")
     joined = {
-        user: c.run(user, "group", "join", gid, "--message", f"hi, {user} here").stdout
+        user: c.run(user, "group", "join", invite, "--message", f"hi, {user} here").stdout
         for user in ("bob", "carol", "dave")
     }
     requests = c.json("alice", "group", "requests", "climbers")
     accepted_bob = c.run("alice", "group", "accept", "climbers", "bob").stdout
     c.run("alice", "group", "accept", "climbers", "carol")
     c.run("alice", "group", "reject", "climbers", "dave", "--reason", "not this time")
-    return Climbers(gid, joined, requests, accepted_bob)
+    return Climbers(gid, invite, joined, requests, accepted_bob)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +141,7 @@ def test_four_nodes_up_and_one_per_home(nodes: Cluster) -> None:
 def test_group_flow_share_download_unshare(nodes: Cluster, climbers: Climbers) -> None:
     c, gid = nodes, climbers.gid
     assert re.fullmatch(r"[0-9a-f]{64}", gid)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{66}", climbers.invite)
     assert all("pending" in out for out in climbers.joined.values()), climbers.joined
     assert sorted(r["name"] for r in climbers.requests) == ["bob", "carol", "dave"]
     assert climbers.accepted_bob.startswith("accepted bob")
@@ -147,7 +149,8 @@ def test_group_flow_share_download_unshare(nodes: Cluster, climbers: Climbers) -
     members = c.json("bob", "group", "members", "climbers")
     assert sorted(m["name"] for m in members) == ["alice", "bob", "carol"]
     assert [g["role"] for g in c.json("carol", "group", "list")] == ["member"]
-    assert gid in [g["group_id"] for g in c.json("dave", "group", "list", "--directory")]
+    listed = c.json("dave", "group", "list", "--directory")  # public: listed with its invite
+    assert (gid, climbers.invite) in [(g["group_id"], g["invite"]) for g in listed]
 
     data = os.urandom(4 * 1024 * 1024 + 12345)
     (c.root / "route.bin").write_bytes(data)
