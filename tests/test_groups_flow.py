@@ -207,6 +207,7 @@ async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
             for i, p in enumerate((owner, alice, bob, dave))
         )
         gid = await so.create("climbers", public=True)
+        old_invite = invite_of(so, gid)
         await grow(so, gid, [sa, sb], clock)  # alice joined first
         clock.advance(10)
         await so.leave(gid)
@@ -223,6 +224,8 @@ async def test_owner_leaves_and_longest_standing_member_takes_over() -> None:
         assert await so.my_groups() == []
         await so.maintain()  # the old owner sees the heir's roster and stops republishing it
         assert all(r.signer != owner.public for r in so.sealed.published if r.kind == Kind.ROSTER)
+        with pytest.raises(GroupError, match="no group was found for this invite"):
+            await sd.request_join(old_invite)  # the old owner's invite went with it
         await sd.request_join(invite_of(sa, gid))  # the heir's invite: requests are sealed to her
         assert [p.requester for p in await sa.requests(gid)] == [dave.public]
         after = await sa.accept(gid, dave.public)

@@ -535,10 +535,14 @@ class GroupService:
         assert space is not None
         nxt = keys.epoch + 1
         first = await self._dht.find([space], key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, 0)))
+        view = self._views.get(group_id)
+        owners = (view.owner if view else None, self._my_heir(group_id))
         for head in first:
             body = head.payload()
             if not isinstance(body, EpochPage) or body.epoch != keys.epoch + 1:
                 continue
+            if view is not None and not self._may_announce(view, head.signer):
+                continue  # a member's junk: not worth a lookup per page it claims
             keys_ = [
                 key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, i)) for i in range(1, body.count)
             ]
@@ -555,8 +559,6 @@ class GroupService:
                 if await self._verify_epoch(group_id, secret, head.signer):
                     return secret
                 continue
-            view = self._views.get(group_id)
-            owners = (view.owner if view else None, self._my_heir(group_id))
             if len({p.index for p in typed}) == body.count and head.signer in owners:
                 keys.removed = True  # my owner (or my heir) started an epoch without me
         return None
@@ -566,6 +568,17 @@ class GroupService:
         still read of it is its past."""
         keys = self.state.keys.get(group_id)
         return keys is not None and keys.removed
+
+    def _may_announce(self, view: RosterView, signer: bytes) -> bool:
+        """The owner of my verified roster, or an heir a current member's leave names (the
+        epoch's roster is checked after, ``_verify_epoch``)."""
+        if signer == view.owner:
+            return True
+        for rec in self._leaves.get(view.group_id, {}).values():
+            body = rec.payload()
+            if isinstance(body, Leave) and body.handover and body.handover.new_owner == signer:
+                return True
+        return False
 
     def _my_heir(self, group_id: bytes) -> bytes | None:
         """The heir my own leave named, if I handed ``group_id`` over."""
@@ -652,7 +665,10 @@ class GroupService:
         leaves = dict(self._leave_times(group_id))
         for key, rec in rules.latest_leaves(cancels, group_id).items():
             leaves[key] = max(leaves.get(key, 0), rec.issued)
-        return rules.pending_requests(found, decisions, draft.roster, draft.members, leaves)
+        pending = rules.pending_requests(found, decisions, draft.roster, draft.members, leaves)
+        keep = {p.requester for p in pending} | {m.key for m in draft.members}
+        keys.replies = {k: v for k, v in keys.replies.items() if k in keep}  # bounded
+        return pending
 
     async def _decisions(self, group_id: bytes, requesters: Iterable[bytes]) -> list[SignedRecord]:
         wanted = sorted(set(requesters))
@@ -775,6 +791,7 @@ class GroupService:
         handover, heir = None, None
         if view.owner == self._me.public:
             heir = rules.heir_of(self.members(group_id), self._me.public)
+            await self._retire_invite(group_id, view.name)  # requests are sealed to me
             if heir is None:
                 self._withdraw_owned(group_id)  # the last member: the group ends
             else:
