@@ -89,6 +89,8 @@ TAG_SIZE = 16  # a sealed record's opaque slot
 BOX_SIZE = 80  # crypto_box_seal of a 32-byte secret to one member's X25519 key
 HINT_SIZE = 8  # which box of an epoch page is whose (keyed by the old epoch secret)
 EPOCH_PAGE_BOXES = 80  # boxes per epoch page: 2,000 members take 25 pages
+MAX_EPOCH_PAGES = 34  # enough for the largest roster (2,638 members): a page 0 that claims
+# more would cost every member a lookup per claimed page
 _ID = crypto.HASH_SIZE  # group ids, content ids, page digests
 _KEY = crypto.PUBLIC_KEY_SIZE  # signers, owners, members
 _SIG = crypto.SIGNATURE_SIZE
@@ -563,7 +565,7 @@ class EpochPage:
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
-        if not 0 <= self.index < self.count <= 255:
+        if not 0 <= self.index < self.count <= MAX_EPOCH_PAGES:
             raise RecordError("epoch page index out of range")
         if len(self.boxes) > EPOCH_PAGE_BOXES:
             raise RecordError(f"more than {EPOCH_PAGE_BOXES} boxes in an epoch page")

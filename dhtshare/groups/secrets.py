@@ -45,6 +45,7 @@ from dhtshare.records import (
     BOX_SIZE,
     EPOCH_PAGE_BOXES,
     HINT_SIZE,
+    MAX_EPOCH_PAGES,
     SECRET_SIZE,
     EpochBox,
     EpochPage,
@@ -309,7 +310,7 @@ def epoch_pages(
     boxes = sorted((epoch_box(old_secret, m, new_secret) for m in set(members)), key=_hint)
     chunks = [boxes[i : i + EPOCH_PAGE_BOXES] for i in range(0, len(boxes), EPOCH_PAGE_BOXES)]
     chunks = chunks or [[]]
-    if len(chunks) > 255:
+    if len(chunks) > MAX_EPOCH_PAGES:
         raise RecordError("too many members for one epoch change")
     return [
         EpochPage(group_id, epoch, i, len(chunks), tuple(chunk)) for i, chunk in enumerate(chunks)
