@@ -10,13 +10,14 @@ import time
 import pytest
 from kademlia.node import Node as KNode
 
-from dhtshare.errors import GroupError
+from dhtshare.errors import GroupError, RecordError
 from dhtshare.files.service import FileService
 from dhtshare.groups import secrets
-from dhtshare.groups.keyring import GroupKeys
+from dhtshare.groups.keyring import GroupKeys, Where
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity, format_id
 from dhtshare.records import (
+    MAX_EPOCH_PAGES,
     EpochPage,
     FileEntry,
     Kind,
@@ -27,6 +28,7 @@ from dhtshare.records import (
     key_for,
     max_seq,
     sign_record,
+    time_seq,
 )
 from dhtshare.sim import Network
 
@@ -166,7 +168,6 @@ async def test_a_throwaway_key_cannot_answer_for_the_owner_in_the_inbox() -> Non
         found = await sm.sealed.find([invite.space], key_for(Kind.JOIN_REQUEST, gid), to_me=True)
         assert found == []
         # a fake invite record under the inbox, signed by mallory, is not believed
-        from dhtshare.groups.keyring import Where
         from dhtshare.records import InviteInfo
 
         sm.state.keys[gid] = GroupKeys(invite=invite.token)
@@ -348,3 +349,26 @@ async def test_a_restarted_owner_announces_the_current_epoch_again() -> None:
         await sa.refresh(gid)
         assert sa.state.keys[gid].epoch == 1
         assert [m.name for m in sa.members(gid)] == ["owner", "alice"]
+
+
+async def test_a_members_junk_epoch_announcement_costs_no_page_lookups() -> None:
+    """Mallory (a member) announces a next epoch claiming the most pages a head may: alice
+    reads that head and no page of it (only the owner or a named heir announces epochs),
+    and a head claiming more pages does not even decode."""
+    owner, alice, mallory = _people("owner", "alice", "mallory")
+    async with Network.start(NODES) as net:
+        (_so, sa, sm), gid = await _group(net, owner, alice, mallory)
+        await sa.refresh(gid)
+        head = EpochPage(gid, 1, 0, MAX_EPOCH_PAGES, ())
+        now = time.time()
+        rec = sign_record(mallory, head, seq=time_seq(now), now=now, ttl=600)
+        await sm.sealed.publish(Where("epoch", gid), rec)
+        node = net.nodes[2]  # alice's
+        before = node.stats["lookup"]
+        await sa.refresh(gid)
+        # roster, its pages (none), leaves, page 0 of the next epoch, in two epoch spaces
+        # at most; following the junk head would have cost 33 more
+        assert node.stats["lookup"] - before <= 8
+        assert sa.state.keys[gid].epoch == 0 and not sa.state.keys[gid].removed
+        with pytest.raises(RecordError):
+            EpochPage(gid, 1, 0, MAX_EPOCH_PAGES + 1, ())
