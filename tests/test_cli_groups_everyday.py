@@ -14,10 +14,13 @@ from collections.abc import Iterator
 import pytest
 from support.cli import DHTSHARE, Bootstrap, Cluster, assert_clean_error, free_udp_port
 
+from dhtshare.groups.secrets import Invite
+from dhtshare.identity import Identity
+
 pytestmark = pytest.mark.skipif(not DHTSHARE.exists(), reason=f"{DHTSHARE} is not installed")
 
 USERS = ("alice", "bob", "carol")
-NO_GROUP = "0" * 64
+NO_GROUP = Invite.new(Identity.generate().public).token  # an invite nobody published
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +35,9 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         procs = [c.start_node(u) for u in USERS]
         for proc in procs:
             c.started(proc)
-        gid = c.run("alice", "group", "create", "climbers").stdout.strip()
-        c.facts["gid"] = gid
-        c.run("bob", "group", "join", gid)
+        invite, gid = c.create_group("alice", "climbers")
+        c.facts["gid"], c.facts["invite"] = gid, invite
+        c.run("bob", "group", "join", invite)
         c.run("alice", "group", "accept", "climbers", "bob")
         yield c
     finally:
@@ -45,15 +48,20 @@ def test_join_of_a_group_that_does_not_exist_is_an_error_and_leaves_no_row(net: 
     refused = net.run("carol", "group", "join", NO_GROUP, check=False)
     assert_clean_error(refused, "no group", "found")
     assert net.json("carol", "group", "list") == []
+    # the id of a group that is not listed publicly is not enough to ask
+    by_id = net.run("carol", "group", "join", net.facts["gid"], check=False)
+    assert_clean_error(by_id, "unknown group")
+    assert "paste the invite" in by_id.stderr
+    assert net.json("carol", "group", "list") == []
 
     # a real request can be cancelled with `group leave`, and dropped with `group forget`
-    gid = net.facts["gid"]
-    assert "pending" in net.run("carol", "group", "join", gid).stdout
+    gid, invite = net.facts["gid"], net.facts["invite"]
+    assert "pending" in net.run("carol", "group", "join", invite).stdout
     left = net.run("carol", "group", "leave", gid[:12]).stdout
     assert left.strip() == "cancelled your request to join"
     assert net.json("carol", "group", "list") == []
     assert net.json("alice", "group", "requests", "climbers") == []
-    net.run("carol", "group", "join", gid)
+    net.run("carol", "group", "join", invite)
     assert net.run("carol", "group", "forget", "climbers").stdout.strip() == "forgot climbers"
     assert net.json("carol", "group", "list") == []
 
@@ -66,8 +74,8 @@ def test_second_group_you_own_with_the_same_name_is_refused(net: Cluster) -> Non
     assert [g["group_id"] for g in net.json("alice", "group", "list")] == [gid]
 
     # a name alice does not own can still collide: the error names both ids
-    other = net.run("bob", "group", "create", "climbers").stdout.strip()
-    net.run("alice", "group", "join", other)
+    other_invite, other = net.create_group("bob", "climbers")
+    net.run("alice", "group", "join", other_invite)
     net.run("bob", "group", "accept", other, "alice")
     listed = net.json("alice", "group", "list")
     assert sorted(g["group_id"] for g in listed) == sorted([gid, other])
@@ -100,7 +108,7 @@ def test_leave_is_strict_and_stops_your_shares_for_good(net: Cluster) -> None:
     assert net.json("alice", "files", gid) == []
 
     # rejoining does not bring the share back
-    net.run("bob", "group", "join", gid)
+    net.run("bob", "group", "join", net.facts["invite"])
     net.run("alice", "group", "accept", gid, "bob")
     assert net.json("bob", "node", "status")["shares"] == 0
     assert net.json("alice", "files", gid) == []
@@ -114,7 +122,7 @@ def test_leave_is_strict_and_stops_your_shares_for_good(net: Cluster) -> None:
 
 def test_stopped_and_crashed_holders_are_not_counted_online(net: Cluster) -> None:
     gid = net.facts["gid"]
-    net.run("carol", "group", "join", gid)
+    net.run("carol", "group", "join", net.facts["invite"])
     net.run("alice", "group", "accept", gid, "carol")
     data = os.urandom(700_000)
     (net.root / "map.bin").write_bytes(data)

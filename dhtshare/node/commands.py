@@ -351,8 +351,8 @@ class Commands:
         """Leave (or cancel a request); my shares in the group stop, and stay stopped."""
         gid = self._lookup(group)
         name = self.node.groups.state.name_of(gid)
+        stopped = await self._stop_shares(gid)  # while I hold the keys to withdraw entries
         gone = await self.node.groups.leave(gid)
-        stopped = await self._stop_shares(gid)
         self.node.save_state()
         heir = gone.heir
         return {
@@ -377,8 +377,8 @@ class Commands:
         if gid not in state.groups and gid not in state.requested:
             raise GroupError(f"unknown group: {group}", "list yours with: dhtshare group list")
         name = state.name_of(gid)
+        stopped = await self._stop_shares(gid)  # while I hold the keys to withdraw entries
         self.node.groups.forget(gid)
-        stopped = await self._stop_shares(gid)
         self.node.save_state()
         return {"group_id": gid.hex(), "name": name, "stopped_shares": stopped}
 
