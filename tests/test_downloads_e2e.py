@@ -58,10 +58,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         }
         for user, proc in procs.items():
             c.facts[f"pid_{user}"] = started_pid(c, proc)
-        c.run("alice", "group", "create", "crag")
-        gid = c.json("alice", "group", "list")[0]["group_id"]
+        invite, gid = c.create_group("alice", "crag")
+        assert c.json("alice", "group", "list")[0]["group_id"] == gid
         for user in ("bob", "carol", "dave"):
-            c.run(user, "group", "join", gid)
+            c.run(user, "group", "join", invite)
             c.run("alice", "group", "accept", "crag", user)
         c.facts["gid"] = gid
         # every file is shared while all holders are up: the tests are about getting them

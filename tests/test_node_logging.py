@@ -29,8 +29,8 @@ def test_node_log_names_each_event_with_ids_and_cleaned_names(users: Users) -> N
     for name in ("alice", "bob"):
         u.new_user(name)
         u.start(name)
-    gid = u.run("alice", "group", "create", "climbers").stdout.strip()
-    u.run("bob", "group", "join", gid)
+    invite, gid = u.create_group("alice", "climbers")
+    u.run("bob", "group", "join", invite)
     u.run("alice", "group", "accept", gid[:12], "bob")
     data = os.urandom(1024 * 1024 + 3)
     evil = "route\x1b[2J.bin"  # a file name may hold an escape sequence
