@@ -32,6 +32,7 @@ from dhtshare.node import control
 UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}
 PROGRESS = re.compile(r"^(downloading|hashing): \d+% ")
 FIELDS = [
+    "invite",
     "name",
     "id",
     "time",
@@ -107,6 +108,9 @@ def commands(tmp: Path) -> list[list[str]]:
         ["node", "status", "--json"],
         ["node", "stop"],
         ["group", "create", "g"],
+        ["group", "create", "g", "--json"],
+        ["group", "invite", "g"],
+        ["group", "invite", "g", "--rotate"],
         ["group", "join", "g"],
         ["group", "leave", "g"],
         ["group", "requests", "g"],
@@ -229,6 +233,7 @@ def test_each_command_renders_a_well_formed_reply(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     row = {
+        "invite": "AbC-_9",
         "name": "n\x1b",
         "id": "i",
         "time": "t",
