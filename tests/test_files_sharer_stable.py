@@ -7,8 +7,11 @@ import os
 import time
 from pathlib import Path
 
+from support.groups import epoch_ring, sealed_dht
+
 from dhtshare.content import piece_size_for
 from dhtshare.files.service import ENTRY_TTL, FileService, shared_at, signed_since
+from dhtshare.groups.sealeddht import SealedDht
 from dhtshare.identity import Identity
 from dhtshare.records import MAX_TTL, FileEntry
 from dhtshare.sim.network import Network
@@ -34,27 +37,34 @@ async def test_sharer_stays_the_first_sharer_after_restarts_and_renewals(tmp_pat
         return gid == GID and key in members
 
     clock = Clock(time.time() - 500)
+    ring = epoch_ring(GID)
+
+    def on(node_index: int, who: Identity) -> SealedDht:
+        return sealed_dht(net.nodes[node_index], who, ring, clock)
+
     async with Network.start(8) as net:
-        a = FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001), clock)
+        a = FileService(on(1, alice), alice, lambda: ("127.0.0.1", 5001), clock)
         shared = await a.share(GID, path)
         for port, who in ((5002, bob), (5003, dave)):  # they download it, later
             clock.now += 100
-            node = net.nodes[port - 5000]
-            svc = FileService(node, who, lambda port=port: ("127.0.0.1", port), clock)
+            svc = FileService(
+                on(port - 5000, who), who, lambda port=port: ("127.0.0.1", port), clock
+            )
             await svc.announce(shared)
-        reader = FileService(net.nodes[6], bob, lambda: ("127.0.0.1", 6000), clock)
+        reader = FileService(on(6, bob), bob, lambda: ("127.0.0.1", 6000), clock)
         [info] = await reader.list_files(GID, is_member)
         assert info.sharer == alice.public and info.providers == 3
         first = info.shared_at
 
         # alice's node restarts (a new service on the same DHT node announces it again)
         clock.now += 100
-        await FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001), clock).announce(shared)
+        restarted = FileService(on(1, alice), alice, lambda: ("127.0.0.1", 5001), clock)
+        await restarted.announce(shared)
         [info] = await reader.list_files(GID, is_member)
         assert (info.sharer, info.shared_at) == (alice.public, first)
 
         # the republish loop renews alice's entry: the renewal keeps its first time too
-        [pub] = [r for r in net.nodes[1].published if isinstance(r.payload(), FileEntry)]
+        [pub] = [r for r in a.dht.published if isinstance(r.payload(), FileEntry)]
         clock.now += 100
         renewed = a._renew(ENTRY_TTL)(pub)
         assert renewed.seq > pub.seq and renewed.expires > pub.expires
@@ -81,12 +91,13 @@ async def test_clean_stop_withdraws_every_provider_record(tmp_path: Path) -> Non
     def is_member(gid: bytes, key: bytes) -> bool:
         return gid == GID
 
+    ring = epoch_ring(GID)
     async with Network.start(6) as net:
-        a = FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001))
+        a = FileService(sealed_dht(net.nodes[1], alice, ring), alice, lambda: ("127.0.0.1", 5001))
         shared = await a.share(GID, path)
         other = os.urandom(32)
         await a.announce_provider(GID, other, complete=False)  # a partial download
-        b = FileService(net.nodes[2], bob, lambda: ("127.0.0.1", 5002))
+        b = FileService(sealed_dht(net.nodes[2], bob, ring), bob, lambda: ("127.0.0.1", 5002))
         assert len(await b.providers(GID, shared.content_id, is_member)) == 1
         assert await a.withdraw_providers() == 2
         assert await b.providers(GID, shared.content_id, is_member) == []

@@ -3,6 +3,8 @@ member would seal them), a stand-in node for ``Commands``, and growing a group b
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -10,6 +12,8 @@ from conftest import FakeClock
 
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError
+from dhtshare.groups.keyring import GroupKeys, Keyring
+from dhtshare.groups.sealeddht import SealedDht
 from dhtshare.groups.secrets import Space, seal
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity
@@ -67,6 +71,22 @@ async def no_progress(_: Any) -> None:
 
 def people(*names: str) -> list[Identity]:
     return [Identity.generate(n) for n in names]
+
+
+def epoch_ring(gid: bytes, secret: bytes | None = None) -> Keyring:
+    """A keyring holding epoch 0 of ``gid`` (a fresh secret unless given): what a member's
+    node holds, for tests that use the file service without a group service."""
+    keys = GroupKeys()
+    keys.install(0, secret if secret is not None else os.urandom(32))
+    return {gid: keys}
+
+
+def sealed_dht(
+    node: DhtNode, identity: Identity, ring: Keyring, clock: Callable[[], float] = time.time
+) -> SealedDht:
+    """``identity``'s sealed view of ``node`` with the secrets of ``ring`` (shared, not
+    copied: members of one epoch hold the same secret)."""
+    return SealedDht(node, ring, identity, clock)
 
 
 def invite_of(owner: GroupService, gid: bytes) -> str:
