@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 from support.access import access_key
+from support.groups import epoch_ring, sealed_dht, sealed_lies
 
 from dhtshare import content, crypto
 from dhtshare.codec import Writer
 from dhtshare.content import piece_size_for
+from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtError, FileShareError, RecordError
 from dhtshare.files.service import FileService, shared_at
+from dhtshare.groups.keyring import Keyring
 from dhtshare.identity import Identity
 from dhtshare.records import (
     MAX_TTL,
@@ -62,6 +65,17 @@ def forged_entry(
     return SignedRecord(Kind.FILE_ENTRY, signer.public, seq, issued, expires, body, sig, payload)
 
 
+async def put_sealed(node: DhtNode, ring: Keyring, author: Identity, rec: SignedRecord) -> None:
+    """``rec`` sealed into the group's epoch by ``author`` (a member: it holds the secret),
+    stored through ``node``, unless storing nodes refuse it."""
+    space = ring[GID].space()
+    assert space is not None
+    for outers in sealed_lies(space, author, [rec], time.time()).values():
+        for outer in outers:
+            with contextlib.suppress(DhtError, RecordError):  # storing nodes may refuse it
+                await node.put(outer)
+
+
 async def test_entry_with_tiny_piece_size_and_early_issued_does_not_take_over_listing(
     tmp_path: Path,
 ) -> None:
@@ -74,16 +88,17 @@ async def test_entry_with_tiny_piece_size_and_early_issued_does_not_take_over_li
     def is_member(gid: bytes, key: bytes) -> bool:
         return gid == GID and key in members
 
+    ring = epoch_ring(GID)  # members hold the epoch secret: mallory can seal
     async with Network.start(8) as net:
-        a = FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001))
+        a = FileService(sealed_dht(net.nodes[1], alice, ring), alice, lambda: ("127.0.0.1", 5001))
         shared = await a.share(GID, path)
         hostile = forged_entry(
             mallory, shared.content_id, size=20_000_000, piece_size=1, issued=1, now=time.time()
         )
-        with contextlib.suppress(DhtError, RecordError):  # storing nodes may refuse it
-            await net.nodes[2].put(hostile)
+        await put_sealed(net.nodes[2], ring, mallory, hostile)
 
-        files = await FileService(net.nodes[5], reader, lambda: ("127.0.0.1", 5005)).list_files(
+        me = sealed_dht(net.nodes[5], reader, ring)
+        files = await FileService(me, reader, lambda: ("127.0.0.1", 5005)).list_files(
             GID, is_member
         )
     assert [(f.entry.name, f.entry.size, f.entry.piece_size) for f in files] == [
@@ -107,12 +122,13 @@ async def test_backdated_entry_with_a_wrong_size_loses_to_the_size_members_vouch
     def is_member(gid: bytes, key: bytes) -> bool:
         return gid == GID and key in members
 
+    ring = epoch_ring(GID)
     async with Network.start(8) as net:
-        shared = await FileService(net.nodes[1], alice, lambda: ("127.0.0.1", 5001)).share(
-            GID, path
-        )
+        on_a = sealed_dht(net.nodes[1], alice, ring)
+        shared = await FileService(on_a, alice, lambda: ("127.0.0.1", 5001)).share(GID, path)
         # bob downloaded it, verified every piece, and announces what he verified
-        await FileService(net.nodes[2], bob, lambda: ("127.0.0.1", 5002)).announce(shared)
+        on_b = sealed_dht(net.nodes[2], bob, ring)
+        await FileService(on_b, bob, lambda: ("127.0.0.1", 5002)).announce(shared)
         # mallory: a valid layout, one byte short (same piece count), dated a week back
         short = len(data) - 1
         hostile = forged_entry(
@@ -123,9 +139,10 @@ async def test_backdated_entry_with_a_wrong_size_loses_to_the_size_members_vouch
             issued=1,
             now=time.time(),
         )
-        with contextlib.suppress(DhtError, RecordError):
-            await net.nodes[3].put(hostile)
-        reader = FileService(net.nodes[5], Identity.generate(), lambda: ("127.0.0.1", 5005))
+        await put_sealed(net.nodes[3], ring, mallory, hostile)
+        someone = Identity.generate()
+        on_r = sealed_dht(net.nodes[5], someone, ring)
+        reader = FileService(on_r, someone, lambda: ("127.0.0.1", 5005))
         files = await reader.list_files(GID, is_member)
     assert [(f.entry.name, f.entry.size) for f in files] == [("report.pdf", len(data))]
     assert files[0].sharer in {alice.public, bob.public}
