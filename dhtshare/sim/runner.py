@@ -336,8 +336,12 @@ async def _result(
 
 
 async def _measure(run: _Run, net: Network, nodes: list[Node], gid: bytes) -> LookupReport:
-    """Lookups of the group's roster from random live nodes (at most 60, 12 in flight)."""
-    targets = [(key_for(Kind.ROSTER, gid), nodes[0].identity.public)]
+    """Lookups of the group's roster (sealed in the current epoch, signed by the owner's
+    author key there) from random live nodes (at most 60, 12 in flight)."""
+    space = nodes[0].groups.state.keys[gid].space()
+    assert space is not None, "the owner holds the current epoch"
+    author, _cert = space.author(nodes[0].identity)
+    targets = [(space.dht_key(key_for(Kind.ROSTER, gid)), author.public)]
     live: list[DhtNode] = [*net.live, *(n.dht for n in nodes if not n.stopped.is_set())]
     return await measure_lookups(live, targets, min(run.scenario.lookups, 60), run.rng)
 
