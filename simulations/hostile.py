@@ -65,6 +65,9 @@ from dhtshare.content import FileLayout
 from dhtshare.dht.protocol import packb, unpackb
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import DhtshareError
+from dhtshare.groups.keyring import Where
+from dhtshare.groups.sealeddht import SealedDht
+from dhtshare.groups.secrets import Invite
 from dhtshare.groups.service import GroupService, GroupState
 from dhtshare.identity import Identity
 from dhtshare.node.service import Node, NodeConfig
@@ -493,14 +496,21 @@ async def _crash_client(
 
 
 async def fetch_block(
-    ident: Identity, victim: tuple[str, int], gid: bytes, cid: bytes, local: str
+    ident: Identity,
+    victim: tuple[str, int],
+    gid: bytes,
+    cid: bytes,
+    local: str,
+    key: bytes | None = None,
 ) -> str:
     """What the victim does when ``ident`` asks for a block: ``"served"``, ``"not member"``
     (a Reject with NOT_MEMBER, in the handshake or later), ``"refused: <reason>"`` for any
-    other Reject or end, or ``"unreachable"`` (no connection, or silence)."""
+    other Reject or end, or ``"unreachable"`` (no connection, or silence). ``key``: the
+    access key ``ident`` holds (default: the members' current one)."""
     loop = asyncio.get_running_loop()
+    held = key if key is not None else access_key(gid)
     conn = PeerConnection(
-        Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid, access_key=access_key(gid)
+        Role.CLIENT, ident.signing_key, group_id=gid, content_id=cid, access_key=held
     )
     try:
         async with asyncio.timeout(10):
@@ -728,11 +738,12 @@ async def _honest_network(w: _World) -> tuple[str, int]:
 async def _form_group(w: _World) -> None:
     owner = w.nodes["owner"]
     w.gid = await owner.groups.create("soak", public=True)
+    invite = owner.groups.state.keys[w.gid].invite
     joiners = [w.nodes["seeder"].groups, w.nodes["dave"].groups] + [
         GroupService(owner.dht, w.idents[n], GroupState()) for n in ("mallory", *CRASHERS)
     ]
     for g in joiners:
-        await g.request_join(w.gid, "member")
+        await g.request_join(invite, "member")
     for request in await owner.groups.requests(w.gid):
         await owner.groups.accept(w.gid, request.requester)
     for name in ("seeder", "dave"):
@@ -745,7 +756,8 @@ async def _form_group(w: _World) -> None:
 
 async def _victim_joins(w: _World, victim: Victim) -> None:
     owner = w.nodes["owner"]
-    await victim.must("group", "join", w.gid.hex(), "--message", "victim here")
+    invite = owner.groups.state.keys[w.gid].invite
+    await victim.must("group", "join", invite, "--message", "victim here")
     mine = [r for r in await owner.groups.requests(w.gid) if r.name == "victim"]
     if len(mine) != 1:
         raise RuntimeError(f"the owner sees {len(mine)} join requests from the victim")
@@ -823,9 +835,10 @@ async def _hostile_providers(w: _World, victim: Victim, tally: TcpTally) -> Host
         ident = w.idents[f"crash{i}"]
         port = await hostile.start(ident, mode)
         body = Provider(w.gid, w.big_cid, CRASH, port, True)
-        await w.nodes["owner"].dht.put(
-            sign_record(ident, body, seq=time_seq(now), now=now, ttl=3600)
-        )
+        rec = sign_record(ident, body, seq=time_seq(now), now=now, ttl=3600)
+        # members hold the epoch secret: the crasher seals its record as any member does
+        sealed = SealedDht(w.nodes["owner"].dht, w.nodes["owner"].groups.state.keys, ident)
+        await sealed.put(Where("epoch", w.gid), rec)
     bad = raw_record(
         w.idents["mallory"],
         Kind.PROVIDER,
@@ -868,11 +881,14 @@ async def _start_udp_attacks(w: _World, victim: Victim, stop: asyncio.Event) -> 
             lambda i: garbage.send(garbage_datagram(rng, i)),
         )
     if "spoofed" in o.attacks:
-        hot = [
-            key_for(Kind.JOIN_REQUEST, w.gid),
-            key_for(Kind.FILE_ENTRY, w.gid),
-            key_for(Kind.PROVIDER, w.gid, w.big_cid),
-            key_for(Kind.ROSTER, w.gid),
+        keys = w.nodes["owner"].groups.state.keys[w.gid]
+        epoch, inbox = keys.space(), Invite.parse(keys.invite).space
+        assert epoch is not None
+        hot = [  # keys the victim holds records under: the group's sealed keys
+            inbox.dht_key(key_for(Kind.JOIN_REQUEST, w.gid)),
+            epoch.dht_key(key_for(Kind.FILE_ENTRY, w.gid)),
+            epoch.dht_key(key_for(Kind.PROVIDER, w.gid, w.big_cid)),
+            epoch.dht_key(key_for(Kind.ROSTER, w.gid)),
         ]
         spoofs = [await _udp(host, va) for host in SPOOFED]
         paced(
@@ -943,15 +959,20 @@ async def _removal(
         await asyncio.wait([asked, download], return_when=asyncio.FIRST_COMPLETED)
     finally:
         asked.cancel()
-    await w.nodes["owner"].groups.remove(w.gid, w.idents["dave"].public)
+    daves = access_key(w.gid)  # what dave keeps: the key of the epoch he was removed from
+    owner = w.nodes["owner"].groups
+    await owner.remove(w.gid, w.idents["dave"].public)
+    ACCESS_KEYS[w.gid] = owner.access_key(w.gid) or bytes(32)  # the members' new epoch
     removed_at = time.monotonic()
     w.event("owner removed dave")
     polls, outcomes = 0, Counter[str]()
     while time.monotonic() - removed_at < w.opts.removal_limit:
         polls += 1
-        got = await fetch_block(w.idents["dave"], victim.address, w.gid, w.small_cid, DAVE)
+        got = await fetch_block(w.idents["dave"], victim.address, w.gid, w.small_cid, DAVE, daves)
         outcomes[got] += 1
-        if got == "not member":
+        # refused as a non-member, or (once the victim is in the new epoch) at the handshake:
+        # dave's key is no longer one the victim accepts
+        if got in ("not member", "refused: RemoteProtocolError"):
             seconds = time.monotonic() - removed_at
             w.event(f"victim refused dave {seconds:.1f} s after the removal")
             return {
