@@ -11,17 +11,22 @@ from hypothesis import strategies as st
 from dhtshare import crypto
 from dhtshare.codec import Reader, Writer
 from dhtshare.errors import DecodeError, RecordError
+from dhtshare.groups.secrets import Invite, epoch_box
 from dhtshare.identity import Identity
 from dhtshare.records import (
+    EPOCH_PAGE_BOXES,
     MAX_RECORD_SIZE,
     MAX_TTL,
     PAGE_MEMBERS,
     AddressKind,
     Decision,
     DirectoryEntry,
+    EpochPage,
     FileEntry,
     Genesis,
+    Grant,
     Handover,
+    InviteInfo,
     JoinRequest,
     Kind,
     Leave,
@@ -78,6 +83,23 @@ def bodies() -> list[object]:
         ),
         PeerInfo((("127.0.0.1", 4000), ("::1", 4001))),
         DirectoryEntry(GID, "climbers", 12),
+        # issue 17: a request carries its mailbox, a public listing its invite, and the
+        # kinds that only travel sealed (a full epoch page: the largest of them)
+        JoinRequest(GID, "alice", "let me in", os.urandom(32)),
+        DirectoryEntry(GID, "climbers", 12, invite=Invite.new(OWNER.public).token),
+        Grant(GID, 3, os.urandom(32), "climbers"),
+        EpochPage(
+            GID,
+            4,
+            0,
+            25,
+            tuple(
+                epoch_box(os.urandom(32), OWNER.public, os.urandom(32))
+                for _ in range(EPOCH_PAGE_BOXES)
+            ),
+        ),
+        InviteInfo(GID, "climbers"),
+        InviteInfo(GID, "climbers", withdrawn=True),
     ]
 
 
