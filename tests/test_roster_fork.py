@@ -1,5 +1,9 @@
 """A former owner cannot overwrite its heir's roster at a storing node, by raising ``seq`` or
-by signing a second, longer hand-over chain from an earlier link (issue #13 item 12)."""
+by signing a second, longer hand-over chain from an earlier link (issue #13 item 12).
+
+Since issue 17 storing nodes hold rosters sealed and cannot rank them; a former owner that
+still holds the epoch secret seals under its own author key, so its fork lands beside the
+heir's record, never over it, and readers rank what they open."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import pytest
 from dhtshare import crypto
 from dhtshare.dht.storage import ValidatingStorage
 from dhtshare.groups import rules
+from dhtshare.groups.secrets import epoch_space, open_sealed, seal
 from dhtshare.identity import Identity
 from dhtshare.records import (
     CLOCK_SKEW,
@@ -100,3 +105,31 @@ def test_a_slot_cannot_be_wedged_with_the_highest_seq() -> None:
     now = sign_record(member, body, seq=time_seq(NOW), now=NOW, ttl=3600)
     assert storage.add(now.dht_key, now.encode(), NOW) is None
     assert max_seq(NOW) == time_seq(NOW + CLOCK_SKEW)
+
+
+def test_a_sealed_fork_lands_beside_the_heirs_roster_never_over_it() -> None:
+    founder, heir = Identity.generate("founder"), Identity.generate("heir")
+    genesis = Genesis(founder.public, "g", int(NOW), b"\x03" * 16)
+    gsig = crypto.sign(founder.signing_key, "genesis", genesis.encode())
+    gid = genesis.group_id
+    members = (Member(founder.public, "founder", int(NOW)), Member(heir.public, "heir", int(NOW)))
+    old_chain = Roster(genesis, gsig, (), False, members, 2)
+    new_chain = Roster(genesis, gsig, _chain(gid, founder, [heir]), False, members[1:], 1)
+    space = epoch_space(b"\x04" * 32)  # the epoch both still hold (the heir has not re-keyed)
+
+    storage = ValidatingStorage(clock=lambda: NOW, stats=Counters())
+    inner = sign_record(heir, new_chain, seq=5, now=NOW, ttl=3600)
+    heirs = seal(space, inner, author=heir, seq=time_seq(NOW), now=NOW)
+    key = heirs.dht_key
+    assert storage.add(key, heirs.encode(), NOW) is None
+    forged = sign_record(founder, old_chain, seq=99, now=NOW, ttl=3600)
+    for seq in (time_seq(NOW) + 1, max_seq(NOW)):  # whatever seq: its own slot
+        fork = seal(space, forged, author=founder, seq=seq, now=NOW)
+        assert fork.dht_key == key and fork.slot != heirs.slot
+        assert storage.add(key, fork.encode(), NOW) is None
+    held = storage.records(key, NOW)
+    assert heirs in held and len(held) == 2
+    opened = [open_sealed(space, r, inner.dht_key, NOW) for r in held]
+    known = rules.Known(5, 1, rules.chain_digest(new_chain.handovers))
+    rec, _body = rules.pick_roster(opened, gid, NOW, known)
+    assert rec == inner
