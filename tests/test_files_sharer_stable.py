@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from support.groups import epoch_ring, sealed_dht
@@ -17,6 +18,10 @@ from dhtshare.records import MAX_TTL, FileEntry
 from dhtshare.sim.network import Network
 
 GID = os.urandom(32)
+
+
+def address(host: str, port: int) -> Callable[[], tuple[str, int]]:
+    return lambda: (host, port)
 
 
 class Clock:
@@ -47,9 +52,7 @@ async def test_sharer_stays_the_first_sharer_after_restarts_and_renewals(tmp_pat
         shared = await a.share(GID, path)
         for port, who in ((5002, bob), (5003, dave)):  # they download it, later
             clock.now += 100
-            svc = FileService(
-                on(port - 5000, who), who, lambda port=port: ("127.0.0.1", port), clock
-            )
+            svc = FileService(on(port - 5000, who), who, address("127.0.0.1", port), clock)
             await svc.announce(shared)
         reader = FileService(on(6, bob), bob, lambda: ("127.0.0.1", 6000), clock)
         [info] = await reader.list_files(GID, is_member)

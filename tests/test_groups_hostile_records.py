@@ -239,8 +239,8 @@ async def test_arbitrary_signed_records_raise_only_typed_errors_and_admit_nobody
 ) -> None:
     hostile = [r for r in found if r is not None]
     dht = LyingDht(hostile)
-    member = GroupService(dht, MEMBER, GroupState(keys={GID: keys_held()}), clock=lambda: NOW)  # type: ignore[arg-type]
-    owner = GroupService(dht, OWNER, GroupState(keys={GID: keys_held()}), clock=lambda: NOW)  # type: ignore[arg-type]
+    member = GroupService(dht, MEMBER, GroupState(keys={GID: keys_held()}), clock=lambda: NOW)
+    owner = GroupService(dht, OWNER, GroupState(keys={GID: keys_held()}), clock=lambda: NOW)
     member.state.groups[GID] = "club"
     owner.state.groups[GID] = "club"
     for service in (member, owner):
