@@ -10,6 +10,7 @@ import time
 import pytest
 from kademlia.node import Node as KNode
 
+from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError, RecordError
 from dhtshare.files.service import FileService
 from dhtshare.groups import secrets
@@ -17,7 +18,9 @@ from dhtshare.groups.keyring import GroupKeys, Where
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity, format_id
 from dhtshare.records import (
+    MAX_BODY,
     MAX_EPOCH_PAGES,
+    MAX_RECORD_SIZE,
     EpochPage,
     FileEntry,
     Kind,
@@ -372,3 +375,46 @@ async def test_a_members_junk_epoch_announcement_costs_no_page_lookups() -> None
         assert sa.state.keys[gid].epoch == 0 and not sa.state.keys[gid].removed
         with pytest.raises(RecordError):
             EpochPage(gid, 1, 0, MAX_EPOCH_PAGES + 1, ())
+
+
+def _drop_local(node: DhtNode) -> None:
+    """The reader's node is not one of the storing nodes (as in any network larger than k)."""
+    now = time.time()
+    for key in list(node.storage.stored_keys()):
+        for rec in node.storage.records(key, now):
+            node.storage.remove(key, rec.slot)
+
+
+async def test_one_reply_sized_record_dated_ahead_hides_no_key() -> None:
+    """Mallory (a member, one address) stores one 7.6 KiB junk record dated 9 minutes ahead
+    under the file-entry key and under the roster key: a reply holds about 8 KiB, and when
+    the sender of the newest record came first in every reply, nobody else's record came
+    back. Senders now take turns in a random order per reply."""
+    owner, alice, mallory = _people("owner", "alice", "mallory")
+    async with Network.start(16) as net:
+        (_so, sa, sm), gid = await _group(net, owner, alice, mallory)
+        fa = FileService(sa.sealed, alice, lambda: ("127.0.0.1", 4242))
+        entry = fa._sign(FileEntry(gid, os.urandom(32), "zq-alice.bin", 10, 262144), 600)
+        await fa._publish(entry, 600)
+        space = sm.sealed.spaces(gid)[0]
+        author, cert = space.author(mallory)
+        ahead = time.time() + 540
+        for inner_key in (key_for(Kind.FILE_ENTRY, gid), key_for(Kind.ROSTER, gid)):
+            box = os.urandom(MAX_BODY - 32 - 64 - 20 - 16 - 2)
+            junk = Sealed(space.writer.public, cert, space.locator(inner_key), os.urandom(16), box)
+            rec = sign_record(author, junk, seq=time_seq(ahead), now=ahead, ttl=3600)
+            assert len(rec.encode()) == MAX_RECORD_SIZE
+            assert await sm.sealed.dht.put(rec) > 0
+            # a storing node puts alice's (or the owner's) record in about half its replies
+            holder = next(
+                n for n in net.nodes if len(n.storage.records(space.dht_key(inner_key), ahead)) == 2
+            )
+            replies = [
+                holder.storage.reply_records(space.dht_key(inner_key), 8160, time.time())
+                for _ in range(200)
+            ]
+            assert 40 < sum(rec.encode() not in r for r in replies) < 160
+        _drop_local(net.nodes[2])
+        assert [f.entry.name for f in await fa.list_files(gid, sa.is_member)] == ["zq-alice.bin"]
+        _drop_local(net.nodes[2])
+        assert (await sa.refresh(gid)).members[-1].key == mallory.public

@@ -38,6 +38,7 @@ newest first, so one sender's records dated ahead cannot fill a reply.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ _REASON_WORDS = (
     ("ahead", "too_far_ahead"),
     ("expire", "expired"),
 )
+
+_SHUFFLE = random.SystemRandom()  # the senders' order in a reply (not predictable)
 
 #: The group of records with no known sender (a local caller that is not ``own``).
 _LOCAL = ""
@@ -376,14 +379,17 @@ class ValidatingStorage(IStorage):  # type: ignore[misc]
     def reply_records(self, key: bytes, budget: int, now: float) -> list[bytes]:
         """Encoded records under ``key`` that fit ``budget`` bytes, fairly over senders.
 
-        Round-robin over senders (each sender's newest first, the sender with the
-        newest record first), so no sender's records can crowd out another's.
+        Round-robin over senders (each sender's newest first), the senders in a new random
+        order for each reply: a sender that dates one record far ahead, as big as a reply,
+        would otherwise come first in every reply and crowd out everyone else's; now it
+        comes first in its share of them, and a lookup merges the replies of several nodes.
         """
         self._expire_key(key, now)
         by_sender: dict[str | None, list[_Entry]] = {}
         for entry in _newest_first(list(self._data.get(key, {}).values())):
             by_sender.setdefault(entry.group, []).append(entry)
         queues = list(by_sender.values())
+        _SHUFFLE.shuffle(queues)
         chosen: list[bytes] = []
         for turn in range(max((len(q) for q in queues), default=0)):
             for queue in queues:
