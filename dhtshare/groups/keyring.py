@@ -18,6 +18,8 @@ from dhtshare.groups.secrets import Invite, Space, access_key, epoch_space, mail
 __all__ = ["KEEP_EPOCHS", "GroupKeys", "Keyring", "Where", "keyring_from_json", "keyring_to_json"]
 
 KEEP_EPOCHS = 8  # epoch secrets kept per group (the current one and the ones before it)
+GRACE = 600.0  # seconds the previous epoch is still read after a change (20 maintenance
+# rounds: every member online moves its records within one)
 
 
 @dataclass
@@ -30,15 +32,18 @@ class GroupKeys:
     reply: bytes = b""  # my mailbox secret, while I ask to join (and after: grants)
     replies: dict[bytes, bytes] = field(default_factory=dict)  # owner: requester -> mailbox
     removed: bool = False  # an epoch change left me out: I was removed
+    changed_at: float = 0.0  # when I moved to the current epoch (unix time)
 
-    def install(self, epoch: int, secret: bytes) -> bool:
-        """Hold ``secret`` for ``epoch``; True if it is newer than the current one."""
+    def install(self, epoch: int, secret: bytes, *, at: float = 0.0) -> bool:
+        """Hold ``secret`` for ``epoch`` (learnt at ``at``); True if it is newer than the
+        current one."""
         self.secrets[epoch] = secret
         for old in sorted(self.secrets)[:-KEEP_EPOCHS]:
             del self.secrets[old]
         if epoch > self.epoch:
             self.epoch = epoch
             self.removed = False
+            self.changed_at = at
             return True
         return False
 
@@ -47,10 +52,14 @@ class GroupKeys:
         secret = self.secrets.get(self.epoch if epoch is None else epoch)
         return None if secret is None else epoch_space(secret)
 
-    def read_spaces(self) -> list[Space]:
-        """Where members' records are read: the current epoch, then the previous one (its
-        records stay readable until their signers republish them in the new epoch)."""
-        return [s for s in (self.space(), self.space(self.epoch - 1)) if s is not None]
+    def read_spaces(self, now: float) -> list[Space]:
+        """Where members' records are read: the current epoch, and for ``GRACE`` seconds
+        after a change the previous one too (its records stay readable until their signers,
+        who move them as they learn of the change, have republished them)."""
+        spaces = [self.space()]
+        if now - self.changed_at < GRACE:
+            spaces.append(self.space(self.epoch - 1))
+        return [s for s in spaces if s is not None]
 
     @property
     def access_key(self) -> bytes | None:
@@ -65,6 +74,7 @@ class GroupKeys:
             "reply": self.reply.hex(),
             "replies": {k.hex(): v.hex() for k, v in self.replies.items()},
             "removed": self.removed,
+            "changed_at": self.changed_at,
         }
 
     @classmethod
@@ -76,6 +86,7 @@ class GroupKeys:
             bytes.fromhex(doc["reply"]),
             {bytes.fromhex(k): bytes.fromhex(v) for k, v in doc["replies"].items()},
             bool(doc["removed"]),
+            float(doc.get("changed_at", 0.0)),
         )
 
 

@@ -26,6 +26,7 @@ __all__ = ["Dht", "SealedDht"]
 
 Renew = Callable[[SignedRecord], SignedRecord]
 SENDING = 4  # records stored at once
+READING = 4  # lookups at once (a 2,000-member roster is 31 pages)
 
 
 class Dht(Protocol):
@@ -62,13 +63,14 @@ class SealedDht:
         # a big roster or epoch change is dozens of 7 KiB records: sent all at once, k
         # copies each overflow the UDP buffers (the stores are lost and contacts evicted)
         self._sending = asyncio.Semaphore(SENDING)
+        self._reading = asyncio.Semaphore(READING)  # replies are up to 8 KiB each, too
 
     # ---- reading -------------------------------------------------------------------
 
     def spaces(self, group_id: bytes) -> list[Space]:
         """Where members' records of ``group_id`` are read (current and previous epoch)."""
         keys = self.ring.get(group_id)
-        return keys.read_spaces() if keys is not None else []
+        return keys.read_spaces(self.clock()) if keys is not None else []
 
     async def find(
         self, spaces: Iterable[Space | None], inner_key: bytes, *, to_me: bool = False
@@ -76,7 +78,7 @@ class SealedDht:
         """Inner records under ``inner_key`` in any of ``spaces``, merged by slot (the higher
         rank wins), newest first. ``to_me``: they are also sealed to my key (the inbox)."""
         chosen = [s for s in spaces if s is not None]
-        found = await asyncio.gather(*(self.dht.get(s.dht_key(inner_key)) for s in chosen))
+        found = await asyncio.gather(*(self._get(s.dht_key(inner_key)) for s in chosen))
         now, owner = self.clock(), (self.identity if to_me else None)
         best: dict[bytes, SignedRecord] = {}
         for space, outers in zip(chosen, found, strict=True):
@@ -89,6 +91,10 @@ class SealedDht:
                 if held is None or inner.rank > held.rank:
                     best[inner.slot] = inner
         return sorted(best.values(), key=lambda r: (r.issued, r.seq), reverse=True)
+
+    async def _get(self, key: bytes) -> list[SignedRecord]:
+        async with self._reading:
+            return await self.dht.get(key)
 
     async def get(self, group_id: bytes, inner_key: bytes) -> list[SignedRecord]:
         """``find`` in the group's epoch spaces."""

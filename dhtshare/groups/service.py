@@ -296,9 +296,14 @@ class GroupService:
         keys = self.state.keys.get(group_id)
         if group_id in self.state.requested and keys is not None and keys.epoch < 0:
             await self._answers(group_id, keys)
-        await self.catch_up(group_id)
-        view = await self.fetch_roster(group_id)
-        await self._fetch_leaves(group_id)
+        # the roster and leaves of the epoch I hold, while I look for a newer epoch
+        moved, view, _ = await asyncio.gather(
+            self.catch_up(group_id), self.fetch_roster(group_id), self._fetch_leaves(group_id)
+        )
+        if moved:
+            view, _ = await asyncio.gather(
+                self.fetch_roster(group_id), self._fetch_leaves(group_id)
+            )
         self._mark_fresh(group_id)
         if group_id in self.state.requested:
             if self.is_member(group_id, self._me.public):
@@ -512,7 +517,11 @@ class GroupService:
         here = Where("epoch", group_id, at=keys.epoch)
         recs = [self._sign_note(p, NOTE_TTL) for p in pages]
         await asyncio.gather(*(self._dht.publish(here, r) for r in recs))
-        keys.install(epoch, secret)
+        keys.install(epoch, secret, at=self._clock())
+        me = self._me.public
+        self._dht.withdraw(key_for(Kind.ROSTER, group_id), b"")  # the next version follows
+        for index in range(MAX_PAGES):
+            self._dht.withdraw(_page_key(group_id, me, index), me)
         await self._dht.reseal(group_id)
 
     async def catch_up(self, group_id: bytes) -> int:
@@ -520,11 +529,14 @@ class GroupService:
         how many epochs I moved. An announcement without a box for me: I was removed."""
         keys = self.state.keys.get(group_id)
         moved = 0
+        view = self._views.get(group_id)
+        if view is not None and view.owner == self._me.public and group_id in self.state.groups:
+            return 0  # the owner makes the epochs (until it leaves): nothing to follow
         while keys is not None and keys.epoch >= 0 and moved < 64:
             secret = await self._next_epoch(group_id, keys)
             if secret is None:
                 break
-            keys.install(keys.epoch + 1, secret)
+            keys.install(keys.epoch + 1, secret, at=self._clock())
             moved += 1
         if moved:
             await self._dht.reseal(group_id)
@@ -537,12 +549,17 @@ class GroupService:
         first = await self._dht.find([space], key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, 0)))
         view = self._views.get(group_id)
         owners = (view.owner if view else None, self._my_heir(group_id))
+        fresh_leaves = False
         for head in first:
             body = head.payload()
             if not isinstance(body, EpochPage) or body.epoch != keys.epoch + 1:
                 continue
             if view is not None and not self._may_announce(view, head.signer):
-                continue  # a member's junk: not worth a lookup per page it claims
+                if not fresh_leaves:  # a hand-over since my last read names the heir
+                    await self._fetch_leaves(group_id)
+                    fresh_leaves = True
+                if not self._may_announce(view, head.signer):
+                    continue  # a member's junk: not worth a lookup per page it claims
             keys_ = [
                 key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, i)) for i in range(1, body.count)
             ]
