@@ -13,7 +13,7 @@ from kademlia.node import Node as KNode
 from dhtshare.dht.server import DhtNode
 from dhtshare.errors import GroupError, RecordError
 from dhtshare.files.service import FileService
-from dhtshare.groups import secrets
+from dhtshare.groups import rules, secrets
 from dhtshare.groups.keyring import GroupKeys, Where
 from dhtshare.groups.service import GroupService
 from dhtshare.identity import Identity, format_id
@@ -418,3 +418,39 @@ async def test_one_reply_sized_record_dated_ahead_hides_no_key() -> None:
         assert [f.entry.name for f in await fa.list_files(gid, sa.is_member)] == ["zq-alice.bin"]
         _drop_local(net.nodes[2])
         assert (await sa.refresh(gid)).members[-1].key == mallory.public
+
+
+async def test_a_former_owner_cannot_take_members_into_an_epoch_of_its_own() -> None:
+    """After handing the group to its heir, the former owner announces its own next epoch
+    (dated ahead) with a roster on the old chain signed by itself: a member that has not
+    read since follows the heir's epoch, and the former owner reads nothing it shares."""
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, sa, sb), gid = await _group(net, owner, alice, bob)
+        await sb.refresh(gid)
+        old = so.state.keys[gid].secrets[0]
+        draft = so.state.drafts[gid]
+        gone = await so.leave(gid)
+        assert gone.heir is not None and gone.heir.key == alice.public
+        await sa.maintain()  # alice takes over: epoch 1
+        fake = secrets.new_secret()
+        pages = secrets.epoch_pages(gid, 1, old, fake, [alice.public, bob.public])
+        ahead = time.time() + 500
+        lie = GroupService(net.nodes[9], owner)
+        lie.state.keys[gid] = GroupKeys()
+        lie.state.keys[gid].install(0, old)
+        for page in pages:
+            rec = sign_record(owner, page, seq=time_seq(ahead), now=ahead, ttl=3600)
+            await lie.sealed.put(Where("epoch", gid, at=0), rec)
+        roster, _ = rules.layout(draft.roster, draft.members, draft.seq + 1)
+        forged = sign_record(owner, roster, seq=draft.seq + 1, now=time.time(), ttl=3600)
+        lie.state.keys[gid].install(1, fake)
+        await lie.sealed.put(Where("epoch", gid, at=1), forged)
+        view = await sb.refresh(gid)
+        assert sb.state.keys[gid].secrets[1] == sa.state.keys[gid].secrets[1] != fake
+        assert view.owner == alice.public
+        fb = FileService(sb.sealed, bob, lambda: ("127.0.0.1", 4242))
+        entry = fb._sign(FileEntry(gid, os.urandom(32), "zq-bob-after.bin", 10, 262144), 600)
+        await fb._publish(entry, 600)
+        seen = await lie.sealed.find([secrets.epoch_space(fake)], key_for(Kind.FILE_ENTRY, gid))
+        assert seen == []

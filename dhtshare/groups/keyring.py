@@ -33,6 +33,7 @@ class GroupKeys:
     replies: dict[bytes, bytes] = field(default_factory=dict)  # owner: requester -> mailbox
     removed: bool = False  # an epoch change left me out: I was removed
     changed_at: float = 0.0  # when I moved to the current epoch (unix time)
+    owner: bytes = b""  # the owner of the last roster I verified (announces epochs)
 
     def install(self, epoch: int, secret: bytes, *, at: float = 0.0) -> bool:
         """Hold ``secret`` for ``epoch`` (learnt at ``at``); True if it is newer than the
@@ -75,6 +76,7 @@ class GroupKeys:
             "replies": {k.hex(): v.hex() for k, v in self.replies.items()},
             "removed": self.removed,
             "changed_at": self.changed_at,
+            "owner": self.owner.hex(),
         }
 
     @classmethod
@@ -87,6 +89,7 @@ class GroupKeys:
             {bytes.fromhex(k): bytes.fromhex(v) for k, v in doc["replies"].items()},
             bool(doc["removed"]),
             float(doc.get("changed_at", 0.0)),
+            bytes.fromhex(doc.get("owner", "")),
         )
 
 

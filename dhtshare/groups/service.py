@@ -278,6 +278,9 @@ class GroupService:
         known = self.state.known.get(view.group_id)
         if known is None or view.seq >= known.seq:
             self.state.known[view.group_id] = view.known
+            keys = self.state.keys.get(view.group_id)
+            if keys is not None:
+                keys.owner = view.owner  # who may announce epochs, after a restart too
         self._views[view.group_id] = view
 
     async def _fetch_leaves(self, group_id: bytes) -> dict[bytes, SignedRecord]:
@@ -547,19 +550,14 @@ class GroupService:
         assert space is not None
         nxt = keys.epoch + 1
         first = await self._dht.find([space], key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, 0)))
-        view = self._views.get(group_id)
-        owners = (view.owner if view else None, self._my_heir(group_id))
-        fresh_leaves = False
+        if first and self._views.get(group_id) is not None:
+            await self._fetch_leaves(group_id)  # a hand-over names who announces now
         for head in first:
             body = head.payload()
             if not isinstance(body, EpochPage) or body.epoch != keys.epoch + 1:
                 continue
-            if view is not None and not self._may_announce(view, head.signer):
-                if not fresh_leaves:  # a hand-over since my last read names the heir
-                    await self._fetch_leaves(group_id)
-                    fresh_leaves = True
-                if not self._may_announce(view, head.signer):
-                    continue  # a member's junk: not worth a lookup per page it claims
+            if head.signer != self._announcer(group_id):
+                continue  # a member's, or a former owner's: not worth a lookup per page
             keys_ = [
                 key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, i)) for i in range(1, body.count)
             ]
@@ -576,7 +574,7 @@ class GroupService:
                 if await self._verify_epoch(group_id, secret, head.signer):
                     return secret
                 continue
-            if len({p.index for p in typed}) == body.count and head.signer in owners:
+            if len({p.index for p in typed}) == body.count:  # all read, from the announcer
                 keys.removed = True  # my owner (or my heir) started an epoch without me
         return None
 
@@ -586,24 +584,21 @@ class GroupService:
         keys = self.state.keys.get(group_id)
         return keys is not None and keys.removed
 
-    def _may_announce(self, view: RosterView, signer: bytes) -> bool:
-        """The owner of my verified roster, or an heir a current member's leave names (the
-        epoch's roster is checked after, ``_verify_epoch``)."""
-        if signer == view.owner:
-            return True
-        for rec in self._leaves.get(view.group_id, {}).values():
-            body = rec.payload()
-            if isinstance(body, Leave) and body.handover and body.handover.new_owner == signer:
-                return True
-        return False
-
-    def _my_heir(self, group_id: bytes) -> bytes | None:
-        """The heir my own leave named, if I handed ``group_id`` over."""
-        rec = self._leaves.get(group_id, {}).get(self._me.public)
+    def _announcer(self, group_id: bytes) -> bytes | None:
+        """Who may announce the next epoch: the heir that my owner's own leave hands the
+        group to (checked against my roster's chain), else my owner (of my last verified
+        roster, remembered across restarts). Nobody else: a member's or a former owner's
+        heads are not followed (the epoch's roster is checked after, ``_verify_epoch``)."""
+        view = self._views.get(group_id)
+        keys = self.state.keys.get(group_id)
+        if view is None:
+            return keys.owner if keys is not None and keys.owner else None
+        rec = self._leaves.get(group_id, {}).get(view.owner)
         body = rec.payload() if rec is not None else None
-        if isinstance(body, Leave) and body.handover is not None:
-            return body.handover.new_owner
-        return None
+        handover = body.handover if isinstance(body, Leave) else None
+        if handover is not None and rules.valid_handover(view.roster, handover):
+            return handover.new_owner
+        return view.owner
 
     async def _verify_epoch(self, group_id: bytes, secret: bytes, signer: bytes) -> bool:
         """The epoch of ``secret`` holds a roster that extends the chain I know, signed by
