@@ -599,18 +599,22 @@ class InviteInfo:
     group_id: bytes
     name: str
     withdrawn: bool = False  # the owner replaced this invite (``group invite --rotate``)
+    #: the invite's space key: a record the owner signed for another invite (another
+    #: group's, say a public one) re-sealed into this inbox is not believed
+    space: bytes = bytes(_KEY)
 
     def __post_init__(self) -> None:
         _check_id(self.group_id, "group id")
         _check_text(self.name, MAX_NAME, "name")
+        _check_id(self.space, "space key", _KEY)
 
     def encode(self) -> bytes:
         w = Writer().push_bytes(self.group_id).push_str(self.name, MAX_NAME)
-        return w.push_u8(int(self.withdrawn)).getvalue()
+        return w.push_u8(int(self.withdrawn)).push_bytes(self.space).getvalue()
 
     @classmethod
     def decode(cls, r: Reader) -> InviteInfo:
-        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), _pull_bool(r))
+        return cls(r.pull_bytes(_ID), r.pull_str(MAX_NAME), _pull_bool(r), r.pull_bytes(_KEY))
 
 
 def check_peer_address(host: str, port: int) -> None:

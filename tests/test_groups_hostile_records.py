@@ -67,7 +67,8 @@ def _genuine() -> tuple[bytes, list[SignedRecord]]:
     members = (*members, Member(MEMBER.public, "member", int(NOW - 50)))
     roster, _pages = rules.layout(base, members, 2)
     rec = sign_record(OWNER, roster, seq=2, now=NOW - 10, ttl=3600)
-    info = sign_record(OWNER, InviteInfo(base.group_id, "club"), seq=1, now=NOW - 10, ttl=3600)
+    info_body = InviteInfo(base.group_id, "club", space=INVITE.space.writer.public)
+    info = sign_record(OWNER, info_body, seq=1, now=NOW - 10, ttl=3600)
     return base.group_id, [rec, info]
 
 

@@ -73,10 +73,16 @@ class SealedDht:
         return keys.read_spaces(self.clock()) if keys is not None else []
 
     async def find(
-        self, spaces: Iterable[Space | None], inner_key: bytes, *, to_me: bool = False
+        self,
+        spaces: Iterable[Space | None],
+        inner_key: bytes,
+        *,
+        to_me: bool = False,
+        keep: Callable[[SignedRecord], bool] | None = None,
     ) -> list[SignedRecord]:
-        """Inner records under ``inner_key`` in any of ``spaces``, merged by slot (the higher
-        rank wins), newest first. ``to_me``: they are also sealed to my key (the inbox)."""
+        """Inner records under ``inner_key`` in any of ``spaces`` that ``keep`` accepts,
+        merged by slot (the higher rank wins), newest first. ``to_me``: they are also sealed
+        to my key (the inbox). A record ``keep`` refuses never displaces one it accepts."""
         chosen = [s for s in spaces if s is not None]
         found = await asyncio.gather(*(self._get(s.dht_key(inner_key)) for s in chosen))
         now, owner = self.clock(), (self.identity if to_me else None)
@@ -87,6 +93,8 @@ class SealedDht:
                     inner = open_sealed(space, outer, inner_key, now, owner=owner)
                 except RecordError:
                     continue  # not ours to read, tampered, or junk from a throw-away key
+                if keep is not None and not keep(inner):
+                    continue
                 held = best.get(inner.slot)
                 if held is None or inner.rank > held.rank:
                     best[inner.slot] = inner

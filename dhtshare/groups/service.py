@@ -414,13 +414,17 @@ class GroupService:
         await self._publish_roster(base, members, 1)
         return gid
 
+    def _invite_info(self, group_id: bytes, name: str, withdrawn: bool = False) -> InviteInfo:
+        space = Invite.parse(self.state.keys[group_id].invite).space.writer.public
+        return InviteInfo(group_id, name, withdrawn, space)
+
     async def _publish_invite(self, group_id: bytes, name: str) -> None:
-        rec = self._sign_note(InviteInfo(group_id, name), NOTE_TTL)
+        rec = self._sign_note(self._invite_info(group_id, name), NOTE_TTL)
         await self._dht.publish(Where("inbox", group_id), rec, self._renewer(NOTE_TTL))
 
     async def _retire_invite(self, group_id: bytes, name: str) -> None:
         """Mark the current invite replaced in its inbox (new requests there are not read)."""
-        rec = self._sign_note(InviteInfo(group_id, name, withdrawn=True), NOTE_TTL)
+        rec = self._sign_note(self._invite_info(group_id, name, withdrawn=True), NOTE_TTL)
         self._dht.withdraw(key_for(Kind.INVITE), self._me.public, group_id)
         try:
             await self._dht.put(Where("inbox", group_id), rec)
@@ -616,10 +620,19 @@ class GroupService:
 
     async def read_invite(self, invite: Invite) -> InviteInfo:
         """Which group ``invite`` opens (read in its inbox, signed by its owner)."""
-        found = await self._dht.find([invite.space], key_for(Kind.INVITE))
+
+        def genuine(rec: SignedRecord) -> bool:
+            body = rec.payload()
+            return (
+                isinstance(body, InviteInfo)
+                and rec.signer == invite.owner
+                and body.space == invite.space.writer.public
+            )
+
+        found = await self._dht.find([invite.space], key_for(Kind.INVITE), keep=genuine)
         for rec in found:
             body = rec.payload()
-            if isinstance(body, InviteInfo) and rec.signer == invite.owner and not body.withdrawn:
+            if isinstance(body, InviteInfo) and not body.withdrawn:
                 return body
         raise GroupError(
             "no group was found for this invite (or it was replaced by a new one)",
