@@ -331,27 +331,41 @@ async def test_a_member_cannot_replace_another_members_sealed_record() -> None:
         assert any(len(recs) == 2 for recs in held)  # both kept, side by side
 
 
-async def test_a_restarted_owner_announces_the_current_epoch_again() -> None:
+async def test_a_restarted_owner_announces_every_epoch_change_again() -> None:
     """Epoch pages live while the node that made them runs: after the owner's restart, and
-    once the DHT dropped them, its maintenance round announces the current epoch again, so
-    a member that was offline during the change still follows it."""
-    owner, alice, bob = _people("owner", "alice", "bob")
+    once the DHT dropped them, its maintenance round announces each change whose secrets it
+    holds again, to the members it was made for: a member offline during two changes
+    follows both, and the removed one sees no box of anyone who joined after it left."""
+    owner, alice, bob, carol, dave = _people("owner", "alice", "bob", "carol", "dave")
     async with Network.start(NODES) as net:
-        (so, sa, _sb), gid = await _group(net, owner, alice, bob)
+        (so, sa, sb, _sc), gid = await _group(net, owner, alice, bob, carol)
         await so.remove(gid, bob.public)
-        old_space = secrets.epoch_space(so.state.keys[gid].secrets[0])
-        page0 = old_space.dht_key(key_for(Kind.EPOCH, *epoch_key_ids(gid, 1, 0)))
+        sd = GroupService(net.nodes[5], dave)  # dave joins after bob's removal
+        await sd.request_join(await so.invite(gid))
+        await so.accept(gid, dave.public)
+        await so.remove(gid, carol.public)
+        secrets_held = dict(so.state.keys[gid].secrets)
         so.sealed.forget_group(gid)  # the owner's node stops ...
         now = time.time()
-        for node in net.nodes:  # ... and the storing nodes' hold time ran out
-            for rec in node.storage.records(page0, now):
-                node.storage.remove(page0, rec.slot)
+        for epoch in (1, 2):  # ... and the storing nodes' hold time ran out
+            space = secrets.epoch_space(secrets_held[epoch - 1])
+            page0 = space.dht_key(key_for(Kind.EPOCH, *epoch_key_ids(gid, epoch, 0)))
+            for node in net.nodes:
+                for rec in node.storage.records(page0, now):
+                    node.storage.remove(page0, rec.slot)
         assert await sa.refresh(gid) and sa.state.keys[gid].epoch == 0
         restarted = GroupService(net.nodes[1], owner, so.state)
         await restarted.maintain()
         await sa.refresh(gid)
-        assert sa.state.keys[gid].epoch == 1
-        assert [m.name for m in sa.members(gid)] == ["owner", "alice"]
+        assert sa.state.keys[gid].epoch == 2
+        assert [m.name for m in sa.members(gid)] == ["owner", "alice", "dave"]
+        # bob (removed at epoch 1) reads that announcement: boxes for alice and carol only
+        found = await sb.sealed.find(
+            [secrets.epoch_space(secrets_held[0])],
+            key_for(Kind.EPOCH, *epoch_key_ids(gid, 1, 0)),
+        )
+        (page,) = [r.payload() for r in found]
+        assert isinstance(page, EpochPage) and len(page.boxes) == 2
 
 
 async def test_a_members_junk_epoch_announcement_costs_no_page_lookups() -> None:

@@ -34,6 +34,8 @@ class GroupKeys:
     removed: bool = False  # an epoch change left me out: I was removed
     changed_at: float = 0.0  # when I moved to the current epoch (unix time)
     owner: bytes = b""  # the owner of the last roster I verified (announces epochs)
+    #: as owner: who received each epoch's secret (to announce it again after a restart)
+    announced: dict[int, list[bytes]] = field(default_factory=dict)
 
     def install(self, epoch: int, secret: bytes, *, at: float = 0.0) -> bool:
         """Hold ``secret`` for ``epoch`` (learnt at ``at``); True if it is newer than the
@@ -41,6 +43,8 @@ class GroupKeys:
         self.secrets[epoch] = secret
         for old in sorted(self.secrets)[:-KEEP_EPOCHS]:
             del self.secrets[old]
+        for old in [e for e in self.announced if e - 1 not in self.secrets]:
+            del self.announced[old]
         if epoch > self.epoch:
             self.epoch = epoch
             self.removed = False
@@ -77,6 +81,7 @@ class GroupKeys:
             "removed": self.removed,
             "changed_at": self.changed_at,
             "owner": self.owner.hex(),
+            "announced": {str(e): [k.hex() for k in ks] for e, ks in self.announced.items()},
         }
 
     @classmethod
@@ -90,6 +95,7 @@ class GroupKeys:
             bool(doc["removed"]),
             float(doc.get("changed_at", 0.0)),
             bytes.fromhex(doc.get("owner", "")),
+            {int(e): [bytes.fromhex(k) for k in ks] for e, ks in doc.get("announced", {}).items()},
         )
 
 

@@ -520,10 +520,8 @@ class GroupService:
         old = keys.secrets[keys.epoch]
         epoch, secret = keys.epoch + 1, new_secret()
         others = [m for m in members if m != self._me.public]
-        pages = epoch_pages(group_id, epoch, old, secret, others)
-        here = Where("epoch", group_id, at=keys.epoch)
-        recs = [self._sign_note(p, NOTE_TTL) for p in pages]
-        await asyncio.gather(*(self._dht.publish(here, r) for r in recs))
+        keys.announced[epoch] = others  # to announce it again after a restart
+        await self._announce(group_id, epoch, old, secret, others)
         keys.install(epoch, secret, at=self._clock())
         me = self._me.public
         self._dht.withdraw(key_for(Kind.ROSTER, group_id), b"")  # the next version follows
@@ -901,25 +899,34 @@ class GroupService:
             await self._next_roster(draft, current, rekey=current != draft.members)
             return True
         await self._ensure_invite(group_id, view.name)
-        await self._ensure_announcement(group_id, current)
+        await self._ensure_announcement(group_id)
         return False
 
-    async def _ensure_announcement(self, group_id: bytes, members: tuple[Member, ...]) -> None:
-        """After a restart, announce the current epoch again under the previous one (its
-        pages are republished only while the node that made them runs), for the current
-        members: one who was offline during the change still finds its box."""
-        keys = self.state.keys.get(group_id)
-        if keys is None or keys.epoch < 1 or keys.epoch - 1 not in keys.secrets:
-            return
-        page0 = key_for(Kind.EPOCH, *epoch_key_ids(group_id, keys.epoch, 0))
-        if self._dht.where_of(group_id, page0, self._me.public) is not None:
-            return
-        old, secret = keys.secrets[keys.epoch - 1], keys.secrets[keys.epoch]
-        others = [m.key for m in members if m.key != self._me.public]
-        pages = epoch_pages(group_id, keys.epoch, old, secret, others)
-        here = Where("epoch", group_id, at=keys.epoch - 1)
+    async def _announce(
+        self, group_id: bytes, epoch: int, old: bytes, secret: bytes, members: list[bytes]
+    ) -> None:
+        """Publish the pages announcing ``epoch`` (its secret boxed for ``members``) under
+        the epoch before it, where members look."""
+        pages = epoch_pages(group_id, epoch, old, secret, members)
+        here = Where("epoch", group_id, at=epoch - 1)
         recs = [self._sign_note(p, NOTE_TTL) for p in pages]
         await asyncio.gather(*(self._dht.publish(here, r) for r in recs))
+
+    async def _ensure_announcement(self, group_id: bytes) -> None:
+        """After a restart, announce again every epoch change whose secrets I still hold
+        (pages are republished only while the node that made them runs), each to the
+        members it was made for: one who was offline during several changes follows them
+        all, and a removed member learns nothing of who joined since."""
+        keys = self.state.keys.get(group_id)
+        if keys is None:
+            return
+        for epoch, members in sorted(keys.announced.items()):
+            page0 = key_for(Kind.EPOCH, *epoch_key_ids(group_id, epoch, 0))
+            old, secret = keys.secrets.get(epoch - 1), keys.secrets.get(epoch)
+            if old is None or secret is None:
+                continue
+            if self._dht.where_of(group_id, page0, self._me.public) is None:
+                await self._announce(group_id, epoch, old, secret, members)
 
     async def _ensure_invite(self, group_id: bytes, name: str) -> None:
         """Keep the inbox's invite record published (after a restart too)."""
