@@ -116,7 +116,7 @@ def test_leave_is_strict_and_stops_your_shares_for_good(net: Cluster) -> None:
     # the owner's leave names the new owner
     other = net.facts["other"]
     assert (
-        net.run("bob", "group", "leave", other).stdout.strip() == "left the group; new owner alice"
+        net.run("bob", "group", "leave", other).stdout.startswith("left the group; new owner alice (")
     )
 
 

@@ -490,3 +490,29 @@ async def test_an_invite_record_of_another_group_is_not_believed() -> None:
         sn = GroupService(net.nodes[3], newcomer)
         assert await sn.request_join(one.token) == first
         assert (await sn.read_invite(one)).name == "zq-first"
+
+
+async def test_a_removed_member_sees_it_and_can_join_again_with_a_new_invite() -> None:
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, sa, sb), gid = await _group(net, owner, alice, bob)
+        await so.remove(gid, bob.public)
+        await sb.refresh(gid)
+        assert [(g.name, g.role) for g in await sb.my_groups()] == [("zq-climbers", "removed")]
+        assert await sb.request_join(await so.invite(gid, rotate=True), "again") == gid
+        assert [(g.role) for g in await sb.my_groups()] == ["pending"]
+        await so.accept(gid, bob.public)
+        assert await sb.status(gid) == ("accepted", "")
+        await sa.refresh(gid)
+        assert sb.access_key(gid) == sa.access_key(gid) == so.access_key(gid)
+        # and a former owner that handed the group over asks again the same way
+        gone = await so.leave(gid)
+        assert gone.heir is not None
+        heir = sa if gone.heir.key == alice.public else sb
+        assert (await heir.claim(gid)).owner == gone.heir.key  # takes over: a new epoch
+        await so.refresh(gid)
+        assert so.state.keys[gid].removed
+        assert await so.request_join(await heir.invite(gid)) == gid
+        await heir.accept(gid, owner.public)
+        assert await so.status(gid) == ("accepted", "")
+        assert so.access_key(gid) == heir.access_key(gid)

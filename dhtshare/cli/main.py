@@ -541,7 +541,13 @@ def group_leave(ctx: click.Context, group_ref: str) -> None:
         click.echo("cancelled your request to join")
     else:
         heir = done.text("new_owner_name", "") or done.text("new_owner", "")[:12]
-        click.echo(f"left the group{'; new owner ' + clean(heir) if heir else ''}")
+        if heir:
+            click.echo(
+                f"left the group; new owner {clean(heir)} (your invite stops working:"
+                " the new owner gives out its own with: dhtshare group invite GROUP)"
+            )
+        else:
+            click.echo("left the group")
     echo_stopped(done)
 
 

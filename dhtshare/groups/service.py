@@ -77,7 +77,7 @@ DIRECTORY_TTL = 24 * 3600
 NOTE_TTL = MAX_TTL  # join requests, rejections, leaves
 STATE_VERSION = 1
 
-Role = Literal["owner", "member", "pending", "rejected"]
+Role = Literal["owner", "member", "pending", "rejected", "removed"]
 Renew = Callable[[SignedRecord], SignedRecord]
 
 
@@ -490,6 +490,16 @@ class GroupService:
         self._dht.withdraw(key_for(Kind.INVITE), self._me.public, group_id)
         self.state.drafts.pop(group_id, None)
 
+    async def _retire_directory(self, view: RosterView) -> None:
+        """A public group that ends leaves the directory now, not when its entry expires."""
+        if not view.roster.public:
+            return
+        entry = DirectoryEntry(view.group_id, view.name, 0, withdrawn=True)
+        try:
+            await self.sealed.dht.put(self._sign_note(entry, DIRECTORY_TTL))
+        except DhtshareError:
+            pass  # the entry expires within a day; the group is gone either way
+
     async def _as_owner(self, group_id: bytes) -> Draft:
         """My latest draft of a group I own (checked against the DHT), with fresh leaves.
         A hand-over to me that I have not acted on yet is taken over first."""
@@ -644,11 +654,16 @@ class GroupService:
         invite = Invite.parse(invite_text)
         info = await self.read_invite(invite)
         gid = info.group_id
-        if gid in self.state.groups:
+        if gid in self.state.groups and not self._left_out(gid):
             raise GroupError(f"you are already a member of {info.name!r}", "nothing to join")
         after = await self._decided_at(gid) + 1  # pending compares whole seconds
-        keys = self.state.keys.setdefault(gid, GroupKeys())
-        keys.invite, keys.reply = invite.token, new_secret()  # a fresh mailbox per request
+        if self._left_out(gid):  # removed, or I handed it over: ask as a newcomer
+            self.sealed.forget_group(gid)
+            self.state.groups.pop(gid, None)
+            self.state.drafts.pop(gid, None)
+        # fresh keys: a mailbox of its own per request, and no epoch until a grant
+        self.state.keys[gid] = GroupKeys(invite=invite.token, reply=new_secret())
+        keys = self.state.keys[gid]
         body = JoinRequest(gid, self._me.name, message, keys.reply)
         rec = self._sign_note(body, NOTE_TTL, not_before=after)
         self._dht.withdraw(key_for(Kind.LEAVE, gid), self._me.public)  # an earlier cancel
@@ -817,6 +832,7 @@ class GroupService:
             await self._retire_invite(group_id, view.name)  # requests are sealed to me
             if heir is None:
                 self._withdraw_owned(group_id)  # the last member: the group ends
+                await self._retire_directory(view)
             else:
                 handover = rules.sign_handover(self._me, view.roster, heir.key, self._clock())
         await self._publish_leave(group_id, handover)
@@ -997,8 +1013,10 @@ class GroupService:
             view = await self.claim(group_id)
         except GroupError:
             view = self._views.get(group_id)  # keep the last verified view when unreachable
-        if view is None or self._left_out(group_id):
+        if view is None:
             return None, ""
+        if self._left_out(group_id):
+            return "removed", ""
         if view.owner == self._me.public:
             return "owner", ""
         # the last verified roster, even if stale: listing my groups is not serving anyone

@@ -221,7 +221,7 @@ class Commands:
         if keys is not None and keys.removed:
             raise GroupError(
                 "you were removed from this group: it moved to keys you do not hold",
-                "ask the owner to invite you again",
+                "ask the owner for an invite, then: dhtshare group join INVITE",
             )
         if node.groups.is_member(gid, node.identity.public):
             return
