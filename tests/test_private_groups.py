@@ -516,3 +516,23 @@ async def test_a_removed_member_sees_it_and_can_join_again_with_a_new_invite() -
         await heir.accept(gid, owner.public)
         assert await so.status(gid) == ("accepted", "")
         assert so.access_key(gid) == heir.access_key(gid)
+
+
+async def test_a_flood_of_join_requests_costs_the_owner_a_few_lookups() -> None:
+    """60 requests from throw-away keys that hold the invite: the owner lists them (and the
+    honest one) with a few lookups, not one per requester, and keeps a bounded state."""
+    owner, alice = _people("owner", "alice")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        gid = await so.create("zq-climbers")
+        invite = await so.invite(gid)
+        await sa.request_join(invite, "zq-honest")
+        flood = [GroupService(net.nodes[3 + i % 6], Identity.generate()) for i in range(60)]
+        await asyncio.gather(*(s.request_join(invite, "junk") for s in flood))
+        await so.reject(gid, flood[0]._me.public, "no")
+        before = net.nodes[1].stats["lookup"]
+        pending = await so.requests(gid)
+        assert "zq-honest" in [p.message for p in pending]
+        assert flood[0]._me.public not in [p.requester for p in pending]
+        assert net.nodes[1].stats["lookup"] - before <= 8
+        assert len(so.state.keys[gid].replies) <= 64

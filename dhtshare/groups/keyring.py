@@ -31,6 +31,7 @@ class GroupKeys:
     invite: str = ""  # token: the owner's current invite, or the one I joined with
     reply: bytes = b""  # my mailbox secret, while I ask to join (and after: grants)
     replies: dict[bytes, bytes] = field(default_factory=dict)  # owner: requester -> mailbox
+    rejected: dict[bytes, int] = field(default_factory=dict)  # owner: requester -> when
     removed: bool = False  # an epoch change left me out: I was removed
     changed_at: float = 0.0  # when I moved to the current epoch (unix time)
     owner: bytes = b""  # the owner of the last roster I verified (announces epochs)
@@ -78,6 +79,7 @@ class GroupKeys:
             "invite": self.invite,
             "reply": self.reply.hex(),
             "replies": {k.hex(): v.hex() for k, v in self.replies.items()},
+            "rejected": {k.hex(): t for k, t in self.rejected.items()},
             "removed": self.removed,
             "changed_at": self.changed_at,
             "owner": self.owner.hex(),
@@ -92,6 +94,7 @@ class GroupKeys:
             str(doc["invite"]),
             bytes.fromhex(doc["reply"]),
             {bytes.fromhex(k): bytes.fromhex(v) for k, v in doc["replies"].items()},
+            {bytes.fromhex(k): int(t) for k, t in doc.get("rejected", {}).items()},
             bool(doc["removed"]),
             float(doc.get("changed_at", 0.0)),
             bytes.fromhex(doc.get("owner", "")),

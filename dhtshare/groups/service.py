@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -699,27 +699,21 @@ class GroupService:
             body = rec.payload()
             if isinstance(body, JoinRequest) and body.group_id == group_id:
                 keys.replies[rec.signer] = body.reply
-        decisions = await self._decisions(group_id, [r.signer for r in found])
         leaves = dict(self._leave_times(group_id))
         for key, rec in rules.latest_leaves(cancels, group_id).items():
             leaves[key] = max(leaves.get(key, 0), rec.issued)
-        pending = rules.pending_requests(found, decisions, draft.roster, draft.members, leaves)
+        # my own rejections, remembered: no lookup per requester (a flood of 60 requests
+        # cost 66 lookups a listing when each requester's mailbox was read)
+        pending = [
+            p
+            for p in rules.pending_requests(found, [], draft.roster, draft.members, leaves)
+            if keys.rejected.get(p.requester, -1) < p.issued
+        ]
         keep = {p.requester for p in pending} | {m.key for m in draft.members}
         keys.replies = {k: v for k, v in keys.replies.items() if k in keep}  # bounded
+        asking = {r.signer for r in found}
+        keys.rejected = {k: t for k, t in keys.rejected.items() if k in asking}  # bounded
         return pending
-
-    async def _decisions(self, group_id: bytes, requesters: Iterable[bytes]) -> list[SignedRecord]:
-        wanted = sorted(set(requesters))
-        found = await asyncio.gather(
-            *(
-                self._dht.find(
-                    [Where("mailbox", group_id, requester=r).resolve(self.state.keys)],
-                    key_for(Kind.DECISION, group_id, r),
-                )
-                for r in wanted
-            )
-        )
-        return [rec for recs in found for rec in recs]
 
     async def accept(self, group_id: bytes, requester: bytes) -> RosterView:
         """Add a pending requester to the roster (a new version, seq + 1) and give it the
@@ -757,7 +751,9 @@ class GroupService:
         if where.resolve(self.state.keys) is None:
             raise GroupError("no join request from that member", "list the requests")
         body = Decision(group_id, requester, False, reason)
-        await self._dht.publish(where, self._sign_note(body, NOTE_TTL))
+        rec = self._sign_note(body, NOTE_TTL)
+        self.state.keys[group_id].rejected[requester] = rec.issued
+        await self._dht.publish(where, rec)
 
     async def _mailbox(self, group_id: bytes) -> list[SignedRecord]:
         """What the owner put in my mailbox (grants and decisions), signed by the owner the
