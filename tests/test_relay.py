@@ -14,8 +14,6 @@ import dataclasses
 import os
 import random
 import socket
-import struct
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from typing import Any
 
 import pytest
 from support.access import access_key, access_keys
+from support.capture import hits, on_hosts, windows, wire_capture
 from support.firstframe import send_first as send_first_frame
 from support.nodes import NodeCluster
 
@@ -152,73 +151,6 @@ async def start_provider(
     return server, keeper
 
 
-def windows(data: bytes, size: int = 64) -> set[bytes]:
-    """Every ``size``-byte run of ``data`` at a multiple of ``size``: any plaintext run of
-    ``2 * size - 1`` bytes or more contains one."""
-    return {data[i : i + size] for i in range(0, len(data) - size + 1, size)}
-
-
-def hits(captured: bytes, runs: set[bytes], size: int = 64) -> int:
-    return sum(1 for i in range(len(captured) - size + 1) if captured[i : i + size] in runs)
-
-
-class WireCapture:
-    """Every TCP payload to or from ``host`` on the loopback interface, per flow, as the
-    kernel carried it (an ``AF_PACKET`` socket: needs root), read by a thread."""
-
-    def __init__(self, host: str) -> None:
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
-        try:
-            with contextlib.suppress(OSError):  # SO_RCVBUFFORCE (33): root may exceed rmem_max
-                self.sock.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
-            self.sock.bind(("lo", 0))
-        except BaseException:
-            self.sock.close()
-            raise
-        self.sock.settimeout(0.05)
-        self.host = socket.inet_aton(host)
-        self.flows: dict[bytes, bytearray] = {}
-        self.packets = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                frame, where = self.sock.recvfrom(1 << 17)
-            except TimeoutError:
-                if self._stop.is_set():
-                    return  # stopped, and nothing more waits
-                continue
-            if where[2] != socket.PACKET_HOST:  # lo shows each packet leaving and arriving
-                continue
-            ip = frame[14:]  # after the (all-zero) Ethernet header of lo
-            if ip[0] >> 4 != 4 or ip[9] != socket.IPPROTO_TCP:
-                continue
-            if self.host not in (ip[12:16], ip[16:20]):
-                continue
-            tcp = ip[(ip[0] & 15) * 4 : int.from_bytes(ip[2:4], "big")]
-            payload = tcp[(tcp[12] >> 4) * 4 :]
-            if payload:
-                self.packets += 1
-                self.flows.setdefault(ip[12:20] + tcp[:4], bytearray()).extend(payload)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        # PACKET_STATISTICS (SOL_PACKET 263, 6): packets seen, and dropped for want of room
-        self.drops = struct.unpack("II", self.sock.getsockopt(263, 6, 8))[1]
-        self.sock.close()
-
-
-def wire_capture(host: str) -> WireCapture | None:
-    try:
-        return WireCapture(host)
-    except (OSError, AttributeError):  # not root, or not Linux
-        return None
-
-
 async def test_relayed_download_and_the_relay_sees_no_plaintext(
     tg: asyncio.TaskGroup, tmp_path: Path
 ) -> None:
@@ -236,7 +168,7 @@ async def test_relayed_download_and_the_relay_sees_no_plaintext(
     relay = await start_relay(tg)
     captured: list[bytes] = []
     relay.relay.tap = captured.append
-    wire = wire_capture(RELAY_HOST)
+    wire = wire_capture(on_hosts(RELAY_HOST))
     try:
         relay_key = await relayed_download(tg, relay, shares, provider, me, data, hashes)
     finally:

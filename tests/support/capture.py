@@ -16,6 +16,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -82,16 +83,22 @@ class WireCapture:
         self._awaited: bytes | None = None
         self._seen = threading.Event()
         self._stop = threading.Event()
+        self._stop_by = float("inf")
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        # stop as soon as told, busy ``lo`` or not: ``mark`` already waited for what counts
-        while not self._stop.is_set():
+        # once told to stop: read on until lo is quiet for a moment (what was sent is in),
+        # but no longer than ``_DRAIN`` seconds, busy lo or not
+        while True:
             try:
                 frame, where = self.sock.recvfrom(1 << 17)
             except TimeoutError:
+                if self._stop.is_set():
+                    return
                 continue
+            if self._stop.is_set() and time.monotonic() > self._stop_by:
+                return
             if where[2] == socket.PACKET_HOST:  # lo shows each packet leaving and arriving
                 self._take(frame[14:])  # after the (all-zero) Ethernet header of lo
 
@@ -135,14 +142,18 @@ class WireCapture:
 
     def close(self) -> None:
         """Stop reading; ``drops`` is then how many packets the kernel had no room for."""
+        self._stop_by = time.monotonic() + _DRAIN
         self._stop.set()
-        self._thread.join(5)
+        self._thread.join(_DRAIN + 5)
         packets_and_drops = self.sock.getsockopt(_SOL_PACKET, _PACKET_STATISTICS, 8)
         self.drops = struct.unpack("II", packets_and_drops)[1]
         self.sock.close()
 
     def payload_bytes(self, proto: int) -> int:
         return sum(len(data) for flow, data in self.flows.items() if flow.proto == proto)
+
+
+_DRAIN = 2.0  # seconds a closing capture may still read a busy lo
 
 
 def wire_capture(
