@@ -23,6 +23,7 @@ from dhtshare.records import (
     MAX_RECORD_SIZE,
     EpochPage,
     FileEntry,
+    JoinRequest,
     Kind,
     Member,
     Sealed,
@@ -536,3 +537,26 @@ async def test_a_flood_of_join_requests_costs_the_owner_a_few_lookups() -> None:
         assert flood[0]._me.public not in [p.requester for p in pending]
         assert net.nodes[1].stats["lookup"] - before <= 8
         assert len(so.state.keys[gid].replies) <= 64
+
+
+async def test_a_rotated_invite_keeps_the_requests_made_before_and_no_later_one() -> None:
+    owner, alice, mallory = _people("owner", "alice", "mallory")
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner)
+        sa, sm = GroupService(net.nodes[2], alice), GroupService(net.nodes[3], mallory)
+        gid = await so.create("zq-climbers")
+        leaked = await so.invite(gid)
+        await sa.request_join(leaked, "zq-before")
+        await so.invite(gid, rotate=True)
+        # mallory holds the leaked invite: asking is refused, and a request she seals into
+        # the old inbox anyway (dated before the rotation) is not listed
+        with pytest.raises(GroupError, match="replaced"):
+            await sm.request_join(leaked)
+        sm.state.keys[gid] = GroupKeys(invite=leaked, reply=secrets.new_secret())
+        body = JoinRequest(gid, "mallory", "zq-after", sm.state.keys[gid].reply)
+        early = sign_record(mallory, body, seq=1, now=time.time() - 3600, ttl=7200)
+        owner_key = secrets.Invite.parse(leaked).owner
+        await sm.sealed.put(Where("inbox", gid), early, to_owner=owner_key)
+        assert [p.message for p in await so.requests(gid)] == ["zq-before"]
+        await so.accept(gid, alice.public)
+        assert await sa.status(gid) == ("accepted", "")

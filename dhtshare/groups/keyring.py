@@ -32,6 +32,8 @@ class GroupKeys:
     reply: bytes = b""  # my mailbox secret, while I ask to join (and after: grants)
     replies: dict[bytes, bytes] = field(default_factory=dict)  # owner: requester -> mailbox
     rejected: dict[bytes, int] = field(default_factory=dict)  # owner: requester -> when
+    retired: list[str] = field(default_factory=list)  # owner: invites rotated away
+    carried: dict[bytes, int] = field(default_factory=dict)  # their requests still pending
     removed: bool = False  # an epoch change left me out: I was removed
     changed_at: float = 0.0  # when I moved to the current epoch (unix time)
     owner: bytes = b""  # the owner of the last roster I verified (announces epochs)
@@ -80,6 +82,8 @@ class GroupKeys:
             "reply": self.reply.hex(),
             "replies": {k.hex(): v.hex() for k, v in self.replies.items()},
             "rejected": {k.hex(): t for k, t in self.rejected.items()},
+            "retired": list(self.retired),
+            "carried": {k.hex(): t for k, t in self.carried.items()},
             "removed": self.removed,
             "changed_at": self.changed_at,
             "owner": self.owner.hex(),
@@ -95,6 +99,8 @@ class GroupKeys:
             bytes.fromhex(doc["reply"]),
             {bytes.fromhex(k): bytes.fromhex(v) for k, v in doc["replies"].items()},
             {bytes.fromhex(k): int(t) for k, t in doc.get("rejected", {}).items()},
+            [str(token) for token in doc.get("retired", [])],
+            {bytes.fromhex(k): int(t) for k, t in doc.get("carried", {}).items()},
             bool(doc["removed"]),
             float(doc.get("changed_at", 0.0)),
             bytes.fromhex(doc.get("owner", "")),

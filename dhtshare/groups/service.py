@@ -75,6 +75,7 @@ ROSTER_TTL = 24 * 3600  # rosters and their pages; re-signed by maintain() befor
 RENEW_MARGIN = 6 * 3600  # maintain() re-signs a roster that would expire within this
 DIRECTORY_TTL = 24 * 3600
 NOTE_TTL = MAX_TTL  # join requests, rejections, leaves
+RETIRED = 2  # rotated-away invites whose earlier requests the owner still reads
 STATE_VERSION = 1
 
 Role = Literal["owner", "member", "pending", "rejected", "removed"]
@@ -437,7 +438,11 @@ class GroupService:
         draft = await self._as_owner(group_id)
         keys = self.state.keys[group_id]
         if rotate or not keys.invite or Invite.parse(keys.invite).owner != self._me.public:
-            if keys.invite:
+            if keys.invite and Invite.parse(keys.invite).owner == self._me.public:
+                # the requests pending now stay; later ones there (a leaked invite) do not
+                carried = {p.requester: p.issued for p in await self._pending(group_id, draft)}
+                keys.carried = carried
+                keys.retired = [*keys.retired, keys.invite][-RETIRED:]
                 await self._retire_invite(group_id, draft.roster.genesis.name)
             keys.invite = Invite.new(self._me.public).token
             await self._publish_invite(group_id, draft.roster.genesis.name)
@@ -689,12 +694,21 @@ class GroupService:
         return await self._pending(group_id, draft)
 
     async def _pending(self, group_id: bytes, draft: Draft) -> list[PendingRequest]:
-        inbox = Where("inbox", group_id).resolve(self.state.keys)
-        found, cancels = await asyncio.gather(
-            self._dht.find([inbox], key_for(Kind.JOIN_REQUEST, group_id), to_me=True),
-            self._dht.find([inbox], key_for(Kind.LEAVE, group_id), to_me=True),
-        )
         keys = self.state.keys[group_id]
+        inbox = Where("inbox", group_id).resolve(self.state.keys)
+        # the inboxes of invites I rotated away: the requests pending at the rotation still
+        # count (``carried``), nothing else there does (a leaked invite)
+        old = [Invite.parse(token).space for token in keys.retired]
+
+        def carried(rec: SignedRecord) -> bool:
+            return keys.carried.get(rec.signer) == rec.issued
+
+        found, cancels, kept = await asyncio.gather(
+            self._dht.find([inbox], key_for(Kind.JOIN_REQUEST, group_id), to_me=True),
+            self._dht.find([inbox, *old], key_for(Kind.LEAVE, group_id), to_me=True),
+            self._dht.find(old, key_for(Kind.JOIN_REQUEST, group_id), to_me=True, keep=carried),
+        )
+        found = [*found, *kept]
         for rec in found:
             body = rec.payload()
             if isinstance(body, JoinRequest) and body.group_id == group_id:
@@ -713,6 +727,8 @@ class GroupService:
         keys.replies = {k: v for k, v in keys.replies.items() if k in keep}  # bounded
         asking = {r.signer for r in found}
         keys.rejected = {k: t for k, t in keys.rejected.items() if k in asking}  # bounded
+        waiting = {p.requester for p in pending}
+        keys.carried = {k: t for k, t in keys.carried.items() if k in waiting}
         return pending
 
     async def accept(self, group_id: bytes, requester: bytes) -> RosterView:
