@@ -496,9 +496,10 @@ class GroupService:
         self.state.drafts.pop(group_id, None)
 
     async def _retire_directory(self, view: RosterView) -> None:
-        """A public group that ends leaves the directory now, not when its entry expires."""
+        """My listing of a public group I leave goes now, not when its entry expires."""
         if not view.roster.public:
             return
+        self.sealed.dht.withdraw(key_for(Kind.DIRECTORY), self._me.public + view.group_id)
         entry = DirectoryEntry(view.group_id, view.name, 0, withdrawn=True)
         try:
             await self.sealed.dht.put(self._sign_note(entry, DIRECTORY_TTL))
@@ -842,9 +843,9 @@ class GroupService:
         if view.owner == self._me.public:
             heir = rules.heir_of(self.members(group_id), self._me.public)
             await self._retire_invite(group_id, view.name)  # requests are sealed to me
+            await self._retire_directory(view)  # an heir lists it under an invite of its own
             if heir is None:
                 self._withdraw_owned(group_id)  # the last member: the group ends
-                await self._retire_directory(view)
             else:
                 handover = rules.sign_handover(self._me, view.roster, heir.key, self._clock())
         await self._publish_leave(group_id, handover)
@@ -1036,14 +1037,16 @@ class GroupService:
         return ("member" if since is not None else None), ""
 
     async def directory(self) -> list[Listing]:
-        """Publicly listed groups whose entry its invite's owner signed."""
+        """Publicly listed groups whose entry its invite's owner signed, one per group and
+        owner: anyone can list any group id under an invite of its own, and nothing public
+        tells which owner is the group's, so no listing may hide another."""
         found = await self.sealed.dht.get(key_for(Kind.DIRECTORY))
-        out: dict[bytes, Listing] = {}
+        out: dict[tuple[bytes, bytes], Listing] = {}
         for rec in found:
             listing = _check_listing(rec)
             if listing is not None:
-                out[listing.group_id] = listing
-        return sorted(out.values(), key=lambda g: (g.name, g.group_id))
+                out[listing.group_id, listing.owner] = listing
+        return sorted(out.values(), key=lambda g: (g.name, g.group_id, g.owner))
 
 
 def _check_listing(rec: SignedRecord) -> Listing | None:
