@@ -115,8 +115,8 @@ def test_leave_is_strict_and_stops_your_shares_for_good(net: Cluster) -> None:
 
     # the owner's leave names the new owner
     other = net.facts["other"]
-    assert (
-        net.run("bob", "group", "leave", other).stdout.startswith("left the group; new owner alice (")
+    assert net.run("bob", "group", "leave", other).stdout.startswith(
+        "left the group; new owner alice ("
     )
 
 
