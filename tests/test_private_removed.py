@@ -26,14 +26,23 @@ import json
 import os
 import re
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from support.capture import encodings, first_hits
-from support.cli import DHTSHARE, Bootstrap, Cluster, assert_clean_error, default_env, free_udp_port
+from support.cli import (
+    DHTSHARE,
+    POLL_WITHIN,
+    Bootstrap,
+    Cluster,
+    assert_clean_error,
+    default_env,
+    free_udp_port,
+    listing,
+    poll,
+)
 
 from dhtshare.identity import format_id, parse_id
 
@@ -42,7 +51,6 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-T = TypeVar("T")
 
 GROUP_NAME = "zq-removal-climbers-4712"
 ROLES = ("owner", "alice", "bob")
@@ -53,8 +61,6 @@ AFTER = "zq-shared-after-removal.bin"  # owner shares it once bob is out
 BOBS = "zq-bob-shares-after-removal.bin"  # bob shares it once out
 SIZE = 256 * 1024 + 4712
 INVITE = re.compile(r"[A-Za-z0-9_-]+")
-WITHIN = 60.0  # seconds for one node to see what another published
-POLL = 0.2  # seconds between two polls of the CLI
 PROVIDER_TIMEOUT = "5"  # seconds a `get` waits with nobody serving (bounds bob's attempts)
 B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{16,}")
 HEX_RUN = re.compile(rb"(?:[0-9a-fA-F]{2}){16,}")
@@ -78,27 +84,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for role in ROLES:
             c.run(role, "node", "stop", check=False)
         c.teardown()
-
-
-def poll(what: str, check: Callable[[], T | None], within: float = WITHIN) -> T:
-    """``check()`` again every POLL s until it gives something, for at most ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:.0f} s")
-        time.sleep(POLL)
-
-
-def listing(c: Cluster, role: str, *args: str) -> list[dict[str, Any]] | None:
-    """A ``--json`` listing, or None while the command fails (e.g. not a member yet)."""
-    result = c.run(role, *args, "--json", check=False)
-    if result.returncode != 0:
-        return None
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
 
 
 def member_ids(c: Cluster, role: str, invite: str) -> set[str]:
@@ -182,7 +167,7 @@ def test_a_removed_member_learns_nothing_shared_after_and_its_records_are_refuse
     invite = found_group(c, ids)
     before = first_line(c.run("owner", "share", invite, str(new_file(c, BEFORE))))
     poll(f"bob sees {BEFORE}", lambda: file_named(c, "bob", invite, BEFORE))
-    c.run("bob", "get", invite, BEFORE, "--out", str(c.root / "bob-dl"), timeout=WITHIN)
+    c.run("bob", "get", invite, BEFORE, "--out", str(c.root / "bob-dl"), timeout=POLL_WITHIN)
 
     c.run("owner", "group", "remove", invite, ids["bob"])
     poll(

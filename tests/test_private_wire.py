@@ -17,16 +17,14 @@ poll the CLI under a deadline.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from support.capture import (
@@ -40,7 +38,16 @@ from support.capture import (
     windows,
     wire_capture,
 )
-from support.cli import DHTSHARE, Bootstrap, Cluster, default_env, free_udp_port
+from support.cli import (
+    DHTSHARE,
+    POLL_WITHIN,
+    Bootstrap,
+    Cluster,
+    default_env,
+    free_udp_port,
+    listing,
+    poll,
+)
 
 from dhtshare.identity import fingerprint_of, format_id, parse_id
 
@@ -49,7 +56,6 @@ pytestmark = [
     pytest.mark.timeout(300),
 ]
 
-T = TypeVar("T")
 
 GROUP_NAME = "zq-private-climbers-4711"
 ROLES = ("owner", "alice", "bob")
@@ -59,8 +65,6 @@ HOSTS = {"owner": "127.71.1.1", "alice": "127.71.2.1", "bob": "127.71.3.1"}  # t
 FILE1, FILE2 = "zq-secret-route-plan.bin", "zq-second-route-plan.bin"
 SIZE = 1024 * 1024 + 4711
 INVITE = re.compile(r"[A-Za-z0-9_-]+")
-WITHIN = 60.0  # seconds for one node to see what another published
-POLL = 0.2  # seconds between two polls of the CLI
 
 
 @dataclass
@@ -86,27 +90,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         for role in ROLES:
             c.run(role, "node", "stop", check=False)
         c.teardown()
-
-
-def poll(what: str, check: Callable[[], T | None], within: float = WITHIN) -> T:
-    """``check()`` again every POLL s until it gives something, for at most ``within`` s."""
-    deadline = time.monotonic() + within
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within:.0f} s")
-        time.sleep(POLL)
-
-
-def listing(c: Cluster, role: str, *args: str) -> list[dict[str, Any]] | None:
-    """A ``--json`` listing, or None while the command fails (e.g. not a member yet)."""
-    result = c.run(role, *args, "--json", check=False)
-    if result.returncode != 0:
-        return None
-    rows: list[dict[str, Any]] = json.loads(result.stdout)
-    return rows
 
 
 def member_ids(c: Cluster, role: str, invite: str) -> set[str] | None:
@@ -183,7 +166,7 @@ def download(c: Cluster, life: Life, role: str, name: str) -> None:
         f"{role} sees {name} with a provider online", lambda: file_named(c, role, life.invite, name)
     )
     out = c.root / f"{role}-dl"
-    c.run(role, "get", life.invite, name, "--out", str(out), timeout=WITHIN)
+    c.run(role, "get", life.invite, name, "--out", str(out), timeout=POLL_WITHIN)
     assert (out / name).read_bytes() == life.content[name]
 
 

@@ -14,10 +14,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 DHTSHARE = Path(sys.executable).parent / "dhtshare"
 TIMEOUT = 30.0  # seconds for any one command
@@ -337,3 +338,30 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.run(user, "node", "stop", check=False)
         kill_all(self.pids, self.boot)
+
+
+T = TypeVar("T")
+POLL_WITHIN = 60.0  # seconds for one node to see what another published
+POLL_EVERY = 0.2  # seconds between two polls of the CLI (a node's state has no event to await)
+
+
+def poll(what: str, check: Callable[[], T | None], within: float = POLL_WITHIN) -> T:
+    """``check()`` again every ``POLL_EVERY`` s until it gives something, for at most
+    ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        got = check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within:.0f} s")
+        time.sleep(POLL_EVERY)
+
+
+def listing(c: Cluster, role: str, *args: str) -> list[dict[str, Any]] | None:
+    """A ``--json`` listing, or None while the command fails (e.g. not a member yet)."""
+    result = c.run(role, *args, "--json", check=False)
+    if result.returncode != 0:
+        return None
+    rows: list[dict[str, Any]] = json.loads(result.stdout)
+    return rows
