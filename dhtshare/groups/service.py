@@ -643,7 +643,11 @@ class GroupService:
                 and body.space == invite.space.writer.public
             )
 
-        found = await self._dht.find([invite.space], key_for(Kind.INVITE), keep=genuine)
+        found: list[SignedRecord] = []
+        for _attempt in range(2):  # a lookup that lost its replies (a loaded host) asks again
+            found = await self._dht.find([invite.space], key_for(Kind.INVITE), keep=genuine)
+            if found:
+                break
         for rec in found:
             body = rec.payload()
             if isinstance(body, InviteInfo) and not body.withdrawn:
