@@ -560,3 +560,19 @@ async def test_a_rotated_invite_keeps_the_requests_made_before_and_no_later_one(
         assert [p.message for p in await so.requests(gid)] == ["zq-before"]
         await so.accept(gid, alice.public)
         assert await sa.status(gid) == ("accepted", "")
+
+
+async def test_a_member_that_never_read_the_roster_still_follows_an_epoch_change() -> None:
+    """A member holding only the epoch secret (its first read failed, say) learns who may
+    announce from the roster of its epoch, then follows the change (the benchmark's readers
+    stayed behind: 0 of 52)."""
+    owner, alice, bob = _people("owner", "alice", "bob")
+    async with Network.start(NODES) as net:
+        (so, _sa, _sb), gid = await _group(net, owner, alice, bob)
+        fresh = GroupService(net.nodes[7], alice)  # alice's keys on a node that read nothing
+        fresh.state.keys[gid] = GroupKeys()
+        fresh.state.keys[gid].install(0, so.state.keys[gid].secrets[0])
+        fresh.state.groups[gid] = "zq-climbers"
+        await so.remove(gid, bob.public)
+        assert await fresh.catch_up(gid) == 1
+        assert [m.name for m in (await fresh.fetch_roster(gid)).members] == ["owner", "alice"]

@@ -20,6 +20,7 @@ serving the group instead of serving everyone it once knew.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -568,6 +569,9 @@ class GroupService:
         assert space is not None
         nxt = keys.epoch + 1
         first = await self._dht.find([space], key_for(Kind.EPOCH, *epoch_key_ids(group_id, nxt, 0)))
+        if first and self._announcer(group_id) is None:  # never read the roster: read it
+            with contextlib.suppress(GroupError):
+                await self.fetch_roster(group_id)
         if first and self._views.get(group_id) is not None:
             await self._fetch_leaves(group_id)  # a hand-over names who announces now
         for head in first:
