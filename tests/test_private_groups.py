@@ -576,3 +576,19 @@ async def test_a_member_that_never_read_the_roster_still_follows_an_epoch_change
         await so.remove(gid, bob.public)
         assert await fresh.catch_up(gid) == 1
         assert [m.name for m in (await fresh.fetch_roster(gid)).members] == ["owner", "alice"]
+
+
+async def test_asking_again_after_a_rotation_is_the_request_that_counts() -> None:
+    """Alice asks with the old invite, the owner rotates it, alice asks again with the new
+    one: the owner lists her newer request and answers in the mailbox she reads now (the
+    request carried over from the old inbox won, and alice never got in)."""
+    owner, alice = _people("owner", "alice")
+    async with Network.start(NODES) as net:
+        so, sa = GroupService(net.nodes[1], owner), GroupService(net.nodes[2], alice)
+        gid = await so.create("zq-climbers")
+        await sa.request_join(await so.invite(gid), "zq-first")
+        await so.invite(gid, rotate=True)  # alice's request is carried over
+        await sa.request_join(await so.invite(gid), "zq-second")
+        assert [p.message for p in await so.requests(gid)] == ["zq-second"]
+        await so.accept(gid, alice.public)
+        assert await sa.status(gid) == ("accepted", "")

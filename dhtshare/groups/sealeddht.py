@@ -86,7 +86,9 @@ class SealedDht:
         chosen = [s for s in spaces if s is not None]
         found = await asyncio.gather(*(self._get(s.dht_key(inner_key)) for s in chosen))
         now, owner = self.clock(), (self.identity if to_me else None)
-        best: dict[bytes, SignedRecord] = {}
+        # per slot, every record no other outranks (rank is a partial order: two rosters
+        # whose chains fork both stay, and ``rules.pick_roster`` sees the fork)
+        best: dict[bytes, list[SignedRecord]] = {}
         for space, outers in zip(chosen, found, strict=True):
             for outer in outers:
                 try:
@@ -95,10 +97,12 @@ class SealedDht:
                     continue  # not ours to read, tampered, or junk from a throw-away key
                 if keep is not None and not keep(inner):
                     continue
-                held = best.get(inner.slot)
-                if held is None or inner.rank > held.rank:
-                    best[inner.slot] = inner
-        return sorted(best.values(), key=lambda r: (r.issued, r.seq), reverse=True)
+                held = best.setdefault(inner.slot, [])
+                if inner in held or any(h.rank > inner.rank for h in held):
+                    continue
+                held[:] = [h for h in held if not inner.rank > h.rank] + [inner]
+        kept = [rec for recs in best.values() for rec in recs]
+        return sorted(kept, key=lambda r: (r.issued, r.seq), reverse=True)
 
     async def _get(self, key: bytes) -> list[SignedRecord]:
         async with self._reading:

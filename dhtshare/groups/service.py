@@ -717,7 +717,12 @@ class GroupService:
             self._dht.find([inbox, *old], key_for(Kind.LEAVE, group_id), to_me=True),
             self._dht.find(old, key_for(Kind.JOIN_REQUEST, group_id), to_me=True, keep=carried),
         )
-        found = [*found, *kept]
+        newest: dict[bytes, SignedRecord] = {}  # one request per requester: its latest
+        for rec in [*kept, *found]:
+            held = newest.get(rec.signer)
+            if held is None or (rec.issued, rec.seq) > (held.issued, held.seq):
+                newest[rec.signer] = rec
+        found = list(newest.values())
         for rec in found:
             body = rec.payload()
             if isinstance(body, JoinRequest) and body.group_id == group_id:
