@@ -10,8 +10,9 @@ import time
 import pytest
 from kademlia.node import Node as KNode
 
+from dhtshare import crypto
 from dhtshare.dht.server import DhtNode
-from dhtshare.errors import GroupError, RecordError
+from dhtshare.errors import GroupError, OwnershipForkError, RecordError
 from dhtshare.files.service import FileService
 from dhtshare.groups import rules, secrets
 from dhtshare.groups.keyring import GroupKeys, Where
@@ -23,9 +24,12 @@ from dhtshare.records import (
     MAX_RECORD_SIZE,
     EpochPage,
     FileEntry,
+    Genesis,
+    Handover,
     JoinRequest,
     Kind,
     Member,
+    Roster,
     Sealed,
     decode_record,
     epoch_key_ids,
@@ -592,3 +596,38 @@ async def test_asking_again_after_a_rotation_is_the_request_that_counts() -> Non
         assert [p.message for p in await so.requests(gid)] == ["zq-second"]
         await so.accept(gid, alice.public)
         assert await sa.status(gid) == ("accepted", "")
+
+
+async def test_a_reader_sees_both_forks_of_a_roster_and_takes_neither() -> None:
+    """A former owner holding the epoch secret seals a roster on a second hand-over chain:
+    a reader that knows no chain yet gets both forks from its lookup (a merge that kept one
+    record per slot showed it whichever came first) and refuses to pick."""
+    founder, heir, puppet = (Identity.generate(n) for n in ("founder", "heir", "puppet"))
+    now = time.time()
+    genesis = Genesis(founder.public, "zq-g", int(now), b"\x05" * 16)
+    gsig = crypto.sign(founder.signing_key, "genesis", genesis.encode())
+    gid = genesis.group_id
+
+    def chain(to: Identity) -> tuple[Handover, ...]:
+        msg = Handover.message(gid, 0, to.public, int(now))
+        return (Handover(to.public, int(now), crypto.sign(founder.signing_key, "handover", msg)),)
+
+    members = (Member(heir.public, "heir", int(now)), Member(puppet.public, "p", int(now)))
+    real = sign_record(
+        heir, Roster(genesis, gsig, chain(heir), False, members, 2), seq=3, now=now, ttl=600
+    )
+    fork = sign_record(
+        puppet, Roster(genesis, gsig, chain(puppet), False, members, 2), seq=3, now=now, ttl=600
+    )
+    secret = secrets.new_secret()
+    async with Network.start(NODES) as net:
+        writers = [GroupService(net.nodes[1], heir), GroupService(net.nodes[2], puppet)]
+        for w, rec in zip(writers, (real, fork), strict=True):
+            w.state.keys[gid] = GroupKeys()
+            w.state.keys[gid].install(0, secret)
+            await w.sealed.put(Where("epoch", gid), rec)
+        reader = GroupService(net.nodes[3], Identity.generate("reader"))
+        reader.state.keys[gid] = GroupKeys()
+        reader.state.keys[gid].install(0, secret)
+        with pytest.raises(OwnershipForkError):
+            await reader.fetch_roster(gid)
