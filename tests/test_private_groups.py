@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from conftest import FakeClock
 from kademlia.node import Node as KNode
 
 from dhtshare import crypto
@@ -631,3 +632,22 @@ async def test_a_reader_sees_both_forks_of_a_roster_and_takes_neither() -> None:
         reader.state.keys[gid].install(0, secret)
         with pytest.raises(OwnershipForkError):
             await reader.fetch_roster(gid)
+
+
+async def test_an_expired_publication_counts_as_unpublished() -> None:
+    """An epoch announcement lives 7 days and is not renewed: once it expired, the owner's
+    node must see it as gone and announce again (it kept it as published forever, so an
+    owner up for more than 7 days never announced again)."""
+    owner = Identity.generate("owner")
+    clock = FakeClock(time.time())
+    async with Network.start(NODES) as net:
+        so = GroupService(net.nodes[1], owner, clock=clock)
+        gid = await so.create("zq-climbers")
+        assert so.sealed.where_of(gid, key_for(Kind.INVITE), owner.public) is not None
+        page = EpochPage(gid, 1, 0, 1, ())
+        rec = sign_record(owner, page, seq=time_seq(clock()), now=clock(), ttl=60)
+        await so.sealed.publish(Where("epoch", gid), rec)
+        inner_key = key_for(Kind.EPOCH, *epoch_key_ids(gid, 1, 0))
+        assert so.sealed.where_of(gid, inner_key, owner.public) is not None
+        clock.advance(61)
+        assert so.sealed.where_of(gid, inner_key, owner.public) is None

@@ -135,11 +135,19 @@ class SealedDht:
         def renew(old: SignedRecord) -> SignedRecord:
             if pub.renew is not None:
                 pub.inner = pub.renew(pub.inner)
-            new = self._seal(pub)
-            pub.outer = new if new is not None else old
-            return pub.outer
+            new = self._seal(pub) if pub.inner.expires > self.clock() else None
+            if new is None:  # its time is over, or its space's secret is gone: let it go
+                self._drop(pub)
+                return old  # the DHT node stops republishing it once it expires
+            pub.outer = new
+            return new
 
         return renew
+
+    def _drop(self, pub: _Publication) -> None:
+        for key, held in list(self._pubs.items()):
+            if held is pub:
+                del self._pubs[key]
 
     async def publish(
         self,
@@ -201,7 +209,9 @@ class SealedDht:
     def where_of(self, group_id: bytes, inner_key: bytes, inner_slot: bytes) -> Where | None:
         """Where my publication in that slot is sealed, if I publish one."""
         pub = self._pubs.get((group_id, inner_key, inner_slot))
-        return None if pub is None else pub.where
+        if pub is None or pub.inner.expires <= self.clock():
+            return None  # expired: publish it again
+        return pub.where
 
     async def reseal(self, group_id: bytes) -> int:
         """Move my publications of ``group_id`` to the spaces their ``Where`` names now

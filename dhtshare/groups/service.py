@@ -25,14 +25,14 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from dhtshare.codec import Reader
 from dhtshare.errors import DhtshareError, GroupError, StaleRosterError
 from dhtshare.groups import rules
 from dhtshare.groups.keyring import GroupKeys, Keyring, Where, keyring_from_json, keyring_to_json
 from dhtshare.groups.rules import JoinStatus, Known, PendingRequest, RosterView
-from dhtshare.groups.sealeddht import SealedDht
+from dhtshare.groups.sealeddht import Dht, Renew, SealedDht
 from dhtshare.groups.secrets import Invite, epoch_pages, epoch_space, my_box, new_secret
 from dhtshare.identity import Identity
 from dhtshare.records import (
@@ -64,7 +64,6 @@ __all__ = [
     "ROSTER_TTL",
     "Departure",
     "Draft",
-    "GroupDht",
     "GroupService",
     "GroupState",
     "Listing",
@@ -80,16 +79,6 @@ RETIRED = 2  # rotated-away invites whose earlier requests the owner still reads
 STATE_VERSION = 1
 
 Role = Literal["owner", "member", "pending", "rejected", "removed"]
-Renew = Callable[[SignedRecord], SignedRecord]
-
-
-class GroupDht(Protocol):
-    """What the service needs from the DHT (``dht.server.DhtNode`` provides it)."""
-
-    async def put(self, record: SignedRecord) -> int: ...
-    async def publish(self, record: SignedRecord, renew: Renew | None = None) -> int: ...
-    def withdraw(self, key: bytes, slot: bytes) -> None: ...
-    async def get(self, key: bytes) -> list[SignedRecord]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +197,7 @@ class GroupService:
 
     def __init__(
         self,
-        dht: GroupDht | SealedDht,
+        dht: Dht | SealedDht,
         identity: Identity,
         state: GroupState | None = None,
         *,
