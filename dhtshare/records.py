@@ -482,9 +482,9 @@ class Sealed:
     mailbox's) and the DHT key is ``key_for(SEALED, space, locator)``. The envelope's signer
     is the writer's **author** key (one per writer and space, derived from both secrets), and
     ``cert`` is the space key's signature of it: only holders of the secret can certify an
-    author, so only they can write under the key (BEP 44's H(key || salt)), and a slot is
-    the author's (``signer ‖ tag``), so no writer can replace another's record. ``box`` is
-    the AEAD ciphertext (nonce first) of a padded inner record.
+    author, so only they can write under the key (a hash of the space key and the
+    locator), and a slot is the author's (``signer ‖ tag``), so no writer can replace
+    another's record. ``box`` is the AEAD ciphertext (nonce first) of a padded inner record.
     """
 
     space: bytes

@@ -85,7 +85,8 @@ _INVITE_CHARS = 66  # base64url of 49 bytes, no padding
 _NONCE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 PAD_SIZES = (512, 1024, 2048, 4096, 7360)
 """Inner records (with a 2-byte length) are padded to the first of these that fits; the
-largest keeps a sealed record within ``MAX_RECORD_SIZE`` even when sealed to the owner."""
+largest keeps a sealed record within ``MAX_RECORD_SIZE`` (a record sealed to the owner as
+well, 48 bytes more, is a join request: it pads to 512)."""
 
 
 def new_secret() -> bytes:
