@@ -121,8 +121,17 @@ async def test_throwaway_keys_cannot_write_under_a_groups_keys() -> None:
     owner, alice = _people("owner", "alice")
     async with Network.start(NODES) as net:
         (so, sa), gid = await _group(net, owner, alice)
-        group_keys = sorted({rec.dht_key for rec in so.sealed.dht.published})
-        assert len(group_keys) >= 3  # invite, roster, grant at least
+        fa = FileService(sa.sealed, alice, lambda: ("127.0.0.1", 4242))
+        cid = os.urandom(32)
+        await fa._publish(fa._sign(FileEntry(gid, cid, "zq-a.bin", 10, 262144), 600), 600)
+        await fa.announce_provider(gid, cid, True)
+        await sa._publish_leave(gid, None)  # a leave of alice's, too (read, not applied)
+        eve = GroupService(net.nodes[6], Identity.generate("eve"))
+        await eve.request_join(await so.invite(gid), "zq-waiting")
+        published = [*so.sealed.dht.published, *sa.sealed.dht.published, *eve.sealed.dht.published]
+        group_keys = sorted({rec.dht_key for rec in published})
+        # invite, roster, grant, file entry, provider, leave, join request
+        assert len(group_keys) >= 7
         now = time.time()
         holders = {k: [n for n in net.nodes if n.storage.records(k, now)] for k in group_keys}
         assert all(holders.values())
@@ -161,6 +170,9 @@ async def test_throwaway_keys_cannot_write_under_a_groups_keys() -> None:
                     replies.append(await proto.call_store(peer, key, raw))
         assert replies and all(kept is not True for _ok, kept in replies)
         assert (await sa.fetch_roster(gid)).members[-1].key == alice.public
+        assert [f.providers for f in await fa.list_files(gid, lambda g, k: True)] == [1]
+        assert [p.message for p in await so.requests(gid)] == ["zq-waiting"]
+        assert alice.public in await sa._fetch_leaves(gid)
 
 
 async def test_a_throwaway_key_cannot_answer_for_the_owner_in_the_inbox() -> None:
@@ -174,8 +186,11 @@ async def test_a_throwaway_key_cannot_answer_for_the_owner_in_the_inbox() -> Non
         invite = secrets.Invite.parse(await so.invite(gid))
         await sa.request_join(invite.token, "zq-alice-note")
         # mallory holds the invite: she finds alice's request but cannot open it
-        found = await sm.sealed.find([invite.space], key_for(Kind.JOIN_REQUEST, gid), to_me=True)
-        assert found == []
+        for to_me in (True, False):  # sealed to the owner: not hers to open either way
+            found = await sm.sealed.find(
+                [invite.space], key_for(Kind.JOIN_REQUEST, gid), to_me=to_me
+            )
+            assert found == []
         # a fake invite record under the inbox, signed by mallory, is not believed
         from dhtshare.records import InviteInfo
 
