@@ -257,7 +257,11 @@ async def lookups(opts: argparse.Namespace) -> dict[str, Any]:
         entries = make_entries(opts.records, rng, time.time())
         failed = await put_all(net.nodes, entries, rng)
         ring = {e.group_id: GroupKeys(0, {0: e.secrets[0]}) for e in entries}
-        ring_after = {e.group_id: GroupKeys(1, dict(enumerate(e.secrets))) for e in entries}
+        # a re-key just now: within ``keyring.GRACE`` members read both epochs
+        ring_after = {
+            e.group_id: GroupKeys(1, dict(enumerate(e.secrets)), changed_at=time.time())
+            for e in entries
+        }
         reader = Identity.generate("reader")
         gate = asyncio.Semaphore(opts.concurrency)
 
