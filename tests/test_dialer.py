@@ -22,6 +22,7 @@ from support.netns import unavailable
 from support.punchnet import LOCAL, drop_syns, inside_netns, provider, syn_counter
 from support.swarm import GROUP, Roster
 
+from dhtshare.errors import ProtocolError
 from dhtshare.identity import Identity
 from dhtshare.node.dialer import DIRECT, PUNCHED, RELAYED, Dialer, circuit_handler
 from dhtshare.records import AddressKind, PeerAddress
@@ -256,3 +257,25 @@ async def _one(addr: ProviderAddr) -> list[ProviderAddr]:
 
 def _flush_rules() -> None:
     subprocess.run(["nft", "flush", "ruleset"], check=True, capture_output=True, timeout=10)
+
+
+async def test_a_provider_that_cannot_open_our_handshake_says_our_key_is_behind(
+    tmp_path: Path,
+) -> None:
+    """A provider whose group moved to a new epoch fails our handshake (DECRYPT_FAILED):
+    the dialer tells the node, which follows the epoch at once instead of at its next
+    maintenance round; with the current key the same provider is dialled."""
+    roster = Roster()
+    refused: list[bytes] = []
+    with inside_netns():
+        async with relayed_provider(tmp_path, roster) as (server, addr, relay):
+            me = member(roster)
+            behind = Dialer(me, access_key=lambda g: b"\x01" * 32, key_refused=refused.append)
+            d = behind.for_file(GROUP, server.content_id)  # type: ignore[attr-defined]
+            with pytest.raises(ProtocolError):
+                await d.dial(addr)
+            assert refused == [GROUP]
+            d = dialer(me, relay).for_file(GROUP, server.content_id)  # type: ignore[attr-defined]
+            stream, route = await d.dial(addr)
+            await stream.aclose()
+            assert route == DIRECT and refused == [GROUP]

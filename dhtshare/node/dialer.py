@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dhtshare.errors import ProtocolError
+from dhtshare.errors import ProtocolError, RemoteProtocolError
 from dhtshare.identity import Identity
 from dhtshare.reach.aio.punch import Adopt, punch_as_dialer, punch_as_listener
 from dhtshare.records import AddressKind, PeerAddress
@@ -45,6 +45,7 @@ from dhtshare.transfer.aio.peer import (
 )
 from dhtshare.transfer.share import AccessKey
 from dhtshare.transfer.swarm import ProviderAddr
+from dhtshare.wire.frames import Reason
 
 __all__ = [
     "DIRECT",
@@ -74,11 +75,14 @@ class Dialer:
     ``open_circuit`` is ``None`` when the node cannot use relays; ``public_ip()`` our
     address as others see it (``None``: unknown, so no punch); ``is_private()`` whether
     the reachability test found us private; ``access_key(group_id)`` the group's current
-    access key (``None``: we hold none, and every try fails).
+    access key (``None``: we hold none, and every try fails); ``key_refused(group_id)`` is
+    told when a provider could not open our handshake (``DECRYPT_FAILED``): the group may
+    have moved to an epoch we have not followed yet.
     """
 
     identity: Identity
     access_key: AccessKey = lambda group_id: None
+    key_refused: Callable[[bytes], None] = lambda group_id: None
     open_circuit: OpenCircuit | None = None
     public_ip: Callable[[], str | None] = lambda: None
     is_private: Callable[[], bool] = lambda: False
@@ -122,7 +126,12 @@ class FileDialer:
     async def dial(self, addr: ProviderAddr) -> tuple[PeerStream, str]:
         """A session with ``addr``'s provider and its route (module doc). Raises
         ``OSError`` or ``ProtocolError`` (the first try's error) if no route worked."""
-        return await self._first(self._tries(addr, fallback=True))
+        try:
+            return await self._first(self._tries(addr, fallback=True))
+        except RemoteProtocolError as exc:
+            if exc.reason == Reason.DECRYPT_FAILED:
+                self.dialer.key_refused(self.group_id)
+            raise
 
     async def upgrade(self, addr: ProviderAddr) -> tuple[PeerStream, str] | None:
         """A punched session with ``addr``'s provider through one of its relays (route

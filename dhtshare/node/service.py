@@ -148,6 +148,7 @@ class Node:
             dialer=Dialer(
                 identity,
                 access_key=self.groups.access_key,
+                key_refused=self._refresh_soon,
                 open_circuit=functools.partial(open_circuit, local=local),
                 public_ip=self.public_ip,
                 is_private=lambda: self.reachability.state.verdict is not Verdict.PUBLIC,
@@ -353,13 +354,21 @@ class Node:
         refused within one interval of its removal (half an interval of age, plus a lookup)."""
         member = self.groups.is_member(group_id, key)
         age = self.groups.age(group_id)
-        due = not member or age is None or age >= self.config.maintenance_interval / 2
-        if due and group_id in self.groups.state.groups:
-            now = time.monotonic()
-            if now - self._refreshed.get(group_id, -MISS_REFRESH) >= MISS_REFRESH:
-                self._refreshed[group_id] = now
-                self._spawn(self._refresh_quietly(group_id), "roster refresh")
+        if not member or age is None or age >= self.config.maintenance_interval / 2:
+            self._refresh_soon(group_id)
         return member
+
+    def _refresh_soon(self, group_id: bytes) -> None:
+        """Refresh ``group_id`` in the background (at most every ``MISS_REFRESH`` s): a
+        membership miss, an old roster, or a provider that could not open our handshake
+        (the group moved to an epoch we have not followed: the refresh follows it, and the
+        download's next try proves the new access key)."""
+        if group_id not in self.groups.state.groups:
+            return
+        now = time.monotonic()
+        if now - self._refreshed.get(group_id, -MISS_REFRESH) >= MISS_REFRESH:
+            self._refreshed[group_id] = now
+            self._spawn(self._refresh_quietly(group_id), "roster refresh")
 
     def stale_groups(self) -> dict[bytes, float]:
         """My groups whose membership is stale (group id -> since when, unix time): the
