@@ -61,7 +61,6 @@ AFTER = "zq-shared-after-removal.bin"  # owner shares it once bob is out
 BOBS = "zq-bob-shares-after-removal.bin"  # bob shares it once out
 SIZE = 256 * 1024 + 4712
 INVITE = re.compile(r"[A-Za-z0-9_-]+")
-PROVIDER_TIMEOUT = "5"  # seconds a `get` waits with nobody serving (bounds bob's attempts)
 B64_RUN = re.compile(rb"[A-Za-z0-9+/_-]{16,}")
 HEX_RUN = re.compile(rb"(?:[0-9a-fA-F]{2}){16,}")
 
@@ -69,7 +68,7 @@ HEX_RUN = re.compile(rb"(?:[0-9a-fA-F]{2}){16,}")
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """The bootstrap node and ROLES' nodes, each on its own address; all stopped at the end."""
-    env = default_env() | {"DHTSHARE_PROVIDER_TIMEOUT": PROVIDER_TIMEOUT}
+    env = default_env()  # the default provider timeout, as users run it
     c = Cluster(tmp_path, env, Bootstrap(free_udp_port(), tmp_path / "boot"))
     c.hosts.update(HOSTS)
     try:
